@@ -1,0 +1,45 @@
+# The two commands of the README: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+PYTEST_ARGS ?=
+
+.PHONY: all test demo bench soak lint typecheck venv system-deps clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -U pip
+	$(BIN)/python -m pip install -q -e '.[test,dev]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+venv: $(STAMP)
+
+system-deps:
+	@scripts/install-debian-tools.sh
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: venv
+	$(BIN)/mypy
+
+test: venv system-deps lint typecheck
+	$(BIN)/pytest -m "not soak" $(PYTEST_ARGS)
+
+soak: venv system-deps
+	$(BIN)/pytest -m soak $(PYTEST_ARGS)
+
+bench: venv
+	@mkdir -p bench/results
+	$(BIN)/python bench/engine_bench.py --output bench/results/engine.json
+
+demo: venv
+	$(BIN)/python -m standbylib.demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis bench/results

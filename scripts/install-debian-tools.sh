@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Install the Debian tools the tests drive (real NBD clients and servers, fio),
+# when they are missing. Needs root for apt-get; without root it only reports.
+set -euo pipefail
+
+# command:package pairs
+tools=(qemu-img:qemu-utils qemu-io:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdkit:nbdkit fio:fio)
+
+missing=()
+for pair in "${tools[@]}"; do
+  cmd=${pair%%:*}
+  pkg=${pair##*:}
+  if ! command -v "$cmd" >/dev/null 2>&1; then
+    [[ " ${missing[*]-} " == *" $pkg "* ]] || missing+=("$pkg")
+  fi
+done
+
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "missing Debian packages: ${missing[*]}" >&2
+  echo "install them with: sudo apt-get install ${missing[*]}" >&2
+  exit 1
+fi
+
+echo "installing Debian packages: ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

@@ -1,0 +1,90 @@
+"""Volume and snapshot records kept in the store's table, with their runtime counters."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from standbylib.errors import InvalidArgument
+from standbylib.snapshot.index import ChainIndex
+
+VALID = "valid"
+INVALID = "invalid"
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")
+
+
+def check_name(kind: str, name: str) -> str:
+    """Volume and snapshot names: 1-128 of [A-Za-z0-9._:+-], not starting with a punctuation mark.
+
+    '@' and '/' are excluded because exports are named VOLUME@SNAPSHOT.
+    """
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise InvalidArgument(
+            detail=f"{kind} name {name!r} must be 1-128 characters of letters, digits and ._:+- "
+            "and start with a letter or digit"
+        )
+    return name
+
+
+@dataclass
+class VolumeRecord:
+    id: int
+    name: str
+    block_size: int
+    size: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "block_size": self.block_size, "size": self.size}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> VolumeRecord:
+        return cls(int(d["id"]), str(d["name"]), int(d["block_size"]), int(d["size"]))
+
+
+@dataclass
+class SnapshotRecord:
+    id: int
+    volume: int
+    name: str
+    epoch: int
+    writable: bool
+    capacity: int | None
+    created: str
+    state: str = VALID
+    reason: str = ""
+    # Runtime only, rebuilt on open:
+    preserved_blocks: int = 0
+    private: ChainIndex = field(default_factory=ChainIndex)
+
+    @property
+    def valid(self) -> bool:
+        return self.state == VALID
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "volume": self.volume,
+            "name": self.name,
+            "epoch": self.epoch,
+            "writable": self.writable,
+            "capacity": self.capacity,
+            "created": self.created,
+            "state": self.state,
+            "reason": self.reason,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> SnapshotRecord:
+        return cls(
+            id=int(d["id"]),
+            volume=int(d["volume"]),
+            name=str(d["name"]),
+            epoch=int(d["epoch"]),
+            writable=bool(d["writable"]),
+            capacity=None if d.get("capacity") is None else int(d["capacity"]),
+            created=str(d["created"]),
+            state=str(d.get("state", VALID)),
+            reason=str(d.get("reason", "")),
+        )

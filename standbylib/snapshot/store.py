@@ -1,0 +1,576 @@
+"""The preservation store: slots, entries, the table, group commit and recovery.
+
+A store is one file (or RAM) shared by any number of volumes (claim 18), each
+with any number of snapshots (claim 19). It owns:
+
+* the table of volumes and snapshots, written alternately to two checksummed
+  copies so an update is atomic;
+* the areas of slots that hold preserved blocks, each described by a 32-byte
+  entry (what block, which generation or snapshot, commit number, data CRC);
+* one `ChainIndex` per volume and one per writable snapshot, rebuilt on open;
+* the commit protocol: every write since the last commit becomes durable with
+  a single ``sync`` of the store file, and slots freed meanwhile are reused only
+  after that sync.
+
+Crash safety: the entries of the last commit are the only ones that can be
+incomplete after a power loss (every earlier commit ended with a sync before
+the next one wrote anything). On open, those entries' data is checked against
+their CRC and dropped when it does not match, which is safe because the origin
+blocks they preserve were not overwritten before the sync.
+
+All public methods take the store's lock; volumes and snapshots use it too.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from standbylib.blockdev import BlockDevice, check_block_size
+from standbylib.errors import (
+    Closed,
+    InvalidArgument,
+    StoreCorrupt,
+    StoreError,
+    StoreNotWritable,
+    UnknownVolume,
+    VolumeMismatch,
+)
+from standbylib.rawfile import MemFile, OsFile, RawFile
+from standbylib.snapshot import layout
+from standbylib.snapshot.index import ChainIndex
+from standbylib.snapshot.records import SnapshotRecord, VolumeRecord, check_name
+
+if TYPE_CHECKING:
+    from standbylib.snapshot.volume import Volume
+
+ON_FULL_POLICIES = ("invalidate", "defer")
+_PER_AREA = layout.ENTRIES_PER_AREA
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    """Counters of a store; bytes are slot bytes (block size x preserved blocks)."""
+
+    capacity_bytes: int
+    used_bytes: int
+    preserved_blocks: int
+    cow_copies: int
+    snapshots: int
+    invalid_snapshots: int
+    syncs: int
+    bytes_written: int
+
+    @property
+    def free_bytes(self) -> int:
+        return max(0, self.capacity_bytes - self.used_bytes)
+
+    @property
+    def fill_ratio(self) -> float:
+        return self.used_bytes / self.capacity_bytes if self.capacity_bytes else 0.0
+
+
+class PreservationStore:
+    """Copy-on-write preservation store. Create with `open` (file) or `in_memory` (RAM)."""
+
+    def __init__(self, raw: RawFile, *, capacity: int | None, on_full: str, new: bool) -> None:
+        if on_full not in ON_FULL_POLICIES:
+            raise InvalidArgument(
+                detail=f"on_full must be one of {', '.join(ON_FULL_POLICIES)}, not {on_full!r}"
+            )
+        if capacity is not None and capacity < 0:
+            raise InvalidArgument(detail=f"capacity {capacity} is negative")
+        self.raw = raw
+        self.path = raw.path
+        self.on_full = on_full
+        self.lock = threading.RLock()
+        self.closed = False
+        self.table_seq = 0
+        self.next_epoch = 1
+        self.next_snapshot_id = 1
+        self.next_volume_id = 1
+        self.capacity = 0
+        self.volume_records: dict[str, VolumeRecord] = {}
+        self.snapshots: dict[int, SnapshotRecord] = {}
+        self.chains: dict[int, ChainIndex] = {}
+        self.attached: dict[int, Volume] = {}
+        # Slot space.
+        self.area_offsets: list[int] = []
+        self.area_slot_sizes: list[int] = []
+        self.end = layout.AREAS_OFFSET
+        self.free: dict[int, list[int]] = {}  # slot size -> free slots, sorted descending
+        self.pending_free: list[int] = []
+        self.used_bytes = 0
+        self.live_slots = 0
+        # Commit state.
+        self.commit_seq = 1
+        self.private_ver = 0
+        self.dirty = False
+        self.cow_copies = 0
+        if new:
+            if capacity is None:
+                raise InvalidArgument(detail="a new preservation store needs a capacity")
+            self.capacity = capacity
+            self.raw.truncate(0)
+            self.raw.pwrite(layout.pack_superblock(), 0)
+            self.write_table()
+            self.raw.sync()
+        else:
+            self._recover()
+            if capacity is not None and capacity != self.capacity:
+                self.capacity = capacity
+                self.write_table()
+                self.commit()
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def open(
+        cls, path: str, capacity: int | None = None, *, on_full: str = "invalidate"
+    ) -> PreservationStore:
+        """Open the store file at `path`, creating it when missing (then `capacity` is required).
+
+        `capacity` (bytes) limits the preserved data; given for an existing store it
+        replaces the stored capacity. `on_full` is ``invalidate`` (default: the
+        affected snapshots become invalid, origin writes go on) or ``defer``
+        (`Volume.write_batch` raises `PreservationDeferred` and applies nothing).
+        """
+        exists = os.path.exists(path)
+        if not exists:
+            if capacity is None:
+                raise InvalidArgument(detail=f"{path} does not exist; give a capacity to create a store")
+            parent = os.path.dirname(os.path.abspath(path))
+            if not os.access(parent, os.W_OK):
+                raise StoreNotWritable(path=path, detail=f"directory {parent} is not writable")
+        elif not os.access(path, os.R_OK | os.W_OK):
+            raise StoreNotWritable(path=path, detail="permission denied")
+        raw = OsFile(path, create=not exists)
+        try:
+            return cls(raw, capacity=capacity, on_full=on_full, new=not exists or raw.size() == 0)
+        except BaseException:
+            raw.close()
+            raise
+
+    @classmethod
+    def in_memory(cls, capacity: int, *, on_full: str = "invalidate") -> PreservationStore:
+        """A store held in RAM (claim 4): fast, lost when the process ends."""
+        return cls(MemFile(path="<ram>"), capacity=capacity, on_full=on_full, new=True)
+
+    @classmethod
+    def open_raw(
+        cls, raw: RawFile, capacity: int | None = None, *, on_full: str = "invalidate"
+    ) -> PreservationStore:
+        """Open a store on any `RawFile` (used by tests to inject faults); empty means new."""
+        return cls(raw, capacity=capacity, on_full=on_full, new=raw.size() == 0)
+
+    def close(self) -> None:
+        """Commit what is pending and close the file. Volumes and snapshots become unusable."""
+        with self.lock:
+            if self.closed:
+                return
+            if self.dirty:
+                self.commit()
+            self.closed = True
+            self.raw.close()
+
+    def __enter__(self) -> PreservationStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ volumes
+
+    def attach(self, name: str, device: BlockDevice, *, block_size: int = 4096) -> Volume:
+        """Attach the origin `device` as volume `name`, registering it on first use.
+
+        The volume's block size is fixed at registration; attaching again with
+        another block size, or a smaller device, raises `VolumeMismatch`. The
+        caller keeps ownership of `device`.
+        """
+        from standbylib.snapshot.volume import Volume
+
+        check_name("volume", name)
+        check_block_size(block_size)
+        size = device.size
+        if size % block_size:
+            raise InvalidArgument(
+                detail=f"volume {name!r}: size {size} is not a multiple of the block size {block_size}"
+            )
+        with self.lock:
+            self.check_open()
+            rec = self.volume_records.get(name)
+            if rec is None:
+                rec = VolumeRecord(self.next_volume_id, name, block_size, size)
+                self.next_volume_id += 1
+                self.volume_records[name] = rec
+                self.chains[rec.id] = ChainIndex()
+                self.write_table()
+                self.commit()
+            else:
+                if rec.block_size != block_size:
+                    raise VolumeMismatch(
+                        volume=name, detail=f"registered with block size {rec.block_size}, not {block_size}"
+                    )
+                if size < rec.size:
+                    raise VolumeMismatch(
+                        volume=name,
+                        detail=f"device has {size} bytes, the volume had {rec.size}; it cannot shrink",
+                    )
+                if rec.id in self.attached:
+                    raise VolumeMismatch(volume=name, detail="already attached")
+                if size > rec.size:
+                    rec.size = size
+                    self.write_table()
+                    self.commit()
+            vol = Volume(self, rec, device)
+            self.attached[rec.id] = vol
+            return vol
+
+    def volume(self, name: str) -> Volume:
+        """The attached volume `name`."""
+        with self.lock:
+            rec = self.volume_records.get(name)
+            if rec is None or rec.id not in self.attached:
+                raise UnknownVolume(volume=name)
+            return self.attached[rec.id]
+
+    def volume_names(self) -> list[str]:
+        """Names of every volume registered in the store, attached or not."""
+        with self.lock:
+            return sorted(self.volume_records)
+
+    # ------------------------------------------------------------------ stats
+
+    def stats(self) -> StoreStats:
+        with self.lock:
+            return StoreStats(
+                capacity_bytes=self.capacity,
+                used_bytes=self.used_bytes,
+                preserved_blocks=self.live_slots,
+                cow_copies=self.cow_copies,
+                snapshots=len(self.snapshots),
+                invalid_snapshots=sum(1 for s in self.snapshots.values() if not s.valid),
+                syncs=self.raw.counters.syncs,
+                bytes_written=self.raw.counters.bytes_written,
+            )
+
+    def index_bytes(self) -> int:
+        """RAM held by the association indexes (arrays, overlays merged)."""
+        with self.lock:
+            total = 0
+            for chain in self.chains.values():
+                chain.merge()
+                total += chain.nbytes
+            for snap in self.snapshots.values():
+                snap.private.merge()
+                total += snap.private.nbytes
+            return total
+
+    # ------------------------------------------------------------------ internals used by volumes
+
+    def check_open(self) -> None:
+        if self.closed:
+            raise Closed(what=f"preservation store {self.path}")
+
+    def live_snapshots(self, vol_id: int) -> list[SnapshotRecord]:
+        """Valid snapshots of a volume, oldest first."""
+        live = [s for s in self.snapshots.values() if s.volume == vol_id and s.valid]
+        live.sort(key=lambda s: s.epoch)
+        return live
+
+    def free_bytes(self) -> int:
+        return self.capacity - self.used_bytes
+
+    def write_table(self) -> None:
+        """Write the table to the copy not holding the current one (atomic once synced)."""
+        self.table_seq += 1
+        table: dict[str, Any] = {
+            "capacity": self.capacity,
+            "next_epoch": self.next_epoch,
+            "next_snapshot_id": self.next_snapshot_id,
+            "next_volume_id": self.next_volume_id,
+            "volumes": [v.to_json() for v in self.volume_records.values()],
+            "snapshots": [s.to_json() for s in self.snapshots.values()],
+        }
+        try:
+            data = layout.pack_table(self.table_seq, table)
+        except ValueError:
+            self.table_seq -= 1
+            raise StoreError(path=self.path, detail="too many snapshots and volumes for the table") from None
+        self.raw.pwrite(data, layout.TABLE_OFFSETS[self.table_seq % 2])
+        self.dirty = True
+
+    def commit(self) -> None:
+        """Make every write since the last commit durable with one sync; then reuse freed slots."""
+        if self.dirty:
+            self.raw.sync()
+            self.dirty = False
+            self.commit_seq += 1
+        if self.pending_free:
+            self.release(self.pending_free)
+            self.pending_free = []
+
+    def slot_offset(self, slot: int) -> int:
+        area, i = divmod(slot, _PER_AREA)
+        return self.area_offsets[area] + layout.ENTRY_BLOCK + i * self.area_slot_sizes[area]
+
+    def entry_offset(self, slot: int) -> int:
+        area, i = divmod(slot, _PER_AREA)
+        return self.area_offsets[area] + layout.AREA_HEADER + i * layout.ENTRY_SIZE
+
+    def allocate(self, slot_size: int, n: int) -> list[int]:
+        """Take `n` free slots of `slot_size`, lowest first, adding areas as needed."""
+        free = self.free.setdefault(slot_size, [])
+        while len(free) < n:
+            self._add_area(slot_size)
+        taken = free[-n:]
+        del free[-n:]
+        taken.reverse()
+        self.used_bytes += n * slot_size
+        self.live_slots += n
+        return taken
+
+    def release(self, slots: Iterable[int]) -> None:
+        """Return slots to the free lists and deallocate their data (punch holes)."""
+        by_size: dict[int, list[int]] = {}
+        for slot in slots:
+            by_size.setdefault(self.area_slot_sizes[slot // _PER_AREA], []).append(slot)
+        for size, group in by_size.items():
+            group.sort()
+            self.used_bytes -= len(group) * size
+            self.live_slots -= len(group)
+            start = prev = group[0]
+            for slot in [*group[1:], -1]:
+                if slot == prev + 1 and slot // _PER_AREA == start // _PER_AREA:
+                    prev = slot
+                    continue
+                self.raw.punch(self.slot_offset(start), (prev - start + 1) * size)
+                start = prev = slot
+            free = self.free.setdefault(size, [])
+            free.extend(group)
+            free.sort(reverse=True)
+
+    def write_slots(self, slots: list[int], data: memoryview, slot_size: int) -> None:
+        """Write consecutive `slot_size` pieces of `data` to `slots`, one pwrite per contiguous run."""
+        n = len(slots)
+        i = 0
+        while i < n:
+            j = i + 1
+            area = slots[i] // _PER_AREA
+            while j < n and slots[j] == slots[j - 1] + 1 and slots[j] // _PER_AREA == area:
+                j += 1
+            self.raw.pwrite(data[i * slot_size : j * slot_size], self.slot_offset(slots[i]))
+            i = j
+        self.dirty = True
+
+    def write_entries(
+        self,
+        slots: list[int],
+        kind: int,
+        vol: int,
+        tags: Iterable[int],
+        blocks: Iterable[int],
+        crcs: list[int],
+    ) -> None:
+        """Write the entries describing `slots` (one pwrite per contiguous run within an area)."""
+        n = len(slots)
+        entries = np.zeros(n, layout.ENTRY_DTYPE)
+        entries["kind"] = kind
+        entries["vol"] = vol
+        entries["tag"] = np.fromiter(tags, np.uint32, n)
+        entries["block"] = np.fromiter(blocks, np.uint64, n)
+        entries["seq"] = self.commit_seq
+        entries["dcrc"] = crcs
+        if kind == layout.PRIVATE:
+            entries["reserved"] = np.arange(self.private_ver + 1, self.private_ver + 1 + n, dtype=np.uint32)
+            self.private_ver += n
+        raw = entries.tobytes()
+        i = 0
+        while i < n:
+            j = i + 1
+            area = slots[i] // _PER_AREA
+            while j < n and slots[j] == slots[j - 1] + 1 and slots[j] // _PER_AREA == area:
+                j += 1
+            self.raw.pwrite(raw[i * layout.ENTRY_SIZE : j * layout.ENTRY_SIZE], self.entry_offset(slots[i]))
+            i = j
+        self.dirty = True
+
+    def collect_garbage(self, vol_id: int) -> list[int]:
+        """Drop the copies of a volume no valid snapshot reads any more; return their slots."""
+        chain = self.chains[vol_id]
+        blocks, gens, slots = chain.arrays()
+        if not len(blocks):
+            return []
+        epochs = np.array(sorted(s.epoch for s in self.live_snapshots(vol_id)), np.int64)
+        keep = referenced(blocks, gens, epochs)
+        if keep.all():
+            return []
+        freed: list[int] = slots[~keep].tolist()
+        chain.keep(keep)
+        return freed
+
+    # ------------------------------------------------------------------ recovery
+
+    def _add_area(self, slot_size: int) -> None:
+        area_no = len(self.area_offsets)
+        offset = self.end
+        self.raw.pwrite(layout.pack_area_header(area_no, slot_size).ljust(layout.ENTRY_BLOCK, b"\0"), offset)
+        self.dirty = True
+        self.area_offsets.append(offset)
+        self.area_slot_sizes.append(slot_size)
+        self.end = offset + layout.area_size(slot_size)
+        first = area_no * _PER_AREA
+        free = self.free.setdefault(slot_size, [])
+        free[:0] = range(first + _PER_AREA - 1, first - 1, -1)
+
+    def _recover(self) -> None:
+        raw = self.raw
+        problem = layout.check_superblock(raw.pread(layout.SUPERBLOCK_SIZE, 0))
+        if problem:
+            raise StoreCorrupt(path=self.path, detail=problem)
+        best: tuple[int, dict[str, Any]] | None = None
+        for off in layout.TABLE_OFFSETS:
+            found = layout.unpack_table(raw.pread(layout.TABLE_SIZE, off))
+            if found and (best is None or found[0] > best[0]):
+                best = found
+        if best is None:
+            raise StoreCorrupt(path=self.path, detail="no intact volume and snapshot table")
+        self.table_seq, table = best
+        self.capacity = int(table["capacity"])
+        self.next_epoch = int(table["next_epoch"])
+        self.next_snapshot_id = int(table["next_snapshot_id"])
+        self.next_volume_id = int(table["next_volume_id"])
+        for v in table["volumes"]:
+            rec = VolumeRecord.from_json(v)
+            self.volume_records[rec.name] = rec
+            self.chains[rec.id] = ChainIndex()
+        for s in table["snapshots"]:
+            snap = SnapshotRecord.from_json(s)
+            self.snapshots[snap.id] = snap
+
+        # Walk the areas and gather every entry.
+        size = raw.size()
+        chunks: list[npt.NDArray[Any]] = []
+        off = layout.AREAS_OFFSET
+        while off + layout.ENTRY_BLOCK <= size:
+            head = raw.pread(layout.ENTRY_BLOCK, off)
+            slot_size = layout.unpack_area_header(head, len(self.area_offsets))
+            if slot_size is None:
+                break
+            self.area_offsets.append(off)
+            self.area_slot_sizes.append(slot_size)
+            chunks.append(np.frombuffer(head, layout.ENTRY_DTYPE, _PER_AREA, layout.AREA_HEADER))
+            off += layout.area_size(slot_size)
+        self.end = off
+        entries = np.concatenate(chunks) if chunks else np.zeros(0, layout.ENTRY_DTYPE)
+        kinds = entries["kind"].copy()
+        nslots = len(entries)
+
+        # Entries of the last commit may be torn: check their data.
+        used = kinds != layout.FREE
+        dropped: list[int] = []
+        if used.any():
+            last = int(entries["seq"][used].max())
+            self.commit_seq = last + 1
+            for slot in np.nonzero(used & (entries["seq"] == last))[0].tolist():
+                data = raw.pread(self.area_slot_sizes[slot // _PER_AREA], self.slot_offset(slot))
+                if zlib.crc32(data) != int(entries["dcrc"][slot]):
+                    kinds[slot] = layout.FREE
+                    dropped.append(slot)
+            self.private_ver = int(entries["reserved"][kinds == layout.PRIVATE].max(initial=0))
+
+        live = np.zeros(nslots, bool)
+        vols = entries["vol"]
+        known_vols = {r.id for r in self.volume_records.values()}
+        for vol_id in known_vols:
+            sel = np.nonzero((kinds == layout.COPY) & (vols == vol_id))[0]
+            if not len(sel):
+                continue
+            blocks = entries["block"][sel]
+            gens = entries["tag"][sel]
+            order = np.lexsort((gens, blocks))
+            sel, blocks, gens = sel[order], blocks[order], gens[order]
+            epochs = np.array(sorted(s.epoch for s in self.live_snapshots(vol_id)), np.int64)
+            keep = referenced(blocks, gens, epochs)
+            sel, blocks, gens = sel[keep], blocks[keep], gens[keep]
+            live[sel] = True
+            self.chains[vol_id] = ChainIndex(
+                blocks.astype(np.uint64), gens.astype(np.uint32), sel.astype(np.uint32)
+            )
+        for snap in self.snapshots.values():
+            if not (snap.valid and snap.writable):
+                continue
+            sel = np.nonzero((kinds == layout.PRIVATE) & (entries["tag"] == snap.id))[0]
+            if not len(sel):
+                continue
+            blocks = entries["block"][sel]
+            # A block rewritten in a writable snapshot has several entries: the newest wins.
+            order = np.lexsort((entries["reserved"][sel], entries["seq"][sel], blocks))
+            sel, blocks = sel[order], blocks[order]
+            last_of_block = np.ones(len(sel), bool)
+            last_of_block[:-1] = blocks[1:] != blocks[:-1]
+            sel, blocks = sel[last_of_block], blocks[last_of_block]
+            live[sel] = True
+            snap.private = ChainIndex(
+                blocks.astype(np.uint64), np.zeros(len(sel), np.uint32), sel.astype(np.uint32)
+            )
+
+        # Free lists and usage.
+        for area, slot_size in enumerate(self.area_slot_sizes):
+            first = area * _PER_AREA
+            area_live = live[first : first + _PER_AREA]
+            self.free.setdefault(slot_size, []).extend((first + np.nonzero(~area_live)[0]).tolist())
+            n = int(area_live.sum())
+            self.live_slots += n
+            self.used_bytes += n * slot_size
+        for free in self.free.values():
+            free.sort(reverse=True)
+        self._recount()
+
+        # Forget torn entries for good, and make what we read durable.
+        for slot in dropped:
+            raw.pwrite(bytes(layout.ENTRY_SIZE), self.entry_offset(slot))
+        self.dirty = True
+        self.commit()
+
+    def _recount(self) -> None:
+        """Rebuild each snapshot's preserved-block count from the indexes."""
+        for vol_id, chain in self.chains.items():
+            blocks, gens, _slots = chain.arrays()
+            last = np.ones(len(blocks), bool)
+            last[:-1] = blocks[1:] != blocks[:-1]
+            max_gens = np.sort(gens[last])
+            for snap in self.live_snapshots(vol_id):
+                # Blocks whose newest copy is at least as new as the snapshot are read from the store...
+                covered = len(max_gens) - int(np.searchsorted(max_gens, snap.epoch, "left"))
+                # ...and so are blocks written to the snapshot itself that no copy serves.
+                pblocks = snap.private.arrays()[0]
+                extra = int((chain.max_gens(pblocks) < snap.epoch).sum()) if len(pblocks) else 0
+                snap.preserved_blocks = covered + extra
+
+
+def referenced(
+    blocks: npt.NDArray[Any], gens: npt.NDArray[Any], epochs: npt.NDArray[np.int64]
+) -> npt.NDArray[np.bool_]:
+    """Which copies some snapshot still reads.
+
+    `blocks`/`gens` are sorted by (block, gen). A copy of generation g whose
+    previous copy of the same block has generation p serves the snapshots with
+    epoch in (p, g]; it is referenced when one of `epochs` (sorted) falls there.
+    """
+    g = gens.astype(np.int64)
+    prev = np.zeros(len(g), np.int64)
+    if len(g) > 1:
+        same = blocks[1:] == blocks[:-1]
+        prev[1:] = np.where(same, g[:-1], 0)
+    hits = np.searchsorted(epochs, g, "right") - np.searchsorted(epochs, prev, "right")
+    result: npt.NDArray[np.bool_] = hits > 0
+    return result

@@ -1,0 +1,505 @@
+"""Volumes (origins) and snapshots (the patent's virtual devices).
+
+`Volume.write_batch` is the origin write of claim 1 (C), with group commit:
+
+1. find the blocks of the batch that a valid snapshot has not preserved yet
+   (the newest copy of the block is older than the newest snapshot);
+2. check the space; on overflow invalidate the affected snapshots or, under
+   the ``defer`` policy, raise `PreservationDeferred` with nothing applied;
+3. copy those blocks' current data into store slots and write their entries;
+4. one sync of the store makes copies, entries and any table change durable;
+5. only then write the origin.
+
+A copy is tagged with the epoch of the newest snapshot at copy time, and serves
+every snapshot created since the previous copy of that block: N snapshots cost
+one copy per first write, not N.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+
+from standbylib.blockdev import BlockDevice, check_range
+from standbylib.errors import (
+    Closed,
+    InvalidArgument,
+    PreservationDeferred,
+    PreservationFull,
+    ReadOnly,
+    SnapshotExists,
+    SnapshotInvalid,
+    UnknownSnapshot,
+)
+from standbylib.rawfile import Buffer
+from standbylib.snapshot import layout
+from standbylib.snapshot.index import ChainIndex
+from standbylib.snapshot.records import INVALID, SnapshotRecord, VolumeRecord, check_name
+from standbylib.snapshot.store import PreservationStore
+
+#: One request of a batch: ``(offset, data)`` writes `data`; ``(offset, n)`` with an int zeroes `n` bytes.
+WriteOp = tuple[int, Buffer | int]
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """A snapshot's state and counters at one moment."""
+
+    volume: str
+    name: str
+    valid: bool
+    writable: bool
+    created: str
+    reason: str
+    preserved_blocks: int
+    preserved_bytes: int
+    capacity_bytes: int
+
+    @property
+    def fill_ratio(self) -> float:
+        return self.preserved_bytes / self.capacity_bytes if self.capacity_bytes else 0.0
+
+
+class Volume:
+    """An origin device attached to a store. Thread-safe; all writes go through COW.
+
+    Reads (claim 9) go straight to the origin. Writes become visible in order;
+    they are durable after `flush`, but a write never overwrites an origin block
+    before its preserved copy is durable.
+    """
+
+    def __init__(self, store: PreservationStore, record: VolumeRecord, device: BlockDevice) -> None:
+        self.store = store
+        self.record = record
+        self.device = device
+        self.block_size = record.block_size
+        self.shift = record.block_size.bit_length() - 1
+        self.cow_copies = 0
+        self.closed = False
+
+    # -- BlockDevice ----------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    @property
+    def size(self) -> int:
+        return self.record.size
+
+    @property
+    def readonly(self) -> bool:
+        return False
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Origin read (claim 9): the current data, whatever the snapshots."""
+        self._check_open()
+        check_range(offset, length, self.size)
+        return self.device.read(offset, length)
+
+    def write(self, offset: int, data: Buffer) -> None:
+        self.write_batch([(offset, data)])
+
+    def zero(self, offset: int, length: int) -> None:
+        self.write_batch([(offset, length)])
+
+    def flush(self) -> None:
+        """Make the origin durable (the store is durable after every batch already)."""
+        self._check_open()
+        self.device.flush()
+
+    def close(self) -> None:
+        """Detach from the store; the device stays open (the caller owns it)."""
+        with self.store.lock:
+            if not self.closed:
+                self.closed = True
+                self.store.attached.pop(self.record.id, None)
+
+    # -- origin writes -----------------------------------------------------------------
+
+    def write_batch(self, ops: Sequence[WriteOp]) -> None:
+        """Apply `ops` in order as one group commit (at most one store sync).
+
+        Every request is validated first: on a bad one nothing is applied.
+        Raises `PreservationDeferred` under the ``defer`` policy when a snapshot
+        would overflow; nothing is applied then either.
+        """
+        spans = []
+        for offset, data in ops:
+            length = data if isinstance(data, int) else len(data)
+            check_range(offset, length, self.size)
+            spans.append((offset, length))
+        if not spans:
+            return
+        store = self.store
+        with store.lock:
+            self._check_open()
+            if store.live_snapshots(self.record.id):
+                self._preserve(self._blocks_of(spans))
+            for offset, data in ops:
+                if isinstance(data, int):
+                    self.device.zero(offset, data)
+                else:
+                    self.device.write(offset, data)
+
+    def _blocks_of(self, spans: list[tuple[int, int]]) -> np.ndarray:
+        shift = self.shift
+        if len(spans) == 1:
+            off, ln = spans[0]
+            return np.arange(off >> shift, ((off + ln - 1) >> shift) + 1, dtype=np.uint64)
+        firsts = [off >> shift for off, _ in spans]
+        if all(((off + ln - 1) >> shift) == first for (off, ln), first in zip(spans, firsts, strict=True)):
+            return np.unique(np.array(firsts, np.uint64))
+        parts = [np.arange(off >> shift, ((off + ln - 1) >> shift) + 1, dtype=np.uint64) for off, ln in spans]
+        return np.unique(np.concatenate(parts))
+
+    def _preserve(self, blocks: np.ndarray) -> None:
+        """Copy to the store every block of `blocks` that a valid snapshot still needs."""
+        store = self.store
+        chain = store.chains[self.record.id]
+        bs = self.block_size
+        while True:
+            live = store.live_snapshots(self.record.id)
+            if not live:
+                store.commit()  # an invalidation must be durable before the origin changes
+                return
+            newest = live[-1].epoch
+            max_gens = chain.max_gens(blocks)
+            need = max_gens < newest
+            if not need.any():
+                store.commit()
+                return
+            cand = blocks[need]
+            prev = max_gens[need]
+            gains = self._gains(live, cand, prev)
+            over = self._overflowing(live, gains, len(cand) * bs)
+            if not over:
+                break
+            if store.on_full == "defer":
+                raise PreservationDeferred(
+                    volume=self.name,
+                    snapshots=", ".join(s.name for s in over),
+                    needed=len(cand) * bs,
+                    free=store.free_bytes(),
+                )
+            for snap in over:
+                reason = (
+                    f"its capacity of {snap.capacity} bytes is exhausted"
+                    if snap.capacity is not None
+                    and (snap.preserved_blocks + gains[snap.id]) * bs > snap.capacity
+                    else "the preservation store is full"
+                )
+                self._invalidate(snap, reason)
+        # Copy, then one sync, then (in the caller) the origin write.
+        n = len(cand)
+        slots = store.allocate(bs, n)
+        buf = bytearray(n * bs)
+        view = memoryview(buf)
+        cand_list = cand.tolist()
+        i = 0
+        while i < n:
+            j = i + 1
+            while j < n and cand_list[j] == cand_list[j - 1] + 1:
+                j += 1
+            self.device_readinto(cand_list[i] * bs, view[i * bs : j * bs])
+            i = j
+        crcs = [zlib.crc32(view[k * bs : (k + 1) * bs]) for k in range(n)]
+        store.write_slots(slots, view, bs)
+        store.write_entries(slots, layout.COPY, self.record.id, [newest] * n, cand_list, crcs)
+        store.commit()
+        for b, slot in zip(cand_list, slots, strict=True):
+            chain.add(b, newest, slot)
+        for snap in live:
+            snap.preserved_blocks += gains[snap.id]
+        store.cow_copies += n
+        self.cow_copies += n
+
+    def device_readinto(self, offset: int, view: memoryview) -> None:
+        readinto = getattr(self.device, "readinto", None)
+        if readinto is not None:
+            readinto(offset, view)
+        else:
+            view[:] = self.device.read(offset, len(view))
+
+    def _gains(self, live: list[SnapshotRecord], cand: np.ndarray, prev: np.ndarray) -> dict[int, int]:
+        """How many blocks each live snapshot gains if `cand` (with newest copies `prev`) are copied."""
+        sorted_prev = np.sort(prev)
+        gains: dict[int, int] = {}
+        for snap in live:
+            gain = int(np.searchsorted(sorted_prev, snap.epoch, "left"))
+            if gain and len(snap.private):
+                # Blocks the snapshot has written itself are already counted for it.
+                mine = cand[prev < snap.epoch].tolist()
+                gain -= sum(1 for b in mine if snap.private.find(b, 0) is not None)
+            gains[snap.id] = gain
+        return gains
+
+    def _overflowing(
+        self, live: list[SnapshotRecord], gains: dict[int, int], needed: int
+    ) -> list[SnapshotRecord]:
+        bs = self.block_size
+        over = [
+            s
+            for s in live
+            if s.capacity is not None and gains[s.id] and (s.preserved_blocks + gains[s.id]) * bs > s.capacity
+        ]
+        if not over and needed > self.store.free_bytes():
+            over = [s for s in live if gains[s.id]]
+        return over
+
+    def _invalidate(self, snap: SnapshotRecord, reason: str) -> None:
+        """Mark `snap` invalid (durable with the next commit) and free what only it used."""
+        store = self.store
+        snap.state = INVALID
+        snap.reason = reason
+        snap.preserved_blocks = 0
+        store.write_table()
+        _s, _g, private_slots = snap.private.arrays()
+        store.pending_free.extend(private_slots.tolist())
+        snap.private = ChainIndex()
+        store.pending_free.extend(store.collect_garbage(self.record.id))
+
+    # -- snapshots -----------------------------------------------------------------------
+
+    def create_snapshot(
+        self, name: str | None = None, *, writable: bool = False, capacity: int | None = None
+    ) -> Snapshot:
+        """Take a snapshot now (claim 1 A-B): O(1), nothing is copied.
+
+        The origin is flushed first so that the frozen image is durable. `capacity`
+        (bytes) caps the preserved data of this snapshot; by default only the
+        store's capacity applies.
+        """
+        if name is not None:
+            check_name("snapshot", name)
+        if capacity is not None and capacity <= 0:
+            raise InvalidArgument(detail=f"snapshot capacity {capacity} must be greater than 0")
+        store = self.store
+        with store.lock:
+            self._check_open()
+            if name is None:
+                name = f"snap-{store.next_snapshot_id}"
+            if self._find(name) is not None:
+                raise SnapshotExists(volume=self.name, snapshot=name)
+            self.device.flush()
+            snap = SnapshotRecord(
+                id=store.next_snapshot_id,
+                volume=self.record.id,
+                name=name,
+                epoch=store.next_epoch,
+                writable=writable,
+                capacity=capacity,
+                created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            )
+            store.next_snapshot_id += 1
+            store.next_epoch += 1
+            store.snapshots[snap.id] = snap
+            store.write_table()
+            store.commit()
+            return Snapshot(self, snap)
+
+    def snapshot(self, name: str) -> Snapshot:
+        """The snapshot `name` of this volume (valid or not)."""
+        with self.store.lock:
+            snap = self._find(name)
+            if snap is None:
+                raise UnknownSnapshot(volume=self.name, snapshot=name)
+            return Snapshot(self, snap)
+
+    def snapshots(self) -> list[Snapshot]:
+        """Every snapshot of this volume, oldest first."""
+        with self.store.lock:
+            recs = sorted(
+                (s for s in self.store.snapshots.values() if s.volume == self.record.id),
+                key=lambda s: s.epoch,
+            )
+            return [Snapshot(self, s) for s in recs]
+
+    def delete_snapshot(self, name: str) -> None:
+        """Delete a snapshot and free the store space only it used (no merge, no copy)."""
+        store = self.store
+        with store.lock:
+            self._check_open()
+            snap = self._find(name)
+            if snap is None:
+                raise UnknownSnapshot(volume=self.name, snapshot=name)
+            del store.snapshots[snap.id]
+            store.write_table()
+            store.commit()
+            freed = snap.private.arrays()[2].tolist() + store.collect_garbage(self.record.id)
+            if freed:
+                store.release(freed)
+
+    def _find(self, name: str) -> SnapshotRecord | None:
+        for s in self.store.snapshots.values():
+            if s.volume == self.record.id and s.name == name:
+                return s
+        return None
+
+    def _check_open(self) -> None:
+        self.store.check_open()
+        if self.closed:
+            raise Closed(what=f"volume {self.name}")
+
+
+class Snapshot:
+    """A snapshot seen as a block device (the patent's virtual device).
+
+    Reads return the image frozen at creation, plus, for a writable snapshot,
+    what was written to it. Thread-safe.
+    """
+
+    def __init__(self, volume: Volume, record: SnapshotRecord) -> None:
+        self.volume = volume
+        self.record = record
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    @property
+    def size(self) -> int:
+        return self.volume.size
+
+    @property
+    def readonly(self) -> bool:
+        return not self.record.writable
+
+    @property
+    def valid(self) -> bool:
+        return self.record.valid
+
+    def info(self) -> SnapshotInfo:
+        rec = self.record
+        store = self.volume.store
+        with store.lock:
+            bs = self.volume.block_size
+            return SnapshotInfo(
+                volume=self.volume.name,
+                name=rec.name,
+                valid=rec.valid,
+                writable=rec.writable,
+                created=rec.created,
+                reason=rec.reason,
+                preserved_blocks=rec.preserved_blocks,
+                preserved_bytes=rec.preserved_blocks * bs,
+                capacity_bytes=rec.capacity if rec.capacity is not None else store.capacity,
+            )
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Claim 1 (D): the preserved copy where there is one, else the origin block."""
+        check_range(offset, length, self.size)
+        vol = self.volume
+        bs = vol.block_size
+        first = offset >> vol.shift
+        end = ((offset + length - 1) >> vol.shift) + 1
+        with vol.store.lock:
+            self._check_usable()
+            buf = self._read_blocks(first, end)
+        start = offset - first * bs
+        if start == 0 and length == len(buf):
+            return bytes(buf)
+        return bytes(memoryview(buf)[start : start + length])
+
+    def _read_blocks(self, first: int, end: int) -> bytearray:
+        vol = self.volume
+        store = vol.store
+        bs = vol.block_size
+        epoch = self.record.epoch
+        from_store: dict[int, int] = {}
+        for b, entries in store.chains[vol.record.id].range(first, end).items():
+            for gen, slot in entries:
+                if gen >= epoch:
+                    from_store[b] = slot
+                    break
+        if len(self.record.private):
+            for b, entries in self.record.private.range(first, end).items():
+                from_store[b] = entries[0][1]
+        buf = bytearray((end - first) * bs)
+        view = memoryview(buf)
+        b = first
+        raw = store.raw
+        while b < end:
+            hit = from_store.get(b)
+            if hit is not None:
+                raw.preadinto(view[(b - first) * bs : (b - first + 1) * bs], store.slot_offset(hit))
+                b += 1
+                continue
+            run_end = b + 1
+            while run_end < end and run_end not in from_store:
+                run_end += 1
+            vol.device_readinto(b * bs, view[(b - first) * bs : (run_end - first) * bs])
+            b = run_end
+        return buf
+
+    def write(self, offset: int, data: Buffer) -> None:
+        """Claim 8 (E): store or replace the written blocks in the preservation store.
+
+        Read-only snapshots raise `ReadOnly`. Writes are durable after `flush`.
+        Raises `PreservationFull` when the store or the snapshot's capacity has no room.
+        """
+        check_range(offset, len(data), self.size)
+        vol = self.volume
+        store = vol.store
+        bs = vol.block_size
+        first = offset >> vol.shift
+        end = ((offset + len(data) - 1) >> vol.shift) + 1
+        with store.lock:
+            self._check_usable()
+            if not self.record.writable:
+                raise ReadOnly(what=f"snapshot {vol.name}@{self.name}")
+            rec = self.record
+            n = end - first
+            start = offset - first * bs
+            if start or len(data) != n * bs:
+                buf = self._read_blocks(first, end)
+                buf[start : start + len(data)] = data
+                view = memoryview(buf)
+            else:
+                view = memoryview(data).cast("B")
+            blocks = list(range(first, end))
+            new_private = [b for b in blocks if rec.private.find(b, 0) is None]
+            chain = store.chains[vol.record.id]
+            gain = 0
+            if new_private:
+                gens = chain.max_gens(np.array(new_private, np.uint64))
+                gain = int((gens < rec.epoch).sum())
+            if n * bs > store.free_bytes():
+                raise PreservationFull(needed=n * bs, free=store.free_bytes(), capacity=store.capacity)
+            if rec.capacity is not None and (rec.preserved_blocks + gain) * bs > rec.capacity:
+                free = rec.capacity - rec.preserved_blocks * bs
+                raise PreservationFull(needed=gain * bs, free=max(0, free), capacity=rec.capacity)
+            slots = store.allocate(bs, n)
+            crcs = [zlib.crc32(view[k * bs : (k + 1) * bs]) for k in range(n)]
+            store.write_slots(slots, view, bs)
+            store.write_entries(slots, layout.PRIVATE, vol.record.id, [rec.id] * n, blocks, crcs)
+            for b, slot in zip(blocks, slots, strict=True):
+                old = rec.private.replace(b, 0, slot)
+                if old is not None:
+                    store.pending_free.append(old)
+            rec.preserved_blocks += gain
+
+    def zero(self, offset: int, length: int) -> None:
+        self.write(offset, bytes(length) if length > 0 else b"")
+
+    def flush(self) -> None:
+        """Make writes to this snapshot durable."""
+        store = self.volume.store
+        with store.lock:
+            store.check_open()
+            store.commit()
+
+    def close(self) -> None:
+        pass
+
+    def _check_usable(self) -> None:
+        self.volume._check_open()
+        rec = self.record
+        if self.volume.store.snapshots.get(rec.id) is not rec:
+            raise UnknownSnapshot(volume=self.volume.name, snapshot=rec.name)
+        if not rec.valid:
+            raise SnapshotInvalid(volume=self.volume.name, snapshot=rec.name, reason=rec.reason)

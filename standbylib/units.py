@@ -1,0 +1,44 @@
+"""Human sizes: ``4096``, ``64KiB``, ``1MiB``, ``10GiB``, ``4K`` (binary units)."""
+
+from __future__ import annotations
+
+import re
+
+from standbylib.errors import InvalidArgument
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kib": 1 << 10,
+    "m": 1 << 20,
+    "mib": 1 << 20,
+    "g": 1 << 30,
+    "gib": 1 << 30,
+    "t": 1 << 40,
+    "tib": 1 << 40,
+    "p": 1 << 50,
+    "pib": 1 << 50,
+}
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str | int) -> int:
+    """Return the number of bytes `text` names; K/M/G/T are binary units."""
+    if isinstance(text, int):
+        if text < 0:
+            raise InvalidArgument(detail=f"size {text} is negative")
+        return text
+    match = _SIZE_RE.match(text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise InvalidArgument(detail=f"size {text!r} is not a number of bytes like 4096, 64KiB or 10GiB")
+    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+def format_size(n: int) -> str:
+    """Render `n` bytes with the largest binary unit that divides it exactly."""
+    for suffix, factor in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= factor and n % factor == 0:
+            return f"{n // factor}{suffix}"
+    return f"{n}B" if n else "0B"
