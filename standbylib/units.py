@@ -42,3 +42,13 @@ def format_size(n: int) -> str:
         if n >= factor and n % factor == 0:
             return f"{n // factor}{suffix}"
     return f"{n}B" if n else "0B"
+
+
+def human_size(n: int) -> str:
+    """Render `n` bytes for people: ``0 B``, ``512 B``, ``5.3 MiB``."""
+    value = float(n)
+    for suffix in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or suffix == "TiB":
+            return f"{n} B" if suffix == "B" else f"{value:.1f} {suffix}"
+        value /= 1024
+    raise AssertionError("unreachable")

@@ -110,6 +110,20 @@ class ChainIndex:
         if self._overlay_len > max(_MERGE_MIN, len(self._blocks) >> 4):
             self.merge()
 
+    def add_many(self, blocks: list[int], gen: int, slots: list[int]) -> None:
+        """Add (block, gen, slot) for each block; none of the (block, gen) may be present yet."""
+        overlay = self._overlay
+        for b, slot in zip(blocks, slots, strict=True):
+            lst = overlay.get(b)
+            if lst is None:
+                overlay[b] = [(gen, slot)]
+            else:
+                lst.append((gen, slot))
+                lst.sort()
+        self._overlay_len += len(blocks)
+        if self._overlay_len > max(_MERGE_MIN, len(self._blocks) >> 4):
+            self.merge()
+
     def replace(self, block: int, gen: int, slot: int) -> int | None:
         """Point (block, gen) at `slot`, adding it if absent; return the slot it had, if any."""
         extra = self._overlay.get(block)

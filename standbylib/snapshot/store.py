@@ -15,7 +15,7 @@ with any number of snapshots (claim 19). It owns:
 Crash safety: the entries of the last commit are the only ones that can be
 incomplete after a power loss (every earlier commit ended with a sync before
 the next one wrote anything). On open, those entries' data is checked against
-their CRC and dropped when it does not match, which is safe because the origin
+their checksum and dropped when it does not match, which is safe because the origin
 blocks they preserve were not overwritten before the sync.
 
 All public methods take the store's lock; volumes and snapshots use it too.
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import threading
-import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -378,7 +377,7 @@ class PreservationStore:
         vol: int,
         tags: Iterable[int],
         blocks: Iterable[int],
-        crcs: list[int],
+        sums: list[int],
     ) -> None:
         """Write the entries describing `slots` (one pwrite per contiguous run within an area)."""
         n = len(slots)
@@ -388,7 +387,7 @@ class PreservationStore:
         entries["tag"] = np.fromiter(tags, np.uint32, n)
         entries["block"] = np.fromiter(blocks, np.uint64, n)
         entries["seq"] = self.commit_seq
-        entries["dcrc"] = crcs
+        entries["dsum"] = sums
         if kind == layout.PRIVATE:
             entries["reserved"] = np.arange(self.private_ver + 1, self.private_ver + 1 + n, dtype=np.uint32)
             self.private_ver += n
@@ -482,7 +481,7 @@ class PreservationStore:
             self.commit_seq = last + 1
             for slot in np.nonzero(used & (entries["seq"] == last))[0].tolist():
                 data = raw.pread(self.area_slot_sizes[slot // _PER_AREA], self.slot_offset(slot))
-                if zlib.crc32(data) != int(entries["dcrc"][slot]):
+                if layout.data_checksum(data) != int(entries["dsum"][slot]):
                     kinds[slot] = layout.FREE
                     dropped.append(slot)
             self.private_ver = int(entries["reserved"][kinds == layout.PRIVATE].max(initial=0))

@@ -17,7 +17,6 @@ one copy per first write, not N.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -38,6 +37,7 @@ from standbylib.errors import (
 from standbylib.rawfile import Buffer
 from standbylib.snapshot import layout
 from standbylib.snapshot.index import ChainIndex
+from standbylib.snapshot.layout import data_checksum as checksum
 from standbylib.snapshot.records import INVALID, SnapshotRecord, VolumeRecord, check_name
 from standbylib.snapshot.store import PreservationStore
 
@@ -207,12 +207,11 @@ class Volume:
                 j += 1
             self.device_readinto(cand_list[i] * bs, view[i * bs : j * bs])
             i = j
-        crcs = [zlib.crc32(view[k * bs : (k + 1) * bs]) for k in range(n)]
+        sums = [checksum(view[k * bs : (k + 1) * bs]) for k in range(n)]
         store.write_slots(slots, view, bs)
-        store.write_entries(slots, layout.COPY, self.record.id, [newest] * n, cand_list, crcs)
+        store.write_entries(slots, layout.COPY, self.record.id, [newest] * n, cand_list, sums)
         store.commit()
-        for b, slot in zip(cand_list, slots, strict=True):
-            chain.add(b, newest, slot)
+        chain.add_many(cand_list, newest, slots)
         for snap in live:
             snap.preserved_blocks += gains[snap.id]
         store.cow_copies += n
@@ -474,9 +473,9 @@ class Snapshot:
                 free = rec.capacity - rec.preserved_blocks * bs
                 raise PreservationFull(needed=gain * bs, free=max(0, free), capacity=rec.capacity)
             slots = store.allocate(bs, n)
-            crcs = [zlib.crc32(view[k * bs : (k + 1) * bs]) for k in range(n)]
+            sums = [checksum(view[k * bs : (k + 1) * bs]) for k in range(n)]
             store.write_slots(slots, view, bs)
-            store.write_entries(slots, layout.PRIVATE, vol.record.id, [rec.id] * n, blocks, crcs)
+            store.write_entries(slots, layout.PRIVATE, vol.record.id, [rec.id] * n, blocks, sums)
             for b, slot in zip(blocks, slots, strict=True):
                 old = rec.private.replace(b, 0, slot)
                 if old is not None:
