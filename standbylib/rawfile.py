@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import Protocol
 
-from standbylib.errors import DeviceError, StoreNotWritable
+from standbylib.errors import DeviceError
 
 Buffer = bytes | bytearray | memoryview
 
@@ -86,12 +86,8 @@ class OsFile:
             flags |= os.O_CREAT
         try:
             self.fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
-        except FileNotFoundError as e:
-            raise DeviceError(path=path, detail="no such file") from e
         except OSError as e:
-            if readonly:
-                raise DeviceError(path=path, detail=e.strerror or str(e)) from e
-            raise StoreNotWritable(path=path, detail=e.strerror or str(e)) from e
+            raise DeviceError(path=path, detail=e.strerror or str(e)) from e
         self._can_punch = True
 
     def pread(self, length: int, offset: int) -> bytes:

@@ -1,55 +1,84 @@
 """The in-RAM association index (the patent's "block association memory").
 
 `ChainIndex` maps a block number to the preserved copies of that block, each
-tagged with a generation, sorted by generation. It is stored as three sorted
-numpy arrays (16 bytes per entry) plus a small dict of recent additions that is
-merged into the arrays in bulk, so RAM grows with preserved blocks and never
-with volume size, and lookups stay O(log n).
+tagged with a generation, sorted by generation. It is a small log-structured
+merge tree of sorted numpy runs (16 bytes per entry: block u64, generation u32,
+slot u32): a batch of copies is appended as one sorted run, runs are merged in
+bulk, and every lookup is a vectorised binary search per run. RAM grows with
+preserved blocks and never with volume size.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
 
 U64 = npt.NDArray[np.uint64]
 U32 = npt.NDArray[np.uint32]
+Run = tuple[U64, U32, U32]
 
-_MERGE_MIN = 8192
+_MAX_RUNS = 8
+
+
+def _sort_run(blocks: U64, gens: U32, slots: U32) -> Run:
+    if len(blocks) > 1:
+        if int(blocks.max()) < (1 << 32):
+            order = np.argsort((blocks << np.uint64(32)) | gens.astype(np.uint64), kind="stable")
+        else:
+            order = np.lexsort((gens, blocks))
+        return blocks[order], gens[order], slots[order]
+    return blocks, gens, slots
+
+
+def _merge_runs(runs: Sequence[Run]) -> Run:
+    if len(runs) == 1:
+        return runs[0]
+    return _sort_run(
+        np.concatenate([r[0] for r in runs]),
+        np.concatenate([r[1] for r in runs]),
+        np.concatenate([r[2] for r in runs]),
+    )
+
+
+def _empty() -> Run:
+    return np.empty(0, np.uint64), np.empty(0, np.uint32), np.empty(0, np.uint32)
 
 
 class ChainIndex:
     """block -> [(gen, slot), ...] sorted by gen. Not thread-safe; the store's lock guards it."""
 
-    def __init__(
-        self,
-        blocks: U64 | None = None,
-        gens: U32 | None = None,
-        slots: U32 | None = None,
-    ) -> None:
+    def __init__(self, blocks: U64 | None = None, gens: U32 | None = None, slots: U32 | None = None) -> None:
         """Build from arrays already sorted by (block, gen), or empty."""
-        self._blocks: U64 = blocks if blocks is not None else np.empty(0, np.uint64)
-        self._gens: U32 = gens if gens is not None else np.empty(0, np.uint32)
-        self._slots: U32 = slots if slots is not None else np.empty(0, np.uint32)
-        self._overlay: dict[int, list[tuple[int, int]]] = {}
-        self._overlay_len = 0
+        if blocks is None or gens is None or slots is None:
+            self._base = _empty()
+        else:
+            self._base = (blocks, gens, slots)
+        self._runs: list[Run] = []  # newer, smaller sorted runs
+        self._len = len(self._base[0])
 
     def __len__(self) -> int:
-        return len(self._blocks) + self._overlay_len
+        return self._len
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the arrays (the overlay is bounded and merged away)."""
-        return int(self._blocks.nbytes + self._gens.nbytes + self._slots.nbytes)
+        """Bytes held by the arrays."""
+        return sum(int(a.nbytes) for run in (self._base, *self._runs) for a in run)
+
+    def _levels(self) -> list[Run]:
+        return [self._base, *self._runs] if self._runs else [self._base]
 
     def entries(self, block: int) -> list[tuple[int, int]]:
         """All (gen, slot) of `block`, sorted by gen."""
-        lo = int(np.searchsorted(self._blocks, block, "left"))
-        hi = int(np.searchsorted(self._blocks, block, "right"))
-        found = list(zip(self._gens[lo:hi].tolist(), self._slots[lo:hi].tolist(), strict=True))
-        extra = self._overlay.get(block)
-        if extra:
-            found = sorted(found + extra)
+        found: list[tuple[int, int]] = []
+        for blocks, gens, slots in self._levels():
+            lo = int(np.searchsorted(blocks, block, "left"))
+            hi = int(np.searchsorted(blocks, block, "right"))
+            if hi > lo:
+                found.extend(zip(gens[lo:hi].tolist(), slots[lo:hi].tolist(), strict=True))
+        if len(self._runs):
+            found.sort()
         return found
 
     def find(self, block: int, gen: int) -> int | None:
@@ -62,117 +91,89 @@ class ChainIndex:
     def max_gens(self, blocks: U64) -> U64:
         """For each of the sorted, distinct `blocks`, its largest generation (0 when none)."""
         out = np.zeros(len(blocks), np.uint64)
-        if len(self._blocks):
-            pos = np.searchsorted(self._blocks, blocks, "right") - 1
+        for lb, lg, _ls in self._levels():
+            if not len(lb):
+                continue
+            pos = np.searchsorted(lb, blocks, "right") - 1
             valid = pos >= 0
             posv = np.where(valid, pos, 0)
-            hit = valid & (self._blocks[posv] == blocks)
-            out[hit] = self._gens[posv[hit]]
-        if self._overlay:
-            overlay = self._overlay
-            for i, b in enumerate(blocks.tolist()):
-                extra = overlay.get(b)
-                if extra:
-                    g = extra[-1][0]
-                    if g > out[i]:
-                        out[i] = g
+            hit = valid & (lb[posv] == blocks)
+            np.maximum(out, np.where(hit, lg[posv], 0).astype(np.uint64), out=out)
+        return out
+
+    def contains(self, blocks: U64) -> npt.NDArray[np.bool_]:
+        """For each of `blocks`, whether it has any entry."""
+        out = np.zeros(len(blocks), bool)
+        for lb, _lg, _ls in self._levels():
+            if len(lb):
+                pos = np.minimum(np.searchsorted(lb, blocks, "left"), len(lb) - 1)
+                out |= lb[pos] == blocks
         return out
 
     def range(self, first: int, end: int) -> dict[int, list[tuple[int, int]]]:
         """Entries of blocks in [first, end): block -> [(gen, slot), ...] sorted by gen."""
         found: dict[int, list[tuple[int, int]]] = {}
-        lo = int(np.searchsorted(self._blocks, first, "left"))
-        hi = int(np.searchsorted(self._blocks, end, "left"))
-        if hi > lo:
-            for b, g, s in zip(
-                self._blocks[lo:hi].tolist(),
-                self._gens[lo:hi].tolist(),
-                self._slots[lo:hi].tolist(),
-                strict=True,
-            ):
-                found.setdefault(b, []).append((g, s))
-        if self._overlay:
-            if end - first <= len(self._overlay):
-                keys = [b for b in range(first, end) if b in self._overlay]
-            else:
-                keys = [b for b in self._overlay if first <= b < end]
-            for b in keys:
-                found[b] = sorted(found.get(b, []) + self._overlay[b])
+        for blocks, gens, slots in self._levels():
+            lo = int(np.searchsorted(blocks, first, "left"))
+            hi = int(np.searchsorted(blocks, end, "left"))
+            if hi > lo:
+                for b, g, s in zip(
+                    blocks[lo:hi].tolist(), gens[lo:hi].tolist(), slots[lo:hi].tolist(), strict=True
+                ):
+                    found.setdefault(b, []).append((g, s))
+        if self._runs:
+            for lst in found.values():
+                if len(lst) > 1:
+                    lst.sort()
         return found
 
     def add(self, block: int, gen: int, slot: int) -> None:
         """Add an entry; (block, gen) must not be present yet."""
-        lst = self._overlay.setdefault(block, [])
-        lst.append((gen, slot))
-        if len(lst) > 1:
-            lst.sort()
-        self._overlay_len += 1
-        if self._overlay_len > max(_MERGE_MIN, len(self._blocks) >> 4):
-            self.merge()
+        self.add_many([block], gen, [slot])
 
-    def add_many(self, blocks: list[int], gen: int, slots: list[int]) -> None:
-        """Add (block, gen, slot) for each block; none of the (block, gen) may be present yet."""
-        overlay = self._overlay
-        for b, slot in zip(blocks, slots, strict=True):
-            lst = overlay.get(b)
-            if lst is None:
-                overlay[b] = [(gen, slot)]
+    def add_many(self, blocks: Sequence[int], gen: int, slots: Sequence[int]) -> None:
+        """Add (block, gen, slot) for each of the distinct `blocks`; none may be present yet."""
+        n = len(blocks)
+        if not n:
+            return
+        run = _sort_run(np.array(blocks, np.uint64), np.full(n, gen, np.uint32), np.array(slots, np.uint32))
+        self._runs.append(run)
+        self._len += n
+        if len(self._runs) > _MAX_RUNS:
+            young = _merge_runs(self._runs)
+            if len(young[0]) * 8 > len(self._base[0]):
+                self._base = _merge_runs([self._base, young])
+                self._runs = []
             else:
-                lst.append((gen, slot))
-                lst.sort()
-        self._overlay_len += len(blocks)
-        if self._overlay_len > max(_MERGE_MIN, len(self._blocks) >> 4):
-            self.merge()
+                self._runs = [young]
 
     def replace(self, block: int, gen: int, slot: int) -> int | None:
         """Point (block, gen) at `slot`, adding it if absent; return the slot it had, if any."""
-        extra = self._overlay.get(block)
-        if extra:
-            for i, (g, old) in enumerate(extra):
-                if g == gen:
-                    extra[i] = (gen, slot)
+        for blocks, gens, slots in self._levels():
+            lo = int(np.searchsorted(blocks, block, "left"))
+            hi = int(np.searchsorted(blocks, block, "right"))
+            for i in range(lo, hi):
+                if int(gens[i]) == gen:
+                    old = int(slots[i])
+                    slots[i] = slot
                     return old
-        lo = int(np.searchsorted(self._blocks, block, "left"))
-        hi = int(np.searchsorted(self._blocks, block, "right"))
-        for i in range(lo, hi):
-            if int(self._gens[i]) == gen:
-                old = int(self._slots[i])
-                self._slots[i] = slot
-                return old
         self.add(block, gen, slot)
         return None
 
     def merge(self) -> None:
-        """Fold the overlay into the sorted arrays."""
-        if not self._overlay:
-            return
-        n = self._overlay_len
-        ob = np.empty(n, np.uint64)
-        og = np.empty(n, np.uint32)
-        osl = np.empty(n, np.uint32)
-        i = 0
-        for b, lst in self._overlay.items():
-            for g, s in lst:
-                ob[i] = b
-                og[i] = g
-                osl[i] = s
-                i += 1
-        blocks = np.concatenate([self._blocks, ob])
-        gens = np.concatenate([self._gens, og])
-        slots = np.concatenate([self._slots, osl])
-        order = np.lexsort((gens, blocks))
-        self._blocks, self._gens, self._slots = blocks[order], gens[order], slots[order]
-        self._overlay = {}
-        self._overlay_len = 0
+        """Fold every run into one sorted base."""
+        if self._runs:
+            self._base = _merge_runs([self._base, *self._runs])
+            self._runs = []
 
-    def arrays(self) -> tuple[U64, U32, U32]:
-        """(blocks, gens, slots) sorted by (block, gen), overlay merged."""
+    def arrays(self) -> Run:
+        """(blocks, gens, slots) sorted by (block, gen), runs merged."""
         self.merge()
-        return self._blocks, self._gens, self._slots
+        return self._base
 
     def keep(self, mask: npt.NDArray[np.bool_]) -> None:
         """Drop the entries whose `mask` element (over `arrays()`) is False."""
         self.merge()
-        self._blocks = self._blocks[mask]
-        self._gens = self._gens[mask]
-        self._slots = self._slots[mask]
+        blocks, gens, slots = self._base
+        self._base = (blocks[mask], gens[mask], slots[mask])
+        self._len = len(self._base[0])

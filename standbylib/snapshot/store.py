@@ -35,6 +35,7 @@ import numpy.typing as npt
 from standbylib.blockdev import BlockDevice, check_block_size
 from standbylib.errors import (
     Closed,
+    DeviceError,
     InvalidArgument,
     StoreCorrupt,
     StoreError,
@@ -80,12 +81,7 @@ class PreservationStore:
     """Copy-on-write preservation store. Create with `open` (file) or `in_memory` (RAM)."""
 
     def __init__(self, raw: RawFile, *, capacity: int | None, on_full: str, new: bool) -> None:
-        if on_full not in ON_FULL_POLICIES:
-            raise InvalidArgument(
-                detail=f"on_full must be one of {', '.join(ON_FULL_POLICIES)}, not {on_full!r}"
-            )
-        if capacity is not None and capacity < 0:
-            raise InvalidArgument(detail=f"capacity {capacity} is negative")
+        _check_arguments(capacity, on_full)
         self.raw = raw
         self.path = raw.path
         self.on_full = on_full
@@ -141,6 +137,7 @@ class PreservationStore:
         affected snapshots become invalid, origin writes go on) or ``defer``
         (`Volume.write_batch` raises `PreservationDeferred` and applies nothing).
         """
+        _check_arguments(capacity, on_full)
         exists = os.path.exists(path)
         if not exists:
             if capacity is None:
@@ -150,7 +147,10 @@ class PreservationStore:
                 raise StoreNotWritable(path=path, detail=f"directory {parent} is not writable")
         elif not os.access(path, os.R_OK | os.W_OK):
             raise StoreNotWritable(path=path, detail="permission denied")
-        raw = OsFile(path, create=not exists)
+        try:
+            raw = OsFile(path, create=not exists)
+        except DeviceError as e:
+            raise StoreNotWritable(path=path, detail=e.fields["detail"]) from e
         try:
             return cls(raw, capacity=capacity, on_full=on_full, new=not exists or raw.size() == 0)
         except BaseException:
@@ -554,6 +554,13 @@ class PreservationStore:
                 pblocks = snap.private.arrays()[0]
                 extra = int((chain.max_gens(pblocks) < snap.epoch).sum()) if len(pblocks) else 0
                 snap.preserved_blocks = covered + extra
+
+
+def _check_arguments(capacity: int | None, on_full: str) -> None:
+    if on_full not in ON_FULL_POLICIES:
+        raise InvalidArgument(detail=f"on_full must be one of {', '.join(ON_FULL_POLICIES)}, not {on_full!r}")
+    if capacity is not None and capacity < 0:
+        raise InvalidArgument(detail=f"capacity {capacity} is negative")
 
 
 def referenced(

@@ -148,15 +148,22 @@ class Volume:
                     self.device.write(offset, data)
 
     def _blocks_of(self, spans: list[tuple[int, int]]) -> np.ndarray:
-        shift = self.shift
+        """Sorted distinct block numbers touched by `spans` of (offset, length)."""
+        shift = np.uint64(self.shift)
+        arr = np.array(spans, np.uint64)
+        firsts = arr[:, 0] >> shift
+        lasts = (arr[:, 0] + arr[:, 1] - np.uint64(1)) >> shift
+        counts = (lasts - firsts + np.uint64(1)).astype(np.int64)
         if len(spans) == 1:
-            off, ln = spans[0]
-            return np.arange(off >> shift, ((off + ln - 1) >> shift) + 1, dtype=np.uint64)
-        firsts = [off >> shift for off, _ in spans]
-        if all(((off + ln - 1) >> shift) == first for (off, ln), first in zip(spans, firsts, strict=True)):
-            return np.unique(np.array(firsts, np.uint64))
-        parts = [np.arange(off >> shift, ((off + ln - 1) >> shift) + 1, dtype=np.uint64) for off, ln in spans]
-        return np.unique(np.concatenate(parts))
+            return np.arange(int(firsts[0]), int(lasts[0]) + 1, dtype=np.uint64)
+        total = int(counts.sum())
+        if total == len(spans):
+            blocks = firsts
+        else:
+            starts = np.repeat(firsts, counts)
+            steps = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+            blocks = starts + steps.astype(np.uint64)
+        return np.unique(blocks)
 
     def _preserve(self, blocks: np.ndarray) -> None:
         """Copy to the store every block of `blocks` that a valid snapshot still needs."""
@@ -176,7 +183,12 @@ class Volume:
                 return
             cand = blocks[need]
             prev = max_gens[need]
-            gains = self._gains(live, cand, prev)
+            gains, needed = self._gains(live, cand, prev)
+            if not needed.all():
+                cand, prev = cand[needed], prev[needed]
+                if not len(cand):
+                    store.commit()
+                    return
             over = self._overflowing(live, gains, len(cand) * bs)
             if not over:
                 break
@@ -195,6 +207,8 @@ class Volume:
                     else "the preservation store is full"
                 )
                 self._invalidate(snap, reason)
+            # Make the invalidation durable now, so the space it frees can take this batch's copies.
+            store.commit()
         # Copy, then one sync, then (in the caller) the origin write.
         n = len(cand)
         slots = store.allocate(bs, n)
@@ -232,18 +246,23 @@ class Volume:
         else:
             view[:] = self.device.read(offset, len(view))
 
-    def _gains(self, live: list[SnapshotRecord], cand: np.ndarray, prev: np.ndarray) -> dict[int, int]:
-        """How many blocks each live snapshot gains if `cand` (with newest copies `prev`) are copied."""
-        sorted_prev = np.sort(prev)
+    def _gains(
+        self, live: list[SnapshotRecord], cand: np.ndarray, prev: np.ndarray
+    ) -> tuple[dict[int, int], np.ndarray]:
+        """What copying `cand` (whose newest copies are `prev`) gives each live snapshot.
+
+        Returns the blocks each snapshot gains, and which of `cand` some snapshot
+        needs at all: a writable snapshot that wrote a block itself does not.
+        """
         gains: dict[int, int] = {}
+        needed = np.zeros(len(cand), bool)
         for snap in live:
-            gain = int(np.searchsorted(sorted_prev, snap.epoch, "left"))
-            if gain and len(snap.private):
-                # Blocks the snapshot has written itself are already counted for it.
-                mine = cand[prev < snap.epoch].tolist()
-                gain -= sum(1 for b in mine if snap.private.find(b, 0) is not None)
-            gains[snap.id] = gain
-        return gains
+            mine = prev < snap.epoch
+            if len(snap.private):
+                mine &= ~snap.private.contains(cand)
+            gains[snap.id] = int(mine.sum())
+            needed |= mine
+        return gains, needed
 
     def _overflowing(
         self, live: list[SnapshotRecord], gains: dict[int, int], needed: int
@@ -475,6 +494,8 @@ class Snapshot:
             if new_private:
                 gens = chain.max_gens(np.array(new_private, np.uint64))
                 gain = int((gens < rec.epoch).sum())
+            if n * bs > store.free_bytes() and store.pending_free:
+                store.commit()  # blocks replaced earlier become free once their replacements are durable
             if n * bs > store.free_bytes():
                 raise PreservationFull(needed=n * bs, free=store.free_bytes(), capacity=store.capacity)
             if rec.capacity is not None and (rec.preserved_blocks + gain) * bs > rec.capacity:
@@ -491,7 +512,8 @@ class Snapshot:
             rec.preserved_blocks += gain
 
     def zero(self, offset: int, length: int) -> None:
-        self.write(offset, bytes(length) if length > 0 else b"")
+        check_range(offset, length, self.size)
+        self.write(offset, bytes(length))
 
     def flush(self) -> None:
         """Make writes to this snapshot durable."""
