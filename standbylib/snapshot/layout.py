@@ -117,7 +117,7 @@ def pack_area_header(area_no: int, slot_size: int) -> bytes:
     return _AREA_HEADER.pack(AREA_MAGIC, area_no, slot_size, ENTRIES_PER_AREA, 0, crc)
 
 
-def unpack_area_header(data: bytes, area_no: int) -> int | None:
+def unpack_area_header(data: bytes | bytearray | memoryview, area_no: int) -> int | None:
     """Return the slot size of a valid header of area `area_no`, else None."""
     magic, number, slot_size, nslots, _reserved, crc = _AREA_HEADER.unpack_from(data)
     if magic != AREA_MAGIC or zlib.crc32(data[:20]) != crc:

@@ -23,6 +23,7 @@ All public methods take the store's lock; volumes and snapshots use it too.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Iterable
@@ -108,14 +109,18 @@ class PreservationStore:
         self.commit_seq = 1
         self.private_ver = 0
         self.dirty = False
+        self.table_pending = False
         self.cow_copies = 0
         if new:
             if capacity is None:
                 raise InvalidArgument(detail="a new preservation store needs a capacity")
             self.capacity = capacity
+            # The superblock goes last: until it is durable the file is recognisably
+            # an interrupted creation (see `open_raw`), never a store with a lost table.
             self.raw.truncate(0)
-            self.raw.pwrite(layout.pack_superblock(), 0)
             self.write_table()
+            self.commit()
+            self.raw.pwrite(layout.pack_superblock(), 0)
             self.raw.sync()
         else:
             self._recover()
@@ -147,14 +152,32 @@ class PreservationStore:
                 raise StoreNotWritable(path=path, detail=f"directory {parent} is not writable")
         elif not os.access(path, os.R_OK | os.W_OK):
             raise StoreNotWritable(path=path, detail="permission denied")
+        # A new store is built under a temporary name and renamed into place once
+        # complete, so a crash never leaves a half-made store at `path`.
+        work = f"{path}.creating" if not exists else path
         try:
-            raw = OsFile(path, create=not exists)
-        except DeviceError as e:
-            raise StoreNotWritable(path=path, detail=e.fields["detail"]) from e
+            if not exists and os.path.exists(work):
+                os.unlink(work)
+            raw = OsFile(work, create=not exists)
+        except (DeviceError, OSError) as e:
+            detail = e.fields["detail"] if isinstance(e, DeviceError) else (e.strerror or str(e))
+            raise StoreNotWritable(path=path, detail=detail) from e
         try:
-            return cls(raw, capacity=capacity, on_full=on_full, new=not exists or raw.size() == 0)
+            store = cls(raw, capacity=capacity, on_full=on_full, new=not exists)
+            if not exists:
+                os.rename(work, path)
+                raw.path = store.path = path
+                dirfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+                try:
+                    os.fsync(dirfd)
+                finally:
+                    os.close(dirfd)
+            return store
         except BaseException:
             raw.close()
+            if not exists:
+                with contextlib.suppress(OSError):
+                    os.unlink(work)
             raise
 
     @classmethod
@@ -166,8 +189,12 @@ class PreservationStore:
     def open_raw(
         cls, raw: RawFile, capacity: int | None = None, *, on_full: str = "invalidate"
     ) -> PreservationStore:
-        """Open a store on any `RawFile` (used by tests to inject faults); empty means new."""
-        return cls(raw, capacity=capacity, on_full=on_full, new=raw.size() == 0)
+        """Open a store on any `RawFile` (used by tests to inject faults).
+
+        An empty file, or one whose creation was interrupted before its superblock
+        became durable (nothing can have been preserved in it yet), is made a new store.
+        """
+        return cls(raw, capacity=capacity, on_full=on_full, new=_unformatted(raw))
 
     def close(self) -> None:
         """Commit what is pending and close the file. Volumes and snapshots become unusable."""
@@ -289,8 +316,17 @@ class PreservationStore:
         return self.capacity - self.used_bytes
 
     def write_table(self) -> None:
-        """Write the table to the copy not holding the current one (atomic once synced)."""
-        self.table_seq += 1
+        """Schedule the table for the next commit.
+
+        The table is written once per commit, to the copy that does not hold the
+        last durable table, just before the sync: two table writes in one commit
+        would overwrite that copy before the new one is durable.
+        """
+        self._pack_table(self.table_seq + 1)  # refuse an oversized table now, not at commit
+        self.table_pending = True
+        self.dirty = True
+
+    def _pack_table(self, seq: int) -> bytes:
         table: dict[str, Any] = {
             "capacity": self.capacity,
             "next_epoch": self.next_epoch,
@@ -300,15 +336,16 @@ class PreservationStore:
             "snapshots": [s.to_json() for s in self.snapshots.values()],
         }
         try:
-            data = layout.pack_table(self.table_seq, table)
+            return layout.pack_table(seq, table)
         except ValueError:
-            self.table_seq -= 1
             raise StoreError(path=self.path, detail="too many snapshots and volumes for the table") from None
-        self.raw.pwrite(data, layout.TABLE_OFFSETS[self.table_seq % 2])
-        self.dirty = True
 
     def commit(self) -> None:
         """Make every write since the last commit durable with one sync; then reuse freed slots."""
+        if self.table_pending:
+            self.table_seq += 1
+            self.raw.pwrite(self._pack_table(self.table_seq), layout.TABLE_OFFSETS[self.table_seq % 2])
+            self.table_pending = False
         if self.dirty:
             self.raw.sync()
             self.dirty = False
@@ -421,7 +458,9 @@ class PreservationStore:
     def _add_area(self, slot_size: int) -> None:
         area_no = len(self.area_offsets)
         offset = self.end
-        self.raw.pwrite(layout.pack_area_header(area_no, slot_size).ljust(layout.ENTRY_BLOCK, b"\0"), offset)
+        # Only the header: the rest of the entry block is a hole (free entries), since
+        # nothing is ever left past the last area (recovery truncates what a crash left there).
+        self.raw.pwrite(layout.pack_area_header(area_no, slot_size), offset)
         self.dirty = True
         self.area_offsets.append(offset)
         self.area_slot_sizes.append(slot_size)
@@ -455,21 +494,33 @@ class PreservationStore:
             snap = SnapshotRecord.from_json(s)
             self.snapshots[snap.id] = snap
 
-        # Walk the areas and gather every entry.
+        # Walk the areas, reading their entry blocks back to back into one buffer.
         size = raw.size()
-        chunks: list[npt.NDArray[Any]] = []
+        heads = bytearray(layout.ENTRY_BLOCK * 64)
         off = layout.AREAS_OFFSET
-        while off + layout.ENTRY_BLOCK <= size:
-            head = raw.pread(layout.ENTRY_BLOCK, off)
-            slot_size = layout.unpack_area_header(head, len(self.area_offsets))
+        n_areas = 0
+        while off + layout.AREA_HEADER <= size:
+            if len(heads) < (n_areas + 1) * layout.ENTRY_BLOCK:
+                heads.extend(bytes(len(heads)))
+            view = memoryview(heads)[n_areas * layout.ENTRY_BLOCK : (n_areas + 1) * layout.ENTRY_BLOCK]
+            raw.preadinto(view, off)
+            slot_size = layout.unpack_area_header(view, n_areas)
+            view.release()  # the buffer may grow on the next turn
             if slot_size is None:
                 break
             self.area_offsets.append(off)
             self.area_slot_sizes.append(slot_size)
-            chunks.append(np.frombuffer(head, layout.ENTRY_DTYPE, _PER_AREA, layout.AREA_HEADER))
             off += layout.area_size(slot_size)
+            n_areas += 1
         self.end = off
-        entries = np.concatenate(chunks) if chunks else np.zeros(0, layout.ENTRY_DTYPE)
+        if size > off:
+            # Only an unfinished commit can have written past the last intact area.
+            raw.truncate(off)
+        # Each 4 KiB entry block is 128 records of 32 bytes: the area header, then 127 entries.
+        per_block = layout.ENTRY_BLOCK // layout.ENTRY_SIZE
+        records = np.frombuffer(heads, layout.ENTRY_DTYPE, n_areas * per_block).reshape(n_areas, per_block)
+        entries = records[:, per_block - _PER_AREA :].reshape(-1).copy()
+        del heads, records
         kinds = entries["kind"].copy()
         nslots = len(entries)
 
@@ -495,8 +546,7 @@ class PreservationStore:
                 continue
             blocks = entries["block"][sel]
             gens = entries["tag"][sel]
-            order = np.lexsort((gens, blocks))
-            sel, blocks, gens = sel[order], blocks[order], gens[order]
+            blocks, gens, sel = sort_entries(blocks, gens, sel)
             epochs = np.array(sorted(s.epoch for s in self.live_snapshots(vol_id)), np.int64)
             keep = referenced(blocks, gens, epochs)
             sel, blocks, gens = sel[keep], blocks[keep], gens[keep]
@@ -523,15 +573,13 @@ class PreservationStore:
             )
 
         # Free lists and usage.
-        for area, slot_size in enumerate(self.area_slot_sizes):
-            first = area * _PER_AREA
-            area_live = live[first : first + _PER_AREA]
-            self.free.setdefault(slot_size, []).extend((first + np.nonzero(~area_live)[0]).tolist())
-            n = int(area_live.sum())
+        slot_sizes = np.repeat(np.array(self.area_slot_sizes, np.int64), _PER_AREA)
+        for slot_size in set(self.area_slot_sizes):
+            of_size = slot_sizes == slot_size
+            self.free[slot_size] = np.nonzero(of_size & ~live)[0][::-1].tolist()
+            n = int((of_size & live).sum())
             self.live_slots += n
             self.used_bytes += n * slot_size
-        for free in self.free.values():
-            free.sort(reverse=True)
         self._recount()
 
         # Forget torn entries for good, and make what we read durable.
@@ -556,11 +604,32 @@ class PreservationStore:
                 snap.preserved_blocks = covered + extra
 
 
+def _unformatted(raw: RawFile) -> bool:
+    """Empty, or an interrupted creation: no superblock magic yet and no room for an area."""
+    size = raw.size()
+    if size == 0:
+        return True
+    head = raw.pread(512, 0)
+    return size <= layout.AREAS_OFFSET and not head.startswith(layout.MAGIC) and not any(head)
+
+
 def _check_arguments(capacity: int | None, on_full: str) -> None:
     if on_full not in ON_FULL_POLICIES:
         raise InvalidArgument(detail=f"on_full must be one of {', '.join(ON_FULL_POLICIES)}, not {on_full!r}")
     if capacity is not None and capacity < 0:
         raise InvalidArgument(detail=f"capacity {capacity} is negative")
+
+
+def sort_entries(
+    blocks: npt.NDArray[Any], gens: npt.NDArray[Any], other: npt.NDArray[Any]
+) -> tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any]]:
+    """Sort three parallel arrays by (block, gen)."""
+    if len(blocks) and int(blocks.max()) < (1 << 32):
+        key = (blocks.astype(np.uint64) << np.uint64(32)) | gens.astype(np.uint64)
+        order = np.argsort(key, kind="stable")
+    else:
+        order = np.lexsort((gens, blocks))
+    return blocks[order], gens[order], other[order]
 
 
 def referenced(

@@ -309,6 +309,10 @@ class Volume:
             self._check_open()
             if name is None:
                 name = f"snap-{store.next_snapshot_id}"
+                n = 1
+                while self._find(name) is not None:  # a user took that name already
+                    n += 1
+                    name = f"snap-{store.next_snapshot_id}-{n}"
             if self._find(name) is not None:
                 raise SnapshotExists(volume=self.name, snapshot=name)
             self.device.flush()
@@ -513,6 +517,8 @@ class Snapshot:
 
     def zero(self, offset: int, length: int) -> None:
         check_range(offset, length, self.size)
+        if not self.record.writable:
+            raise ReadOnly(what=f"snapshot {self.volume.name}@{self.name}")
         self.write(offset, bytes(length))
 
     def flush(self) -> None:

@@ -1,4 +1,4 @@
-"""A fault-injecting `RawFile`: records every change to a set of files and rebuilds them as a power loss would.
+"""A fault-injecting `RawFile`: traces the changes to a set of files and rebuilds them as a power loss would.
 
 A `Disk` is shared by several `FaultFile` objects (typically a store and an origin). Each
 ``pwrite``, ``punch``, ``truncate`` and ``sync`` of any of them is appended to the disk's trace
@@ -17,7 +17,8 @@ event `cut` (events ``0 .. cut-1`` happened, the rest did not):
     it (a sector is written atomically and the disk saw its contents at some moment after the
     sync), so a single write can be torn at sector boundaries, and two writes to one sector
     survive in their order, never the later one without the earlier. Whether a pending growth of
-    the file survives is drawn too (the extension then reads as zeros where its data was lost).
+    the file survives is drawn too (the extension then reads as zeros where its data was lost),
+    and a pending truncate survives or is lost as a whole.
 
 `Replay` does the same for many cut points in increasing order without replaying the whole trace
 each time. Reopening after a crash means wrapping the image in a new file:
@@ -30,7 +31,7 @@ import bisect
 import random
 from dataclasses import dataclass
 
-from standbylib.rawfile import Buffer, IOCounters, MemFile
+from standbylib.rawfile import Buffer, MemFile
 
 SECTOR = 512
 MODES = ("none", "all", "subset")
@@ -43,7 +44,7 @@ SYNC = "sync"
 
 @dataclass(frozen=True)
 class Event:
-    """One change to one file. `data` for writes; `length` for punches; `size` for truncates."""
+    """One change to one file: `data` of a write, `length` of a punch; `offset` is a truncate's new size."""
 
     number: int
     file: str
@@ -130,7 +131,7 @@ class FaultFile:
         return self.mem.size()
 
     def truncate(self, size: int) -> None:
-        self.disk.record(self.name, TRUNCATE, size, length=0)
+        self.disk.record(self.name, TRUNCATE, size)
         self.mem.truncate(size)
 
     def close(self) -> None:

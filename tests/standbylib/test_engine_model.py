@@ -1,0 +1,470 @@
+"""The snapshot engine against a small reference model (bytearrays), driven by Hypothesis.
+
+The model keeps the origin of two volumes sharing one store, and for every snapshot its frozen image, the
+blocks written to the snapshot itself, and for each block overwritten on the origin since it was taken the
+number of the batch whose copy serves it. From that it derives what the engine must report:
+
+* a snapshot's ``preserved_blocks`` is the number of distinct blocks touched since it was taken (on the
+  origin or in the snapshot itself);
+* an origin write copies a block when some valid snapshot has neither a copy of it nor its own version
+  (a writable snapshot that wrote the block does not need the origin's old data), and that one copy
+  serves every valid snapshot lacking one: snapshots taken between the same two writes of a block share
+  one copy;
+* the store holds the distinct copies serving valid snapshots, plus one slot per block written to a
+  writable snapshot.
+
+`TightStoreMachine` runs the same workload in a store too small for it, where snapshots get invalidated.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from standbylib.blockdev import Device, open_file_device, ram_device
+from standbylib.errors import PreservationFull, ReadOnly, SnapshotInvalid
+from standbylib.rawfile import MemFile
+from standbylib.snapshot import PreservationStore, Snapshot, Volume
+
+BLOCK_SIZES = {"a": 512, "b": 4096}
+SIZES = {"a": 32 * 1024, "b": 64 * 1024}
+VOLUMES = sorted(BLOCK_SIZES)
+MAX_SNAPSHOTS = 7
+
+
+def payload(seed: int, length: int) -> bytes:
+    """Deterministic bytes that differ at every position, so a misplaced byte shows."""
+    return random.Random(seed).randbytes(length)
+
+
+def blocks_of(offset: int, length: int, block_size: int) -> range:
+    return range(offset // block_size, (offset + length - 1) // block_size + 1)
+
+
+@dataclass
+class SnapModel:
+    volume: str
+    name: str
+    writable: bool
+    capacity: int | None
+    image: bytearray
+    # block -> number of the origin batch whose copy of the block this snapshot reads
+    served: dict[int, int] = field(default_factory=dict)
+    # blocks written to the snapshot itself
+    private: set[int] = field(default_factory=set)
+    valid: bool = True
+
+    @property
+    def touched(self) -> set[int]:
+        return set(self.served) | self.private
+
+
+@st.composite
+def ranges(draw: st.DrawFn, volume: str) -> tuple[int, int]:
+    """(offset, length) inside `volume`, biased towards block boundaries and multi-block spans."""
+    bs, size = BLOCK_SIZES[volume], SIZES[volume]
+    # Half the requests hit the first few blocks, so blocks get rewritten between and after snapshots.
+    block = draw(st.one_of(st.integers(0, 3), st.integers(0, size // bs - 1)))
+    inner = draw(st.one_of(st.just(0), st.just(bs - 1), st.integers(0, bs - 1)))
+    offset = block * bs + inner
+    length = draw(st.one_of(st.just(bs), st.integers(1, 3 * bs), st.just(1)))
+    return offset, min(length, size - offset)
+
+
+class EngineMachine(RuleBasedStateMachine):
+    """Two volumes (512 B and 4 KiB blocks) sharing one store that never fills up."""
+
+    capacity = 64 << 20
+    use_files = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tmpdir: str | None = None
+        self.memfile = MemFile()  # the store's "disk" when not on files; kept across reopen
+        if self.use_files:
+            self.tmpdir = tempfile.mkdtemp(prefix="engine-model-")
+            self.store_path = os.path.join(self.tmpdir, "preserve.store")
+            self.devices: dict[str, Device] = {
+                v: open_file_device(os.path.join(self.tmpdir, f"{v}.img"), SIZES[v]) for v in VOLUMES
+            }
+        else:
+            self.devices = {v: ram_device(SIZES[v]) for v in VOLUMES}
+        self.store = self._open_store(self.capacity)
+        self.volumes: dict[str, Volume] = {}
+        self._attach_all()
+        self.origin = {v: bytearray(SIZES[v]) for v in VOLUMES}
+        self.snaps: dict[tuple[str, str], SnapModel] = {}
+        self.handles: dict[tuple[str, str], Snapshot] = {}
+        self.batch_no = 0
+        self.name_no = 0
+        self.cow_copies = 0  # copies since the store was (re)opened
+        # Bytes of writable-snapshot blocks replaced since the last store commit: their old slots are only
+        # reused once the replacement is durable.
+        self.pending_slots = 0
+        self.pending_bytes = 0
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _open_store(self, capacity: int | None) -> PreservationStore:
+        if self.use_files:
+            return PreservationStore.open(self.store_path, capacity)
+        return PreservationStore.open_raw(self.memfile, capacity)
+
+    def _attach_all(self) -> None:
+        for v in VOLUMES:
+            self.volumes[v] = self.store.attach(v, self.devices[v], block_size=BLOCK_SIZES[v])
+
+    def teardown(self) -> None:
+        self.store.close()
+        for dev in self.devices.values():
+            dev.close()
+        if self.tmpdir:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+    def live(self, volume: str) -> list[SnapModel]:
+        """Valid snapshots of `volume`, oldest first (dicts keep creation order)."""
+        return [s for s in self.snaps.values() if s.volume == volume and s.valid]
+
+    def copies(self) -> set[tuple[str, int, int]]:
+        """The distinct preserved copies the store must hold: (volume, block, batch that overwrote it)."""
+        return {(s.volume, b, w) for s in self.snaps.values() if s.valid for b, w in s.served.items()}
+
+    def expected_slots(self) -> tuple[int, int]:
+        """(slots, bytes) the store must hold for the model's copies and private blocks."""
+        copies = self.copies()
+        slots = len(copies)
+        used = sum(BLOCK_SIZES[v] for v, _b, _w in copies)
+        for s in self.snaps.values():
+            if s.valid:
+                slots += len(s.private)
+                used += len(s.private) * BLOCK_SIZES[s.volume]
+        return slots, used
+
+    def committed(self) -> None:
+        """The store committed: slots of replaced blocks are free again."""
+        self.pending_slots = 0
+        self.pending_bytes = 0
+
+    def apply_origin_batch(
+        self, volume: str, ops: list[tuple[int, bytes | int]], single: bool = False
+    ) -> None:
+        """Run a batch on the engine (as `write`/`zero` calls when `single`) and on the model."""
+        bs = BLOCK_SIZES[volume]
+        touched: set[int] = set()
+        for offset, data in ops:
+            length = data if isinstance(data, int) else len(data)
+            touched.update(blocks_of(offset, length, bs))
+        had_live = bool(self.live(volume))
+        self.before_batch(volume, touched)
+        vol = self.volumes[volume]
+        if single:
+            ((offset, data),) = ops
+            if isinstance(data, int):
+                vol.zero(offset, data)
+            else:
+                vol.write(offset, data)
+        else:
+            vol.write_batch(ops)
+        self.batch_no += 1
+        image = self.origin[volume]
+        for offset, data in ops:
+            if isinstance(data, int):
+                image[offset : offset + data] = bytes(data)
+            else:
+                image[offset : offset + len(data)] = data
+        self.after_batch(volume, touched)
+        live = self.live(volume)
+        copied = {b for b in touched if any(b not in s.touched for s in live)}
+        for s in live:
+            for b in copied:
+                s.served.setdefault(b, self.batch_no)
+        self.cow_copies += len(copied)
+        if had_live:
+            self.committed()
+
+    def before_batch(self, volume: str, touched: set[int]) -> None:
+        """Hook for the tight-store variant."""
+
+    def after_batch(self, volume: str, touched: set[int]) -> None:
+        """Hook for the tight-store variant."""
+
+    # ------------------------------------------------------------------ origin writes
+
+    @rule(volume=st.sampled_from(VOLUMES), data=st.data(), seed=st.integers(0, 2**32), zero=st.booleans())
+    def origin_write(self, volume: str, data: st.DataObject, seed: int, zero: bool) -> None:
+        offset, length = data.draw(ranges(volume))
+        op: tuple[int, bytes | int] = (offset, length) if zero else (offset, payload(seed, length))
+        self.apply_origin_batch(volume, [op], single=True)
+
+    @rule(volume=st.sampled_from(VOLUMES), data=st.data(), seed=st.integers(0, 2**32))
+    def origin_batch(self, volume: str, data: st.DataObject, seed: int) -> None:
+        n = data.draw(st.integers(2, 6))
+        ops: list[tuple[int, bytes | int]] = []
+        for i in range(n):
+            offset, length = data.draw(ranges(volume))
+            overlap = data.draw(st.booleans())
+            if ops and overlap:
+                # Overlap the previous op on purpose: the later one must win.
+                prev_off = ops[-1][0]
+                offset = min(prev_off + data.draw(st.integers(0, 64)), SIZES[volume] - 1)
+                length = min(length, SIZES[volume] - offset)
+            if data.draw(st.integers(0, 3)) == 0:
+                ops.append((offset, length))  # zero op
+            else:
+                ops.append((offset, payload(seed + i, length)))
+        self.apply_origin_batch(volume, ops)
+
+    @rule(volume=st.sampled_from(VOLUMES), data=st.data())
+    def origin_read(self, volume: str, data: st.DataObject) -> None:
+        offset, length = data.draw(ranges(volume))
+        assert self.volumes[volume].read(offset, length) == self.origin[volume][offset : offset + length]
+
+    # ------------------------------------------------------------------ snapshots
+
+    def snapshot_capacities(self, volume: str) -> st.SearchStrategy[int | None]:
+        return st.none()
+
+    @precondition(lambda self: len(self.snaps) < MAX_SNAPSHOTS)
+    @rule(
+        volume=st.sampled_from(VOLUMES),
+        writable=st.booleans(),
+        auto_name=st.booleans(),
+        data=st.data(),
+    )
+    def create_snapshot(self, volume: str, writable: bool, auto_name: bool, data: st.DataObject) -> None:
+        capacity = data.draw(self.snapshot_capacities(volume))
+        name = None
+        if not auto_name:
+            self.name_no += 1
+            name = f"s{self.name_no}.{volume}"
+        snap = self.volumes[volume].create_snapshot(name, writable=writable, capacity=capacity)
+        if name is not None:
+            assert snap.name == name
+        key = (volume, snap.name)
+        assert key not in self.snaps
+        self.snaps[key] = SnapModel(volume, snap.name, writable, capacity, bytearray(self.origin[volume]))
+        self.handles[key] = snap
+        self.committed()
+
+    def pick(self, data: st.DataObject, **want: bool) -> tuple[str, str] | None:
+        keys = [
+            k for k, s in self.snaps.items() if all(getattr(s, attr) == val for attr, val in want.items())
+        ]
+        if not keys:
+            return None
+        return data.draw(st.sampled_from(sorted(keys)))
+
+    @precondition(lambda self: self.snaps)
+    @rule(data=st.data())
+    def delete_snapshot(self, data: st.DataObject) -> None:
+        key = self.pick(data)
+        assert key is not None
+        volume, name = key
+        self.volumes[volume].delete_snapshot(name)
+        del self.snaps[key]
+        del self.handles[key]
+        assert name not in [s.name for s in self.volumes[volume].snapshots()]
+        self.committed()
+
+    @precondition(lambda self: any(s.valid for s in self.snaps.values()))
+    @rule(data=st.data())
+    def snapshot_read(self, data: st.DataObject) -> None:
+        key = self.pick(data, valid=True)
+        assert key is not None
+        offset, length = data.draw(ranges(key[0]))
+        got = self.handles[key].read(offset, length)
+        assert got == self.snaps[key].image[offset : offset + length]
+
+    @precondition(lambda self: any(s.valid and s.writable for s in self.snaps.values()))
+    @rule(data=st.data(), seed=st.integers(0, 2**32), zero=st.booleans())
+    def snapshot_write(self, data: st.DataObject, seed: int, zero: bool) -> None:
+        key = self.pick(data, valid=True, writable=True)
+        assert key is not None
+        model = self.snaps[key]
+        snap = self.handles[key]
+        offset, length = data.draw(ranges(key[0]))
+        bs = BLOCK_SIZES[key[0]]
+        blocks = set(blocks_of(offset, length, bs))
+        stats = self.store.stats()
+        if self.pending_bytes and len(blocks) * bs > stats.capacity_bytes - stats.used_bytes:
+            # Short of space, the engine commits first so that replaced blocks free their slots.
+            self.committed()
+        _slots, used = self.expected_slots()
+        gain = len(blocks - model.touched)
+        fits = len(blocks) * bs <= self.capacity - used and (
+            model.capacity is None or (len(model.touched) + gain) * bs <= model.capacity
+        )
+        if not fits:
+            with pytest.raises(PreservationFull):
+                if zero:
+                    snap.zero(offset, length)
+                else:
+                    snap.write(offset, payload(seed, length))
+            return
+        if zero:
+            snap.zero(offset, length)
+            model.image[offset : offset + length] = bytes(length)
+        else:
+            buf = payload(seed, length)
+            snap.write(offset, buf)
+            model.image[offset : offset + length] = buf
+        self.pending_slots += len(blocks & model.private)
+        self.pending_bytes += len(blocks & model.private) * bs
+        model.private |= blocks
+
+    @precondition(lambda self: any(s.valid and not s.writable for s in self.snaps.values()))
+    @rule(data=st.data(), seed=st.integers(0, 2**32), zero=st.booleans())
+    def snapshot_write_readonly(self, data: st.DataObject, seed: int, zero: bool) -> None:
+        key = self.pick(data, valid=True, writable=False)
+        assert key is not None
+        snap = self.handles[key]
+        offset, length = data.draw(ranges(key[0]))
+        with pytest.raises(ReadOnly):
+            if zero:
+                snap.zero(offset, length)
+            else:
+                snap.write(offset, payload(seed, length))
+        # The invariants check that neither the snapshot nor the store changed.
+
+    @precondition(lambda self: self.snaps)
+    @rule(data=st.data())
+    def snapshot_flush(self, data: st.DataObject) -> None:
+        key = self.pick(data)
+        assert key is not None
+        self.handles[key].flush()
+        self.committed()
+
+    @rule(give_capacity=st.booleans())
+    def reopen(self, give_capacity: bool) -> None:
+        self.store.close()
+        self.store = self._open_store(self.capacity if give_capacity else None)
+        self._attach_all()
+        self.handles = {key: self.volumes[key[0]].snapshot(key[1]) for key in self.snaps}
+        self.cow_copies = 0
+        self.committed()
+
+    # ------------------------------------------------------------------ invariants
+
+    @invariant()
+    def origin_matches_model(self) -> None:
+        for v in VOLUMES:
+            assert self.volumes[v].read(0, SIZES[v]) == self.origin[v], f"origin of volume {v}"
+
+    @invariant()
+    def snapshots_read_their_images(self) -> None:
+        for key, model in self.snaps.items():
+            snap = self.handles[key]
+            info = snap.info()
+            assert info.valid == model.valid, f"validity of snapshot {key}"
+            assert info.writable == model.writable
+            if model.valid:
+                assert snap.read(0, SIZES[key[0]]) == model.image, f"image of snapshot {key}"
+                assert info.preserved_blocks == len(model.touched), f"preserved blocks of {key}"
+                assert info.preserved_bytes == len(model.touched) * BLOCK_SIZES[key[0]]
+            else:
+                with pytest.raises(SnapshotInvalid, match=key[1]):
+                    snap.read(0, BLOCK_SIZES[key[0]])
+                if model.writable:
+                    with pytest.raises(SnapshotInvalid):
+                        snap.write(0, b"x")
+                assert info.reason
+
+    @invariant()
+    def snapshot_lists_match(self) -> None:
+        for v in VOLUMES:
+            names = [s.name for s in self.volumes[v].snapshots()]
+            assert names == [s.name for s in self.snaps.values() if s.volume == v]
+
+    @invariant()
+    def store_accounting(self) -> None:
+        stats = self.store.stats()
+        assert stats.used_bytes <= stats.capacity_bytes
+        assert stats.snapshots == len(self.snaps)
+        assert stats.invalid_snapshots == sum(1 for s in self.snaps.values() if not s.valid)
+        slots, used = self.expected_slots()
+        assert stats.cow_copies == self.cow_copies
+        if self.pending_bytes == 0:
+            assert stats.preserved_blocks == slots
+            assert stats.used_bytes == used
+        else:
+            # A replaced block of a writable snapshot keeps its slot until the next commit.
+            assert slots <= stats.preserved_blocks <= slots + self.pending_slots
+            assert used <= stats.used_bytes <= used + self.pending_bytes
+
+
+class TightStoreMachine(EngineMachine):
+    """The same workload in a store of 12 KiB, with per-snapshot capacities: snapshots get invalidated.
+
+    On top of the model's checks (which then cover the valid snapshots only, while invalid ones must refuse
+    to be read): no snapshot is invalidated while the store had room for the batch's copies, one that
+    exceeds its own capacity is invalidated, and a batch on one volume never invalidates a snapshot of the
+    other.
+    """
+
+    capacity = 12 * 1024
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Set before each origin batch from the model, checked after it.
+        self.others_valid: set[tuple[str, str]] = set()
+        self.over_own_capacity: set[tuple[str, str]] = set()
+        self.room_for_all = True
+
+    def snapshot_capacities(self, volume: str) -> st.SearchStrategy[int | None]:
+        bs = BLOCK_SIZES[volume]
+        return st.one_of(st.none(), st.sampled_from([bs, 2 * bs, 5 * bs]))
+
+    def before_batch(self, volume: str, touched: set[int]) -> None:
+        bs = BLOCK_SIZES[volume]
+        live = self.live(volume)
+        self.others_valid = {k for k, s in self.snaps.items() if s.valid and s.volume != volume}
+        self.over_own_capacity = set()
+        for s in live:
+            gain = len(touched - s.touched)
+            if s.capacity is not None and gain and (len(s.touched) + gain) * bs > s.capacity:
+                self.over_own_capacity.add((volume, s.name))
+        needed = len({b for b in touched if any(b not in s.touched for s in live)}) * bs
+        stats = self.store.stats()
+        self.room_for_all = not self.over_own_capacity and needed <= stats.capacity_bytes - stats.used_bytes
+
+    def after_batch(self, volume: str, touched: set[int]) -> None:
+        invalidated = set()
+        for key, model in self.snaps.items():
+            if model.valid and not self.handles[key].valid:
+                invalidated.add(key)
+                model.valid = False
+                model.served.clear()
+                model.private.clear()
+        assert not (invalidated & self.others_valid), "a snapshot of another volume was invalidated"
+        if self.room_for_all:
+            assert not invalidated, f"{sorted(invalidated)} invalidated although the store had room"
+        assert self.over_own_capacity <= invalidated, "a snapshot exceeded its capacity and stayed valid"
+
+
+class FileEngineMachine(EngineMachine):
+    """The roomy-store workload on a store file and file volumes, reopened with `PreservationStore.open`."""
+
+    use_files = True
+
+
+_settings = settings(
+    max_examples=100,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+TestEngineModel = EngineMachine.TestCase
+TestEngineModel.settings = _settings
+TestTightStore = TightStoreMachine.TestCase
+TestTightStore.settings = _settings
+TestEngineModelOnFiles = FileEngineMachine.TestCase
+TestEngineModelOnFiles.settings = settings(_settings, max_examples=30)
