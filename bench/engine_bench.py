@@ -698,7 +698,7 @@ def machine() -> dict[str, Any]:
     }
 
 
-def run(work: str, plan: Plan) -> list[dict[str, Any]]:
+def run(work: str, plan: Plan, only: set[str] | None = None) -> list[dict[str, Any]]:
     steps: list[tuple[str, Callable[[], dict[str, Any]]]] = [
         ("first_write_4k", lambda: first_write_figure(work, plan, 4 * KiB, plan.first_write_bytes_4k)),
         ("first_write_64k", lambda: first_write_figure(work, plan, 64 * KiB, plan.first_write_bytes_64k)),
@@ -711,6 +711,8 @@ def run(work: str, plan: Plan) -> list[dict[str, Any]]:
     ]
     figures = []
     for name, step in steps:
+        if only and name not in only:
+            continue
         log(f"{name} ...")
         t0 = time.perf_counter()
         fig = step()
@@ -735,6 +737,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="directory for the work files (a fresh subdirectory is made there and removed at the end; "
         "default: under /var/tmp)",
     )
+    parser.add_argument("--only", help="comma-separated figure ids to run (default: all)")
     parser.add_argument(
         "--reopen-probe", nargs=3, metavar=("STORE", "VOLUME", "BLOCK_SIZE"), help=argparse.SUPPRESS
     )
@@ -754,7 +757,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     revision = source_revision()
     t0 = time.perf_counter()
     try:
-        figures = run(work, plan)
+        figures = run(work, plan, set(args.only.split(",")) if args.only else None)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     doc = {

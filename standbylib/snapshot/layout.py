@@ -28,6 +28,8 @@ import xxhash
 MAGIC = b"SBYPRES1"
 VERSION = 1
 SUPERBLOCK_SIZE = 4096
+COMMIT_MAGIC = b"SBYCOMMT"
+COMMIT_RECORD_OFFSET = 512  # in the superblock's second sector
 TABLE_MAGIC = b"SBYTABLE"
 TABLE_SIZE = 1 << 20
 TABLE_OFFSETS = (SUPERBLOCK_SIZE, SUPERBLOCK_SIZE + TABLE_SIZE)
@@ -60,6 +62,7 @@ ENTRY_DTYPE = np.dtype(
 assert ENTRY_DTYPE.itemsize == ENTRY_SIZE
 
 _SUPER = struct.Struct("<8sIIQQQI")  # magic, version, entry_block, table_size, areas_offset, reserved, crc
+_COMMIT = struct.Struct("<8sQI")  # magic, last completed commit number, crc
 _TABLE_HEADER = struct.Struct("<8sQII")  # magic, seq, length, crc
 _AREA_HEADER = struct.Struct("<8sIIIII4x")  # magic, area number, slot size, nslots, reserved, crc
 
@@ -89,6 +92,20 @@ def check_superblock(data: bytes) -> str | None:
     if (entry_block, table_size, areas_offset) != (ENTRY_BLOCK, TABLE_SIZE, AREAS_OFFSET):
         return "unexpected geometry"
     return None
+
+
+def pack_commit_record(completed: int) -> bytes:
+    """Record that every commit numbered up to `completed` ended with a sync."""
+    body = _COMMIT.pack(COMMIT_MAGIC, completed, 0)
+    return _COMMIT.pack(COMMIT_MAGIC, completed, zlib.crc32(body[:16]))
+
+
+def unpack_commit_record(data: bytes) -> int:
+    """The last commit known complete, or 0 when the record is missing or torn."""
+    magic, completed, crc = _COMMIT.unpack_from(data)
+    if magic != COMMIT_MAGIC or zlib.crc32(data[:16]) != crc:
+        return 0
+    return int(completed)
 
 
 def pack_table(seq: int, table: dict[str, Any]) -> bytes:

@@ -347,6 +347,9 @@ class PreservationStore:
             self.raw.pwrite(self._pack_table(self.table_seq), layout.TABLE_OFFSETS[self.table_seq % 2])
             self.table_pending = False
         if self.dirty:
+            # The previous commit ended with a sync: say so, so that recovery checks only
+            # the entries of commits that may not have completed.
+            self.raw.pwrite(layout.pack_commit_record(self.commit_seq - 1), layout.COMMIT_RECORD_OFFSET)
             self.raw.sync()
             self.dirty = False
             self.commit_seq += 1
@@ -415,8 +418,13 @@ class PreservationStore:
         tags: Iterable[int],
         blocks: Iterable[int],
         sums: list[int],
+        segments: list[tuple[int, int]] | None,
     ) -> None:
-        """Write the entries describing `slots` (one pwrite per contiguous run within an area)."""
+        """Write the entries describing `slots` (one pwrite per contiguous run within an area).
+
+        For copies, `segments` (from `segments`) group slots whose data shares one
+        checksum: each entry records its index in its segment and the segment length.
+        """
         n = len(slots)
         entries = np.zeros(n, layout.ENTRY_DTYPE)
         entries["kind"] = kind
@@ -428,6 +436,10 @@ class PreservationStore:
         if kind == layout.PRIVATE:
             entries["reserved"] = np.arange(self.private_ver + 1, self.private_ver + 1 + n, dtype=np.uint32)
             self.private_ver += n
+        elif segments is not None:
+            for start, end in segments:
+                entries["pad"][start:end] = np.arange(end - start, dtype=np.uint8)
+                entries["reserved"][start:end] = end - start
         raw = entries.tobytes()
         i = 0
         while i < n:
@@ -438,6 +450,27 @@ class PreservationStore:
             self.raw.pwrite(raw[i * layout.ENTRY_SIZE : j * layout.ENTRY_SIZE], self.entry_offset(slots[i]))
             i = j
         self.dirty = True
+
+    @staticmethod
+    def segments(slots: list[int], blocks: list[int]) -> list[tuple[int, int]]:
+        """Split positions [0, n) into runs where both the blocks and the slots are consecutive
+        (slots within one area, so the run is contiguous in the store file)."""
+        found = []
+        n = len(slots)
+        i = 0
+        while i < n:
+            j = i + 1
+            area = slots[i] // _PER_AREA
+            while (
+                j < n
+                and slots[j] == slots[j - 1] + 1
+                and blocks[j] == blocks[j - 1] + 1
+                and slots[j] // _PER_AREA == area
+            ):
+                j += 1
+            found.append((i, j))
+            i = j
+        return found
 
     def collect_garbage(self, vol_id: int) -> list[int]:
         """Drop the copies of a volume no valid snapshot reads any more; return their slots."""
@@ -471,9 +504,11 @@ class PreservationStore:
 
     def _recover(self) -> None:
         raw = self.raw
-        problem = layout.check_superblock(raw.pread(layout.SUPERBLOCK_SIZE, 0))
+        superblock = raw.pread(layout.SUPERBLOCK_SIZE, 0)
+        problem = layout.check_superblock(superblock)
         if problem:
             raise StoreCorrupt(path=self.path, detail=problem)
+        completed = layout.unpack_commit_record(superblock[layout.COMMIT_RECORD_OFFSET :])
         best: tuple[int, dict[str, Any]] | None = None
         for off in layout.TABLE_OFFSETS:
             found = layout.unpack_table(raw.pread(layout.TABLE_SIZE, off))
@@ -524,17 +559,31 @@ class PreservationStore:
         kinds = entries["kind"].copy()
         nslots = len(entries)
 
-        # Entries of the last commit may be torn: check their data.
+        # Entries of a commit not known to be complete may be torn: check their data.
         used = kinds != layout.FREE
         dropped: list[int] = []
+        self.commit_seq = completed + 1
         if used.any():
-            last = int(entries["seq"][used].max())
-            self.commit_seq = last + 1
-            for slot in np.nonzero(used & (entries["seq"] == last))[0].tolist():
-                data = raw.pread(self.area_slot_sizes[slot // _PER_AREA], self.slot_offset(slot))
-                if layout.data_checksum(data) != int(entries["dsum"][slot]):
-                    kinds[slot] = layout.FREE
-                    dropped.append(slot)
+            self.commit_seq = max(self.commit_seq, int(entries["seq"][used].max()) + 1)
+            checked: set[int] = set()
+            for slot in np.nonzero(used & (entries["seq"] > completed))[0].tolist():
+                if slot in checked:
+                    continue
+                if kinds[slot] == layout.COPY:  # a segment of copies shares one checksum
+                    start = slot - int(entries["pad"][slot])
+                    count = max(1, int(entries["reserved"][slot]))
+                else:
+                    start, count = slot, 1
+                group = range(start, start + count)
+                checked.update(group)
+                data = raw.pread(count * self.area_slot_sizes[slot // _PER_AREA], self.slot_offset(start))
+                if start // _PER_AREA != (start + count - 1) // _PER_AREA or layout.data_checksum(
+                    data
+                ) != int(entries["dsum"][slot]):
+                    for s in group:
+                        if kinds[s] != layout.FREE and entries["seq"][s] > completed:
+                            kinds[s] = layout.FREE
+                            dropped.append(s)
             self.private_ver = int(entries["reserved"][kinds == layout.PRIVATE].max(initial=0))
 
         live = np.zeros(nslots, bool)
@@ -582,9 +631,11 @@ class PreservationStore:
             self.used_bytes += n * slot_size
         self._recount()
 
-        # Forget torn entries for good, and make what we read durable.
+        # Forget torn entries for good and make what we read durable; only then may the
+        # commit record declare those commits complete.
         for slot in dropped:
             raw.pwrite(bytes(layout.ENTRY_SIZE), self.entry_offset(slot))
+        raw.sync()
         self.dirty = True
         self.commit()
 

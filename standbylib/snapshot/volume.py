@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from standbylib.blockdev import BlockDevice, check_range
+from standbylib.blockdev import BlockDevice, Device, check_range
 from standbylib.errors import (
     Closed,
     InvalidArgument,
@@ -34,7 +34,7 @@ from standbylib.errors import (
     SnapshotInvalid,
     UnknownSnapshot,
 )
-from standbylib.rawfile import Buffer
+from standbylib.rawfile import Buffer, OsFile
 from standbylib.snapshot import layout
 from standbylib.snapshot.index import ChainIndex
 from standbylib.snapshot.layout import data_checksum as checksum
@@ -163,7 +163,10 @@ class Volume:
             starts = np.repeat(firsts, counts)
             steps = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
             blocks = starts + steps.astype(np.uint64)
-        return np.unique(blocks)
+        blocks = np.sort(blocks)
+        if len(blocks) > 1 and not (blocks[1:] > blocks[:-1]).all():
+            blocks = np.unique(blocks)
+        return blocks
 
     def _preserve(self, blocks: np.ndarray) -> None:
         """Copy to the store every block of `blocks` that a valid snapshot still needs."""
@@ -179,6 +182,8 @@ class Volume:
             max_gens = chain.max_gens(blocks)
             need = max_gens < newest
             if not need.any():
+                # Nothing to copy: a good moment to fold the index into one sorted run.
+                chain.merge()
                 store.commit()
                 return
             cand = blocks[need]
@@ -212,8 +217,8 @@ class Volume:
         # Copy, then one sync, then (in the caller) the origin write.
         n = len(cand)
         slots = store.allocate(bs, n)
-        view = self._copy_buffer(n * bs)
         cand_list = cand.tolist()
+        view = self._copy_buffer(n * bs)
         i = 0
         while i < n:
             j = i + 1
@@ -221,9 +226,19 @@ class Volume:
                 j += 1
             self.device_readinto(cand_list[i] * bs, view[i * bs : j * bs])
             i = j
-        sums = [checksum(view[k * bs : (k + 1) * bs]) for k in range(n)]
-        store.write_slots(slots, view, bs)
-        store.write_entries(slots, layout.COPY, self.record.id, [newest] * n, cand_list, sums)
+        segments = store.segments(slots, cand_list)
+        sums = [0] * n
+        for start, end in segments:
+            sums[start:end] = [checksum(view[start * bs : end * bs])] * (end - start)
+        src = self.device.raw if isinstance(self.device, Device) else None
+        if isinstance(src, OsFile) and isinstance(store.raw, OsFile):
+            dst = store.raw
+            for start, end in segments:
+                dst.copy_from(src, cand_list[start] * bs, (end - start) * bs, store.slot_offset(slots[start]))
+            store.dirty = True
+        else:
+            store.write_slots(slots, view, bs)
+        store.write_entries(slots, layout.COPY, self.record.id, [newest] * n, cand_list, sums, segments)
         store.commit()
         chain.add_many(cand_list, newest, slots)
         for snap in live:
@@ -508,7 +523,7 @@ class Snapshot:
             slots = store.allocate(bs, n)
             sums = [checksum(view[k * bs : (k + 1) * bs]) for k in range(n)]
             store.write_slots(slots, view, bs)
-            store.write_entries(slots, layout.PRIVATE, vol.record.id, [rec.id] * n, blocks, sums)
+            store.write_entries(slots, layout.PRIVATE, vol.record.id, [rec.id] * n, blocks, sums, None)
             for b, slot in zip(blocks, slots, strict=True):
                 old = rec.private.replace(b, 0, slot)
                 if old is not None:
