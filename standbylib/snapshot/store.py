@@ -12,11 +12,11 @@ with any number of snapshots (claim 19). It owns:
   a single ``sync`` of the store file, and slots freed meanwhile are reused only
   after that sync.
 
-Crash safety: the entries of the last commit are the only ones that can be
-incomplete after a power loss (every earlier commit ended with a sync before
-the next one wrote anything). On open, those entries' data is checked against
-their checksum and dropped when it does not match, which is safe because the origin
-blocks they preserve were not overwritten before the sync.
+Crash safety: each commit records, just before its sync, that the commit
+before it completed. On open, only the entries of commits after the recorded
+one can be incomplete; their data is checked against their checksum and
+dropped when it does not match, which is safe because the origin blocks they
+preserve were not overwritten before that commit's sync.
 
 All public methods take the store's lock; volumes and snapshots use it too.
 """
