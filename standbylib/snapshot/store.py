@@ -399,15 +399,8 @@ class PreservationStore:
 
     def write_slots(self, slots: list[int], data: memoryview, slot_size: int) -> None:
         """Write consecutive `slot_size` pieces of `data` to `slots`, one pwrite per contiguous run."""
-        n = len(slots)
-        i = 0
-        while i < n:
-            j = i + 1
-            area = slots[i] // _PER_AREA
-            while j < n and slots[j] == slots[j - 1] + 1 and slots[j] // _PER_AREA == area:
-                j += 1
+        for i, j in self.slot_runs(slots):
             self.raw.pwrite(data[i * slot_size : j * slot_size], self.slot_offset(slots[i]))
-            i = j
         self.dirty = True
 
     def write_entries(
@@ -422,7 +415,7 @@ class PreservationStore:
     ) -> None:
         """Write the entries describing `slots` (one pwrite per contiguous run within an area).
 
-        For copies, `segments` (from `segments`) group slots whose data shares one
+        For copies, `segments` (from `slot_runs`) group slots whose data shares one
         checksum: each entry records its index in its segment and the segment length.
         """
         n = len(slots)
@@ -441,36 +434,39 @@ class PreservationStore:
                 entries["pad"][start:end] = np.arange(end - start, dtype=np.uint8)
                 entries["reserved"][start:end] = end - start
         raw = entries.tobytes()
+        for i, j in self.slot_runs(slots):
+            self.raw.pwrite(raw[i * layout.ENTRY_SIZE : j * layout.ENTRY_SIZE], self.entry_offset(slots[i]))
+        self.dirty = True
+
+    @staticmethod
+    def slot_runs(slots: list[int]) -> list[tuple[int, int]]:
+        """Split positions [0, n) of `slots` into runs of consecutive slots within one area
+        (each run is contiguous in the store file)."""
+        runs = []
+        n = len(slots)
         i = 0
         while i < n:
             j = i + 1
             area = slots[i] // _PER_AREA
             while j < n and slots[j] == slots[j - 1] + 1 and slots[j] // _PER_AREA == area:
                 j += 1
-            self.raw.pwrite(raw[i * layout.ENTRY_SIZE : j * layout.ENTRY_SIZE], self.entry_offset(slots[i]))
+            runs.append((i, j))
             i = j
-        self.dirty = True
+        return runs
 
     @staticmethod
-    def segments(slots: list[int], blocks: list[int]) -> list[tuple[int, int]]:
-        """Split positions [0, n) into runs where both the blocks and the slots are consecutive
-        (slots within one area, so the run is contiguous in the store file)."""
-        found = []
-        n = len(slots)
-        i = 0
-        while i < n:
-            j = i + 1
-            area = slots[i] // _PER_AREA
-            while (
-                j < n
-                and slots[j] == slots[j - 1] + 1
-                and blocks[j] == blocks[j - 1] + 1
-                and slots[j] // _PER_AREA == area
-            ):
-                j += 1
-            found.append((i, j))
-            i = j
-        return found
+    def copy_pieces(runs: list[tuple[int, int]], blocks: list[int]) -> list[tuple[int, int]]:
+        """Split slot `runs` further where `blocks` are not consecutive: each piece is
+        contiguous both in the origin and in the store."""
+        pieces = []
+        for start, end in runs:
+            i = start
+            for j in range(start + 1, end):
+                if blocks[j] != blocks[j - 1] + 1:
+                    pieces.append((i, j))
+                    i = j
+            pieces.append((i, end))
+        return pieces
 
     def collect_garbage(self, vol_id: int) -> list[int]:
         """Drop the copies of a volume no valid snapshot reads any more; return their slots."""

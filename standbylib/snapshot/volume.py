@@ -41,6 +41,9 @@ from standbylib.snapshot.layout import data_checksum as checksum
 from standbylib.snapshot.records import INVALID, SnapshotRecord, VolumeRecord, check_name
 from standbylib.snapshot.store import PreservationStore
 
+#: Average copy run below which writing our buffer beats copy_file_range (one syscall per run).
+_CFR_MIN = 64 << 10
+
 #: One request of a batch: ``(offset, data)`` writes `data`; ``(offset, n)`` with an int zeroes `n` bytes.
 WriteOp = tuple[int, Buffer | int]
 
@@ -226,14 +229,17 @@ class Volume:
                 j += 1
             self.device_readinto(cand_list[i] * bs, view[i * bs : j * bs])
             i = j
-        segments = store.segments(slots, cand_list)
+        # One checksum per run of consecutive slots (contiguous in the store file).
+        segments = store.slot_runs(slots)
         sums = [0] * n
         for start, end in segments:
             sums[start:end] = [checksum(view[start * bs : end * bs])] * (end - start)
+        pieces = store.copy_pieces(segments, cand_list)
         src = self.device.raw if isinstance(self.device, Device) else None
-        if isinstance(src, OsFile) and isinstance(store.raw, OsFile):
+        if isinstance(src, OsFile) and isinstance(store.raw, OsFile) and n * bs >= len(pieces) * _CFR_MIN:
+            # Long runs: copy inside the kernel rather than writing our buffer back.
             dst = store.raw
-            for start, end in segments:
+            for start, end in pieces:
                 dst.copy_from(src, cand_list[start] * bs, (end - start) * bs, store.slot_offset(slots[start]))
             store.dirty = True
         else:

@@ -4,6 +4,7 @@ copies between snapshots, several volumes in one store, persistence across reope
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Iterator
 from typing import Any
 
@@ -515,6 +516,38 @@ def test_store_in_a_memfile_survives_a_restart() -> None:
     vol = store.attach("vol0", device, block_size=BS)
     assert vol.snapshot("s").read(0, SIZE) == original
     assert store.stats().preserved_blocks == NBLOCKS
+
+
+def test_many_small_batches_after_reopen(paths: tuple[str, str]) -> None:
+    # A standby restarts with a large index and then applies many small batches between snapshots.
+    store_path, _ = paths
+    bs, nblocks = 512, 1024
+    rng = random.Random(7)
+    store = PreservationStore.open(store_path, 64 << 20)
+    device = ram_device(nblocks * bs)
+    device.write(0, rng.randbytes(nblocks * bs))
+    vol = store.attach("vol0", device, block_size=bs)
+    images = {"base": vol.read(0, nblocks * bs)}
+    written: dict[str, set[int]] = {"base": set(range(nblocks))}
+    vol.create_snapshot("base")
+    vol.write(0, rng.randbytes(nblocks * bs))  # every block preserved once
+    store.close()
+    store = PreservationStore.open(store_path)
+    vol = store.attach("vol0", device, block_size=bs)
+    for i in range(40):
+        name = f"s{i}"
+        vol.create_snapshot(name)
+        images[name] = vol.read(0, nblocks * bs)
+        written[name] = set()
+        picks = rng.sample(range(nblocks), 5)
+        vol.write_batch([(b * bs, rng.randbytes(bs)) for b in picks])
+        for blocks in written.values():
+            blocks.update(picks)
+    for name, image in images.items():
+        snap = vol.snapshot(name)
+        assert snap.read(0, nblocks * bs) == image, name
+        assert snap.info().preserved_blocks == len(written[name]), name
+    store.close()
 
 
 # ---------------------------------------------------------------------------------------- cost
