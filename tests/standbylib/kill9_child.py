@@ -17,6 +17,8 @@ import os
 import random
 import sys
 
+from workload import random_ops
+
 from standbylib.blockdev import open_file_device
 from standbylib.snapshot import PreservationStore, Snapshot
 
@@ -31,23 +33,6 @@ def sha256_of(snap: Snapshot, size: int) -> str:
     for offset in range(0, size, CHUNK):
         digest.update(snap.read(offset, min(CHUNK, size - offset)))
     return digest.hexdigest()
-
-
-def random_batch(rng: random.Random, size: int) -> list[tuple[int, bytes | int]]:
-    ops: list[tuple[int, bytes | int]] = []
-    for _ in range(rng.randint(1, 12)):
-        if rng.random() < 0.4:
-            offset = rng.randrange(size // BLOCK_SIZE) * BLOCK_SIZE
-            length = rng.randint(1, 16) * BLOCK_SIZE
-        else:
-            offset = rng.randrange(size)
-            length = rng.randint(1, 3 * BLOCK_SIZE)
-        length = min(length, size - offset)
-        if rng.random() < 0.1:
-            ops.append((offset, length))
-        else:
-            ops.append((offset, rng.randbytes(length)))
-    return ops
 
 
 def main() -> None:
@@ -80,7 +65,9 @@ def main() -> None:
             taken += 1
             if taken < SNAPSHOTS:
                 countdown = gaps[taken]
-        vol.write_batch(random_batch(rng, size))
+        vol.write_batch(
+            random_ops(rng, size, BLOCK_SIZE, max_ops=12, max_blocks=16, aligned_share=0.4, zero_share=0.1)
+        )
         countdown -= 1
 
 

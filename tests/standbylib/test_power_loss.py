@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import pytest
 from faultfile import MODES, SECTOR, SYNC, Disk, FaultFile, Replay
+from workload import random_ops
 
 from standbylib.blockdev import Device
 from standbylib.errors import PreservationFull, SnapshotInvalid
@@ -144,25 +145,10 @@ class Workload:
                     j = bisect.bisect_left(syncs, v.durable)
                     v.durable = syncs[j] if j < len(syncs) else NEVER
 
-    def random_ops(self) -> list[tuple[int, bytes | int]]:
-        rng, bs, size = self.rng, self.bs, self.size
-        ops: list[tuple[int, bytes | int]] = []
-        for _ in range(rng.randint(1, 5)):
-            if rng.random() < 0.3:
-                offset = rng.randrange(size // bs) * bs
-                length = rng.randint(1, 4) * bs
-            else:
-                offset = rng.randrange(size)
-                length = rng.randint(1, 3 * bs)
-            length = min(length, size - offset)
-            if rng.random() < 0.15:
-                ops.append((offset, length))
-            else:
-                ops.append((offset, rng.randbytes(length)))
-        return ops
-
     def batch(self) -> None:
-        ops = self.random_ops()
+        ops = random_ops(
+            self.rng, self.size, self.bs, max_ops=5, max_blocks=4, aligned_share=0.3, zero_share=0.15
+        )
         start = self.disk.now
         self.vol.write_batch(ops)
         end = self.disk.now
