@@ -586,3 +586,30 @@ def test_index_ram_is_per_preserved_block(tmp_path: Any) -> None:
     store.attach("big", big, block_size=bs)
     assert store.index_bytes() / preserved <= 32
     big.close()
+
+
+def test_long_runs_are_copied_inside_the_kernel_and_survive_reopen(tmp_path: Any) -> None:
+    # Runs of consecutive blocks on files are copied with copy_file_range, not through our buffer:
+    # the copies must hold exactly the old data, and be found again after a reopen.
+    size = 8 << 20
+    rng = random.Random(5)
+    original = rng.randbytes(size)
+    device = open_file_device(str(tmp_path / "vol.img"), size=size)
+    device.write(0, original)
+    store = PreservationStore.open(str(tmp_path / "p.store"), capacity=size)
+    vol = store.attach("vol0", device, block_size=BS)
+    snap = vol.create_snapshot("s")
+    origin_reads = device.raw.counters.bytes_read
+    # 1 MiB runs, some starting mid-area, plus one unaligned write spanning two runs.
+    vol.write_batch([(off, rng.randbytes(1 << 20)) for off in (0, 3 << 20, (5 << 20) + BS)])
+    vol.write_batch([((2 << 20) - 100, rng.randbytes(200 + (1 << 20)))])
+    # The old data was read once to checksum it and once by the kernel to copy it.
+    assert device.raw.counters.bytes_read - origin_reads >= 2 * snap.info().preserved_bytes
+    assert snap.read(0, size) == original
+    store.close()
+    store = PreservationStore.open(str(tmp_path / "p.store"))
+    vol = store.attach("vol0", device, block_size=BS)
+    assert vol.snapshot("s").read(0, size) == original
+    assert vol.snapshot("s").info().preserved_bytes == 4 * (1 << 20) + BS
+    store.close()
+    device.close()
