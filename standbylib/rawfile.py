@@ -144,9 +144,7 @@ class OsFile:
             while done < length:
                 n = os.copy_file_range(src.fd, self.fd, length - done, src_offset + done, offset + done)
                 if n == 0:  # past the end of the source: the rest reads as zeros
-                    self.pwrite(bytes(length - done), offset + done)
-                    self.counters.writes -= 1
-                    self.counters.bytes_written -= length - done
+                    os.pwrite(self.fd, bytes(length - done), offset + done)
                     return
                 done += n
         except OSError as e:

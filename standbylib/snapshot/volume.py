@@ -513,12 +513,11 @@ class Snapshot:
             else:
                 view = memoryview(data).cast("B")
             blocks = list(range(first, end))
-            new_private = [b for b in blocks if rec.private.find(b, 0) is None]
+            block_arr = np.arange(first, end, dtype=np.uint64)
+            new_private = block_arr[~rec.private.contains(block_arr)]
             chain = store.chains[vol.record.id]
-            gain = 0
-            if new_private:
-                gens = chain.max_gens(np.array(new_private, np.uint64))
-                gain = int((gens < rec.epoch).sum())
+            # Blocks newly written here that no copy serves yet are new preserved blocks of the snapshot.
+            gain = int((chain.max_gens(new_private) < rec.epoch).sum()) if len(new_private) else 0
             if n * bs > store.free_bytes() and store.pending_free:
                 store.commit()  # blocks replaced earlier become free once their replacements are durable
             if n * bs > store.free_bytes():
