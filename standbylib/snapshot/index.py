@@ -69,25 +69,6 @@ class ChainIndex:
     def _levels(self) -> list[Run]:
         return [self._base, *self._runs] if self._runs else [self._base]
 
-    def entries(self, block: int) -> list[tuple[int, int]]:
-        """All (gen, slot) of `block`, sorted by gen."""
-        found: list[tuple[int, int]] = []
-        for blocks, gens, slots in self._levels():
-            lo = int(np.searchsorted(blocks, block, "left"))
-            hi = int(np.searchsorted(blocks, block, "right"))
-            if hi > lo:
-                found.extend(zip(gens[lo:hi].tolist(), slots[lo:hi].tolist(), strict=True))
-        if len(self._runs):
-            found.sort()
-        return found
-
-    def find(self, block: int, gen: int) -> int | None:
-        """Slot of the entry of `block` with the smallest generation >= `gen`, or None."""
-        for g, slot in self.entries(block):
-            if g >= gen:
-                return slot
-        return None
-
     def max_gens(self, blocks: U64) -> U64:
         """For each of the sorted, distinct `blocks`, its largest generation (0 when none)."""
         out = np.zeros(len(blocks), np.uint64)
@@ -127,10 +108,6 @@ class ChainIndex:
                     lst.sort()
         return found
 
-    def add(self, block: int, gen: int, slot: int) -> None:
-        """Add an entry; (block, gen) must not be present yet."""
-        self.add_many([block], gen, [slot])
-
     def add_many(self, blocks: Sequence[int], gen: int, slots: Sequence[int]) -> None:
         """Add (block, gen, slot) for each of the distinct `blocks`; none may be present yet."""
         n = len(blocks)
@@ -157,7 +134,7 @@ class ChainIndex:
                     old = int(slots[i])
                     slots[i] = slot
                     return old
-        self.add(block, gen, slot)
+        self.add_many([block], gen, [slot])
         return None
 
     def merge(self) -> None:
