@@ -118,6 +118,11 @@ class Device:
         check_range(offset, length, self._size)
         self.raw.punch(offset, length)
 
+    def extents(self, offset: int, length: int) -> list[tuple[int, bool]]:
+        """Consecutive ``(length, is_hole)`` runs covering the range; holes read as zeros."""
+        check_range(offset, length, self._size)
+        return self.raw.extents(offset, length)
+
     def flush(self) -> None:
         if not self._readonly:
             self.raw.sync()

@@ -62,6 +62,10 @@ class RawFile(Protocol):
 
     def size(self) -> int: ...
 
+    def extents(self, offset: int, length: int) -> list[tuple[int, bool]]:
+        """Consecutive ``(length, is_hole)`` runs covering ``[offset, offset+length)``."""
+        ...
+
     def truncate(self, size: int) -> None: ...
 
     def close(self) -> None: ...
@@ -182,6 +186,31 @@ class OsFile:
             return os.lseek(self.fd, 0, os.SEEK_END)
         return st.st_size
 
+    def extents(self, offset: int, length: int) -> list[tuple[int, bool]]:
+        """Holes and data as the filesystem reports them (SEEK_DATA / SEEK_HOLE)."""
+        end = offset + length
+        runs: list[tuple[int, bool]] = []
+        pos = offset
+        while pos < end:
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # no data after pos: the rest is a hole
+                    data = end
+                elif e.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # no hole reporting here
+                    return [*runs, (end - pos, False)] if pos < end else runs
+                else:
+                    raise DeviceError(path=self.path, detail=f"seek data: {e.strerror}") from e
+            data = min(data, end)
+            if data > pos:
+                runs.append((data - pos, True))
+                pos = data
+                continue
+            hole = min(os.lseek(self.fd, pos, os.SEEK_HOLE), end)
+            runs.append((hole - pos, False))
+            pos = hole
+        return runs
+
     def truncate(self, size: int) -> None:
         try:
             os.ftruncate(self.fd, size)
@@ -237,6 +266,9 @@ class MemFile:
 
     def size(self) -> int:
         return len(self.data)
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, bool]]:
+        return [(length, False)]
 
     def truncate(self, size: int) -> None:
         if size < len(self.data):

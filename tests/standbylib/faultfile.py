@@ -130,6 +130,9 @@ class FaultFile:
     def size(self) -> int:
         return self.mem.size()
 
+    def extents(self, offset: int, length: int) -> list[tuple[int, bool]]:
+        return [(length, False)]
+
     def truncate(self, size: int) -> None:
         self.disk.record(self.name, TRUNCATE, size)
         self.mem.truncate(size)

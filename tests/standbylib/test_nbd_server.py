@@ -365,3 +365,23 @@ def test_abrupt_disconnect_mid_request_leaves_server_serving(env: Env) -> None:
     assert env.rw.read(0, 4) == pattern(1)[:4]
     info = json.loads(run("nbdinfo", "--json", env.uri("rw")).stdout)
     assert info["exports"][0]["export-size"] == SIZE
+
+
+def test_sparse_file_export_reports_its_holes(tmp_path: Any) -> None:
+    # A sparse file device reports its holes itself (SEEK_HOLE), so clients can skip them.
+    device = open_file_device(str(tmp_path / "sparse.img"), size=4 << 20)
+    device.write(1 << 20, b"\x5a" * (1 << 20))
+    assert device.extents(0, 4 << 20) == [(1 << 20, True), (1 << 20, False), (2 << 20, True)]
+    with NbdServer({"sparse": device}) as server:
+        assert server.address is not None
+        host, port = server.address
+        out = subprocess.run(
+            ["nbdinfo", "--map", "--json", f"nbd://{host}:{port}/sparse"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    device.close()
+    runs = [(e["offset"], e["length"], e["type"]) for e in json.loads(out)]
+    assert [(o, n) for o, n, t in runs if t & 1] == [(0, 1 << 20), (2 << 20, 2 << 20)]
+    assert [(o, n) for o, n, t in runs if not t & 1] == [(1 << 20, 1 << 20)]
