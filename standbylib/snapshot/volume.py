@@ -17,6 +17,7 @@ one copy per first write, not N.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -107,6 +108,15 @@ class Volume:
 
     def write(self, offset: int, data: Buffer) -> None:
         self.write_batch([(offset, data)])
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, bool]]:
+        """``(length, is_hole)`` runs of the origin, as its device reports them (all data otherwise)."""
+        check_range(offset, length, self.size)
+        device_extents = getattr(self.device, "extents", None)
+        if device_extents is None:
+            return [(length, False)]
+        runs: list[tuple[int, bool]] = device_extents(offset, length)
+        return runs
 
     def zero(self, offset: int, length: int) -> None:
         self.write_batch([(offset, length)])
@@ -486,6 +496,58 @@ class Snapshot:
             vol.device_readinto(b * bs, view[(b - first) * bs : (run_end - first) * bs])
             b = run_end
         return buf
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, bool]]:
+        """``(length, is_hole)`` runs: a block is a hole when no preserved or written copy serves it
+        and the origin block is a hole (it reads as zeros and was never written)."""
+        check_range(offset, length, self.size)
+        vol = self.volume
+        bs = vol.block_size
+        with vol.store.lock:
+            self._check_usable()
+            origin = vol.extents(offset, length)
+            last = (offset + length - 1) >> vol.shift
+            served = sorted(self._served_blocks(offset >> vol.shift, last + 1))
+        runs: list[tuple[int, bool]] = []
+
+        def add(n: int, hole: bool) -> None:
+            if runs and runs[-1][1] == hole:
+                runs[-1] = (runs[-1][0] + n, hole)
+            elif n:
+                runs.append((n, hole))
+
+        pos = offset
+        for n, hole in origin:
+            end = pos + n
+            if hole:
+                # The store serves some blocks of this hole: those read as preserved data.
+                i = bisect.bisect_left(served, (pos >> vol.shift))
+                p = pos
+                while i < len(served) and served[i] * bs < end:
+                    start = max(p, served[i] * bs)
+                    stop = min(end, (served[i] + 1) * bs)
+                    add(start - p, True)
+                    add(stop - start, False)
+                    p = stop
+                    i += 1
+                add(end - p, True)
+            else:
+                add(n, False)
+            pos = end
+        return runs
+
+    def _served_blocks(self, first: int, end: int) -> list[int]:
+        """Blocks in [first, end) that this snapshot reads from the store."""
+        epoch = self.record.epoch
+        vol = self.volume
+        found = [
+            b
+            for b, entries in vol.store.chains[vol.record.id].range(first, end).items()
+            if entries[-1][0] >= epoch
+        ]
+        if len(self.record.private):
+            found.extend(self.record.private.range(first, end))
+        return found
 
     def write(self, offset: int, data: Buffer) -> None:
         """Claim 8 (E): store or replace the written blocks in the preservation store.

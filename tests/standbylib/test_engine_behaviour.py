@@ -613,3 +613,38 @@ def test_long_runs_are_copied_inside_the_kernel_and_survive_reopen(tmp_path: Any
     assert vol.snapshot("s").info().preserved_bytes == 4 * (1 << 20) + BS
     store.close()
     device.close()
+
+
+def test_extents_report_holes_of_origin_and_snapshot(tmp_path: Any) -> None:
+    # A snapshot's block is a hole when the origin block is a hole and no copy serves it.
+    size = 1 << 20
+    device = open_file_device(str(tmp_path / "vol.img"), size=size)
+    store = PreservationStore.open(str(tmp_path / "p.store"), capacity=size)
+    vol = store.attach("vol0", device, block_size=BS)
+    vol.write(64 * BS, b"\x01" * 16 * BS)  # data in blocks 64-79, the rest a hole
+    snap = vol.create_snapshot("s")
+    vol.write(8 * BS, b"\x02" * BS)  # block 8 was a hole: its (zero) copy now serves the snapshot
+    vol.write(64 * BS, b"\x03" * BS)
+    assert vol.extents(0, size) == [
+        (8 * BS, True),
+        (BS, False),
+        (55 * BS, True),
+        (16 * BS, False),
+        (size - 80 * BS, True),
+    ]
+    assert snap.extents(0, size) == vol.extents(0, size)
+    assert snap.extents(8 * BS + 100, 100) == [(100, False)]
+    # Zeroing punches the origin, but the snapshot still reads its preserved data there.
+    vol.zero(70 * BS, BS)
+    assert vol.extents(70 * BS, BS) == [(BS, True)]
+    assert snap.extents(69 * BS, 3 * BS) == [(3 * BS, False)]
+    assert snap.read(70 * BS, BS) == b"\x01" * BS
+    assert snap.extents(100, 200) == [(200, True)]
+    # Every hole reported reads as zeros.
+    pos = 0
+    for n, hole in snap.extents(0, size):
+        if hole:
+            assert snap.read(pos, n) == bytes(n)
+        pos += n
+    store.close()
+    device.close()
