@@ -22,7 +22,8 @@ Run = tuple[U64, U32, U32]
 _MAX_RUNS = 8
 
 
-def _sort_run(blocks: U64, gens: U32, slots: U32) -> Run:
+def sort_run(blocks: U64, gens: U32, slots: U32) -> Run:
+    """Sort three parallel arrays by (block, gen)."""
     if len(blocks) > 1:
         if int(blocks.max()) < (1 << 32):
             order = np.argsort((blocks << np.uint64(32)) | gens.astype(np.uint64), kind="stable")
@@ -35,7 +36,7 @@ def _sort_run(blocks: U64, gens: U32, slots: U32) -> Run:
 def _merge_runs(runs: Sequence[Run]) -> Run:
     if len(runs) == 1:
         return runs[0]
-    return _sort_run(
+    return sort_run(
         np.concatenate([r[0] for r in runs]),
         np.concatenate([r[1] for r in runs]),
         np.concatenate([r[2] for r in runs]),
@@ -113,7 +114,7 @@ class ChainIndex:
         n = len(blocks)
         if not n:
             return
-        run = _sort_run(np.array(blocks, np.uint64), np.full(n, gen, np.uint32), np.array(slots, np.uint32))
+        run = sort_run(np.array(blocks, np.uint64), np.full(n, gen, np.uint32), np.array(slots, np.uint32))
         self._runs.append(run)
         self._len += n
         if len(self._runs) > _MAX_RUNS:

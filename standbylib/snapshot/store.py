@@ -46,7 +46,7 @@ from standbylib.errors import (
 )
 from standbylib.rawfile import MemFile, OsFile, RawFile
 from standbylib.snapshot import layout
-from standbylib.snapshot.index import ChainIndex
+from standbylib.snapshot.index import ChainIndex, sort_run
 from standbylib.snapshot.records import SnapshotRecord, VolumeRecord, check_name
 
 if TYPE_CHECKING:
@@ -589,16 +589,16 @@ class PreservationStore:
             sel = np.nonzero((kinds == layout.COPY) & (vols == vol_id))[0]
             if not len(sel):
                 continue
-            blocks = entries["block"][sel]
-            gens = entries["tag"][sel]
-            blocks, gens, sel = sort_entries(blocks, gens, sel)
+            blocks, gens, slots = sort_run(
+                entries["block"][sel].astype(np.uint64),
+                entries["tag"][sel].astype(np.uint32),
+                sel.astype(np.uint32),
+            )
             epochs = np.array(sorted(s.epoch for s in self.live_snapshots(vol_id)), np.int64)
             keep = referenced(blocks, gens, epochs)
-            sel, blocks, gens = sel[keep], blocks[keep], gens[keep]
-            live[sel] = True
-            self.chains[vol_id] = ChainIndex(
-                blocks.astype(np.uint64), gens.astype(np.uint32), sel.astype(np.uint32)
-            )
+            slots, blocks, gens = slots[keep], blocks[keep], gens[keep]
+            live[slots] = True
+            self.chains[vol_id] = ChainIndex(blocks, gens, slots)
         for snap in self.snapshots.values():
             if not (snap.valid and snap.writable):
                 continue
@@ -665,18 +665,6 @@ def _check_arguments(capacity: int | None, on_full: str) -> None:
         raise InvalidArgument(detail=f"on_full must be one of {', '.join(ON_FULL_POLICIES)}, not {on_full!r}")
     if capacity is not None and capacity < 0:
         raise InvalidArgument(detail=f"capacity {capacity} is negative")
-
-
-def sort_entries(
-    blocks: npt.NDArray[Any], gens: npt.NDArray[Any], other: npt.NDArray[Any]
-) -> tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any]]:
-    """Sort three parallel arrays by (block, gen)."""
-    if len(blocks) and int(blocks.max()) < (1 << 32):
-        key = (blocks.astype(np.uint64) << np.uint64(32)) | gens.astype(np.uint64)
-        order = np.argsort(key, kind="stable")
-    else:
-        order = np.lexsort((gens, blocks))
-    return blocks[order], gens[order], other[order]
 
 
 def referenced(
