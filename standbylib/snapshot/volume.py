@@ -470,16 +470,7 @@ class Snapshot:
         vol = self.volume
         store = vol.store
         bs = vol.block_size
-        epoch = self.record.epoch
-        from_store: dict[int, int] = {}
-        for b, entries in store.chains[vol.record.id].range(first, end).items():
-            for gen, slot in entries:
-                if gen >= epoch:
-                    from_store[b] = slot
-                    break
-        if len(self.record.private):
-            for b, entries in self.record.private.range(first, end).items():
-                from_store[b] = entries[0][1]
+        from_store = self._store_slots(first, end)
         buf = bytearray((end - first) * bs)
         view = memoryview(buf)
         b = first
@@ -507,7 +498,7 @@ class Snapshot:
             self._check_usable()
             origin = vol.extents(offset, length)
             last = (offset + length - 1) >> vol.shift
-            served = sorted(self._served_blocks(offset >> vol.shift, last + 1))
+            served = sorted(self._store_slots(offset >> vol.shift, last + 1))
         runs: list[tuple[int, bool]] = []
 
         def add(n: int, hole: bool) -> None:
@@ -536,17 +527,20 @@ class Snapshot:
             pos = end
         return runs
 
-    def _served_blocks(self, first: int, end: int) -> list[int]:
-        """Blocks in [first, end) that this snapshot reads from the store."""
-        epoch = self.record.epoch
+    def _store_slots(self, first: int, end: int) -> dict[int, int]:
+        """Blocks in [first, end) that this snapshot reads from the store, with their slots:
+        its own written block, else the oldest copy made since it was created."""
         vol = self.volume
-        found = [
-            b
-            for b, entries in vol.store.chains[vol.record.id].range(first, end).items()
-            if entries[-1][0] >= epoch
-        ]
+        epoch = self.record.epoch
+        found: dict[int, int] = {}
+        for b, entries in vol.store.chains[vol.record.id].range(first, end).items():
+            for gen, slot in entries:
+                if gen >= epoch:
+                    found[b] = slot
+                    break
         if len(self.record.private):
-            found.extend(self.record.private.range(first, end))
+            for b, entries in self.record.private.range(first, end).items():
+                found[b] = entries[0][1]
         return found
 
     def write(self, offset: int, data: Buffer) -> None:
