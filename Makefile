@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: all test demo bench soak lint typecheck venv system-deps clean
+.PHONY: all test demo bench soak lint typecheck venv system-deps proto proto-check clean
 
 all: test
 
@@ -21,6 +21,13 @@ venv: $(STAMP)
 system-deps:
 	@scripts/install-debian-tools.sh
 
+proto: venv
+	$(BIN)/python scripts/protogen.py
+
+# Fails when proto/v1/*.proto changed without `make proto`.
+proto-check: venv
+	$(BIN)/python scripts/protogen.py --check
+
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -28,7 +35,7 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
-test: venv system-deps lint typecheck
+test: venv system-deps proto-check lint typecheck
 	$(BIN)/pytest -m "not soak" $(PYTEST_ARGS)
 
 soak: venv system-deps

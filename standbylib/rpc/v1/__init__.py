@@ -1,0 +1,1 @@
+"""Generated gRPC and protobuf modules (scripts/protogen.py); do not edit."""

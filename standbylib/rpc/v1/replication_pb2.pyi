@@ -1,0 +1,81 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class HandshakeRequest(_message.Message):
+    __slots__ = ("volume", "size", "block_size", "primary_id")
+    VOLUME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_ID_FIELD_NUMBER: _ClassVar[int]
+    volume: str
+    size: int
+    block_size: int
+    primary_id: str
+    def __init__(self, volume: _Optional[str] = ..., size: _Optional[int] = ..., block_size: _Optional[int] = ..., primary_id: _Optional[str] = ...) -> None: ...
+
+class HandshakeReply(_message.Message):
+    __slots__ = ("volume", "size", "block_size", "created", "standby_id", "applied_sequence")
+    VOLUME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    STANDBY_ID_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    volume: str
+    size: int
+    block_size: int
+    created: bool
+    standby_id: str
+    applied_sequence: int
+    def __init__(self, volume: _Optional[str] = ..., size: _Optional[int] = ..., block_size: _Optional[int] = ..., created: _Optional[bool] = ..., standby_id: _Optional[str] = ..., applied_sequence: _Optional[int] = ...) -> None: ...
+
+class MirrorOpen(_message.Message):
+    __slots__ = ("volume", "first_sequence", "primary_id")
+    VOLUME_FIELD_NUMBER: _ClassVar[int]
+    FIRST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_ID_FIELD_NUMBER: _ClassVar[int]
+    volume: str
+    first_sequence: int
+    primary_id: str
+    def __init__(self, volume: _Optional[str] = ..., first_sequence: _Optional[int] = ..., primary_id: _Optional[str] = ...) -> None: ...
+
+class Write(_message.Message):
+    __slots__ = ("offset", "data", "zero_length")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    ZERO_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    data: bytes
+    zero_length: int
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., zero_length: _Optional[int] = ...) -> None: ...
+
+class Batch(_message.Message):
+    __slots__ = ("sequence", "writes", "flush")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    WRITES_FIELD_NUMBER: _ClassVar[int]
+    FLUSH_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    writes: _containers.RepeatedCompositeFieldContainer[Write]
+    flush: bool
+    def __init__(self, sequence: _Optional[int] = ..., writes: _Optional[_Iterable[_Union[Write, _Mapping]]] = ..., flush: _Optional[bool] = ...) -> None: ...
+
+class MirrorRequest(_message.Message):
+    __slots__ = ("open", "batch")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    open: MirrorOpen
+    batch: Batch
+    def __init__(self, open: _Optional[_Union[MirrorOpen, _Mapping]] = ..., batch: _Optional[_Union[Batch, _Mapping]] = ...) -> None: ...
+
+class MirrorReply(_message.Message):
+    __slots__ = ("sequence", "durable")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    durable: bool
+    def __init__(self, sequence: _Optional[int] = ..., durable: _Optional[bool] = ...) -> None: ...
