@@ -1,0 +1,222 @@
+"""`standbyctl`: the administrator's client of the standby daemon's control API.
+
+standbyctl [--standby H:P] status [--json]
+standbyctl [--standby H:P] snapshot create VOLUME [NAME] [--writable] [--capacity SIZE]   (prints NAME)
+standbyctl [--standby H:P] snapshot list [VOLUME] [--json]
+standbyctl [--standby H:P] snapshot delete VOLUME NAME
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from standbylib.rpc.v1 import control_pb2, control_pb2_grpc
+from standbylib.runtime import rpc
+from standbylib.runtime.config import ConfigError, parse_address
+from standbylib.runtime.main import EXIT_OK, run
+from standbylib.units import human_size, parse_size
+
+DEFAULT_STANDBY = os.environ.get("STANDBY_ADDRESS", "127.0.0.1:7700")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="standbyctl",
+        description="Control a standby daemon: its status and the snapshots of its replicas.",
+        epilog="Exit codes: 0 ok, 1 the operation failed (the reason is printed), 2 usage error. "
+        "Snapshots are exported over NBD as VOLUME@SNAPSHOT on the address `status` shows.",
+    )
+    p.add_argument(
+        "--standby",
+        metavar="H:P",
+        default=DEFAULT_STANDBY,
+        help="gRPC address of the standby daemon (default: $STANDBY_ADDRESS or 127.0.0.1:7700)",
+    )
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="per call (default: 30)")
+    p.add_argument("--debug", action="store_true", help="print tracebacks with errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    status = sub.add_parser("status", help="volumes, replication state, snapshots and preservation fill")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    snap = sub.add_parser("snapshot", help="create, list or delete snapshots")
+    snap_sub = snap.add_subparsers(dest="action", metavar="ACTION", required=True)
+    create = snap_sub.add_parser("create", help="freeze the current image of a volume; prints the name")
+    create.add_argument("volume", metavar="VOLUME")
+    create.add_argument("name", metavar="NAME", nargs="?", help="default: snap-N, chosen by the standby")
+    create.add_argument("--writable", action="store_true", help="the snapshot's export accepts writes")
+    create.add_argument(
+        "--capacity",
+        metavar="SIZE",
+        help="limit its preserved data (e.g. 10GiB); default: the store's capacity",
+    )
+    listing = snap_sub.add_parser("list", help="snapshots of one or every volume")
+    listing.add_argument("volume", metavar="VOLUME", nargs="?")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    delete = snap_sub.add_parser("delete", help="release a snapshot and free its preserved blocks")
+    delete.add_argument("volume", metavar="VOLUME")
+    delete.add_argument("name", metavar="NAME")
+    return p
+
+
+def snapshot_dict(s: control_pb2.SnapshotInfo) -> dict[str, Any]:
+    return {
+        "volume": s.volume,
+        "name": s.name,
+        "valid": s.valid,
+        "writable": s.writable,
+        "created": s.created,
+        "preserved_bytes": s.preserved_bytes,
+        "capacity_bytes": s.capacity_bytes,
+        "export": s.export,
+        **({"reason": s.reason} if s.reason else {}),
+    }
+
+
+def status_dict(reply: control_pb2.StatusReply) -> dict[str, Any]:
+    return {
+        "nbd": reply.nbd,
+        "standby_id": reply.standby_id,
+        "version": reply.version,
+        "store": {
+            "path": reply.store.path,
+            "capacity_bytes": reply.store.capacity_bytes,
+            "used_bytes": reply.store.used_bytes,
+            "on_full": reply.store.on_full,
+        },
+        "volumes": [
+            {
+                "name": v.name,
+                "size": v.size,
+                "block_size": v.block_size,
+                "state": v.state,
+                "connected": v.connected,
+                "applied_bytes": v.applied_bytes,
+                "cow_copies": v.cow_copies,
+                "snapshots": [snapshot_dict(s) for s in v.snapshots],
+            }
+            for v in reply.volumes
+        ],
+    }
+
+
+def table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def snapshot_rows(snapshots: list[dict[str, Any]]) -> list[list[str]]:
+    rows = [["VOLUME", "SNAPSHOT", "STATE", "MODE", "CREATED", "PRESERVED", "CAPACITY", "FILL"]]
+    for s in snapshots:
+        fill = s["preserved_bytes"] / s["capacity_bytes"] if s["capacity_bytes"] else 0.0
+        rows.append(
+            [
+                s["volume"],
+                s["name"],
+                "valid" if s["valid"] else "INVALID",
+                "rw" if s["writable"] else "ro",
+                s["created"],
+                human_size(s["preserved_bytes"]),
+                human_size(s["capacity_bytes"]),
+                f"{fill:.1%}",
+            ]
+        )
+    return rows
+
+
+def print_status(st: dict[str, Any]) -> None:
+    store = st["store"]
+    fill = store["used_bytes"] / store["capacity_bytes"] if store["capacity_bytes"] else 0.0
+    print(f"standby {st['standby_id']}  (version {st['version']})")
+    print(f"snapshot exports: nbd://{st['nbd']}/VOLUME@SNAPSHOT")
+    print(
+        f"preservation store: {human_size(store['used_bytes'])} used of "
+        f"{human_size(store['capacity_bytes'])} ({fill:.1%}), on full: {store['on_full']}"
+    )
+    print()
+    if not st["volumes"]:
+        print("no volumes yet: they appear when a primary connects")
+        return
+    rows = [["VOLUME", "SIZE", "BLOCK", "STATE", "PRIMARY", "APPLIED", "SNAPSHOTS"]]
+    for v in st["volumes"]:
+        rows.append(
+            [
+                v["name"],
+                human_size(v["size"]),
+                human_size(v["block_size"]),
+                v["state"],
+                "connected" if v["connected"] else "disconnected",
+                human_size(v["applied_bytes"]),
+                str(len(v["snapshots"])),
+            ]
+        )
+    print(table(rows))
+    snapshots = [s for v in st["volumes"] for s in v["snapshots"]]
+    if snapshots:
+        print()
+        print(table(snapshot_rows(snapshots)))
+
+
+def execute(args: argparse.Namespace) -> int:
+    try:
+        parse_address(args.standby)
+    except Exception as e:
+        raise ConfigError(detail=f"--standby: {e}") from e
+    with rpc.channel(args.standby) as channel:
+        stub = control_pb2_grpc.ControlStub(channel)
+        with rpc.calling(args.standby):
+            if args.command == "status":
+                st = status_dict(stub.Status(control_pb2.StatusRequest(), timeout=args.timeout))
+                if args.json:
+                    print(json.dumps(st, indent=2))
+                else:
+                    print_status(st)
+            elif args.action == "create":
+                capacity = 0
+                if args.capacity is not None:
+                    try:
+                        capacity = parse_size(args.capacity)
+                    except Exception as e:
+                        raise ConfigError(detail=f"--capacity: {e}") from e
+                    if capacity <= 0:
+                        raise ConfigError(detail="--capacity must be greater than 0")
+                info = stub.CreateSnapshot(
+                    control_pb2.CreateSnapshotRequest(
+                        volume=args.volume,
+                        name=args.name or "",
+                        writable=args.writable,
+                        capacity_bytes=capacity,
+                    ),
+                    timeout=args.timeout,
+                )
+                print(info.name)
+            elif args.action == "list":
+                reply = stub.ListSnapshots(
+                    control_pb2.ListSnapshotsRequest(volume=args.volume or ""), timeout=args.timeout
+                )
+                snapshots = [snapshot_dict(s) for s in reply.snapshots]
+                if args.json:
+                    print(json.dumps(snapshots, indent=2))
+                elif snapshots:
+                    print(table(snapshot_rows(snapshots)))
+                else:
+                    print("no snapshots")
+            elif args.action == "delete":
+                stub.DeleteSnapshot(
+                    control_pb2.DeleteSnapshotRequest(volume=args.volume, name=args.name),
+                    timeout=args.timeout,
+                )
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return run("standbyctl", lambda: execute(args), debug=args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

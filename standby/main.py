@@ -1,0 +1,132 @@
+"""`standby-daemon`: keep replicas of the primary's volumes, snapshot them, export snapshots over NBD.
+
+standby-daemon --data-dir DIR [--listen H:P] [--nbd-listen H:P] [--metrics-listen H:P]
+               [--preservation-capacity SIZE|PCT%] [--on-full invalidate|defer]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry
+
+from standby import services
+from standby.metrics import StandbyMetrics
+from standby.node import StandbyNode
+from standbylib.nbd.server import NbdServer
+from standbylib.runtime import config as cfg
+from standbylib.runtime import logs
+from standbylib.runtime.main import EXIT_OK, run, wait_for_signal
+from standbylib.runtime.metrics import MetricsServer
+from standbylib.runtime.rpc import create_server
+
+log = logs.get("standby.main")
+
+
+@dataclass
+class StandbyConfig:
+    data_dir: str | None = cfg.setting(
+        None, "directory of the replicas, the preservation store and the standby's identity", metavar="DIR"
+    )
+    listen: tuple[str, int] = cfg.setting(
+        ("127.0.0.1", 7700), "gRPC address (replication and control)", parse=cfg.parse_address, metavar="H:P"
+    )
+    nbd_listen: tuple[str, int] = cfg.setting(
+        ("127.0.0.1", 10809), "NBD address of the snapshot exports", parse=cfg.parse_address, metavar="H:P"
+    )
+    metrics_listen: tuple[str, int] = cfg.setting(
+        ("127.0.0.1", 9700), "Prometheus metrics address", parse=cfg.parse_address, metavar="H:P"
+    )
+    preservation_capacity: str = cfg.setting(
+        "20%",
+        "space for preserved blocks, shared by all snapshots: a size (64GiB) or a percentage of the "
+        "filesystem holding --data-dir",
+        metavar="SIZE|PCT%",
+    )
+    on_full: str = cfg.setting(
+        "invalidate",
+        "when a snapshot's preservation space is full: invalidate the snapshot (writes go on), or defer "
+        "the volume's writes until space is freed",
+        choices=("invalidate", "defer"),
+    )
+    log_level: str = cfg.setting("info", "log level", choices=logs.LEVELS)
+    log_format: str = cfg.setting(
+        "auto",
+        "log format (auto: console on a terminal, else JSON lines)",
+        choices=("auto", "json", "console"),
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="standby-daemon",
+        description="Standby daemon: applies the primary's mirrored writes to replicas through the "
+        "copy-on-write snapshot engine and exports each snapshot over NBD as VOLUME@SNAPSHOT.",
+        epilog="Stop it with SIGTERM or Ctrl-C. Exit codes: 0 ok, 1 failed, 2 usage or configuration error.",
+    )
+    cfg.add_options(p, StandbyConfig)
+    p.add_argument("--debug", action="store_true", help="print tracebacks with errors")
+    return p
+
+
+def serve(conf: StandbyConfig) -> int:
+    if not conf.data_dir:
+        raise cfg.ConfigError(detail="--data-dir is required (or data_dir in the --config file)")
+    registry = CollectorRegistry()
+    metrics = StandbyMetrics(registry)
+    node = StandbyNode(
+        conf.data_dir, capacity=conf.preservation_capacity, on_full=conf.on_full, metrics=metrics
+    )
+    nbd = grpc_server = metrics_server = None
+    try:
+        metrics.watch(node)
+        nbd = NbdServer(node.export, conf.nbd_listen, list_exports=node.export_names)
+        nbd_address = cfg.format_address(nbd.start())
+        log.info("listening", service="nbd", address=nbd_address)
+        grpc_server, bound, _health = create_server(
+            conf.listen, lambda server: services.register(server, node, nbd_address)
+        )
+        log.info("listening", service="grpc", address=cfg.format_address(bound))
+        metrics_server = MetricsServer(registry, conf.metrics_listen)
+        log.info("listening", service="metrics", address=cfg.format_address(metrics_server.address))
+        stats = node.store.stats()
+        log.info(
+            "ready",
+            data_dir=node.data_dir,
+            standby_id=node.id,
+            volumes=[r.name for r in node.replicas()],
+            preservation_capacity=stats.capacity_bytes,
+            on_full=conf.on_full,
+        )
+        signum = wait_for_signal()
+        log.info("stopping", signal=signum)
+    finally:
+        if grpc_server is not None:
+            grpc_server.stop(grace=2).wait()
+        if nbd is not None:
+            nbd.stop()
+        if metrics_server is not None:
+            metrics_server.stop()
+        node.close()
+    log.info("stopped")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+
+    def body() -> int:
+        conf = cfg.resolve(StandbyConfig, args)
+        if args.show_config:
+            sys.stdout.write(cfg.show(conf))
+            return EXIT_OK
+        logs.configure("standby", level=conf.log_level, fmt=conf.log_format)
+        return serve(conf)
+
+    return run("standby-daemon", body, debug=args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""The standby's Prometheus metrics (ARCHITECTURE section 7).
+
+Gauges and counters that describe state are read from the node at scrape time (a custom collector),
+so they can never drift from the truth: a snapshot's used bytes are its distinct preserved blocks x
+block size, as the engine counts them. Only the apply latency is observed as it happens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from standby.node import StandbyNode
+from standbylib.runtime.metrics import LATENCY_BUCKETS
+
+
+class StandbyMetrics:
+    """What the node observes while it works; also registers the state collector."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.apply_latency = Histogram(
+            "standby_apply_latency_seconds",
+            "Time to apply one replication batch to the replica through the snapshot engine "
+            "(preservation copies, store sync, origin writes; plus the flush for barriers).",
+            ["volume"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+
+    def observe_apply(self, volume: str, seconds: float, nbytes: int) -> None:
+        self.apply_latency.labels(volume).observe(seconds)
+
+    def watch(self, node: StandbyNode) -> None:
+        self.registry.register(StateCollector(node))
+
+
+class StateCollector(Collector):
+    def __init__(self, node: StandbyNode) -> None:
+        self.node = node
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        labels = ["volume", "snapshot"]
+        used = GaugeMetricFamily(
+            "standby_preservation_used_bytes",
+            "Preserved bytes: per snapshot (labels volume, snapshot) its distinct preserved blocks x "
+            "block size; without labels, the whole preservation store.",
+            labels=labels,
+        )
+        capacity = GaugeMetricFamily(
+            "standby_preservation_capacity_bytes",
+            "Preservation capacity: per snapshot its limit (the store's unless one was given); "
+            "without labels, the store's.",
+            labels=labels,
+        )
+        fill = GaugeMetricFamily(
+            "standby_preservation_fill_ratio",
+            "used_bytes / capacity_bytes, per snapshot and (without labels) for the store; at 1 a "
+            "snapshot is invalidated (or, with --on-full defer, replication is deferred).",
+            labels=labels,
+        )
+        valid = GaugeMetricFamily(
+            "standby_snapshot_valid",
+            "1 while the snapshot reads its frozen image, 0 once invalidated.",
+            labels=labels,
+        )
+        snapshots_info = GaugeMetricFamily(
+            "standby_snapshot_created_timestamp_seconds",
+            "When the snapshot was taken (Unix time).",
+            labels=labels,
+        )
+        cow = CounterMetricFamily(
+            "standby_cow_copies",
+            "Blocks copied into the preservation store before being overwritten (one copy serves every "
+            "snapshot that lacked the block).",
+            labels=["volume"],
+        )
+        applied = CounterMetricFamily(
+            "standby_applied_bytes", "Bytes of mirrored writes applied to the replica.", labels=["volume"]
+        )
+        batches = CounterMetricFamily(
+            "standby_applied_batches", "Replication batches applied to the replica.", labels=["volume"]
+        )
+        connected = GaugeMetricFamily(
+            "standby_replication_connected", "1 while a primary's Mirror stream is open.", labels=["volume"]
+        )
+        size = GaugeMetricFamily(
+            "standby_volume_size_bytes", "Size of the replicated volume.", labels=["volume"]
+        )
+        for replica in self.node.replicas():
+            name = replica.name
+            for snap in replica.volume.snapshots():
+                info = snap.info()
+                key = [name, info.name]
+                used.add_metric(key, info.preserved_bytes)
+                capacity.add_metric(key, info.capacity_bytes)
+                fill.add_metric(key, info.fill_ratio)
+                valid.add_metric(key, 1 if info.valid else 0)
+                snapshots_info.add_metric(key, _timestamp(info.created))
+            cow.add_metric([name], replica.volume.cow_copies)
+            applied.add_metric([name], replica.applied_bytes)
+            batches.add_metric([name], replica.applied_batches)
+            connected.add_metric([name], 1 if replica.connected else 0)
+            size.add_metric([name], replica.size)
+        stats = self.node.store.stats()
+        used.add_metric(["", ""], stats.used_bytes)
+        capacity.add_metric(["", ""], stats.capacity_bytes)
+        fill.add_metric(["", ""], stats.fill_ratio)
+        yield from (used, capacity, fill, valid, snapshots_info, cow, applied, batches, connected, size)
+
+
+def _timestamp(created: str) -> float:
+    return datetime.strptime(created.rstrip("Z"), "%Y-%m-%dT%H:%M:%S.%f").replace(tzinfo=UTC).timestamp()

@@ -1,0 +1,342 @@
+"""The standby node: a data directory of replicas and one preservation store, and what the services do
+with them (handshake, ordered apply, flush barriers, snapshots, status).
+
+Layout of ``--data-dir``::
+
+    standby.json          identity of this standby (a UUID), written once
+    preservation.store    the preservation store (copies, index, snapshot table) of every volume
+    replicas/NAME.img     one sparse replica file per volume, created at the volume's first handshake
+
+The node is thread-safe: gRPC threads call it concurrently. The engine serialises its own state; the
+node adds one lock for its tables and makes sure at most one Mirror stream applies to a volume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from standbylib.blockdev import Device, check_block_size, open_file_device
+from standbylib.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    OutOfRange,
+    PreservationDeferred,
+    StandbyError,
+    UnknownVolume,
+    VolumeMismatch,
+)
+from standbylib.runtime import logs
+from standbylib.snapshot import PreservationStore
+from standbylib.snapshot.records import check_name
+from standbylib.snapshot.volume import Snapshot, SnapshotInfo, Volume, WriteOp
+from standbylib.units import parse_size
+
+log = logs.get(__name__)
+
+STORE_FILE = "preservation.store"
+REPLICA_DIR = "replicas"
+IDENTITY_FILE = "standby.json"
+
+UPTODATE, INCONSISTENT, DEFERRED = "uptodate", "inconsistent", "deferred"
+
+
+class Busy(AlreadyExists):
+    template = "volume {volume!r} is already being mirrored by primary {primary}; one primary per volume"
+
+
+class NodeMetrics(Protocol):
+    def observe_apply(self, volume: str, seconds: float, nbytes: int) -> None: ...
+
+
+class NullMetrics:
+    def observe_apply(self, volume: str, seconds: float, nbytes: int) -> None:
+        pass
+
+
+@dataclass
+class Replica:
+    """One volume's replica and its replication state."""
+
+    name: str
+    path: str
+    device: Device
+    volume: Volume
+    state: str = UPTODATE
+    connected: bool = False
+    primary_id: str = ""
+    applied_sequence: int = 0
+    applied_bytes: int = 0
+    applied_batches: int = 0
+    deferred_reason: str = ""
+    stream_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def size(self) -> int:
+        return self.volume.size
+
+    @property
+    def block_size(self) -> int:
+        return self.volume.block_size
+
+
+def parse_capacity(spec: str | int, data_dir: str) -> int:
+    """``SIZE`` or ``PCT%`` of the filesystem holding `data_dir`."""
+    text = str(spec).strip()
+    if text.endswith("%"):
+        try:
+            pct = float(text[:-1])
+        except ValueError:
+            pct = -1.0
+        if not 0 < pct <= 100:
+            raise InvalidArgument(detail=f"preservation capacity {text!r}: a percentage must be in (0, 100]")
+        st = os.statvfs(data_dir)
+        return max(1 << 20, int(st.f_blocks * st.f_frsize * pct / 100))
+    size = parse_size(text)
+    if size <= 0:
+        raise InvalidArgument(detail=f"preservation capacity {text!r} must be greater than 0")
+    return size
+
+
+class StandbyNode:
+    def __init__(
+        self,
+        data_dir: str,
+        *,
+        capacity: str | int = "20%",
+        on_full: str = "invalidate",
+        metrics: NodeMetrics | None = None,
+    ) -> None:
+        self.data_dir = os.path.abspath(data_dir)
+        self.on_full = on_full
+        self.metrics: NodeMetrics = metrics or NullMetrics()
+        self._lock = threading.Lock()
+        self._replicas: dict[str, Replica] = {}
+        self._exports: dict[str, Snapshot] = {}
+        os.makedirs(os.path.join(self.data_dir, REPLICA_DIR), exist_ok=True)
+        self.id = self._identity()
+        self.capacity = parse_capacity(capacity, self.data_dir)
+        self.store = PreservationStore.open(self.store_path, self.capacity, on_full=on_full)
+        try:
+            for name in self.store.volume_names():
+                self._attach_existing(name)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def store_path(self) -> str:
+        return os.path.join(self.data_dir, STORE_FILE)
+
+    def replica_path(self, volume: str) -> str:
+        return os.path.join(self.data_dir, REPLICA_DIR, f"{volume}.img")
+
+    def _identity(self) -> str:
+        path = os.path.join(self.data_dir, IDENTITY_FILE)
+        try:
+            with open(path) as fh:
+                return str(json.load(fh)["id"])
+        except FileNotFoundError:
+            ident = str(uuid.uuid4())
+            tmp = path + ".tmp"
+            with open(tmp, "w") as fh:
+                json.dump({"id": ident}, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.rename(tmp, path)
+            return ident
+        except (OSError, ValueError, KeyError) as e:
+            raise StandbyError(detail=f"{path} is unreadable ({e}); restore it or remove it") from e
+
+    def _attach_existing(self, name: str) -> None:
+        path = self.replica_path(name)
+        if not os.path.exists(path):
+            raise StandbyError(
+                detail=f"the preservation store knows volume {name!r} but its replica {path} is missing"
+            )
+        device = open_file_device(path)
+        block_size = self.store.volume_records[name].block_size
+        volume = self.store.attach(name, device, block_size=block_size)
+        replica = Replica(name=name, path=path, device=device, volume=volume)
+        self._replicas[name] = replica
+        for snap in volume.snapshots():
+            self._exports[f"{name}@{snap.name}"] = snap
+        log.info("replica_opened", volume=name, size=volume.size, block_size=block_size)
+
+    def close(self) -> None:
+        with self._lock:
+            for replica in self._replicas.values():
+                try:
+                    replica.volume.flush()
+                    replica.volume.close()
+                finally:
+                    replica.device.close()
+            self._replicas.clear()
+            self._exports.clear()
+            self.store.close()
+
+    # -- replication -------------------------------------------------------------------------------------
+
+    def handshake(self, volume: str, size: int, block_size: int) -> tuple[Replica, bool]:
+        """The replica of `volume`, created (sparse) when this is its first contact."""
+        check_name("volume", volume)
+        check_block_size(block_size)
+        if size <= 0 or size % block_size:
+            raise InvalidArgument(
+                detail=f"volume {volume!r}: size {size} must be a positive multiple of the block size "
+                f"{block_size}"
+            )
+        with self._lock:
+            replica = self._replicas.get(volume)
+            if replica is not None:
+                if replica.block_size != block_size or replica.size != size:
+                    raise VolumeMismatch(
+                        volume=volume,
+                        detail=f"the primary has {size} bytes in blocks of {block_size}, the replica "
+                        f"{replica.size} bytes in blocks of {replica.block_size}; "
+                        "resize or rename the volume",
+                    )
+                return replica, False
+            path = self.replica_path(volume)
+            if os.path.exists(path):
+                # A replica file the store does not know (a crash between creating it and registering it).
+                os.unlink(path)
+            device = open_file_device(path, size)
+            try:
+                vol = self.store.attach(volume, device, block_size=block_size)
+            except BaseException:
+                device.close()
+                os.unlink(path)
+                raise
+            replica = Replica(name=volume, path=path, device=device, volume=vol)
+            self._replicas[volume] = replica
+            log.info("replica_created", volume=volume, size=size, block_size=block_size, path=path)
+            return replica, True
+
+    def replica(self, volume: str) -> Replica:
+        with self._lock:
+            replica = self._replicas.get(volume)
+        if replica is None:
+            raise UnknownVolume(volume=volume)
+        return replica
+
+    def open_stream(self, volume: str, primary_id: str, first_sequence: int) -> Replica:
+        """Claim `volume` for a Mirror stream; batches numbered from `first_sequence` will follow."""
+        replica = self.replica(volume)
+        if not replica.stream_lock.acquire(timeout=5):
+            raise Busy(volume=volume, primary=replica.primary_id or "unknown")
+        if replica.primary_id != primary_id:
+            replica.applied_sequence = first_sequence - 1
+        elif first_sequence > replica.applied_sequence + 1:
+            replica.stream_lock.release()
+            raise InvalidArgument(
+                detail=f"volume {volume!r}: the stream starts at batch {first_sequence} but batch "
+                f"{replica.applied_sequence + 1} was never received"
+            )
+        replica.primary_id = primary_id
+        replica.connected = True
+        log.info("mirror_connected", volume=volume, primary=primary_id, first_sequence=first_sequence)
+        return replica
+
+    def close_stream(self, replica: Replica) -> None:
+        replica.connected = False
+        replica.stream_lock.release()
+        log.info("mirror_disconnected", volume=replica.name, applied_sequence=replica.applied_sequence)
+
+    def apply(self, replica: Replica, sequence: int, ops: Sequence[WriteOp], flush: bool) -> bool:
+        """Apply batch `sequence` to the replica; False when it had been applied already (a resend).
+
+        Every write is checked before anything is applied: a batch with one bad write changes nothing.
+        """
+        if sequence <= replica.applied_sequence:
+            return False
+        if sequence != replica.applied_sequence + 1:
+            raise InvalidArgument(
+                detail=f"volume {replica.name!r}: batch {sequence} arrived, "
+                f"{replica.applied_sequence + 1} expected"
+            )
+        bs, size = replica.block_size, replica.size
+        nbytes = 0
+        for offset, data in ops:
+            length = data if isinstance(data, int) else len(data)
+            if length <= 0 or offset % bs or length % bs:
+                raise InvalidArgument(
+                    detail=f"volume {replica.name!r}: write [{offset}, +{length}) is not aligned to its "
+                    f"block size {bs}"
+                )
+            if offset + length > size:
+                raise OutOfRange(offset=offset, length=length, size=size)
+            nbytes += length
+        start = time.perf_counter()
+        try:
+            if ops:
+                replica.volume.write_batch(ops)
+            if flush:
+                replica.volume.flush()
+        except PreservationDeferred as e:
+            if replica.state != DEFERRED:
+                log.warning("replication_deferred", volume=replica.name, reason=str(e))
+            replica.state, replica.deferred_reason = DEFERRED, str(e)
+            raise
+        if replica.state == DEFERRED:
+            log.info("replication_resumed", volume=replica.name)
+            replica.state, replica.deferred_reason = UPTODATE, ""
+        replica.applied_sequence = sequence
+        replica.applied_bytes += nbytes
+        replica.applied_batches += 1
+        self.metrics.observe_apply(replica.name, time.perf_counter() - start, nbytes)
+        return True
+
+    # -- snapshots ---------------------------------------------------------------------------------------
+
+    def create_snapshot(
+        self, volume: str, name: str | None, *, writable: bool = False, capacity: int | None = None
+    ) -> SnapshotInfo:
+        replica = self.replica(volume)
+        if replica.state == INCONSISTENT:
+            raise StandbyError(
+                detail=f"volume {volume!r} is inconsistent (a resync is under way); "
+                "take the snapshot when it is up to date"
+            )
+        snap = replica.volume.create_snapshot(name or None, writable=writable, capacity=capacity)
+        with self._lock:
+            self._exports[f"{volume}@{snap.name}"] = snap
+        info = snap.info()
+        log.info("snapshot_created", volume=volume, snapshot=snap.name, writable=writable, capacity=capacity)
+        return info
+
+    def delete_snapshot(self, volume: str, name: str) -> None:
+        replica = self.replica(volume)
+        replica.volume.delete_snapshot(name)
+        with self._lock:
+            self._exports.pop(f"{volume}@{name}", None)
+        log.info("snapshot_deleted", volume=volume, snapshot=name)
+
+    def snapshots(self, volume: str | None = None) -> list[SnapshotInfo]:
+        if volume:
+            replicas = [self.replica(volume)]
+        else:
+            with self._lock:
+                replicas = sorted(self._replicas.values(), key=lambda r: r.name)
+        return [s.info() for r in replicas for s in r.volume.snapshots()]
+
+    def snapshot(self, volume: str, name: str) -> Snapshot:
+        return self.replica(volume).volume.snapshot(name)
+
+    def replicas(self) -> list[Replica]:
+        with self._lock:
+            return sorted(self._replicas.values(), key=lambda r: r.name)
+
+    # -- NBD exports (called on the NBD server's event loop: never block) ---------------------------------
+
+    def export(self, name: str) -> Snapshot | None:
+        return self._exports.get(name)
+
+    def export_names(self) -> list[str]:
+        return sorted(self._exports)

@@ -1,0 +1,181 @@
+"""The standby's gRPC servicers: Replication (handshake, ordered batch stream) and Control.
+
+Thin adapters: they translate messages to `StandbyNode` calls and library errors to status codes
+(`standbylib.runtime.rpc.STATUS_TABLE`); the node does the work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from standby.node import StandbyNode
+from standbylib.errors import StandbyError
+from standbylib.rpc.v1 import control_pb2, control_pb2_grpc, replication_pb2, replication_pb2_grpc
+from standbylib.runtime import logs
+from standbylib.runtime.rpc import abort, guarded
+from standbylib.snapshot.volume import SnapshotInfo, WriteOp
+
+log = logs.get(__name__)
+
+
+def rfc3339(created: str) -> str:
+    """The engine's timestamp (microseconds) as RFC 3339 to the second: 2026-01-01T00:00:00Z."""
+    return created.split(".")[0].rstrip("Z") + "Z"
+
+
+def snapshot_message(info: SnapshotInfo) -> control_pb2.SnapshotInfo:
+    return control_pb2.SnapshotInfo(
+        volume=info.volume,
+        name=info.name,
+        valid=info.valid,
+        writable=info.writable,
+        created=rfc3339(info.created),
+        preserved_bytes=info.preserved_bytes,
+        capacity_bytes=info.capacity_bytes,
+        export=f"{info.volume}@{info.name}",
+        reason=info.reason,
+    )
+
+
+class ReplicationService(replication_pb2_grpc.ReplicationServicer):
+    def __init__(self, node: StandbyNode) -> None:
+        self.node = node
+
+    @guarded
+    def Handshake(
+        self, request: replication_pb2.HandshakeRequest, context: grpc.ServicerContext
+    ) -> replication_pb2.HandshakeReply:
+        replica, created = self.node.handshake(request.volume, request.size, request.block_size)
+        log.info(
+            "handshake",
+            volume=request.volume,
+            primary=request.primary_id,
+            size=request.size,
+            block_size=request.block_size,
+            created=created,
+        )
+        return replication_pb2.HandshakeReply(
+            volume=replica.name,
+            size=replica.size,
+            block_size=replica.block_size,
+            created=created,
+            standby_id=self.node.id,
+            applied_sequence=replica.applied_sequence if replica.primary_id == request.primary_id else 0,
+        )
+
+    def Mirror(
+        self, requests: Iterator[replication_pb2.MirrorRequest], context: grpc.ServicerContext
+    ) -> Iterator[replication_pb2.MirrorReply]:
+        try:
+            first = next(requests, None)
+            if first is None:
+                return
+            if first.WhichOneof("kind") != "open":
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first Mirror message must be `open`")
+            opened = first.open
+            replica = self.node.open_stream(opened.volume, opened.primary_id, opened.first_sequence or 1)
+        except Exception as e:
+            if isinstance(e, StandbyError):
+                abort(context, e)
+            raise
+        try:
+            for request in requests:
+                if request.WhichOneof("kind") != "batch":
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "only batches may follow `open`")
+                batch = request.batch
+                ops: list[WriteOp] = [
+                    (w.offset, w.zero_length) if w.zero_length else (w.offset, w.data) for w in batch.writes
+                ]
+                try:
+                    self.node.apply(replica, batch.sequence, ops, batch.flush)
+                except StandbyError as e:
+                    log.warning("batch_refused", volume=replica.name, sequence=batch.sequence, error=str(e))
+                    abort(context, e)
+                yield replication_pb2.MirrorReply(sequence=batch.sequence, durable=batch.flush)
+        finally:
+            self.node.close_stream(replica)
+
+
+class ControlService(control_pb2_grpc.ControlServicer):
+    def __init__(self, node: StandbyNode, nbd_address: str) -> None:
+        self.node = node
+        self.nbd_address = nbd_address
+
+    @guarded
+    def Status(
+        self, request: control_pb2.StatusRequest, context: grpc.ServicerContext
+    ) -> control_pb2.StatusReply:
+        node = self.node
+        volumes = []
+        for r in node.replicas():
+            volumes.append(
+                control_pb2.VolumeStatus(
+                    name=r.name,
+                    size=r.size,
+                    block_size=r.block_size,
+                    state=r.state,
+                    connected=r.connected,
+                    snapshots=[snapshot_message(s.info()) for s in r.volume.snapshots()],
+                    applied_bytes=r.applied_bytes,
+                    applied_batches=r.applied_batches,
+                    cow_copies=r.volume.cow_copies,
+                    primary_id=r.primary_id,
+                )
+            )
+        stats = node.store.stats()
+        return control_pb2.StatusReply(
+            nbd=self.nbd_address,
+            volumes=volumes,
+            store=control_pb2.StoreStatus(
+                path=node.store_path,
+                capacity_bytes=stats.capacity_bytes,
+                used_bytes=stats.used_bytes,
+                on_full=node.on_full,
+            ),
+            standby_id=node.id,
+            version=_version(),
+        )
+
+    @guarded
+    def CreateSnapshot(
+        self, request: control_pb2.CreateSnapshotRequest, context: grpc.ServicerContext
+    ) -> control_pb2.SnapshotInfo:
+        info = self.node.create_snapshot(
+            request.volume,
+            request.name or None,
+            writable=request.writable,
+            capacity=request.capacity_bytes or None,
+        )
+        return snapshot_message(info)
+
+    @guarded
+    def ListSnapshots(
+        self, request: control_pb2.ListSnapshotsRequest, context: grpc.ServicerContext
+    ) -> control_pb2.ListSnapshotsReply:
+        return control_pb2.ListSnapshotsReply(
+            snapshots=[snapshot_message(i) for i in self.node.snapshots(request.volume or None)]
+        )
+
+    @guarded
+    def DeleteSnapshot(
+        self, request: control_pb2.DeleteSnapshotRequest, context: grpc.ServicerContext
+    ) -> control_pb2.DeleteSnapshotReply:
+        self.node.delete_snapshot(request.volume, request.name)
+        return control_pb2.DeleteSnapshotReply()
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("standby-appliance")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def register(server: grpc.Server, node: StandbyNode, nbd_address: str) -> Any:
+    replication_pb2_grpc.add_ReplicationServicer_to_server(ReplicationService(node), server)
+    control_pb2_grpc.add_ControlServicer_to_server(ControlService(node, nbd_address), server)

@@ -1,0 +1,166 @@
+"""Typed configuration from defaults, a TOML file and command-line flags, in that order of precedence.
+
+Each role describes its settings once, as a dataclass whose fields carry their flag, help text and
+parser in `setting(...)` metadata. `build_parser` turns that into argparse options (so ``--help`` shows
+every default), and `resolve` merges ``--config FILE`` and the flags into an instance. TOML keys are the
+field names (``data_dir = "/var/lib/standby"``); `show` renders the effective configuration as TOML,
+which `--show-config` prints and `--config` accepts back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tomllib
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from standbylib.errors import InvalidArgument, StandbyError
+from standbylib.units import parse_size
+
+T = TypeVar("T")
+
+
+class ConfigError(StandbyError):
+    """The configuration is unusable: exit code 2 (a usage error)."""
+
+    template = "{detail}"
+
+
+def setting(
+    default: Any,
+    help: str,
+    *,
+    flag: str | None = None,
+    parse: Callable[[str], Any] | None = None,
+    metavar: str | None = None,
+    choices: tuple[str, ...] | None = None,
+    repeat: bool = False,
+) -> Any:
+    """A dataclass field that is also a command-line option (``--field-name`` unless `flag` is given).
+
+    `repeat` makes a list setting whose flag may be given several times.
+    """
+    meta = {
+        "help": help,
+        "flag": flag,
+        "parse": parse,
+        "metavar": metavar,
+        "choices": choices,
+        "repeat": repeat,
+    }
+    if repeat or isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _flag(f: dataclasses.Field[Any]) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
+    """Add one option per field of the dataclass `cls`, plus ``--config`` and ``--show-config``."""
+    group = parser.add_argument_group("settings (also accepted as keys of the --config TOML file)")
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        shown = "none" if default in (None, [], "") else default
+        kwargs: dict[str, Any] = {
+            "dest": f.name,
+            "default": None,
+            "help": f"{meta['help']} (default: {shown})",
+        }
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["metavar"] = meta.get("metavar") or f.name.upper()
+            if meta.get("choices"):
+                kwargs["choices"] = meta["choices"]
+            if meta.get("repeat"):
+                kwargs["action"] = "append"
+        group.add_argument(_flag(f), **kwargs)
+    parser.add_argument("--config", metavar="FILE", help="read settings from this TOML file; flags win")
+    parser.add_argument(
+        "--show-config", action="store_true", help="print the effective configuration as TOML and exit"
+    )
+
+
+def resolve(cls: type[T], args: argparse.Namespace) -> T:
+    """The configuration: dataclass defaults, then the ``--config`` file, then flags."""
+    values: dict[str, Any] = {}
+    names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    if getattr(args, "config", None):
+        try:
+            with open(args.config, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as e:
+            raise ConfigError(detail=f"cannot read --config {args.config}: {e.strerror}") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(detail=f"--config {args.config} is not valid TOML: {e}") from e
+        for key, value in data.items():
+            name = key.replace("-", "_")
+            if name not in names:
+                known = ", ".join(sorted(names))
+                raise ConfigError(detail=f"--config {args.config}: unknown setting {key!r} (known: {known})")
+            values[name] = value
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None:
+            values[name] = value
+    for name, value in list(values.items()):
+        parse = names[name].metadata.get("parse")
+        if parse is None or value is None:
+            continue
+        try:
+            values[name] = [parse(v) for v in value] if isinstance(value, list) else parse(value)
+        except StandbyError as e:
+            raise ConfigError(detail=f"{_flag(names[name])}: {e}") from e
+        except ValueError as e:
+            raise ConfigError(detail=f"{_flag(names[name])}: {e}") from e
+    return cls(**values)
+
+
+def show(config: Any) -> str:
+    """The configuration as TOML (strings, numbers, booleans and lists of them)."""
+    lines = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if value is None:
+            lines.append(f"# {f.name} is not set")
+            continue
+        lines.append(f"{f.name} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if hasattr(value, "spec"):
+        return json.dumps(str(value.spec))
+    return json.dumps(str(value))
+
+
+# -- parsers ---------------------------------------------------------------------------------------------
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6); port 0 picks a free port."""
+    host, sep, port = str(text).rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise InvalidArgument(detail=f"address {text!r} must be HOST:PORT, e.g. 127.0.0.1:7700")
+    return host, int(port)
+
+
+def format_address(address: tuple[str, int]) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_byte_size(text: str | int) -> int:
+    return parse_size(text)

@@ -1,0 +1,173 @@
+"""gRPC glue shared by the roles: the error table, server and channel factories.
+
+Library exceptions become gRPC status codes in one table (`STATUS_TABLE`), and back again on the client
+side (`raise_for`), so neither side parses messages. Unknown exceptions go out as INTERNAL with a
+generic message and are logged with their traceback by the servicer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from contextlib import contextmanager
+from typing import Any, NoReturn
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from standbylib.errors import (
+    AlreadyExists,
+    Closed,
+    InvalidArgument,
+    InvalidBlockSize,
+    InvalidLength,
+    NotFound,
+    OutOfRange,
+    PreservationDeferred,
+    PreservationFull,
+    ReadOnly,
+    RequestError,
+    SnapshotInvalid,
+    StandbyError,
+    StoreError,
+    VolumeMismatch,
+)
+from standbylib.runtime import logs
+
+log = logs.get(__name__)
+
+#: Largest gRPC message either side accepts: a batch of a few MiB plus one oversize client write.
+MAX_MESSAGE = 80 << 20
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    # Detect a dead peer on an idle stream within about a minute.
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+SERVER_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.so_reuseport", 0),
+]
+
+#: Library exception -> gRPC status, most specific first.
+STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
+    (InvalidBlockSize, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidLength, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (ReadOnly, grpc.StatusCode.FAILED_PRECONDITION),
+    (SnapshotInvalid, grpc.StatusCode.FAILED_PRECONDITION),
+    (VolumeMismatch, grpc.StatusCode.FAILED_PRECONDITION),
+    (PreservationFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (PreservationDeferred, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Closed, grpc.StatusCode.UNAVAILABLE),
+    (StoreError, grpc.StatusCode.INTERNAL),
+    (RequestError, grpc.StatusCode.FAILED_PRECONDITION),
+)
+
+
+class RemoteError(StandbyError):
+    """A gRPC call failed; `code` is the status (a `grpc.StatusCode`)."""
+
+    template = "{detail}"
+
+
+class Unavailable(RemoteError):
+    """The peer could not be reached."""
+
+    template = "cannot reach {target}: {detail}"
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    for kind, code in STATUS_TABLE:
+        if isinstance(exc, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def abort(context: grpc.ServicerContext, exc: BaseException) -> NoReturn:
+    """End the call with the status that `exc` maps to; unknown errors are INTERNAL and logged."""
+    code = status_for(exc)
+    if isinstance(exc, StandbyError) and code != grpc.StatusCode.INTERNAL:
+        context.abort(code, str(exc))
+    if isinstance(exc, StandbyError):
+        log.error("request_failed", error=str(exc), kind=type(exc).__name__)
+        context.abort(code, str(exc))
+    log.exception("internal_error", error=repr(exc))
+    context.abort(grpc.StatusCode.INTERNAL, "internal error in the daemon; its log has the details")
+
+
+def guarded(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate a unary servicer method: library errors become their status codes."""
+
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except Exception as e:
+            if _is_abort(e):
+                raise
+            abort(context, e)
+
+    wrapper.__name__ = method.__name__
+    wrapper.__doc__ = method.__doc__
+    return wrapper
+
+
+def _is_abort(exc: BaseException) -> bool:
+    # context.abort raises a bare Exception subclass private to grpc; let it through untouched.
+    return type(exc).__module__.startswith("grpc") or type(exc).__name__ == "_AbortError"
+
+
+def create_server(
+    address: tuple[str, int], register: Callable[[grpc.Server], None], *, workers: int = 32
+) -> tuple[grpc.Server, tuple[str, int], health.HealthServicer]:
+    """A started gRPC server on `address` with the servicers `register` adds and the health service.
+
+    Returns the server, the bound address (port 0 resolved) and the health servicer (all SERVING).
+    """
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=SERVER_OPTIONS)
+    register(server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    host, port = address
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    bound = server.add_insecure_port(target)
+    if bound == 0:
+        raise StandbyError(detail=f"cannot listen on {target}: address in use or not available")
+    server.start()
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    return server, (host, bound), health_servicer
+
+
+def channel(target: str) -> grpc.Channel:
+    return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+
+
+@contextmanager
+def calling(target: str) -> Iterator[None]:
+    """Turn a failed call into a `RemoteError` whose message is the server's, or `Unavailable`."""
+    try:
+        yield
+    except grpc.RpcError as e:
+        raise_for(e, target)
+
+
+def raise_for(e: grpc.RpcError, target: str) -> NoReturn:
+    code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+    details = e.details() if hasattr(e, "details") else str(e)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        raise Unavailable(target=target, detail=details or "unavailable", code=code) from None
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        raise Unavailable(target=target, detail="no answer in time", code=code) from None
+    raise RemoteError(detail=details or code.name, code=code) from None
