@@ -1,0 +1,172 @@
+"""What the benchmarks share: provenance (revision, machine), JSON rendering, and running the daemons.
+
+Each benchmark measures our component and its peer in the same run, alternating them, and reports the
+median of the pairwise ratios, because this machine is shared and absolute times drift.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def filesystem_of(path: str) -> str:
+    """Filesystem type of the mount holding `path`, from /proc/mounts."""
+    path = os.path.realpath(path)
+    best, fstype = "", "unknown"
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                fields = line.split()
+                mnt = fields[1]
+                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                    best, fstype = mnt, fields[2]
+    except OSError:
+        pass
+    return fstype
+
+
+def source_revision() -> str:
+    """Commit of the checkout being measured, with ``-dirty`` when it has local changes."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return out.stdout.strip()
+
+
+def machine(**extra: Any) -> dict[str, Any]:
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+        **extra,
+    }
+
+
+def to_json(doc: dict[str, Any]) -> str:
+    """Indented JSON, with each list of numbers on one line."""
+    flat = re.compile(r"\[([^\[\]{}\"]*)\]")
+    return flat.sub(lambda m: "[" + " ".join(m.group(1).split()) + "]", json.dumps(doc, indent=2))
+
+
+def tool_version(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except OSError:
+        return "missing"
+    return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr) else "unknown"
+
+
+class Daemon:
+    """A daemon of ours started as a process; its JSON log lines on stderr tell where it listens."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path, *, timeout: float = 60.0) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._log: IO[bytes] = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=self._log)
+        self.addresses: dict[str, str] = {}
+        deadline = time.monotonic() + timeout
+        while not self._ready():
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"{name} exited with {self.proc.returncode}:\n{log_path.read_text()[-3000:]}"
+                )
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{name} not ready after {timeout} s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.05)
+
+    def _ready(self) -> bool:
+        ready = False
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("event") == "listening":
+                self.addresses[event["service"]] = event["address"]
+            ready = ready or event.get("event") == "ready"
+        return ready
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def start_standby(data_dir: Path, *extra: str) -> Daemon:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    argv = [str(VENV_BIN / "standby-daemon"), "--data-dir", str(data_dir), "--listen", "127.0.0.1:0"]
+    argv += ["--nbd-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--log-format", "json", *extra]
+    return Daemon("standby-daemon", argv, data_dir.parent / f"{data_dir.name}.log")
+
+
+def start_primary(volumes: list[str], standby: str, log_path: Path, *extra: str) -> Daemon:
+    argv = [str(VENV_BIN / "standby-primary"), "--standby", standby]
+    for v in volumes:
+        argv += ["--volume", v]
+    argv += ["--nbd-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--log-format", "json", *extra]
+    return Daemon("standby-primary", argv, log_path)
+
+
+def start_nbdkit_file(path: Path, port: int) -> subprocess.Popen[bytes]:
+    """`nbdkit file PATH` on 127.0.0.1:PORT in the foreground (so it can be stopped)."""
+    proc = subprocess.Popen(
+        ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "file", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 20
+    import socket
+
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("nbdkit did not start")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -1,0 +1,166 @@
+"""The standby's gRPC services with raw stubs: every bad request gets its status code and changes nothing."""
+
+from __future__ import annotations
+
+import hashlib
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from standbylib.rpc.v1 import control_pb2, control_pb2_grpc, replication_pb2, replication_pb2_grpc
+
+MiB = 1 << 20
+
+
+def open_msg(volume="vol0", first=1, primary="p1"):
+    return replication_pb2.MirrorRequest(
+        open=replication_pb2.MirrorOpen(volume=volume, first_sequence=first, primary_id=primary)
+    )
+
+
+def batch_msg(seq, writes, flush=False):
+    return replication_pb2.MirrorRequest(
+        batch=replication_pb2.Batch(
+            sequence=seq,
+            writes=[
+                replication_pb2.Write(offset=o, zero_length=d)
+                if isinstance(d, int)
+                else replication_pb2.Write(offset=o, data=d)
+                for o, d in writes
+            ],
+            flush=flush,
+        )
+    )
+
+
+@pytest.fixture
+def stubs(rig):
+    channel = grpc.insecure_channel(rig.target)
+    yield (
+        replication_pb2_grpc.ReplicationStub(channel),
+        control_pb2_grpc.ControlStub(channel),
+        health_pb2_grpc.HealthStub(channel),
+    )
+    channel.close()
+
+
+def handshake(repl, volume="vol0", size=MiB, block_size=4096):
+    return repl.Handshake(
+        replication_pb2.HandshakeRequest(volume=volume, size=size, block_size=block_size, primary_id="p1")
+    )
+
+
+def replica_digest(rig, volume="vol0"):
+    with open(rig.node.replica_path(volume), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def test_health_is_serving(stubs):
+    assert stubs[2].Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_mirror_applies_and_acknowledges_each_batch(rig, stubs):
+    repl = stubs[0]
+    reply = handshake(repl)
+    assert reply.created and reply.size == MiB and reply.standby_id == rig.node.id
+    acks = list(
+        repl.Mirror(
+            iter([open_msg(), batch_msg(1, [(0, b"a" * 4096)]), batch_msg(2, [(8192, 4096)], flush=True)])
+        )
+    )
+    assert [(a.sequence, a.durable) for a in acks] == [(1, False), (2, True)]
+    assert rig.node.replica("vol0").volume.read(0, 4096) == b"a" * 4096
+
+
+@pytest.mark.parametrize(
+    ("writes", "code"),
+    [
+        ([(0, b"a" * 4096), (512, b"b" * 4096)], grpc.StatusCode.INVALID_ARGUMENT),
+        ([(0, b"a" * 4096), (4096, b"b" * 1000)], grpc.StatusCode.INVALID_ARGUMENT),
+        ([(0, b"a" * 4096), (MiB, b"b" * 4096)], grpc.StatusCode.OUT_OF_RANGE),
+        ([(MiB - 4096, 8192)], grpc.StatusCode.OUT_OF_RANGE),
+    ],
+)
+def test_a_bad_batch_ends_the_stream_with_its_status_and_applies_nothing(rig, stubs, writes, code):
+    repl = stubs[0]
+    handshake(repl)
+    list(repl.Mirror(iter([open_msg(), batch_msg(1, [(0, b"x" * 8192)], flush=True)])))
+    before = replica_digest(rig)
+    with pytest.raises(grpc.RpcError) as err:
+        list(repl.Mirror(iter([open_msg(first=2), batch_msg(2, writes)])))
+    assert err.value.code() == code
+    assert "vol0" in err.value.details() or "outside" in err.value.details()
+    assert replica_digest(rig) == before
+    # The volume is free again for a correct stream.
+    acks = list(repl.Mirror(iter([open_msg(first=2), batch_msg(2, [(0, b"y" * 4096)])])))
+    assert [a.sequence for a in acks] == [2]
+
+
+def test_stream_protocol_errors(rig, stubs):
+    repl = stubs[0]
+    handshake(repl)
+    with pytest.raises(grpc.RpcError) as err:
+        list(repl.Mirror(iter([batch_msg(1, [(0, b"a" * 4096)])])))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as err:
+        list(repl.Mirror(iter([open_msg(volume="nope")])))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as err:
+        list(repl.Mirror(iter([open_msg(), open_msg()])))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize(
+    ("size", "block_size", "code"),
+    [
+        (MiB, 1000, grpc.StatusCode.INVALID_ARGUMENT),
+        (MiB + 1, 4096, grpc.StatusCode.INVALID_ARGUMENT),
+        (0, 4096, grpc.StatusCode.INVALID_ARGUMENT),
+        (2 * MiB, 4096, grpc.StatusCode.FAILED_PRECONDITION),
+    ],
+)
+def test_handshake_errors(stubs, size, block_size, code):
+    repl = stubs[0]
+    handshake(repl)
+    with pytest.raises(grpc.RpcError) as err:
+        handshake(repl, size=size, block_size=block_size)
+    assert err.value.code() == code
+
+
+def test_control_errors_have_their_codes_and_messages(stubs):
+    repl, ctl, _ = stubs
+    handshake(repl)
+    ctl.CreateSnapshot(control_pb2.CreateSnapshotRequest(volume="vol0", name="s1"))
+    cases = [
+        (
+            ctl.CreateSnapshot,
+            control_pb2.CreateSnapshotRequest(volume="vol0", name="s1"),
+            "ALREADY_EXISTS",
+            "s1",
+        ),
+        (ctl.CreateSnapshot, control_pb2.CreateSnapshotRequest(volume="nope"), "NOT_FOUND", "nope"),
+        (
+            ctl.CreateSnapshot,
+            control_pb2.CreateSnapshotRequest(volume="vol0", name="a@b"),
+            "INVALID_ARGUMENT",
+            "a@b",
+        ),
+        (ctl.DeleteSnapshot, control_pb2.DeleteSnapshotRequest(volume="vol0", name="zz"), "NOT_FOUND", "zz"),
+        (
+            ctl.DeleteSnapshot,
+            control_pb2.DeleteSnapshotRequest(volume="nope", name="s1"),
+            "NOT_FOUND",
+            "nope",
+        ),
+        (ctl.ListSnapshots, control_pb2.ListSnapshotsRequest(volume="nope"), "NOT_FOUND", "nope"),
+    ]
+    for call, request, code, word in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            call(request)
+        assert err.value.code().name == code
+        assert word in err.value.details()
+    listed = ctl.ListSnapshots(control_pb2.ListSnapshotsRequest())
+    assert [(s.name, s.export) for s in listed.snapshots] == [("s1", "vol0@s1")]
+    status = ctl.Status(control_pb2.StatusRequest())
+    assert [(v.name, v.state, v.connected) for v in status.volumes] == [("vol0", "uptodate", False)]

@@ -1,0 +1,171 @@
+"""The primary's mirrored device against a real standby (in process, real gRPC on loopback)."""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+
+import pytest
+from standby_rig import start_rig
+
+from primary.device import MirroredDevice, is_zero
+from primary.main import parse_volume
+from primary.mirror import Mirror
+from standbylib.blockdev import open_file_device
+from standbylib.errors import InvalidArgument, InvalidBlockSize
+
+MiB = 1 << 20
+
+
+class CountingMetrics:
+    def __init__(self):
+        self.batches = 0
+        self.writes = 0
+
+    def batch_sent(self, volume, nbytes, writes):
+        self.batches += 1
+        self.writes += writes
+
+    def connected(self, volume, up):
+        pass
+
+
+def mirrored(tmp_path, target, size=4 * MiB, block_size=4096, metrics=None):
+    local = open_file_device(str(tmp_path / "primary.img"), size)
+    mirror = Mirror(target, "vol0", size, block_size, metrics=metrics)
+    mirror.start()
+    assert mirror.wait_connected(10)
+    return MirroredDevice("vol0", local, mirror)
+
+
+def files_equal(a, b):
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        return fa.read() == fb.read()
+
+
+@pytest.fixture
+def device(tmp_path, rig):
+    dev = mirrored(tmp_path, rig.target)
+    yield dev
+    dev.mirror.stop()
+    dev.close()
+
+
+def test_a_write_is_on_the_replica_when_it_returns(rig, device):
+    device.write(8192, b"q" * 4096)
+    assert rig.node.replica("vol0").volume.read(8192, 4096) == b"q" * 4096
+
+
+def test_unaligned_writes_are_mirrored_as_whole_blocks(rig, device, tmp_path):
+    device.write(0, b"a" * 4096 * 3)
+    device.write(100, b"b" * 5000)  # touches blocks 0 and 1 partly
+    device.write(3 * 4096 - 1, b"c" * 2)  # straddles blocks 2 and 3
+    device.flush()
+    assert files_equal(tmp_path / "primary.img", rig.node.replica_path("vol0"))
+
+
+def test_zeroes_and_trims_keep_the_replica_sparse(rig, device, tmp_path):
+    device.write(0, os.urandom(MiB))
+    device.flush()
+    allocated = os.stat(rig.node.replica_path("vol0")).st_blocks
+    device.zero(0, 512 * 1024)  # aligned: punched on the standby
+    device.write(512 * 1024, bytes(256 * 1024))  # a write of zeros: punched too
+    device.zero(768 * 1024 + 100, 4096 * 4)  # unaligned edges: edge blocks travel as data
+    device.flush()
+    assert files_equal(tmp_path / "primary.img", rig.node.replica_path("vol0"))
+    after = os.stat(rig.node.replica_path("vol0")).st_blocks
+    assert after * 512 <= allocated * 512 - 768 * 1024 + 2 * 4096
+
+
+def test_concurrent_overlapping_writes_keep_their_order_and_share_batches(rig, tmp_path):
+    metrics = CountingMetrics()
+    dev = mirrored(tmp_path, rig.target, metrics=metrics)
+    try:
+
+        def writer(seed):
+            rnd = random.Random(seed)
+            for _ in range(150):
+                offset = rnd.randrange(0, 64) * 4096 + rnd.choice([0, 0, 512, 1000])
+                dev.write(offset, bytes([rnd.randrange(256)]) * rnd.choice([512, 4096, 9000]))
+
+        threads = [threading.Thread(target=writer, args=(s,)) for s in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        dev.flush()
+        assert files_equal(tmp_path / "primary.img", rig.node.replica_path("vol0"))
+        assert metrics.batches < metrics.writes  # concurrent writes were coalesced
+    finally:
+        dev.mirror.stop()
+        dev.close()
+
+
+def test_writes_wait_through_a_standby_restart_and_none_is_lost(tmp_path):
+    data = str(tmp_path / "standby")
+    rig = start_rig(data)
+    port = int(rig.target.rsplit(":", 1)[1])
+    dev = mirrored(tmp_path, rig.target)
+    try:
+        dev.write(0, b"1" * 4096)
+        rig.stop()
+        rig.node.close()
+        done = threading.Event()
+
+        def late_writer():
+            for i in range(1, 20):
+                dev.write(i * 4096, bytes([i]) * 4096)
+            done.set()
+
+        t = threading.Thread(target=late_writer)
+        t.start()
+        assert not done.wait(1.0)  # sync mode: no acknowledgement without the standby
+        rig = start_rig(data, port=port)
+        t.join(30)
+        assert done.is_set()
+        dev.flush()
+        assert files_equal(tmp_path / "primary.img", rig.node.replica_path("vol0"))
+        assert dev.mirror.handshakes >= 2
+    finally:
+        dev.mirror.stop()
+        dev.close()
+        rig.stop()
+        rig.node.close()
+
+
+def test_is_zero():
+    assert is_zero(bytes(3 * MiB))
+    assert not is_zero(bytes(3 * MiB - 1) + b"\1")
+    assert not is_zero(b"\1" + bytes(10))
+    assert not is_zero(bytes(MiB + 5) + b"\1" + bytes(5))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("vol0=/d/v.img", ("vol0", "/d/v.img", None, 4096)),
+        ("db=/d/db,size=10GiB", ("db", "/d/db", 10 << 30, 4096)),
+        ("db=/d/db,size=1MiB,block-size=64KiB", ("db", "/d/db", MiB, 65536)),
+    ],
+)
+def test_volume_specs(text, expected):
+    v = parse_volume(text)
+    assert (v.name, v.path, v.size, v.block_size) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("vol0", InvalidArgument),
+        ("vol0=", InvalidArgument),
+        ("a@b=/x", InvalidArgument),
+        ("v=/x,size=big", InvalidArgument),
+        ("v=/x,colour=red", InvalidArgument),
+        ("v=/x,block-size=1000", InvalidBlockSize),
+        ("v=/x,size=5000", InvalidArgument),
+    ],
+)
+def test_bad_volume_specs(text, error):
+    with pytest.raises(error):
+        parse_volume(text)

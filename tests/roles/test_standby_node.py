@@ -1,0 +1,164 @@
+"""The standby node in process: handshake, ordered apply and its validation, snapshots, restart."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+
+from standby.node import StandbyNode, parse_capacity
+from standbylib.errors import (
+    InvalidArgument,
+    InvalidBlockSize,
+    OutOfRange,
+    SnapshotExists,
+    StandbyError,
+    UnknownSnapshot,
+    UnknownVolume,
+    VolumeMismatch,
+)
+
+MiB = 1 << 20
+
+
+def digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+@pytest.fixture
+def node(tmp_path):
+    n = StandbyNode(str(tmp_path / "data"), capacity="64MiB")
+    yield n
+    n.close()
+
+
+def test_first_handshake_creates_a_sparse_replica_and_the_second_finds_it(node):
+    replica, created = node.handshake("vol0", 16 * MiB, 4096)
+    assert created
+    st = os.stat(node.replica_path("vol0"))
+    assert st.st_size == 16 * MiB and st.st_blocks == 0
+    again, created = node.handshake("vol0", 16 * MiB, 4096)
+    assert again is replica and not created
+
+
+@pytest.mark.parametrize(
+    ("size", "block_size", "error"),
+    [(16 * MiB, 8192, VolumeMismatch), (32 * MiB, 4096, VolumeMismatch), (16 * MiB, 1000, InvalidBlockSize)],
+)
+def test_handshake_refuses_a_different_geometry(node, size, block_size, error):
+    node.handshake("vol0", 16 * MiB, 4096)
+    with pytest.raises(error):
+        node.handshake("vol0", size, block_size)
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "vol@1", "-x", "x" * 200])
+def test_handshake_refuses_bad_volume_names(node, name):
+    with pytest.raises(InvalidArgument):
+        node.handshake(name, MiB, 4096)
+    assert not os.listdir(os.path.join(node.data_dir, "replicas"))
+
+
+def test_batches_apply_in_order_and_a_resend_is_skipped(node):
+    replica, _ = node.handshake("vol0", MiB, 4096)
+    node.open_stream("vol0", "p1", 1)
+    assert node.apply(replica, 1, [(0, b"a" * 4096)], False)
+    assert node.apply(replica, 2, [(4096, b"b" * 8192), (0, 4096)], True)
+    # The primary reconnects and resends batch 2: acknowledged, not applied twice.
+    node.close_stream(replica)
+    node.open_stream("vol0", "p1", 2)
+    assert not node.apply(replica, 2, [(0, b"z" * 4096)], False)
+    assert replica.volume.read(0, 12288) == bytes(4096) + b"b" * 8192
+    assert replica.applied_batches == 2 and replica.applied_bytes == 4096 + 8192 + 4096
+
+
+def test_a_gap_in_the_sequence_is_refused(node):
+    replica, _ = node.handshake("vol0", MiB, 4096)
+    node.open_stream("vol0", "p1", 1)
+    with pytest.raises(InvalidArgument, match="batch 3 arrived, 1 expected"):
+        node.apply(replica, 3, [(0, b"a" * 4096)], False)
+
+
+@pytest.mark.parametrize(
+    ("ops", "error"),
+    [
+        ([(0, b"a" * 4096), (100, b"b" * 4096)], InvalidArgument),  # misaligned offset
+        ([(0, b"a" * 4096), (4096, b"b" * 100)], InvalidArgument),  # partial block
+        ([(0, b"a" * 4096), (MiB, b"b" * 4096)], OutOfRange),  # past the end
+        ([(0, b"a" * 4096), (MiB - 4096, 8192)], OutOfRange),  # zeroed range past the end
+        ([(0, b"a" * 4096), (0, b"")], InvalidArgument),  # empty write
+    ],
+)
+def test_a_bad_write_refuses_the_whole_batch(node, ops, error):
+    replica, _ = node.handshake("vol0", MiB, 4096)
+    node.open_stream("vol0", "p1", 1)
+    node.apply(replica, 1, [(0, b"x" * 8192)], True)
+    before = digest(node.replica_path("vol0"))
+    with pytest.raises(error):
+        node.apply(replica, 2, ops, False)
+    assert digest(node.replica_path("vol0")) == before
+    assert replica.applied_sequence == 1
+    # The next good batch still applies.
+    assert node.apply(replica, 2, [(0, b"y" * 4096)], False)
+
+
+def test_one_stream_per_volume(node):
+    node.handshake("vol0", MiB, 4096)
+    node.open_stream("vol0", "p1", 1)
+    with pytest.raises(StandbyError, match="already being mirrored"):
+        node.open_stream("vol0", "p2", 1)
+
+
+def test_snapshots_freeze_the_replica_and_survive_a_restart(tmp_path):
+    data = str(tmp_path / "data")
+    node = StandbyNode(data, capacity="64MiB")
+    replica, _ = node.handshake("vol0", MiB, 4096)
+    node.open_stream("vol0", "p1", 1)
+    node.apply(replica, 1, [(0, b"1" * 65536)], False)
+    info = node.create_snapshot("vol0", "s1")
+    assert (info.name, info.valid, info.preserved_bytes) == ("s1", True, 0)
+    auto = node.create_snapshot("vol0", None)
+    assert auto.name.startswith("snap-")
+    node.apply(replica, 2, [(0, b"2" * 8192), (65536, b"3" * 4096)], False)
+    assert node.export("vol0@s1").read(0, 65536) == b"1" * 65536
+    assert [i.preserved_bytes for i in node.snapshots("vol0")] == [3 * 4096, 3 * 4096]
+    with pytest.raises(SnapshotExists):
+        node.create_snapshot("vol0", "s1")
+    with pytest.raises(UnknownVolume):
+        node.create_snapshot("nope", "s1")
+    node.close_stream(replica)
+    node.close()
+
+    node = StandbyNode(data, capacity="64MiB")
+    try:
+        assert node.export_names() == ["vol0@s1", f"vol0@{auto.name}"] or sorted(
+            node.export_names()
+        ) == sorted(["vol0@s1", f"vol0@{auto.name}"])
+        assert node.export("vol0@s1").read(0, 65536) == b"1" * 65536
+        assert node.replica("vol0").volume.read(0, 8192) == b"2" * 8192
+        node.delete_snapshot("vol0", "s1")
+        assert node.export("vol0@s1") is None
+        with pytest.raises(UnknownSnapshot):
+            node.delete_snapshot("vol0", "s1")
+    finally:
+        node.close()
+
+
+def test_a_missing_replica_is_a_clear_error(tmp_path):
+    data = str(tmp_path / "data")
+    node = StandbyNode(data, capacity="64MiB")
+    node.handshake("vol0", MiB, 4096)
+    node.close()
+    os.unlink(os.path.join(data, "replicas", "vol0.img"))
+    with pytest.raises(StandbyError, match=r"replica .* is missing"):
+        StandbyNode(data, capacity="64MiB")
+
+
+def test_capacity_percentages_are_of_the_data_filesystem(tmp_path):
+    st = os.statvfs(tmp_path)
+    assert parse_capacity("10%", str(tmp_path)) == max(MiB, int(st.f_blocks * st.f_frsize * 0.1))
+    assert parse_capacity("2GiB", str(tmp_path)) == 2 << 30
+    for bad in ("0%", "150%", "x%", "0", "lots"):
+        with pytest.raises(InvalidArgument):
+            parse_capacity(bad, str(tmp_path))
