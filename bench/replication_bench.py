@@ -125,9 +125,8 @@ def main() -> int:
             for who in order:
                 pair[who] = fio_write(ours_uri if who == "ours" else peer_uri, size)
             pair["ratio"] = round(pair["nbdkit"]["seconds"] / pair["ours"]["seconds"], 3)
-            log(
-                f"pair {i + 1}/{pairs}: ours {pair['ours']['mb_per_s']} MB/s, nbdkit {pair['nbdkit']['mb_per_s']} MB/s"
-            )
+            ours, peer = pair["ours"]["mb_per_s"], pair["nbdkit"]["mb_per_s"]
+            log(f"pair {i + 1}/{pairs}: ours {ours} MB/s, nbdkit {peer} MB/s")
             runs.append(pair)
         identical = sha256(work / "primary.img") == sha256(work / "standby" / "replicas" / "vol0.img")
         ratio = round(median([r["ratio"] for r in runs]), 3)
