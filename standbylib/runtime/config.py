@@ -66,15 +66,19 @@ def add_options(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
         meta = f.metadata
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         shown = "none" if default in (None, [], "") else default
+        if isinstance(default, tuple):
+            shown = format_address(default)
         kwargs: dict[str, Any] = {
             "dest": f.name,
             "default": None,
-            "help": f"{meta['help']} (default: {shown})",
+            "help": f"{meta['help']} (default: {shown})".replace("%", "%%"),
         }
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["metavar"] = meta.get("metavar") or f.name.upper()
+            kwargs["metavar"] = meta.get("metavar") or (
+                "|".join(meta["choices"]) if meta.get("choices") else f.name.upper()
+            )
             if meta.get("choices"):
                 kwargs["choices"] = meta["choices"]
             if meta.get("repeat"):
@@ -109,6 +113,9 @@ def resolve(cls: type[T], args: argparse.Namespace) -> T:
         if value is not None:
             values[name] = value
     for name, value in list(values.items()):
+        choices = names[name].metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(detail=f"{_flag(names[name])}: {value!r} is not one of {', '.join(choices)}")
         parse = names[name].metadata.get("parse")
         if parse is None or value is None:
             continue
@@ -140,6 +147,8 @@ def _toml_value(value: Any) -> str:
         return str(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, tuple) and len(value) == 2:
+        return json.dumps(format_address(value))
     if hasattr(value, "spec"):
         return json.dumps(str(value.spec))
     return json.dumps(str(value))

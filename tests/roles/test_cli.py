@@ -1,0 +1,90 @@
+"""Command lines of the three programs: help, configuration files, usage errors (exit 2)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+PROGRAMS = {
+    "standby-daemon": "standby.main",
+    "standby-primary": "primary.main",
+    "standbyctl": "standby.ctl",
+}
+
+
+def run(program, *args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", PROGRAMS[program], *args], capture_output=True, text=True, timeout=60, cwd=cwd
+    )
+
+
+@pytest.mark.parametrize("program", sorted(PROGRAMS))
+def test_help_names_every_contract_flag(program):
+    out = run(program, "--help")
+    assert out.returncode == 0
+    expected = {
+        "standby-daemon": ["--data-dir", "--listen", "--nbd-listen", "--metrics-listen", "--preservation-capacity",
+                           "--on-full", "--config", "--show-config", "127.0.0.1:7700", "127.0.0.1:10809"],
+        "standby-primary": ["--volume", "--standby", "--nbd-listen", "--metrics-listen", "--mode", "127.0.0.1:10810"],
+        "standbyctl": ["--standby", "status", "snapshot"],
+    }[program]  # fmt: skip
+    for flag in expected:
+        assert flag in out.stdout, flag
+
+
+def test_show_config_round_trips_through_a_config_file(tmp_path):
+    first = run("standby-daemon", "--show-config", "--data-dir", str(tmp_path), "--on-full", "defer")
+    assert first.returncode == 0
+    conf = tmp_path / "standby.toml"
+    conf.write_text(first.stdout)
+    again = run("standby-daemon", "--show-config", "--config", str(conf))
+    assert again.returncode == 0 and again.stdout == first.stdout
+    assert 'on_full = "defer"' in again.stdout and 'listen = "127.0.0.1:7700"' in again.stdout
+    # A flag wins over the file.
+    flagged = run("standby-daemon", "--show-config", "--config", str(conf), "--listen", "127.0.0.1:9")
+    assert 'listen = "127.0.0.1:9"' in flagged.stdout
+
+
+@pytest.mark.parametrize(
+    ("program", "args", "message"),
+    [
+        ("standby-daemon", [], "--data-dir is required"),
+        ("standby-daemon", ["--data-dir", "d", "--listen", "nope"], "must be HOST:PORT"),
+        ("standby-daemon", ["--data-dir", "d", "--on-full", "panic"], "invalid choice"),
+        ("standby-primary", ["--standby", "127.0.0.1:1"], "at least one --volume"),
+        ("standby-primary", ["--volume", "v=/x"], "--standby H:P is required"),
+        ("standby-primary", ["--standby", "h:1", "--volume", "v=/x,size=12"], "multiple of the block size"),
+        ("standby-primary", ["--standby", "h:1", "--volume", "v=/x", "--volume", "v=/y"], "must be unique"),
+        ("standbyctl", ["snapshot"], "ACTION"),
+        ("standbyctl", ["--standby", "nope", "status"], "HOST:PORT"),
+        ("standbyctl", ["snapshot", "create", "v", "--capacity", "huge"], "--capacity"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(tmp_path, program, args, message):
+    out = run(program, *args, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_bad_config_files_are_usage_errors(tmp_path):
+    bad = tmp_path / "bad.toml"
+    for text, message in [
+        ('data_dir = "d"\nbogus = 1\n', "unknown setting 'bogus'"),
+        ('data_dir = "d"\non_full = "panic"\n', "not one of invalidate, defer"),
+        ("data_dir = [\n", "not valid TOML"),
+    ]:
+        bad.write_text(text)
+        out = run("standby-daemon", "--config", str(bad))
+        assert out.returncode == 2 and message in out.stderr, out.stderr
+    out = run("standby-daemon", "--config", str(tmp_path / "missing.toml"))
+    assert out.returncode == 2 and "cannot read" in out.stderr
+
+
+def test_standbyctl_reports_an_unreachable_standby_in_one_line():
+    out = run("standbyctl", "--standby", "127.0.0.1:1", "--timeout", "3", "status")
+    assert out.returncode == 1
+    assert out.stderr.startswith("standbyctl: cannot reach 127.0.0.1:1")
+    assert len(out.stderr.strip().splitlines()) == 1
