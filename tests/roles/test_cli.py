@@ -25,9 +25,11 @@ def test_help_names_every_contract_flag(program):
     out = run(program, "--help")
     assert out.returncode == 0
     expected = {
-        "standby-daemon": ["--data-dir", "--listen", "--nbd-listen", "--metrics-listen", "--preservation-capacity",
-                           "--on-full", "--config", "--show-config", "127.0.0.1:7700", "127.0.0.1:10809"],
-        "standby-primary": ["--volume", "--standby", "--nbd-listen", "--metrics-listen", "--mode", "127.0.0.1:10810"],
+        "standby-daemon": ["--data-dir", "--listen", "--nbd-listen", "--metrics-listen",
+                           "--preservation-capacity", "--on-full", "--config", "--show-config",
+                           "127.0.0.1:7700", "127.0.0.1:10809"],
+        "standby-primary": ["--volume", "--standby", "--nbd-listen", "--metrics-listen", "--mode",
+                            "127.0.0.1:10810"],
         "standbyctl": ["--standby", "status", "snapshot"],
     }[program]  # fmt: skip
     for flag in expected:
