@@ -29,6 +29,7 @@ import grpc
 
 from standbylib.errors import StandbyError
 from standbylib.rpc.v1 import replication_pb2, replication_pb2_grpc
+from standbylib.rpc.wire import encode_batch
 from standbylib.runtime import logs, rpc
 
 log = logs.get(__name__)
@@ -37,6 +38,8 @@ log = logs.get(__name__)
 BATCH_BYTES = 4 << 20
 #: Unacknowledged batches on the stream.
 WINDOW_BATCHES = 4
+#: The Mirror method's full name (proto/v1/replication.proto).
+MIRROR_METHOD = "/standbyappliance.v1.Replication/Mirror"
 #: Reconnect backoff: first delay, cap.
 BACKOFF_FIRST, BACKOFF_CAP = 0.2, 10.0
 
@@ -72,7 +75,8 @@ class _Batch:
     sequence: int
     last_op: int
     nbytes: int
-    message: replication_pb2.MirrorRequest
+    writes: int
+    message: bytes  # the serialised MirrorRequest
 
 
 class Mirror:
@@ -226,12 +230,18 @@ class Mirror:
         self._first_contact.set()
 
     def _stream(self, channel: grpc.Channel) -> None:
-        stub = replication_pb2_grpc.ReplicationStub(channel)
+        # Batches are serialised by `wire.encode_batch` (protobuf's encoder is too slow for bulk data),
+        # so this call passes request bytes through unchanged.
+        mirror = channel.stream_stream(
+            MIRROR_METHOD,
+            request_serializer=_identity,
+            response_deserializer=replication_pb2.MirrorReply.FromString,
+        )
         with self._cond:
             self._stream_id += 1
             stream_id = self._stream_id
             first = next(iter(self._outstanding), self._next_sequence)
-        responses = stub.Mirror(self._requests(stream_id, first))
+        responses = mirror(self._requests(stream_id, first))
         try:
             with self._cond:
                 self.connected = True
@@ -254,13 +264,12 @@ class Mirror:
                 self._acked_op = max(self._acked_op, batch.last_op)
             self._cond.notify_all()
 
-    def _requests(self, stream_id: int, first: int) -> Iterator[replication_pb2.MirrorRequest]:
+    def _requests(self, stream_id: int, first: int) -> Iterator[bytes]:
         """The request side of one stream: `open`, the unacknowledged batches again, then new ones."""
-        yield replication_pb2.MirrorRequest(
-            open=replication_pb2.MirrorOpen(
-                volume=self.volume, first_sequence=first, primary_id=self.primary_id
-            )
+        opening = replication_pb2.MirrorOpen(
+            volume=self.volume, first_sequence=first, primary_id=self.primary_id
         )
+        yield replication_pb2.MirrorRequest(open=opening).SerializeToString()
         with self._cond:
             resend = list(self._outstanding.values())
         for batch in resend:
@@ -276,38 +285,37 @@ class Mirror:
                 if self._stream_id != stream_id:
                     return
                 batch = self._form_batch()
-            self.metrics.batch_sent(self.volume, batch.nbytes, len(batch.message.batch.writes))
+            self.metrics.batch_sent(self.volume, batch.nbytes, batch.writes)
             yield batch.message
 
     def _form_batch(self) -> _Batch:
         """Take pending ops (under the lock) into the next batch."""
-        writes: list[replication_pb2.Write] = []
+        ops: list[tuple[int, bytes | int]] = []
         nbytes = 0
         flush = False
         last = 0
         while self._pending:
             op = self._pending[0]
             size = len(op.data) if op.data is not None else op.zero
-            if writes and nbytes + size > self.batch_bytes:
+            if ops and nbytes + size > self.batch_bytes:
                 break
             self._pending.popleft()
             last = op.number
             if op.barrier:
                 flush = True
                 break
-            if op.data is not None:
-                writes.append(replication_pb2.Write(offset=op.offset, data=op.data))
-            else:
-                writes.append(replication_pb2.Write(offset=op.offset, zero_length=op.zero))
+            ops.append((op.offset, op.data if op.data is not None else op.zero))
             nbytes += size
         sequence = self._next_sequence
         self._next_sequence += 1
-        message = replication_pb2.MirrorRequest(
-            batch=replication_pb2.Batch(sequence=sequence, writes=writes, flush=flush)
-        )
-        batch = _Batch(sequence, last, nbytes, message)
+        message = b"".join(encode_batch(sequence, ops, flush))
+        batch = _Batch(sequence, last, nbytes, len(ops), message)
         self._outstanding[sequence] = batch
         return batch
+
+
+def _identity(message: bytes) -> bytes:
+    return message
 
 
 def _details(e: grpc.RpcError) -> str:
