@@ -41,9 +41,11 @@ test: venv system-deps proto-check lint typecheck
 soak: venv system-deps
 	$(BIN)/pytest -m soak $(PYTEST_ARGS)
 
-bench: venv
+bench: venv system-deps
 	@mkdir -p bench/results
 	$(BIN)/python bench/engine_bench.py --output bench/results/engine.json
+	$(BIN)/python bench/nbd_bench.py --output bench/results/nbd.json
+	$(BIN)/python bench/replication_bench.py --output bench/results/replication.json
 
 demo: venv
 	$(BIN)/python -m standbylib.demo
