@@ -7,7 +7,6 @@ Thin adapters: they translate messages to `StandbyNode` calls and library errors
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import grpc
 
@@ -15,7 +14,7 @@ from standby.node import StandbyNode
 from standbylib.errors import StandbyError
 from standbylib.rpc.v1 import control_pb2, control_pb2_grpc, replication_pb2, replication_pb2_grpc
 from standbylib.runtime import logs
-from standbylib.runtime.rpc import abort, guarded
+from standbylib.runtime.rpc import abort, add_service, guarded
 from standbylib.snapshot.volume import SnapshotInfo, WriteOp
 
 log = logs.get(__name__)
@@ -176,6 +175,6 @@ def _version() -> str:
         return "unknown"
 
 
-def register(server: grpc.Server, node: StandbyNode, nbd_address: str) -> Any:
-    replication_pb2_grpc.add_ReplicationServicer_to_server(ReplicationService(node), server)
-    control_pb2_grpc.add_ControlServicer_to_server(ControlService(node, nbd_address), server)
+def register(server: grpc.Server, node: StandbyNode, nbd_address: str) -> None:
+    add_service(server, replication_pb2.DESCRIPTOR.services_by_name["Replication"], ReplicationService(node))
+    add_service(server, control_pb2.DESCRIPTOR.services_by_name["Control"], ControlService(node, nbd_address))

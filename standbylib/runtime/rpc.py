@@ -13,6 +13,9 @@ from contextlib import contextmanager
 from typing import Any, NoReturn
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.message_factory import GetMessageClass
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from standbylib.errors import (
@@ -127,6 +130,77 @@ def guarded(method: Callable[..., Any]) -> Callable[..., Any]:
 def _is_abort(exc: BaseException) -> bool:
     # context.abort raises a bare Exception subclass private to grpc; let it through untouched.
     return type(exc).__module__.startswith("grpc") or type(exc).__name__ == "_AbortError"
+
+
+class Malformed:
+    """Stands for a request message that did not parse; the servicer side answers INVALID_ARGUMENT."""
+
+    def __init__(self, type_name: str, error: str) -> None:
+        self.message = f"malformed {type_name} message: {error}"
+
+
+def _parser(cls: type[Message]) -> Callable[[bytes], Message | Malformed]:
+    def parse(data: bytes) -> Message | Malformed:
+        try:
+            return cls.FromString(data)
+        except (DecodeError, RuntimeWarning, ValueError) as e:
+            return Malformed(cls.DESCRIPTOR.name, str(e) or type(e).__name__)
+
+    return parse
+
+
+def _checked_unary(method: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
+    def handle(request: Any, context: grpc.ServicerContext) -> Any:
+        if isinstance(request, Malformed):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        return method(request, context)
+
+    return handle
+
+
+def _checked_stream(method: Callable[[Iterator[Any], grpc.ServicerContext], Any]) -> Callable[..., Any]:
+    def handle(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        def checked() -> Iterator[Any]:
+            for request in requests:
+                if isinstance(request, Malformed):
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                yield request
+
+        return method(checked(), context)
+
+    return handle
+
+
+def add_service(server: grpc.Server, service: ServiceDescriptor, servicer: object) -> None:
+    """Register `servicer` (methods named as in the .proto) for `service`.
+
+    Used instead of the generated ``add_*_to_server`` so that a request that does not parse is answered
+    INVALID_ARGUMENT with the parser's reason (grpc's own handling answers INTERNAL and logs an error).
+    """
+    handlers = {}
+    for m in service.methods:
+        request_cls = GetMessageClass(m.input_type)
+        response_cls = GetMessageClass(m.output_type)
+        impl = getattr(servicer, m.name)
+        factory: Any
+        if m.client_streaming:
+            streaming = m.server_streaming
+            factory = (
+                grpc.stream_stream_rpc_method_handler if streaming else grpc.stream_unary_rpc_method_handler
+            )
+            behaviour = _checked_stream(impl)
+        else:
+            streaming = m.server_streaming
+            factory = (
+                grpc.unary_stream_rpc_method_handler if streaming else grpc.unary_unary_rpc_method_handler
+            )
+            behaviour = _checked_unary(impl)
+        handlers[m.name] = factory(
+            behaviour,
+            request_deserializer=_parser(request_cls),
+            response_serializer=response_cls.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
 
 def create_server(

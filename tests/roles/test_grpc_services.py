@@ -164,3 +164,30 @@ def test_control_errors_have_their_codes_and_messages(stubs):
     assert [(s.name, s.export) for s in listed.snapshots] == [("s1", "vol0@s1")]
     status = ctl.Status(control_pb2.StatusRequest())
     assert [(v.name, v.state, v.connected) for v in status.volumes] == [("vol0", "uptodate", False)]
+
+
+@pytest.mark.parametrize("garbage", [b"\xff\xff\xff", b"\x12\x7f\x08", b"\x0a\x05abc"])
+def test_malformed_messages_are_invalid_argument_and_the_server_goes_on(rig, stubs, garbage):
+    channel = grpc.insecure_channel(rig.target)
+    try:
+        raw_handshake = channel.unary_unary(
+            "/standbyappliance.v1.Replication/Handshake", request_serializer=None, response_deserializer=None
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            raw_handshake(garbage)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "malformed HandshakeRequest" in err.value.details()
+        raw_mirror = channel.stream_stream(
+            "/standbyappliance.v1.Replication/Mirror", request_serializer=None, response_deserializer=None
+        )
+        handshake(stubs[0])
+        opening = open_msg().SerializeToString()
+        with pytest.raises(grpc.RpcError) as err:
+            list(raw_mirror(iter([opening, garbage])))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "malformed MirrorRequest" in err.value.details()
+    finally:
+        channel.close()
+    # Still serving, and the volume is free for a proper stream.
+    acks = list(stubs[0].Mirror(iter([open_msg(), batch_msg(1, [(0, b"a" * 4096)])])))
+    assert [a.sequence for a in acks] == [1]
