@@ -47,8 +47,8 @@ bench: venv system-deps
 	$(BIN)/python bench/nbd_bench.py --output bench/results/nbd.json
 	$(BIN)/python bench/replication_bench.py --output bench/results/replication.json
 
-demo: venv
-	$(BIN)/python -m standbylib.demo
+demo: venv system-deps
+	$(BIN)/python scripts/demo.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis bench/results

@@ -10,17 +10,19 @@ import json
 import os
 import platform
 import re
-import signal
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
+
+from standbylib.runtime.launch import Daemon, start_primary, start_standby
+
+__all__ = ["Daemon", "start_primary", "start_standby"]
 
 ROOT = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
 
 
 def log(msg: str) -> None:
@@ -85,64 +87,6 @@ def tool_version(argv: list[str]) -> str:
     except OSError:
         return "missing"
     return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr) else "unknown"
-
-
-class Daemon:
-    """A daemon of ours started as a process; its JSON log lines on stderr tell where it listens."""
-
-    def __init__(self, name: str, argv: list[str], log_path: Path, *, timeout: float = 60.0) -> None:
-        self.name = name
-        self.log_path = log_path
-        self._log: IO[bytes] = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=self._log)
-        self.addresses: dict[str, str] = {}
-        deadline = time.monotonic() + timeout
-        while not self._ready():
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"{name} exited with {self.proc.returncode}:\n{log_path.read_text()[-3000:]}"
-                )
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"{name} not ready after {timeout} s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.05)
-
-    def _ready(self) -> bool:
-        ready = False
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if event.get("event") == "listening":
-                self.addresses[event["service"]] = event["address"]
-            ready = ready or event.get("event") == "ready"
-        return ready
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-
-def start_standby(data_dir: Path, *extra: str) -> Daemon:
-    data_dir.mkdir(parents=True, exist_ok=True)
-    argv = [str(VENV_BIN / "standby-daemon"), "--data-dir", str(data_dir), "--listen", "127.0.0.1:0"]
-    argv += ["--nbd-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--log-format", "json", *extra]
-    return Daemon("standby-daemon", argv, data_dir.parent / f"{data_dir.name}.log")
-
-
-def start_primary(volumes: list[str], standby: str, log_path: Path, *extra: str) -> Daemon:
-    argv = [str(VENV_BIN / "standby-primary"), "--standby", standby]
-    for v in volumes:
-        argv += ["--volume", v]
-    argv += ["--nbd-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--log-format", "json", *extra]
-    return Daemon("standby-primary", argv, log_path)
 
 
 def start_nbdkit_file(path: Path, port: int) -> subprocess.Popen[bytes]:
