@@ -142,6 +142,7 @@ def serve(conf: PrimaryConfig) -> int:
         for spec in conf.volume:
             local = open_volume(spec)
             mirror = Mirror(conf.standby, spec.name, local.size, spec.block_size, metrics=metrics)
+            metrics.add_volume(spec.name, mirror.in_flight_bytes)
             devices[spec.name] = MirroredDevice(spec.name, local, mirror, metrics=metrics)
             mirror.start()
         metrics_server = MetricsServer(registry, conf.metrics_listen)

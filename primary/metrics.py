@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from standbylib.runtime.metrics import LATENCY_BUCKETS
@@ -48,6 +50,15 @@ class PrimaryMetrics:
             ["volume"],
             registry=registry,
         )
+
+    def add_volume(self, volume: str, in_flight: Callable[[], float]) -> None:
+        """Create the volume's series (at 0, so they exist before its first write); `in_flight` is read
+        at every scrape."""
+        self.written.labels(volume)
+        self.mirrored.labels(volume)
+        self.batches.labels(volume)
+        self.up.labels(volume).set(0)
+        self.in_flight.labels(volume).set_function(in_flight)
 
     def write_done(self, volume: str, seconds: float, nbytes: int) -> None:
         self.write_latency.labels(volume, self.mode).observe(seconds)

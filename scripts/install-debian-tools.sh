@@ -4,7 +4,8 @@
 set -euo pipefail
 
 # command:package pairs
-tools=(qemu-img:qemu-utils qemu-io:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdkit:nbdkit fio:fio)
+tools=(qemu-img:qemu-utils qemu-io:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdfuse:libnbd-bin
+       nbdkit:nbdkit fio:fio fuse2fs:fuse2fs mkfs.ext4:e2fsprogs e2fsck:e2fsprogs)
 
 missing=()
 for pair in "${tools[@]}"; do

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from standby import services
 from standby.metrics import StandbyMetrics
-from standby.node import StandbyNode
+from standby.node import StandbyNode, check_capacity
 from standbylib.nbd.server import NbdServer
 from standbylib.runtime import config as cfg
 from standbylib.runtime import logs
@@ -44,6 +44,7 @@ class StandbyConfig:
         "space for preserved blocks, shared by all snapshots: a size (64GiB) or a percentage of the "
         "filesystem holding --data-dir",
         metavar="SIZE|PCT%",
+        parse=check_capacity,
     )
     on_full: str = cfg.setting(
         "invalidate",

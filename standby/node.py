@@ -86,8 +86,8 @@ class Replica:
         return self.volume.block_size
 
 
-def parse_capacity(spec: str | int, data_dir: str) -> int:
-    """``SIZE`` or ``PCT%`` of the filesystem holding `data_dir`."""
+def check_capacity(spec: str | int) -> str:
+    """Validate a capacity, ``SIZE`` or ``PCT%``, before any directory exists; returns it as text."""
     text = str(spec).strip()
     if text.endswith("%"):
         try:
@@ -96,12 +96,18 @@ def parse_capacity(spec: str | int, data_dir: str) -> int:
             pct = -1.0
         if not 0 < pct <= 100:
             raise InvalidArgument(detail=f"preservation capacity {text!r}: a percentage must be in (0, 100]")
-        st = os.statvfs(data_dir)
-        return max(1 << 20, int(st.f_blocks * st.f_frsize * pct / 100))
-    size = parse_size(text)
-    if size <= 0:
+    elif parse_size(text) <= 0:
         raise InvalidArgument(detail=f"preservation capacity {text!r} must be greater than 0")
-    return size
+    return text
+
+
+def parse_capacity(spec: str | int, data_dir: str) -> int:
+    """``SIZE`` bytes, or ``PCT%`` of the filesystem holding `data_dir` (at least 1 MiB)."""
+    text = check_capacity(spec)
+    if text.endswith("%"):
+        st = os.statvfs(data_dir)
+        return max(1 << 20, int(st.f_blocks * st.f_frsize * float(text[:-1]) / 100))
+    return parse_size(text)
 
 
 class StandbyNode:

@@ -1,0 +1,50 @@
+"""Fixtures of the end-to-end suite (the machinery is in e2e_support.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from e2e_support import VOLUME_SIZE, Appliance, Daemons, Model, Writer
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Generator[None, Any, None]:
+    """A failed test shows the log tail of every daemon it started."""
+    outcome = yield
+    rep = outcome.get_result()
+    ds = getattr(item, "funcargs", {}).get("daemons")
+    if rep.failed and isinstance(ds, Daemons) and ds.started:
+        text = "\n\n".join(f"--- {d.name} ({d.log_path})\n{d.tail(30)}" for d in ds.started)
+        rep.sections.append((f"daemon logs ({rep.when})", text))
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tools that drop files in their working directory (fio's verify state) drop them in tmp_path."""
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[Daemons]:
+    ds = Daemons(tmp_path)
+    try:
+        yield ds
+    finally:
+        problems = ds.finish()
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def appliance(daemons: Daemons, tmp_path: Path) -> Appliance:
+    standby = daemons.standby()
+    vol = tmp_path / "primary" / "vol0.img"
+    vol.parent.mkdir()
+    primary = daemons.primary(standby, {"vol0": f"{vol},size=32MiB,block-size=4096"}, "--mode", "sync")
+    model = Model(VOLUME_SIZE)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    return Appliance(standby, primary, model, Writer(primary.uri("vol0"), model, scratch), tmp_path, daemons)

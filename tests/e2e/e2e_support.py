@@ -1,0 +1,538 @@
+"""Support of the end-to-end suite: the real daemons as subprocesses on loopback, driven by real clients.
+
+Everything here goes through the command-line contract of ARCHITECTURE.md section 6 and nothing else:
+daemons are started with port 0 and found through their `listening` log lines, the standby is driven with
+`standbyctl`, data is written and read with qemu-io, qemu-img, nbdcopy, nbdinfo and fio. The expected image
+of a volume is kept in a `Model` that mirrors every write a test sends.
+
+A daemon that does not start, does not stop on SIGTERM with exit code 0, or leaves a process behind fails
+the test that started it; nothing is skipped: a missing client tool is a failure that names its package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+MiB = 1 << 20
+BS = 4096
+VOLUME_SIZE = 32 * MiB
+
+START_TIMEOUT = 60.0  # the machine is shared and noisy: generous, and never a measurement
+STOP_TIMEOUT = 30.0
+TOOL_TIMEOUT = 120.0
+
+# command -> Debian package (scripts/install-debian-tools.sh installs them; `make test` runs it)
+TOOLS = {
+    "qemu-io": "qemu-utils",
+    "qemu-img": "qemu-utils",
+    "nbdinfo": "libnbd-bin",
+    "nbdcopy": "libnbd-bin",
+    "nbdfuse": "libnbd-bin",
+    "fio": "fio",
+    "mkfs.ext4": "e2fsprogs",
+    "e2fsck": "e2fsprogs",
+    "fuse2fs": "fuse2fs",
+}
+
+
+def need(*tools: str) -> None:
+    """Fail (never skip) when a client tool the test drives is missing."""
+    for tool in tools:
+        if _which(tool) is None:
+            pytest.fail(
+                f"{tool} is missing: install the Debian package {TOOLS.get(tool, '?')} "
+                "(`make system-deps`, scripts/install-debian-tools.sh)",
+                pytrace=False,
+            )
+
+
+def _which(tool: str) -> str | None:
+    for d in [*os.environ.get("PATH", "").split(os.pathsep), "/usr/sbin", "/sbin"]:
+        p = os.path.join(d, tool)
+        if os.path.isfile(p) and os.access(p, os.X_OK):
+            return p
+    return None
+
+
+def run(
+    *args: str | os.PathLike[str],
+    check: bool = True,
+    timeout: float = TOOL_TIMEOUT,
+) -> subprocess.CompletedProcess[str]:
+    """Run a client tool; on an unexpected exit status or a hang, fail with its full output."""
+    argv = [os.fspath(a) for a in args]
+    try:
+        cp = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(
+            f"`{shlex.join(argv)}` did not finish within {timeout:.0f} s (killed)\n"
+            f"stdout:\n{_text(e.stdout)}\nstderr:\n{_text(e.stderr)}",
+            pytrace=False,
+        )
+    if check and cp.returncode != 0:
+        pytest.fail(
+            f"`{shlex.join(argv)}` exited {cp.returncode}\nstdout:\n{cp.stdout}\nstderr:\n{cp.stderr}",
+            pytrace=False,
+        )
+    return cp
+
+
+def _text(b: bytes | str | None) -> str:
+    return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+
+
+# ------------------------------------------------------------------------------------------ daemons
+
+
+class Daemon:
+    """One daemon subprocess in its own session; its stderr JSON log is collected by a thread."""
+
+    def __init__(self, name: str, argv: list[str], log_dir: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.lines: list[str] = []
+        self.events: list[dict[str, Any]] = []
+        self._cond = threading.Condition()
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115 - closed by the reader
+        self._log.write(f"# {shlex.join(argv)}\n")
+        self._log.flush()
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.PIPE,
+            start_new_session=True,  # its own process group: a leftover child can be found and ended
+            cwd=log_dir,
+        )
+        self.pgid = self.proc.pid
+        self._reader = threading.Thread(target=self._read, name=f"log-{name}", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            self._log.write(line + "\n")
+            self._log.flush()
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                obj = None
+            with self._cond:
+                self.lines.append(line)
+                if isinstance(obj, dict):
+                    self.events.append(obj)
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def tail(self, n: int = 40) -> str:
+        with self._cond:
+            return "\n".join(self.lines[-n:])
+
+    def wait_for(self, event: str, timeout: float = START_TIMEOUT, **fields: Any) -> dict[str, Any]:
+        """The first log event named `event` whose fields include `fields`; fails if the daemon exits."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for ev in self.events:
+                    if ev.get("event") == event and all(ev.get(k) == v for k, v in fields.items()):
+                        return ev
+                if self.proc.poll() is not None and not self._reader.is_alive():
+                    pytest.fail(
+                        f"{self.name} exited with {self.proc.returncode} before logging {event!r} {fields}\n"
+                        f"command: {shlex.join(self.argv)}\nlog tail:\n{self.tail()}",
+                        pytrace=False,
+                    )
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    pytest.fail(
+                        f"{self.name} did not log {event!r} {fields} within {timeout:.0f} s\n"
+                        f"command: {shlex.join(self.argv)}\nlog tail:\n{self.tail()}",
+                        pytrace=False,
+                    )
+                self._cond.wait(min(left, 0.5))
+
+    def address(self, service: str) -> str:
+        ev = self.wait_for("listening", service=service)
+        addr = ev.get("address")
+        assert isinstance(addr, str) and addr.startswith("127.0.0.1:"), (
+            f"{self.name}: listening event for {service} has no loopback address: {ev}"
+        )
+        assert int(addr.rsplit(":", 1)[1]) > 0, f"{self.name}: {service} logged port 0: {ev}"
+        return addr
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
+        """SIGTERM and wait; the exit status, or None when it had to be killed."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                return None
+        self._reader.join(10)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pgid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+
+    def leftovers(self) -> bool:
+        """True when some process of its group is still there (it was then killed)."""
+        try:
+            os.killpg(self.pgid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return False
+        os.killpg(self.pgid, signal.SIGKILL)
+        return True
+
+    def close(self) -> None:
+        self._reader.join(5)
+        if not self._reader.is_alive():
+            self._log.close()
+
+
+def _console(script: str, module: str) -> list[str]:
+    """The console script of the venv when it is installed, else `python -m module`."""
+    exe = Path(sys.executable).parent / script
+    if exe.exists():
+        return [str(exe)]
+    return [sys.executable, "-m", module]
+
+
+STANDBY_CMD = ("standby-daemon", "standby.main")
+PRIMARY_CMD = ("standby-primary", "primary.main")
+CTL_CMD = ("standbyctl", "standby.ctl")
+
+
+@dataclass
+class Metrics:
+    """One scrape: samples by name, each a list of (labels, value)."""
+
+    text: str
+    samples: dict[str, list[tuple[dict[str, str], float]]] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str) -> Metrics:
+        m = cls(text)
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                m.samples.setdefault(s.name, []).append((dict(s.labels), s.value))
+        return m
+
+    def get(self, name: str, **labels: str) -> float:
+        """The value of the one series `name` whose labels are exactly `labels`; fails when absent."""
+        series = self.samples.get(name)
+        assert series, f"metric {name} missing; names present: {sorted(self.samples)}"
+        for lab, value in series:
+            # Prometheus: a label with an empty value is the same as no label
+            if {k: v for k, v in lab.items() if v != ""} == labels:
+                return value
+        pytest.fail(f"metric {name}{labels} missing; series present: {series}", pytrace=False)
+
+    def total(self, name: str) -> float:
+        """The sum over every series of `name` (e.g. a histogram's _count, whatever its labels)."""
+        series = self.samples.get(name)
+        assert series, f"metric {name} missing; names present: {sorted(self.samples)}"
+        return sum(v for _lab, v in series)
+
+    def find(self, name: str, **labels: str) -> float | None:
+        for lab, value in self.samples.get(name, []):
+            if {k: v for k, v in lab.items() if v != ""} == labels:
+                return value
+        return None
+
+
+def scrape(address: str) -> Metrics:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=30) as r:
+        assert r.status == 200
+        return Metrics.parse(r.read().decode())
+
+
+@dataclass
+class Standby:
+    daemon: Daemon
+    data_dir: Path
+    grpc: str
+    nbd: str
+    metrics_address: str
+
+    def uri(self, export: str = "") -> str:
+        return f"nbd://{self.nbd}/{export}" if export else f"nbd://{self.nbd}"
+
+    def replica(self, volume: str = "vol0") -> Path:
+        return self.data_dir / "replicas" / f"{volume}.img"
+
+    def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return run(*_console(*CTL_CMD), "--standby", self.grpc, *args, check=check, timeout=60)
+
+    def snapshot(self, volume: str = "vol0", name: str | None = None, *extra: str) -> str:
+        """`standbyctl snapshot create`; returns the printed name."""
+        args = ["snapshot", "create", volume] + ([name] if name else []) + list(extra)
+        out = self.ctl(*args).stdout.strip()
+        if name:
+            assert out == name, f"snapshot create printed {out!r}, expected {name!r}"
+        assert out and "\n" not in out, f"snapshot create must print one name, printed {out!r}"
+        return out
+
+    def snapshots(self, volume: str | None = None) -> list[dict[str, Any]]:
+        args = ["snapshot", "list"] + ([volume] if volume else []) + ["--json"]
+        out = self.ctl(*args).stdout
+        data = json.loads(out)
+        assert isinstance(data, list), f"snapshot list --json must print a list, printed {out!r}"
+        return data
+
+    def status(self) -> dict[str, Any]:
+        return json.loads(self.ctl("status", "--json").stdout)
+
+    def metrics(self) -> Metrics:
+        return scrape(self.metrics_address)
+
+
+@dataclass
+class Primary:
+    daemon: Daemon
+    volumes: dict[str, Path]
+    nbd: str
+    metrics_address: str
+
+    def uri(self, volume: str = "vol0") -> str:
+        return f"nbd://{self.nbd}/{volume}"
+
+    def metrics(self) -> Metrics:
+        return scrape(self.metrics_address)
+
+
+class Daemons:
+    """Starts daemons for one test and makes sure none outlives it."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.started: list[Daemon] = []
+        self._n = 0
+
+    def _start(self, name: str, argv: list[str]) -> Daemon:
+        self._n += 1
+        d = Daemon(f"{self._n:02d}-{name}", argv, self.tmp / "logs")
+        self.started.append(d)
+        return d
+
+    def standby(self, data_dir: Path | None = None, *extra: str) -> Standby:
+        data_dir = data_dir or self.tmp / "standby"
+        argv = [
+            *_console(*STANDBY_CMD),
+            "--data-dir", str(data_dir),
+            "--listen", "127.0.0.1:0",
+            "--nbd-listen", "127.0.0.1:0",
+            "--metrics-listen", "127.0.0.1:0",
+            *extra,
+        ]  # fmt: skip
+        d = self._start("standby", argv)
+        d.wait_for("ready")
+        return Standby(d, data_dir, d.address("grpc"), d.address("nbd"), d.address("metrics"))
+
+    def primary(self, standby: Standby | str, volumes: dict[str, str], *extra: str) -> Primary:
+        """`volumes`: NAME -> the part after `NAME=` of --volume (PATH[,size=..][,block-size=..])."""
+        target = standby.grpc if isinstance(standby, Standby) else standby
+        argv = _console(*PRIMARY_CMD)
+        for name, spec in volumes.items():
+            argv += ["--volume", f"{name}={spec}"]
+        argv += [
+            "--standby", target,
+            "--nbd-listen", "127.0.0.1:0",
+            "--metrics-listen", "127.0.0.1:0",
+            *extra,
+        ]  # fmt: skip
+        d = self._start("primary", argv)
+        d.wait_for("ready")
+        paths = {name: Path(spec.split(",", 1)[0]) for name, spec in volumes.items()}
+        return Primary(d, paths, d.address("nbd"), d.address("metrics"))
+
+    def finish(self) -> list[str]:
+        """Stop every daemon still running, newest first; the problems found."""
+        problems: list[str] = []
+        for d in reversed(self.started):
+            if d.alive():
+                rc = d.stop()
+                if rc is None:
+                    problems.append(f"{d.name} did not exit within {STOP_TIMEOUT:.0f} s of SIGTERM (killed)")
+                elif rc != 0:
+                    problems.append(f"{d.name} exited with {rc} on SIGTERM, expected 0")
+            if d.leftovers():
+                problems.append(f"{d.name} left processes behind in its process group (killed)")
+            d.close()
+            if problems and problems[-1].startswith(d.name):
+                problems.append(f"log tail of {d.name} ({d.log_path}):\n{d.tail(25)}")
+        return problems
+
+
+# ------------------------------------------------------------------------------------------ model
+
+
+class Model:
+    """The bytes a volume must hold: every write a test sends is mirrored here first."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.data = bytearray(size)
+
+    def write(self, offset: int, data: bytes) -> None:
+        assert offset >= 0 and offset + len(data) <= self.size
+        self.data[offset : offset + len(data)] = data
+
+    def zero(self, offset: int, length: int) -> None:
+        self.data[offset : offset + length] = bytes(length)
+
+    def freeze(self) -> bytes:
+        return bytes(self.data)
+
+    def save(self, path: Path, data: bytes | None = None) -> Path:
+        """Write the image (or `data`) to `path` as a sparse file, for qemu-img compare."""
+        data = self.freeze() if data is None else data
+        with open(path, "wb") as f:
+            f.truncate(len(data))
+            view = memoryview(data)
+            for off in range(0, len(data), MiB):
+                chunk = view[off : off + MiB]
+                if any(chunk):
+                    f.seek(off)
+                    f.write(chunk)
+        return path
+
+
+def first_difference(got: bytes, want: bytes, block: int = BS) -> str:
+    if len(got) != len(want):
+        return f"size {len(got)} != expected {len(want)}"
+    if got == want:
+        return "identical"
+    bad = [i for i in range(0, len(want), block) if got[i : i + block] != want[i : i + block]]
+    return f"{len(bad)} of {len(want) // block} blocks differ, first at offsets {bad[:8]}"
+
+
+def assert_image(path: Path | str, want: bytes, what: str) -> None:
+    got = Path(path).read_bytes()
+    assert got == want, f"{what} differs from the expected image: {first_difference(got, want)}"
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------ clients
+
+
+def qemu_io(uri: str, *commands: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    need("qemu-io")
+    argv: list[str] = ["qemu-io", "-f", "raw"]
+    for c in commands:
+        argv += ["-c", c]
+    argv.append(uri)
+    cp = run(*argv, check=False)
+    failed = cp.returncode != 0 or "failed" in cp.stdout + cp.stderr
+    if check and failed:
+        pytest.fail(
+            f"`{shlex.join(argv)}` failed (exit {cp.returncode})\nstdout:\n{cp.stdout}\nstderr:\n{cp.stderr}",
+            pytrace=False,
+        )
+    return cp
+
+
+class Writer:
+    """Writes through an NBD export with qemu-io and mirrors each write into a model."""
+
+    def __init__(self, uri: str, model: Model, scratch: Path) -> None:
+        self.uri = uri
+        self.model = model
+        self.scratch = scratch
+        self._n = 0
+
+    def write(self, offset: int, data: bytes) -> None:
+        self._n += 1
+        src = self.scratch / f"w{self._n}.bin"
+        src.write_bytes(data)
+        qemu_io(self.uri, f"write -s {src} {offset} {len(data)}")
+        src.unlink()
+        self.model.write(offset, data)
+
+    def fill(self, offset: int, length: int, byte: int) -> None:
+        qemu_io(self.uri, f"write -P 0x{byte:02x} {offset} {length}")
+        self.model.write(offset, bytes([byte]) * length)
+
+    def many(self, writes: list[tuple[int, bytes]]) -> None:
+        """Several writes in one qemu-io session (one NBD connection, in order)."""
+        cmds = []
+        for off, data in writes:
+            self._n += 1
+            src = self.scratch / f"w{self._n}.bin"
+            src.write_bytes(data)
+            cmds.append(f"write -s {src} {off} {len(data)}")
+        cmds.append("flush")
+        qemu_io(self.uri, *cmds)
+        for off, data in writes:
+            self.model.write(off, data)
+
+    def flush(self) -> None:
+        qemu_io(self.uri, "flush")
+
+
+def rand(n: int, seed: int) -> bytes:
+    """Deterministic incompressible bytes (never all zero in any 4 KiB block)."""
+    out = bytearray()
+    counter = 0
+    while len(out) < n:
+        out += hashlib.sha512(f"{seed}:{counter}".encode()).digest()
+        counter += 1
+    return bytes(out[:n])
+
+
+@dataclass
+class Appliance:
+    """A standby and a primary in sync mode with one volume `vol0`, plus its model."""
+
+    standby: Standby
+    primary: Primary
+    model: Model
+    writer: Writer
+    tmp: Path
+    daemons: Daemons
+
+    @property
+    def volume_path(self) -> Path:
+        return self.primary.volumes["vol0"]
+
+    def read_export(self, uri: str, name: str = "read.img", connections: int = 4) -> bytes:
+        """The whole export, copied with nbdcopy."""
+        need("nbdcopy")
+        out = self.tmp / name
+        if out.exists():
+            out.unlink()
+        run("nbdcopy", f"--connections={connections}", uri, out)
+        data = out.read_bytes()
+        out.unlink()
+        return data

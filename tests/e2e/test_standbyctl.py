@@ -1,0 +1,148 @@
+"""standbyctl as an operator types it: status and snapshot create/list/delete, human and --json, and the
+exit codes of section 6 (0 ok, 1 operation failed with one clear line, 2 usage error)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from e2e_support import CTL_CMD, PRIMARY_CMD, STANDBY_CMD, VOLUME_SIZE, Appliance, _console, need, run
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def one_clear_line(cp: subprocess.CompletedProcess[str], *names: str) -> None:
+    err = cp.stderr.strip()
+    assert err, "an operation that failed must say why on stderr"
+    assert "Traceback" not in err, f"a traceback instead of a message:\n{err}"
+    assert len(err.splitlines()) == 1, f"the error must be one line:\n{err}"
+    for name in names:
+        assert name in err, f"the error does not name {name!r}: {err}"
+
+
+def test_status_json_has_the_shape_of_section_6(appliance: Appliance) -> None:
+    a = appliance
+    a.writer.fill(0, 4096, 0x01)
+    a.standby.snapshot("vol0", "s1")
+    status = a.standby.status()
+    assert status["nbd"] == a.standby.nbd, (
+        f"status nbd {status['nbd']!r}, the daemon listens on {a.standby.nbd}"
+    )
+    vols = {v["name"]: v for v in status["volumes"]}
+    assert set(vols) == {"vol0"}
+    v = vols["vol0"]
+    assert (v["size"], v["block_size"], v["state"], v["connected"]) == (
+        VOLUME_SIZE,
+        4096,
+        "uptodate",
+        True,
+    ), v
+    snaps = v["snapshots"]
+    assert [s["name"] for s in snaps] == ["s1"]
+    s = snaps[0]
+    assert (s["valid"], s["writable"], s["preserved_bytes"]) == (True, False, 0), s
+    assert s["capacity_bytes"] > 0, s
+    assert datetime.fromisoformat(s["created"].replace("Z", "+00:00")).tzinfo is not None, s
+
+
+def test_status_human_names_the_volume_its_state_and_snapshots(appliance: Appliance) -> None:
+    a = appliance
+    a.standby.snapshot("vol0", "nightly")
+    out = a.standby.ctl("status").stdout
+    for word in ("vol0", "uptodate", "nightly"):
+        assert word in out, f"status does not show {word!r}:\n{out}"
+    with pytest.raises(ValueError):
+        json.loads(out)  # human-readable by default
+
+
+def test_snapshot_create_with_and_without_a_name_list_and_delete(appliance: Appliance) -> None:
+    need("nbdinfo")
+    a = appliance
+    assert a.standby.snapshot("vol0", "named") == "named"
+    auto = a.standby.snapshot("vol0")  # prints the name the standby picked
+    assert auto != "named" and re.fullmatch(r"[\w.:-]+", auto), f"odd auto name {auto!r}"
+    w = a.standby.snapshot("vol0", "rw", "--writable", "--capacity", "4MiB")
+
+    listed = {s["name"]: s for s in a.standby.snapshots()}
+    assert set(listed) == {"named", auto, w}
+    for name, s in listed.items():
+        assert s["volume"] == "vol0" and s["export"] == f"vol0@{name}" and s["valid"] is True, s
+        assert s["writable"] is (name == w), s
+        assert {"created", "preserved_bytes", "capacity_bytes"} <= set(s), s
+    assert listed[w]["capacity_bytes"] == 4 << 20
+    assert {s["name"] for s in a.standby.snapshots("vol0")} == set(listed)
+
+    human = a.standby.ctl("snapshot", "list").stdout
+    for name in listed:
+        assert name in human, f"snapshot list does not show {name!r}:\n{human}"
+
+    a.standby.ctl("snapshot", "delete", "vol0", auto)
+    assert {s["name"] for s in a.standby.snapshots("vol0")} == {"named", w}
+    exports = run("nbdinfo", "--list", a.standby.uri()).stdout
+    assert f'"vol0@{auto}"' not in exports and '"vol0@named"' in exports, exports
+
+
+def test_operation_failures_exit_1_with_one_line_naming_the_thing(appliance: Appliance) -> None:
+    a = appliance
+    a.standby.snapshot("vol0", "dup")
+
+    cp = a.standby.ctl("snapshot", "create", "vol0", "dup", check=False)
+    assert cp.returncode == 1, f"duplicate name: exit {cp.returncode}\n{cp.stderr}"
+    one_clear_line(cp, "dup")
+
+    cp = a.standby.ctl("snapshot", "create", "nosuchvol", "x", check=False)
+    assert cp.returncode == 1, f"unknown volume: exit {cp.returncode}\n{cp.stderr}"
+    one_clear_line(cp, "nosuchvol")
+
+    cp = a.standby.ctl("snapshot", "delete", "vol0", "nosuchsnap", check=False)
+    assert cp.returncode == 1, f"delete unknown snapshot: exit {cp.returncode}\n{cp.stderr}"
+    one_clear_line(cp, "nosuchsnap")
+
+    cp = a.standby.ctl("snapshot", "delete", "nosuchvol", "dup", check=False)
+    assert cp.returncode == 1, f"delete in unknown volume: exit {cp.returncode}\n{cp.stderr}"
+    one_clear_line(cp, "nosuchvol")
+
+    cp = a.standby.ctl("snapshot", "list", "nosuchvol", "--json", check=False)
+    assert cp.returncode == 1, f"list of an unknown volume: exit {cp.returncode}\n{cp.stdout}{cp.stderr}"
+    one_clear_line(cp, "nosuchvol")
+
+    assert [s["name"] for s in a.standby.snapshots("vol0")] == ["dup"], "a failed operation changed the list"
+
+
+def test_unreachable_standby_is_exit_1_not_a_hang() -> None:
+    cp = run(*_console(*CTL_CMD), "--standby", "127.0.0.1:1", "status", check=False, timeout=90)
+    assert cp.returncode == 1, f"exit {cp.returncode}\n{cp.stderr}"
+    one_clear_line(cp, "127.0.0.1:1")
+
+
+@pytest.mark.parametrize("cmd", [CTL_CMD, STANDBY_CMD, PRIMARY_CMD], ids=lambda c: c[0])
+def test_help_exits_0(cmd: tuple[str, str]) -> None:
+    cp = run(*_console(*cmd), "--help", check=False)
+    assert cp.returncode == 0, f"{cmd[0]} --help exited {cp.returncode}\n{cp.stderr}"
+    assert "usage" in cp.stdout.lower(), cp.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [*CTL_CMD[:1], "--standby", "127.0.0.1:1", "snapshot", "frobnicate"],
+        [*CTL_CMD[:1], "--standby", "127.0.0.1:1", "snapshot", "create"],
+        [*CTL_CMD[:1], "--standby", "127.0.0.1:1", "snapshot", "create", "vol0", "--capacity", "lots"],
+        [*CTL_CMD[:1], "--no-such-flag"],
+        [*STANDBY_CMD[:1], "--data-dir", "{tmp}/data", "--preservation-capacity", "banana"],
+        [*STANDBY_CMD[:1], "--data-dir", "{tmp}/data", "--on-full", "explode"],
+        [*PRIMARY_CMD[:1], "--volume", "vol0", "--standby", "127.0.0.1:1"],
+    ],
+    ids=["ctl-unknown-subcommand", "ctl-missing-volume", "ctl-bad-size", "ctl-unknown-flag",
+         "standby-bad-capacity", "standby-bad-on-full", "primary-bad-volume"],
+)  # fmt: skip
+def test_bad_usage_exits_2(args: list[str], tmp_path: Path) -> None:
+    cmd = {c[0]: c for c in (CTL_CMD, STANDBY_CMD, PRIMARY_CMD)}[args[0]]
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args[1:]]
+    cp = run(*_console(*cmd), *argv, check=False, timeout=60)
+    assert cp.returncode == 2, f"{args}: exit {cp.returncode}, expected 2\n{cp.stdout}{cp.stderr}"
+    assert "Traceback" not in cp.stderr, cp.stderr
