@@ -4,6 +4,7 @@ with them (handshake, ordered apply, flush barriers, snapshots, status).
 Layout of ``--data-dir``::
 
     standby.json          identity of this standby (a UUID), written once
+    state.json            per volume: whether its replica is inconsistent (a resync is under way)
     preservation.store    the preservation store (copies, index, snapshot table) of every volume
     replicas/NAME.img     one sparse replica file per volume, created at the volume's first handshake
 
@@ -28,6 +29,7 @@ from standbylib.errors import (
     InvalidArgument,
     OutOfRange,
     PreservationDeferred,
+    ReplicaInconsistent,
     StandbyError,
     UnknownVolume,
     VolumeMismatch,
@@ -43,6 +45,7 @@ log = logs.get(__name__)
 STORE_FILE = "preservation.store"
 REPLICA_DIR = "replicas"
 IDENTITY_FILE = "standby.json"
+STATE_FILE = "state.json"
 
 UPTODATE, INCONSISTENT, DEFERRED = "uptodate", "inconsistent", "deferred"
 
@@ -76,6 +79,11 @@ class Replica:
     applied_batches: int = 0
     deferred_reason: str = ""
     stream_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def status(self) -> str:
+        """``uptodate``, ``inconsistent`` (a resync is under way) or ``deferred`` (writes held back)."""
+        return DEFERRED if self.deferred_reason else self.state
 
     @property
     def size(self) -> int:
@@ -127,6 +135,7 @@ class StandbyNode:
         self._exports: dict[str, Snapshot] = {}
         os.makedirs(os.path.join(self.data_dir, REPLICA_DIR), exist_ok=True)
         self.id = self._identity()
+        self._inconsistent = self._load_state()
         self.capacity = parse_capacity(capacity, self.data_dir)
         self.store = PreservationStore.open(self.store_path, self.capacity, on_full=on_full)
         try:
@@ -160,6 +169,43 @@ class StandbyNode:
         except (OSError, ValueError, KeyError) as e:
             raise StandbyError(detail=f"{path} is unreadable ({e}); restore it or remove it") from e
 
+    def _load_state(self) -> set[str]:
+        path = os.path.join(self.data_dir, STATE_FILE)
+        try:
+            with open(path) as fh:
+                return set(json.load(fh).get("inconsistent", []))
+        except FileNotFoundError:
+            return set()
+        except (OSError, ValueError) as e:
+            raise StandbyError(detail=f"{path} is unreadable ({e}); remove it and resync the volumes") from e
+
+    def _save_state(self) -> None:
+        """Persist which replicas are inconsistent (durably: a restart must not report them up to date)."""
+        path = os.path.join(self.data_dir, STATE_FILE)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump({"inconsistent": sorted(self._inconsistent)}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.rename(tmp, path)
+        dirfd = os.open(self.data_dir, os.O_RDONLY)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
+
+    def _set_state(self, replica: Replica, state: str) -> None:
+        if replica.state == state:
+            return
+        with self._lock:
+            if state == INCONSISTENT:
+                self._inconsistent.add(replica.name)
+            else:
+                self._inconsistent.discard(replica.name)
+            self._save_state()
+        log.info("replica_state", volume=replica.name, old=replica.state, new=state)
+        replica.state = state
+
     def _attach_existing(self, name: str) -> None:
         path = self.replica_path(name)
         if not os.path.exists(path):
@@ -170,6 +216,8 @@ class StandbyNode:
         block_size = self.store.volume_records[name].block_size
         volume = self.store.attach(name, device, block_size=block_size)
         replica = Replica(name=name, path=path, device=device, volume=volume)
+        if name in self._inconsistent:
+            replica.state = INCONSISTENT
         self._replicas[name] = replica
         for snap in volume.snapshots():
             self._exports[f"{name}@{snap.name}"] = snap
@@ -232,8 +280,13 @@ class StandbyNode:
             raise UnknownVolume(volume=volume)
         return replica
 
-    def open_stream(self, volume: str, primary_id: str, first_sequence: int) -> Replica:
-        """Claim `volume` for a Mirror stream; batches numbered from `first_sequence` will follow."""
+    def open_stream(
+        self, volume: str, primary_id: str, first_sequence: int, *, resync: bool = False
+    ) -> Replica:
+        """Claim `volume` for a Mirror stream; batches numbered from `first_sequence` will follow.
+
+        With `resync` the replica is inconsistent until a batch marked up to date is applied.
+        """
         replica = self.replica(volume)
         if not replica.stream_lock.acquire(timeout=5):
             raise Busy(volume=volume, primary=replica.primary_id or "unknown")
@@ -247,6 +300,8 @@ class StandbyNode:
             )
         replica.primary_id = primary_id
         replica.connected = True
+        if resync:
+            self._set_state(replica, INCONSISTENT)
         log.info("mirror_connected", volume=volume, primary=primary_id, first_sequence=first_sequence)
         return replica
 
@@ -255,8 +310,12 @@ class StandbyNode:
         replica.stream_lock.release()
         log.info("mirror_disconnected", volume=replica.name, applied_sequence=replica.applied_sequence)
 
-    def apply(self, replica: Replica, sequence: int, ops: Sequence[WriteOp], flush: bool) -> bool:
+    def apply(
+        self, replica: Replica, sequence: int, ops: Sequence[WriteOp], flush: bool, uptodate: bool = False
+    ) -> bool:
         """Apply batch `sequence` to the replica; False when it had been applied already (a resend).
+
+        `uptodate` ends a resync: the replica is made durable and becomes up to date.
 
         Every write is checked before anything is applied: a batch with one bad write changes nothing.
         """
@@ -283,16 +342,18 @@ class StandbyNode:
         try:
             if ops:
                 replica.volume.write_batch(ops)
-            if flush:
+            if flush or uptodate:
                 replica.volume.flush()
         except PreservationDeferred as e:
-            if replica.state != DEFERRED:
+            if not replica.deferred_reason:
                 log.warning("replication_deferred", volume=replica.name, reason=str(e))
-            replica.state, replica.deferred_reason = DEFERRED, str(e)
+            replica.deferred_reason = str(e)
             raise
-        if replica.state == DEFERRED:
+        if replica.deferred_reason:
             log.info("replication_resumed", volume=replica.name)
-            replica.state, replica.deferred_reason = UPTODATE, ""
+            replica.deferred_reason = ""
+        if uptodate:
+            self._set_state(replica, UPTODATE)
         replica.applied_sequence = sequence
         replica.applied_bytes += nbytes
         replica.applied_batches += 1
@@ -306,10 +367,7 @@ class StandbyNode:
     ) -> SnapshotInfo:
         replica = self.replica(volume)
         if replica.state == INCONSISTENT:
-            raise StandbyError(
-                detail=f"volume {volume!r} is inconsistent (a resync is under way); "
-                "take the snapshot when it is up to date"
-            )
+            raise ReplicaInconsistent(volume=volume)
         snap = replica.volume.create_snapshot(name or None, writable=writable, capacity=capacity)
         with self._lock:
             self._exports[f"{volume}@{snap.name}"] = snap

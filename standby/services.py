@@ -6,16 +6,21 @@ Thin adapters: they translate messages to `StandbyNode` calls and library errors
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterator
 
 import grpc
 
-from standby.node import StandbyNode
+from standby.node import Replica, StandbyNode
 from standbylib.errors import StandbyError
 from standbylib.rpc.v1 import control_pb2, control_pb2_grpc, replication_pb2, replication_pb2_grpc
 from standbylib.runtime import logs
 from standbylib.runtime.rpc import abort, add_service, guarded
 from standbylib.snapshot.volume import SnapshotInfo, WriteOp
+
+#: Batches received and not yet applied, per stream, in `received` mode (each up to a few MiB).
+RECEIVE_QUEUE = 8
 
 log = logs.get(__name__)
 
@@ -75,27 +80,99 @@ class ReplicationService(replication_pb2_grpc.ReplicationServicer):
             if first.WhichOneof("kind") != "open":
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first Mirror message must be `open`")
             opened = first.open
-            replica = self.node.open_stream(opened.volume, opened.primary_id, opened.first_sequence or 1)
-        except Exception as e:
-            if isinstance(e, StandbyError):
-                abort(context, e)
-            raise
+            replica = self.node.open_stream(
+                opened.volume, opened.primary_id, opened.first_sequence or 1, resync=opened.resync
+            )
+        except StandbyError as e:
+            abort(context, e)
         try:
+            if opened.received_acks:
+                yield from self._pipelined(replica, requests, context)
+                return
             for request in requests:
-                if request.WhichOneof("kind") != "batch":
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "only batches may follow `open`")
-                batch = request.batch
-                ops: list[WriteOp] = [
-                    (w.offset, w.zero_length) if w.zero_length else (w.offset, w.data) for w in batch.writes
-                ]
-                try:
-                    self.node.apply(replica, batch.sequence, ops, batch.flush)
-                except StandbyError as e:
-                    log.warning("batch_refused", volume=replica.name, sequence=batch.sequence, error=str(e))
-                    abort(context, e)
+                batch = self._batch(request, context)
+                self._apply(replica, batch, context)
                 yield replication_pb2.MirrorReply(sequence=batch.sequence, durable=batch.flush)
         finally:
             self.node.close_stream(replica)
+
+    @staticmethod
+    def _batch(
+        request: replication_pb2.MirrorRequest, context: grpc.ServicerContext
+    ) -> replication_pb2.Batch:
+        if request.WhichOneof("kind") != "batch":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "only batches may follow `open`")
+        return request.batch
+
+    def _apply(self, replica: Replica, batch: replication_pb2.Batch, context: grpc.ServicerContext) -> None:
+        try:
+            self._apply_or_raise(replica, batch)
+        except StandbyError as e:
+            abort(context, e)
+
+    def _pipelined(
+        self,
+        replica: Replica,
+        requests: Iterator[replication_pb2.MirrorRequest],
+        context: grpc.ServicerContext,
+    ) -> Iterator[replication_pb2.MirrorReply]:
+        """`received` mode: a reader acknowledges each batch on arrival and queues it; this thread applies
+        batches in order and acknowledges them again once applied."""
+        replies: queue.Queue[replication_pb2.MirrorReply | BaseException | None] = queue.Queue()
+        batches: queue.Queue[replication_pb2.Batch | BaseException | None] = queue.Queue(
+            maxsize=RECEIVE_QUEUE
+        )
+
+        def read() -> None:
+            try:
+                for request in requests:
+                    if request.WhichOneof("kind") != "batch":
+                        raise StandbyError(detail="only batches may follow `open`")
+                    replies.put(replication_pb2.MirrorReply(sequence=request.batch.sequence, received=True))
+                    batches.put(request.batch)
+                batches.put(None)
+            except BaseException as e:  # the stream broke, or a protocol error: the applier ends it
+                batches.put(e)
+
+        reader = threading.Thread(target=read, name=f"receive-{replica.name}", daemon=True)
+        reader.start()
+
+        def apply_all() -> None:
+            try:
+                while (item := batches.get()) is not None:
+                    if isinstance(item, BaseException):
+                        replies.put(item)
+                        return
+                    self._apply_or_raise(replica, item)
+                    replies.put(replication_pb2.MirrorReply(sequence=item.sequence, durable=item.flush))
+                replies.put(None)
+            except BaseException as e:
+                replies.put(e)
+
+        applier = threading.Thread(target=apply_all, name=f"apply-{replica.name}", daemon=True)
+        applier.start()
+        try:
+            while (reply := replies.get()) is not None:
+                if isinstance(reply, StandbyError):
+                    abort(context, reply)
+                if isinstance(reply, BaseException):
+                    if isinstance(reply, grpc.RpcError) or not context.is_active():
+                        return
+                    abort(context, reply)
+                yield reply
+        finally:
+            # The next stream of this volume may start once this one applies nothing more.
+            applier.join(30)
+
+    def _apply_or_raise(self, replica: Replica, batch: replication_pb2.Batch) -> None:
+        ops: list[WriteOp] = [
+            (w.offset, w.zero_length) if w.zero_length else (w.offset, w.data) for w in batch.writes
+        ]
+        try:
+            self.node.apply(replica, batch.sequence, ops, batch.flush, batch.uptodate)
+        except StandbyError as e:
+            log.warning("batch_refused", volume=replica.name, sequence=batch.sequence, error=str(e))
+            raise
 
 
 class ControlService(control_pb2_grpc.ControlServicer):
@@ -115,7 +192,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
                     name=r.name,
                     size=r.size,
                     block_size=r.block_size,
-                    state=r.state,
+                    state=r.status,
                     connected=r.connected,
                     snapshots=[snapshot_message(s.info()) for s in r.volume.snapshots()],
                     applied_bytes=r.applied_bytes,

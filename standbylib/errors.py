@@ -80,6 +80,13 @@ class SnapshotInvalid(RequestError):
     )
 
 
+class ReplicaInconsistent(RequestError):
+    template = (
+        "volume {volume!r} is inconsistent (a resync from the primary is under way); "
+        "take the snapshot when `standbyctl status` shows it uptodate"
+    )
+
+
 class PreservationFull(RequestError):
     template = (
         "preservation store full: {needed} more bytes needed, {free} free of {capacity} "

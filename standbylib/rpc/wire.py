@@ -19,6 +19,7 @@ _REQUEST_BATCH = b"\x12"  # MirrorRequest.batch = 2
 _BATCH_SEQUENCE = b"\x08"  # Batch.sequence = 1
 _BATCH_WRITES = b"\x12"  # Batch.writes = 2
 _BATCH_FLUSH = b"\x18\x01"  # Batch.flush = 3, true
+_BATCH_UPTODATE = b"\x20\x01"  # Batch.uptodate = 4, true
 _WRITE_OFFSET = b"\x08"  # Write.offset = 1
 _WRITE_DATA = b"\x12"  # Write.data = 2
 _WRITE_ZERO = b"\x18"  # Write.zero_length = 3
@@ -36,8 +37,10 @@ def varint(value: int) -> bytes:
     return bytes(out)
 
 
-def encode_batch(sequence: int, ops: Sequence[tuple[int, Buffer | int]], flush: bool) -> list[Buffer]:
-    """The serialised ``MirrorRequest{batch: Batch{sequence, writes, flush}}`` as pieces to join.
+def encode_batch(
+    sequence: int, ops: Sequence[tuple[int, Buffer | int]], flush: bool, uptodate: bool = False
+) -> list[Buffer]:
+    """The serialised ``MirrorRequest{batch: Batch{sequence, writes, flush, uptodate}}`` as pieces to join.
 
     Each op is ``(offset, data)`` or ``(offset, zero_length)``. The data buffers are referenced, not
     copied; ``b"".join(pieces)`` makes the message.
@@ -61,6 +64,6 @@ def encode_batch(sequence: int, ops: Sequence[tuple[int, Buffer | int]], flush: 
                 pieces.append(data)
             body += len(entry) + n
     start = _BATCH_SEQUENCE + varint(sequence) if sequence else b""
-    end = _BATCH_FLUSH if flush else b""
+    end = (_BATCH_FLUSH if flush else b"") + (_BATCH_UPTODATE if uptodate else b"")
     body += len(start) + len(end)
     return [_REQUEST_BATCH + varint(body) + start, *pieces, end]

@@ -191,3 +191,57 @@ def test_malformed_messages_are_invalid_argument_and_the_server_goes_on(rig, stu
     # Still serving, and the volume is free for a proper stream.
     acks = list(stubs[0].Mirror(iter([open_msg(), batch_msg(1, [(0, b"a" * 4096)])])))
     assert [a.sequence for a in acks] == [1]
+
+
+def test_received_acks_come_before_applied_acks(rig, stubs):
+    repl = stubs[0]
+    handshake(repl)
+    opening = replication_pb2.MirrorRequest(
+        open=replication_pb2.MirrorOpen(volume="vol0", first_sequence=1, primary_id="p1", received_acks=True)
+    )
+    replies = list(
+        repl.Mirror(iter([opening, batch_msg(1, [(0, b"a" * 4096)]), batch_msg(2, [(4096, 4096)])]))
+    )
+    for seq in (1, 2):
+        kinds = [r.received for r in replies if r.sequence == seq]
+        assert kinds == [True, False], replies
+    assert rig.node.replica("vol0").volume.read(0, 4096) == b"a" * 4096
+
+
+def test_a_resync_makes_the_replica_inconsistent_until_uptodate_even_across_a_restart(tmp_path):
+    from standby_rig import start_rig
+
+    data = str(tmp_path / "standby")
+    rig = start_rig(data)
+    channel = grpc.insecure_channel(rig.target)
+    repl, ctl = replication_pb2_grpc.ReplicationStub(channel), control_pb2_grpc.ControlStub(channel)
+    handshake(repl)
+    opening = replication_pb2.MirrorRequest(
+        open=replication_pb2.MirrorOpen(volume="vol0", first_sequence=1, primary_id="p1", resync=True)
+    )
+    list(repl.Mirror(iter([opening, batch_msg(1, [(0, b"r" * 4096)])])))
+    assert ctl.Status(control_pb2.StatusRequest()).volumes[0].state == "inconsistent"
+    with pytest.raises(grpc.RpcError) as err:
+        ctl.CreateSnapshot(control_pb2.CreateSnapshotRequest(volume="vol0", name="s"))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "resync" in err.value.details()
+    channel.close()
+    rig.stop()
+    rig.node.close()
+
+    rig = start_rig(data)
+    channel = grpc.insecure_channel(rig.target)
+    repl, ctl = replication_pb2_grpc.ReplicationStub(channel), control_pb2_grpc.ControlStub(channel)
+    try:
+        assert ctl.Status(control_pb2.StatusRequest()).volumes[0].state == "inconsistent"
+        done = replication_pb2.MirrorRequest(
+            batch=replication_pb2.Batch(
+                sequence=2, writes=[replication_pb2.Write(offset=4096, data=b"s" * 4096)], uptodate=True
+            )
+        )
+        list(repl.Mirror(iter([open_msg(first=2, primary="p2"), done])))
+        assert ctl.Status(control_pb2.StatusRequest()).volumes[0].state == "uptodate"
+        ctl.CreateSnapshot(control_pb2.CreateSnapshotRequest(volume="vol0", name="s"))
+    finally:
+        channel.close()
+        rig.stop()
+        rig.node.close()

@@ -18,9 +18,14 @@ ops_strategy = st.lists(
 
 
 @settings(max_examples=300, deadline=None)
-@given(sequence=st.integers(min_value=0, max_value=2**64 - 1), ops=ops_strategy, flush=st.booleans())
-def test_protobuf_parses_our_encoding(sequence, ops, flush):
-    wire = b"".join(encode_batch(sequence, ops, flush))
+@given(
+    sequence=st.integers(min_value=0, max_value=2**64 - 1),
+    ops=ops_strategy,
+    flush=st.booleans(),
+    uptodate=st.booleans(),
+)
+def test_protobuf_parses_our_encoding(sequence, ops, flush, uptodate):
+    wire = b"".join(encode_batch(sequence, ops, flush, uptodate))
     parsed = replication_pb2.MirrorRequest.FromString(wire)
     assert parsed.WhichOneof("kind") == "batch"
     expected = replication_pb2.Batch(
@@ -32,6 +37,7 @@ def test_protobuf_parses_our_encoding(sequence, ops, flush):
             for o, d in ops
         ],
         flush=flush,
+        uptodate=uptodate,
     )
     assert parsed.batch == expected
     # Same bytes as protobuf's own serialisation (deterministic field order, defaults omitted).

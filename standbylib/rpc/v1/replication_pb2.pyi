@@ -35,14 +35,18 @@ class HandshakeReply(_message.Message):
     def __init__(self, volume: _Optional[str] = ..., size: _Optional[int] = ..., block_size: _Optional[int] = ..., created: _Optional[bool] = ..., standby_id: _Optional[str] = ..., applied_sequence: _Optional[int] = ...) -> None: ...
 
 class MirrorOpen(_message.Message):
-    __slots__ = ("volume", "first_sequence", "primary_id")
+    __slots__ = ("volume", "first_sequence", "primary_id", "received_acks", "resync")
     VOLUME_FIELD_NUMBER: _ClassVar[int]
     FIRST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     PRIMARY_ID_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_ACKS_FIELD_NUMBER: _ClassVar[int]
+    RESYNC_FIELD_NUMBER: _ClassVar[int]
     volume: str
     first_sequence: int
     primary_id: str
-    def __init__(self, volume: _Optional[str] = ..., first_sequence: _Optional[int] = ..., primary_id: _Optional[str] = ...) -> None: ...
+    received_acks: bool
+    resync: bool
+    def __init__(self, volume: _Optional[str] = ..., first_sequence: _Optional[int] = ..., primary_id: _Optional[str] = ..., received_acks: _Optional[bool] = ..., resync: _Optional[bool] = ...) -> None: ...
 
 class Write(_message.Message):
     __slots__ = ("offset", "data", "zero_length")
@@ -55,14 +59,16 @@ class Write(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., zero_length: _Optional[int] = ...) -> None: ...
 
 class Batch(_message.Message):
-    __slots__ = ("sequence", "writes", "flush")
+    __slots__ = ("sequence", "writes", "flush", "uptodate")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     WRITES_FIELD_NUMBER: _ClassVar[int]
     FLUSH_FIELD_NUMBER: _ClassVar[int]
+    UPTODATE_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     writes: _containers.RepeatedCompositeFieldContainer[Write]
     flush: bool
-    def __init__(self, sequence: _Optional[int] = ..., writes: _Optional[_Iterable[_Union[Write, _Mapping]]] = ..., flush: _Optional[bool] = ...) -> None: ...
+    uptodate: bool
+    def __init__(self, sequence: _Optional[int] = ..., writes: _Optional[_Iterable[_Union[Write, _Mapping]]] = ..., flush: _Optional[bool] = ..., uptodate: _Optional[bool] = ...) -> None: ...
 
 class MirrorRequest(_message.Message):
     __slots__ = ("open", "batch")
@@ -73,9 +79,11 @@ class MirrorRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[MirrorOpen, _Mapping]] = ..., batch: _Optional[_Union[Batch, _Mapping]] = ...) -> None: ...
 
 class MirrorReply(_message.Message):
-    __slots__ = ("sequence", "durable")
+    __slots__ = ("sequence", "durable", "received")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     DURABLE_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     durable: bool
-    def __init__(self, sequence: _Optional[int] = ..., durable: _Optional[bool] = ...) -> None: ...
+    received: bool
+    def __init__(self, sequence: _Optional[int] = ..., durable: _Optional[bool] = ..., received: _Optional[bool] = ...) -> None: ...
