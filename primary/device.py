@@ -57,6 +57,7 @@ class MirroredDevice:
         self.block_size = mirror.block_size
         self.metrics: WriteMetrics = metrics or NullWriteMetrics()
         self._order = threading.Lock()
+        mirror.attach(self._order, device.read, self._is_hole)
 
     @property
     def size(self) -> int:
@@ -75,61 +76,72 @@ class MirroredDevice:
     def extents(self, offset: int, length: int) -> list[tuple[int, bool]]:
         return self.device.extents(offset, length)
 
+    def _is_hole(self, offset: int, length: int) -> bool:
+        runs = self.device.extents(offset, length)
+        return len(runs) == 1 and runs[0][1]
+
     def write(self, offset: int, data: Buffer) -> None:
         check_range(offset, len(data), self.size)
         start = time.perf_counter()
+        first, end = self._aligned(offset, len(data))
         with self._order:
+            tracked = self.mirror.begin(first, end - first)  # durable in the bitmap before the write
             self.device.write(offset, data)
-            op = self._mirror_range(offset, len(data), data)
+            op = self._mirror_range(offset, len(data), data, tracked)
         self.mirror.wait(op)
         self.metrics.write_done(self.name, time.perf_counter() - start, len(data))
 
     def zero(self, offset: int, length: int) -> None:
         check_range(offset, length, self.size)
         start = time.perf_counter()
+        first, end = self._aligned(offset, length)
         with self._order:
+            tracked = self.mirror.begin(first, end - first)
             self.device.zero(offset, length)
-            op = self._mirror_range(offset, length, None)
+            op = self._mirror_range(offset, length, None, tracked)
         self.mirror.wait(op)
         self.metrics.write_done(self.name, time.perf_counter() - start, length)
 
     def flush(self) -> None:
         """Local fdatasync, then a barrier the standby acknowledges once replica and store are durable."""
         self.device.flush()
-        self.mirror.wait(self.mirror.submit_barrier())
+        self.mirror.wait(self.mirror.submit_barrier(), mode="sync")
 
     def close(self) -> None:
         self.device.close()
 
-    def _mirror_range(self, offset: int, length: int, data: Buffer | None) -> int:
+    def _aligned(self, offset: int, length: int) -> tuple[int, int]:
+        bs = self.block_size
+        return offset - offset % bs, -(-(offset + length) // bs) * bs
+
+    def _mirror_range(self, offset: int, length: int, data: Buffer | None, tracked: bool) -> int:
         """Queue the change of ``[offset, offset+length)`` (already applied locally); the last op number.
 
         Called under the order lock, so reading back partial blocks sees exactly this write's result.
+        The ops cover whole blocks; the last one releases the aligned range `begin` marked.
         """
+        if not tracked:
+            return 0  # written while the standby is away: the bitmap alone records it
         bs = self.block_size
-        first = offset - offset % bs
-        end = -(-(offset + length) // bs) * bs
-        if data is not None and first == offset and end == offset + length:
-            payload = bytes(data) if not isinstance(data, bytes) else data
-            if is_zero(payload):
-                return self.mirror.submit_zero(offset, length)
-            return self.mirror.submit_write(offset, payload)
+        first, end = self._aligned(offset, length)
+        span = (first, end - first)
+        m = self.mirror
         if data is None:
             # Zeroed range: the whole blocks inside travel as a zeroed range, partial edge blocks as data.
             inner_first = -(-offset // bs) * bs
             inner_end = (offset + length) // bs * bs
-            op = 0
             if inner_end > inner_first:
-                op = self.mirror.submit_zero(inner_first, inner_end - inner_first)
-            edges = set()
-            if offset != first:
-                edges.add(first)
-            if offset + length != end:
-                edges.add(end - bs)
-            for block in sorted(edges):
-                op = self.mirror.submit_write(block, self.device.read(block, bs))
-            return op
-        payload = self.device.read(first, end - first)
+                if inner_first > first:
+                    m.submit_write(first, self.device.read(first, inner_first - first))
+                if end > inner_end:
+                    m.submit_zero(inner_first, inner_end - inner_first)
+                    return m.submit_write(inner_end, self.device.read(inner_end, end - inner_end), span)
+                return m.submit_zero(inner_first, inner_end - inner_first, span)
+            payload: Buffer = self.device.read(first, end - first)
+        elif first == offset and end == offset + length:
+            payload = data
+        else:
+            payload = self.device.read(first, end - first)
         if is_zero(payload):
-            return self.mirror.submit_zero(first, end - first)
-        return self.mirror.submit_write(first, payload)
+            return m.submit_zero(first, end - first, span)
+        return m.submit_write(first, bytes(payload) if not isinstance(payload, bytes) else payload, span)

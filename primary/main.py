@@ -15,7 +15,8 @@ from prometheus_client import CollectorRegistry
 
 from primary.device import MirroredDevice
 from primary.metrics import PrimaryMetrics
-from primary.mirror import Mirror
+from primary.mirror import MODES, Mirror
+from standbylib.bitmap import DEFAULT_GRANULARITY, WriteIntentBitmap, check_granularity
 from standbylib.blockdev import Device, check_block_size, open_file_device
 from standbylib.errors import InvalidArgument, StandbyError
 from standbylib.nbd.server import NbdServer
@@ -27,8 +28,6 @@ from standbylib.snapshot.records import check_name
 from standbylib.units import parse_size
 
 log = logs.get("primary.main")
-
-MODES = ("sync",)
 
 
 @dataclass
@@ -88,7 +87,35 @@ class PrimaryConfig:
         ("127.0.0.1", 9701), "Prometheus metrics address", parse=cfg.parse_address, metavar="H:P"
     )
     mode: str = cfg.setting(
-        "sync", "when a client's write is answered: sync = after the standby applied it", choices=MODES
+        "sync",
+        "when a client's write is answered: sync = after the standby applied it, received = after it "
+        "received it, async = after the local write (FLUSH always waits for the standby's durability)",
+        choices=MODES,
+    )
+    bitmap_granularity: int = cfg.setting(
+        DEFAULT_GRANULARITY,
+        "bytes per bit of the write-intent bitmap: the unit of resync after an outage or a crash",
+        parse=lambda text: check_granularity(parse_size(text)),
+        metavar="SIZE",
+    )
+    state_dir: str | None = cfg.setting(
+        None,
+        "directory of the write-intent bitmaps (NAME.bitmap); default: beside each volume file, PATH.bitmap",
+        metavar="DIR",
+    )
+    connect_timeout: float = cfg.setting(
+        10.0,
+        "seconds to wait at start for the standby before serving anyway (writes are then tracked and "
+        "resynced when it comes)",
+        parse=float,
+        metavar="SECONDS",
+    )
+    ack_timeout: float = cfg.setting(
+        10.0,
+        "seconds without an acknowledgement after which the standby is considered gone (writes then go "
+        "on, tracked in the bitmap)",
+        parse=float,
+        metavar="SECONDS",
     )
     log_level: str = cfg.setting("info", "log level", choices=logs.LEVELS)
     log_format: str = cfg.setting(
@@ -125,6 +152,17 @@ def open_volume(spec: VolumeSpec) -> Device:
     return device
 
 
+def bitmap_path(spec: VolumeSpec, state_dir: str | None) -> str:
+    if state_dir:
+        os.makedirs(state_dir, exist_ok=True)
+        return os.path.join(state_dir, f"{spec.name}.bitmap")
+    if os.path.exists(spec.path) and not os.path.isfile(spec.path):
+        raise cfg.ConfigError(
+            detail=f"volume {spec.name!r}: {spec.path} is not a regular file; give --state-dir"
+        )
+    return spec.path + ".bitmap"
+
+
 def serve(conf: PrimaryConfig) -> int:
     if not conf.volume:
         raise cfg.ConfigError(detail="give at least one --volume NAME=PATH[,size=SIZE]")
@@ -138,19 +176,39 @@ def serve(conf: PrimaryConfig) -> int:
     metrics = PrimaryMetrics(registry, conf.mode)
     devices: dict[str, MirroredDevice] = {}
     nbd = metrics_server = None
+    bitmaps: list[WriteIntentBitmap] = []
     try:
         for spec in conf.volume:
             local = open_volume(spec)
-            mirror = Mirror(conf.standby, spec.name, local.size, spec.block_size, metrics=metrics)
-            metrics.add_volume(spec.name, mirror.in_flight_bytes)
+            bitmap = WriteIntentBitmap.open(
+                bitmap_path(spec, conf.state_dir), local.size, conf.bitmap_granularity
+            )
+            bitmaps.append(bitmap)
+            if bitmap.dirty():
+                log.info("bitmap_dirty", volume=spec.name, bytes=bitmap.dirty() * bitmap.granularity)
+            mirror = Mirror(
+                conf.standby,
+                spec.name,
+                local.size,
+                spec.block_size,
+                bitmap,
+                mode=conf.mode,
+                metrics=metrics,
+                ack_timeout=conf.ack_timeout,
+            )
+            metrics.add_volume(spec.name, mirror)
             devices[spec.name] = MirroredDevice(spec.name, local, mirror, metrics=metrics)
             mirror.start()
         metrics_server = MetricsServer(registry, conf.metrics_listen)
         log.info("listening", service="metrics", address=cfg.format_address(metrics_server.address))
         for name, dev in devices.items():
-            while not dev.mirror.wait_connected(10):
+            if not dev.mirror.wait_connected(conf.connect_timeout):
                 log.warning(
-                    "waiting_for_standby", volume=name, standby=conf.standby, error=dev.mirror.last_error
+                    "standby_unreachable",
+                    volume=name,
+                    standby=conf.standby,
+                    error=dev.mirror.last_error,
+                    note="serving anyway; writes are tracked and resynced when the standby is back",
                 )
         nbd = NbdServer(devices, conf.nbd_listen)
         log.info("listening", service="nbd", address=cfg.format_address(nbd.start()))
@@ -164,6 +222,8 @@ def serve(conf: PrimaryConfig) -> int:
             dev.mirror.stop()
             dev.device.flush()
             dev.close()
+        for bitmap in bitmaps:
+            bitmap.close()
         if metrics_server is not None:
             metrics_server.stop()
     log.info("stopped")

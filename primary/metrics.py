@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from primary.mirror import Mirror
 from standbylib.runtime.metrics import LATENCY_BUCKETS
 
 
@@ -44,6 +43,25 @@ class PrimaryMetrics:
             ["volume"],
             registry=registry,
         )
+        self.resent = Counter(
+            "standby_resync_bytes",
+            "Bytes resent to the standby by resyncs (regions marked in the write-intent bitmap).",
+            ["volume"],
+            registry=registry,
+        )
+        self.out_of_sync = Gauge(
+            "standby_out_of_sync_bytes",
+            "Bytes that may differ on the standby: bitmap regions with writes not yet acknowledged or "
+            "changed while it was away, x the bitmap granularity.",
+            ["volume"],
+            registry=registry,
+        )
+        self.resync_remaining = Gauge(
+            "standby_resync_remaining_bytes",
+            "Bytes the resync still has to send (dirty regions x granularity).",
+            ["volume"],
+            registry=registry,
+        )
         self.in_flight = Gauge(
             "standby_mirror_in_flight_bytes",
             "Bytes submitted to the mirror and not yet acknowledged by the standby.",
@@ -51,14 +69,22 @@ class PrimaryMetrics:
             registry=registry,
         )
 
-    def add_volume(self, volume: str, in_flight: Callable[[], float]) -> None:
-        """Create the volume's series (at 0, so they exist before its first write); `in_flight` is read
-        at every scrape."""
+    def add_volume(self, volume: str, mirror: Mirror) -> None:
+        """Create the volume's series (at 0, so they exist before its first write); the gauges read the
+        mirror and its bitmap at every scrape."""
         self.written.labels(volume)
         self.mirrored.labels(volume)
         self.batches.labels(volume)
+        self.resent.labels(volume)
         self.up.labels(volume).set(0)
-        self.in_flight.labels(volume).set_function(in_flight)
+        self.in_flight.labels(volume).set_function(mirror.in_flight_bytes)
+        self.out_of_sync.labels(volume).set_function(mirror.bitmap.out_of_sync_bytes)
+        self.resync_remaining.labels(volume).set_function(
+            lambda: mirror.bitmap.dirty() * mirror.bitmap.granularity
+        )
+
+    def resynced(self, volume: str, nbytes: int) -> None:
+        self.resent.labels(volume).inc(nbytes)
 
     def write_done(self, volume: str, seconds: float, nbytes: int) -> None:
         self.write_latency.labels(volume, self.mode).observe(seconds)

@@ -1,17 +1,27 @@
-"""Mirroring one volume's writes, in order, to the standby over a gRPC `Mirror` stream.
+"""Mirroring one volume's changes, in order, to the standby over a gRPC `Mirror` stream.
 
-Writers call `submit` in the order they applied their writes locally and get an op number; `wait`
-blocks until the standby acknowledged the batch holding that op. Ops are coalesced into numbered
-batches of up to `batch_bytes` when the stream is ready to take one, so concurrent client writes share
-messages (per-write messages cannot reach the throughput this needs). At most `window_batches`
-batches are unacknowledged at a time; while the window is full, new ops gather into the next batch.
+Writers (the exported device, under its order lock) call `begin` before they write locally, then
+`submit_write`/`submit_zero`, and `wait` for the acknowledgement their mode asks for. Ops are coalesced
+into numbered batches of up to `batch_bytes` when the stream can take one, so concurrent client writes
+share messages; at most `window_batches` batches are unacknowledged. Nothing is ever reordered: ops
+enter batches in submission order, batches carry consecutive numbers, the standby applies them in order.
 
-Ordering: ops enter batches in submission order and batches carry consecutive sequence numbers, which
-the standby applies strictly in order; nothing is ever reordered, overlapping writes included.
+The write-intent bitmap (`standbylib.bitmap`) keeps the standby recoverable without ever stalling the
+primary for long:
 
-A broken stream is reopened (after a new handshake, with capped, jittered exponential backoff) and
-every unacknowledged batch is resent with its original number; the standby skips those it had applied.
-Writers simply wait longer. (Tracking writes while the standby is away is the write-intent bitmap's job.)
+* connected: `begin` marks the regions (durably) as in flight; the standby's acknowledgement releases
+  them; a periodic flush barrier, once acknowledged, lets released regions be cleared;
+* the link breaks, the standby stops answering for `ack_timeout` seconds, or it refuses a batch: every
+  unacknowledged op is dropped and its regions become dirty; waiting writers return (their data is on
+  the local volume and tracked); new writes only mark their regions dirty;
+* reconnected (capped, jittered exponential backoff): the dirty regions are resent in the background
+  while new writes flow (the replica is `inconsistent` meanwhile), then a batch marked `uptodate` ends
+  the resync. A resync cut short resumes with what is still dirty; after a crash every bit left in the
+  bitmap file is dirty.
+
+Modes (DRBD protocols C/B/A): ``sync`` waits until the standby applied the write, ``received`` until it
+received it, ``async`` not at all. A flush barrier always waits for the standby's durability (or the
+drop of the connection).
 """
 
 from __future__ import annotations
@@ -21,32 +31,42 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 
+from standbylib.bitmap import WriteIntentBitmap
 from standbylib.errors import StandbyError
+from standbylib.rawfile import Buffer
 from standbylib.rpc.v1 import replication_pb2, replication_pb2_grpc
 from standbylib.rpc.wire import encode_batch
 from standbylib.runtime import logs, rpc
 
 log = logs.get(__name__)
 
+MODES = ("sync", "received", "async")
+
 #: Largest batch payload (bytes of data and zeroed ranges); a single larger write travels alone.
 BATCH_BYTES = 4 << 20
 #: Unacknowledged batches on the stream.
 WINDOW_BATCHES = 4
+#: Bytes of resync data in flight at most (new writes get the rest of the window).
+RESYNC_WINDOW = 8 << 20
 #: The Mirror method's full name (proto/v1/replication.proto).
 MIRROR_METHOD = "/standbyappliance.v1.Replication/Mirror"
 #: Reconnect backoff: first delay, cap.
 BACKOFF_FIRST, BACKOFF_CAP = 0.2, 10.0
+#: Seconds between flush barriers that let acknowledged regions of the bitmap be cleared.
+CLEAN_INTERVAL = 1.0
 
 
 class MirrorMetrics(Protocol):
     def batch_sent(self, volume: str, nbytes: int, writes: int) -> None: ...
     def connected(self, volume: str, up: bool) -> None: ...
+    def resynced(self, volume: str, nbytes: int) -> None: ...
 
 
 class NullMirrorMetrics:
@@ -56,31 +76,43 @@ class NullMirrorMetrics:
     def connected(self, volume: str, up: bool) -> None:
         pass
 
+    def resynced(self, volume: str, nbytes: int) -> None:
+        pass
 
-class MirrorStopped(StandbyError):
-    template = "mirroring of volume {volume!r} stopped before the standby acknowledged the write"
+
+class Dropped(StandbyError):
+    template = "the connection to the standby broke: {detail}"
 
 
 @dataclass(slots=True)
 class _Op:
     number: int
     offset: int
-    data: bytes | None  # None: `zero` bytes of zeros, or a barrier when zero == 0
+    data: Buffer | None  # None: `zero` bytes of zeros, or a marker (barrier, uptodate) when zero == 0
     zero: int
-    barrier: bool
+    barrier: bool = False
+    uptodate: bool = False
+    # The range marked in flight in the bitmap that this op's acknowledgement releases (or its drop
+    # makes dirty): a write's whole aligned range, carried by the last op of the write.
+    release: tuple[int, int] | None = None
+    resync: bool = False
+
+    @property
+    def length(self) -> int:
+        return len(self.data) if self.data is not None else self.zero
 
 
 @dataclass(slots=True)
 class _Batch:
     sequence: int
-    last_op: int
+    ops: list[_Op]
     nbytes: int
-    writes: int
     message: bytes  # the serialised MirrorRequest
+    sent: float = 0.0
 
 
 class Mirror:
-    """The ordered mirror of volume `volume` (of `size` bytes in blocks of `block_size`) to `target`."""
+    """The ordered mirror of volume `volume` (`size` bytes in blocks of `block_size`) to `target`."""
 
     def __init__(
         self,
@@ -88,70 +120,130 @@ class Mirror:
         volume: str,
         size: int,
         block_size: int,
+        bitmap: WriteIntentBitmap,
         *,
+        mode: str = "sync",
         primary_id: str | None = None,
         metrics: MirrorMetrics | None = None,
         batch_bytes: int = BATCH_BYTES,
         window_batches: int = WINDOW_BATCHES,
+        ack_timeout: float = 10.0,
     ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
         self.target = target
         self.volume = volume
         self.size = size
         self.block_size = block_size
+        self.bitmap = bitmap
+        self.mode = mode
         self.primary_id = primary_id or str(uuid.uuid4())
         self.metrics: MirrorMetrics = metrics or NullMirrorMetrics()
         self.batch_bytes = batch_bytes
         self.window_batches = window_batches
+        self.ack_timeout = ack_timeout
+        # Lock order: _state_lock, then _cond, then the bitmap's lock. `_state_lock` makes "connected?"
+        # and the bitmap mark one step, so no write is marked dirty after a resync pass looked.
+        self._state_lock = threading.Lock()
         self._cond = threading.Condition()
         self._pending: deque[_Op] = deque()
         self._outstanding: OrderedDict[int, _Batch] = OrderedDict()
         self._next_op = 1
-        self._acked_op = 0
+        self._done_op = 0  # every op up to this one was acknowledged (applied) or dropped
+        self._received_op = 0  # ... received (or better)
         self._next_sequence = 1
         self._stream_id = 0
         self._running = True
+        self._resync_bytes = 0  # resync bytes in flight
+        self._responses: Any = None  # the call's response iterator, to cancel it
         self.connected = False
+        self.resyncing = False
         self.handshakes = 0
+        self.resent_bytes = 0
         self.last_error = ""
         self._first_contact = threading.Event()
+        self._lock: AbstractContextManager[object] = threading.Lock()
+        self._read: Callable[[int, int], bytes] | None = None
+        self._is_hole: Callable[[int, int], bool] = lambda offset, length: False
         self._thread = threading.Thread(target=self._run, name=f"mirror-{volume}", daemon=True)
+        self._resync_thread = threading.Thread(target=self._resync_loop, name=f"resync-{volume}", daemon=True)
+        self._ticker = threading.Thread(target=self._tick_loop, name=f"mirror-tick-{volume}", daemon=True)
 
-    # -- writers ------------------------------------------------------------------------------------
+    def attach(
+        self,
+        order_lock: AbstractContextManager[object],
+        read: Callable[[int, int], bytes],
+        is_hole: Callable[[int, int], bool],
+    ) -> None:
+        """How the resync reads the local volume: under the writers' `order_lock`, so that a region read
+        for resync is queued before any later write to it."""
+        self._lock, self._read, self._is_hole = order_lock, read, is_hole
 
     def start(self) -> None:
+        """Start mirroring; `attach` must have been called (the resync reads the local volume)."""
+        if self._read is None:
+            raise StandbyError(
+                detail=f"mirror of {self.volume!r} started before it was attached to its volume"
+            )
         self._thread.start()
+        self._resync_thread.start()
+        self._ticker.start()
 
     def wait_connected(self, timeout: float | None = None) -> bool:
-        """True once the first handshake succeeded."""
+        """True once the stream was first opened (writes from then on are mirrored)."""
         return self._first_contact.wait(timeout)
 
-    def submit_write(self, offset: int, data: bytes) -> int:
-        return self._submit(offset, data, 0, False)
+    # -- writers (under the device's order lock) ------------------------------------------------------
 
-    def submit_zero(self, offset: int, length: int) -> int:
-        return self._submit(offset, None, length, False)
+    def begin(self, offset: int, length: int) -> bool:
+        """Mark ``[offset, offset+length)`` in the bitmap before it is written locally (durable on return).
+
+        True when the write will be mirrored (then pass `tracked=True` to the submit), False when the
+        standby is away and the region is only recorded as dirty.
+        """
+        with self._state_lock:
+            live = self.connected
+            if live:
+                self.bitmap.mark(offset, length)
+            else:
+                self.bitmap.mark_dirty(offset, length)
+        return live
+
+    def submit_write(self, offset: int, data: Buffer, release: tuple[int, int] | None = None) -> int:
+        """Queue a write (after `begin` returned True); `release` is the range `begin` marked, given
+        with the last op of a client write."""
+        return self._submit(_Op(0, offset, data, 0, release=release))
+
+    def submit_zero(self, offset: int, length: int, release: tuple[int, int] | None = None) -> int:
+        return self._submit(_Op(0, offset, None, length, release=release))
 
     def submit_barrier(self) -> int:
         """A flush barrier after every op submitted so far: acknowledged once the standby is durable."""
-        return self._submit(0, None, 0, True)
+        return self._submit(_Op(0, 0, None, 0, barrier=True))
 
-    def _submit(self, offset: int, data: bytes | None, zero: int, barrier: bool) -> int:
+    def _submit(self, op: _Op) -> int:
         with self._cond:
-            if not self._running:
-                raise MirrorStopped(volume=self.volume)
-            n = self._next_op
+            op.number = self._next_op
             self._next_op += 1
-            self._pending.append(_Op(n, offset, data, zero, barrier))
+            if not self.connected or not self._running:
+                self._drop_op(op)
+                self._done_op = max(self._done_op, op.number)
+                self._received_op = max(self._received_op, op.number)
+                self._cond.notify_all()
+                return op.number
+            self._pending.append(op)
             self._cond.notify_all()
-            return n
+            return op.number
 
-    def wait(self, op: int, timeout: float | None = None) -> None:
-        """Block until the standby acknowledged op number `op` (and every op before it)."""
+    def wait(self, op: int, *, mode: str | None = None, timeout: float | None = None) -> None:
+        """Block until op number `op` is acknowledged as `mode` asks (default: this mirror's mode), or
+        dropped. ``async`` returns at once."""
+        mode = mode or self.mode
+        if mode == "async" or op == 0:
+            return
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._acked_op < op:
-                if not self._running:
-                    raise MirrorStopped(volume=self.volume)
+            while (self._received_op if mode == "received" else self._done_op) < op:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"op {op} of volume {self.volume!r} not acknowledged in time")
@@ -159,7 +251,7 @@ class Mirror:
 
     def in_flight_bytes(self) -> int:
         with self._cond:
-            pending = sum(len(o.data) if o.data is not None else o.zero for o in self._pending)
+            pending = sum(o.length for o in self._pending)
             return pending + sum(b.nbytes for b in self._outstanding.values())
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -167,12 +259,35 @@ class Mirror:
         with self._cond:
             target = self._next_op - 1
             deadline = time.monotonic() + timeout
-            while self._acked_op < target and self.connected and time.monotonic() < deadline:
+            while self._done_op < target and self.connected and time.monotonic() < deadline:
                 self._cond.wait(0.1)
             self._running = False
             self._stream_id += 1
             self._cond.notify_all()
-        self._thread.join(timeout)
+        for t in (self._thread, self._resync_thread, self._ticker):
+            if t.is_alive():
+                t.join(timeout)
+
+    # -- dropping -----------------------------------------------------------------------------------
+
+    def _drop_op(self, op: _Op) -> None:
+        """Under the lock: `op` will never be acknowledged; its regions need a resync."""
+        if op.release is not None:
+            self.bitmap.drop(*op.release)
+        if op.resync:
+            self._resync_bytes -= op.length
+
+    def _drop_all(self) -> None:
+        """Under the lock: the stream is gone; every unacknowledged op is dropped and its writer released."""
+        for batch in self._outstanding.values():
+            for op in batch.ops:
+                self._drop_op(op)
+        for op in self._pending:
+            self._drop_op(op)
+        self._outstanding.clear()
+        self._pending.clear()
+        self._done_op = self._received_op = self._next_op - 1
+        self._cond.notify_all()
 
     # -- the stream -----------------------------------------------------------------------------------
 
@@ -182,7 +297,11 @@ class Mirror:
         try:
             while self._running:
                 try:
-                    self._handshake(channel)
+                    created = self._handshake(channel)
+                    if created:
+                        # A new (or wiped) replica: everything the primary holds must be sent.
+                        self.bitmap.mark_dirty(0, self.size)
+                        log.info("full_sync_needed", volume=self.volume, bytes=self.size)
                     delay = BACKOFF_FIRST
                     self._stream(channel)
                 except grpc.RpcError as e:
@@ -199,18 +318,25 @@ class Mirror:
             channel.close()
 
     def _disconnected(self, code: str, details: str) -> None:
-        was = self.connected
-        with self._cond:
+        with self._state_lock, self._cond:
+            was = self.connected
             self.connected = False
+            self.resyncing = False
             self._stream_id += 1
-            self._cond.notify_all()
+            self._drop_all()
         self.metrics.connected(self.volume, False)
         message = f"{code}: {details}"
         if was or message != self.last_error:
-            log.warning("mirror_disconnected", volume=self.volume, target=self.target, error=message)
+            log.warning(
+                "mirror_disconnected",
+                volume=self.volume,
+                target=self.target,
+                error=message,
+                out_of_sync_bytes=self.bitmap.out_of_sync_bytes(),
+            )
         self.last_error = message
 
-    def _handshake(self, channel: grpc.Channel) -> None:
+    def _handshake(self, channel: grpc.Channel) -> bool:
         stub = replication_pb2_grpc.ReplicationStub(channel)
         reply = stub.Handshake(
             replication_pb2.HandshakeRequest(
@@ -225,9 +351,8 @@ class Mirror:
             target=self.target,
             standby_id=reply.standby_id,
             created=reply.created,
-            applied_sequence=reply.applied_sequence,
         )
-        self._first_contact.set()
+        return bool(reply.created)
 
     def _stream(self, channel: grpc.Channel) -> None:
         # Batches are serialised by `wire.encode_batch` (protobuf's encoder is too slow for bulk data),
@@ -237,43 +362,75 @@ class Mirror:
             request_serializer=_identity,
             response_deserializer=replication_pb2.MirrorReply.FromString,
         )
-        with self._cond:
+        with self._state_lock, self._cond:
             self._stream_id += 1
             stream_id = self._stream_id
-            first = next(iter(self._outstanding), self._next_sequence)
-        responses = mirror(self._requests(stream_id, first))
+            first = self._next_sequence
+            # From here on writes are mirrored; whatever is dirty now is resent first.
+            resync = self.bitmap.dirty() > 0
+            self.connected = True
+            self.resyncing = resync
+            self._cond.notify_all()
+        self._first_contact.set()
+        responses = mirror(self._requests(stream_id, first, resync))
         try:
             with self._cond:
-                self.connected = True
+                self._responses = responses
             self.metrics.connected(self.volume, True)
-            log.info("mirror_connected", volume=self.volume, target=self.target, first_sequence=first)
+            log.info(
+                "mirror_connected",
+                volume=self.volume,
+                target=self.target,
+                mode=self.mode,
+                resync_bytes=self.bitmap.dirty() * self.bitmap.granularity,
+            )
             for reply in responses:
-                self._acknowledged(reply.sequence)
+                self._acknowledged(reply)
             if self._running:
                 raise StandbyError(detail="the standby ended the stream")
         finally:
+            with self._cond:
+                self._responses = None
             responses.cancel()
 
-    def _acknowledged(self, sequence: int) -> None:
+    def _acknowledged(self, reply: replication_pb2.MirrorReply) -> None:
         with self._cond:
+            if reply.received:
+                batch = self._outstanding.get(reply.sequence)
+                if batch is not None and batch.ops:
+                    self._received_op = max(self._received_op, batch.ops[-1].number)
+                    self._cond.notify_all()
+                return
             while self._outstanding:
                 seq, batch = next(iter(self._outstanding.items()))
-                if seq > sequence:
+                if seq > reply.sequence:
                     break
                 del self._outstanding[seq]
-                self._acked_op = max(self._acked_op, batch.last_op)
+                for op in batch.ops:
+                    if op.release is not None:
+                        self.bitmap.release(*op.release)
+                    if op.resync:
+                        self._resync_bytes -= op.length
+                        self.metrics.resynced(self.volume, op.length)
+                    if op.uptodate:
+                        self.resyncing = False
+                        log.info("resync_done", volume=self.volume)
+                if batch.ops:
+                    last = batch.ops[-1].number
+                    self._done_op = max(self._done_op, last)
+                    self._received_op = max(self._received_op, last)
             self._cond.notify_all()
 
-    def _requests(self, stream_id: int, first: int) -> Iterator[bytes]:
-        """The request side of one stream: `open`, the unacknowledged batches again, then new ones."""
+    def _requests(self, stream_id: int, first: int, resync: bool) -> Iterator[bytes]:
+        """The request side of one stream: `open`, then batches as the window allows."""
         opening = replication_pb2.MirrorOpen(
-            volume=self.volume, first_sequence=first, primary_id=self.primary_id
+            volume=self.volume,
+            first_sequence=first,
+            primary_id=self.primary_id,
+            received_acks=self.mode == "received",
+            resync=resync,
         )
         yield replication_pb2.MirrorRequest(open=opening).SerializeToString()
-        with self._cond:
-            resend = list(self._outstanding.values())
-        for batch in resend:
-            yield batch.message
         while True:
             with self._cond:
                 while self._stream_id == stream_id and (
@@ -285,33 +442,122 @@ class Mirror:
                 if self._stream_id != stream_id:
                     return
                 batch = self._form_batch()
-            self.metrics.batch_sent(self.volume, batch.nbytes, batch.writes)
+            self.metrics.batch_sent(self.volume, batch.nbytes, len(batch.ops))
             yield batch.message
 
     def _form_batch(self) -> _Batch:
         """Take pending ops (under the lock) into the next batch."""
-        ops: list[tuple[int, bytes | int]] = []
+        ops: list[_Op] = []
+        writes: list[tuple[int, Buffer | int]] = []
         nbytes = 0
-        flush = False
-        last = 0
+        flush = uptodate = False
         while self._pending:
             op = self._pending[0]
-            size = len(op.data) if op.data is not None else op.zero
-            if ops and nbytes + size > self.batch_bytes:
+            if ops and nbytes + op.length > self.batch_bytes:
                 break
             self._pending.popleft()
-            last = op.number
-            if op.barrier:
-                flush = True
+            ops.append(op)
+            if op.barrier or op.uptodate:
+                flush, uptodate = op.barrier, op.uptodate
                 break
-            ops.append((op.offset, op.data if op.data is not None else op.zero))
-            nbytes += size
+            writes.append((op.offset, op.data if op.data is not None else op.zero))
+            nbytes += op.length
         sequence = self._next_sequence
         self._next_sequence += 1
-        message = b"".join(encode_batch(sequence, ops, flush))
-        batch = _Batch(sequence, last, nbytes, len(ops), message)
+        message = b"".join(encode_batch(sequence, writes, flush, uptodate))
+        batch = _Batch(sequence, ops, nbytes, message, time.monotonic())
         self._outstanding[sequence] = batch
         return batch
+
+    # -- resync -------------------------------------------------------------------------------------
+
+    def _resync_loop(self) -> None:
+        """Send the dirty regions while connected, then mark the replica up to date."""
+        while self._running:
+            with self._cond:
+                self._cond.wait_for(lambda: not self._running or (self.connected and self.resyncing), 1.0)
+                if not self._running or not (self.connected and self.resyncing):
+                    continue
+                stream_id = self._stream_id
+            try:
+                self._resync_pass(stream_id)
+            except StandbyError as e:
+                log.warning("resync_interrupted", volume=self.volume, error=str(e))
+
+    def _resync_pass(self, stream_id: int) -> None:
+        g = self.bitmap.granularity
+        started = time.monotonic()
+        sent = 0
+        while True:
+            regions = list(self.bitmap.dirty_regions())
+            if not regions:
+                break
+            for region in regions:
+                with self._cond:
+                    self._cond.wait_for(
+                        lambda: (
+                            self._stream_id != stream_id
+                            or not self._running
+                            or self._resync_bytes < RESYNC_WINDOW
+                        )
+                    )
+                    if self._stream_id != stream_id or not self._running:
+                        return
+                with self._lock:
+                    with self._cond:
+                        if self._stream_id != stream_id or not self.connected:
+                            return
+                    offset, length = self.bitmap.resync_begin(region)
+                    span = (offset, length)
+                    if self._is_hole(offset, length):
+                        op = _Op(0, offset, None, length, resync=True, release=span)
+                    else:
+                        assert self._read is not None
+                        data = self._read(offset, length)
+                        op = _Op(0, offset, data, 0, resync=True, release=span)
+                        if not any(data[:1]) and data == bytes(length):
+                            op = _Op(0, offset, None, length, resync=True, release=span)
+                    with self._cond:
+                        self._resync_bytes += length
+                    self._submit(op)
+                sent += length
+        # Everything dirty was sent: once it is applied the replica is up to date.
+        with self._lock:
+            marker = self._submit(_Op(0, 0, None, 0, uptodate=True))
+        self.wait(marker, mode="sync")
+        with self._cond:
+            self.resent_bytes += sent
+        seconds = round(time.monotonic() - started, 3)
+        log.info("resync_sent", volume=self.volume, bytes=sent, seconds=seconds, granularity=g)
+
+    # -- periodic work ------------------------------------------------------------------------------
+
+    def _tick_loop(self) -> None:
+        """Clear acknowledged regions once a flush barrier made them durable; time out a silent standby."""
+        while self._running:
+            with self._cond:
+                self._cond.wait_for(lambda: not self._running, CLEAN_INTERVAL)
+                if not self._running:
+                    return
+                oldest = next(iter(self._outstanding.values()), None)
+                silent = oldest is not None and time.monotonic() - oldest.sent > self.ack_timeout
+                responses = self._responses
+                connected = self.connected
+            if silent and responses is not None:
+                log.warning("standby_not_answering", volume=self.volume, seconds=self.ack_timeout)
+                responses.cancel()
+                continue
+            if connected and self.bitmap.marked():
+                sent_at = time.monotonic()
+                op = self.submit_barrier()
+                try:
+                    self.wait(op, mode="sync", timeout=self.ack_timeout)
+                except TimeoutError:
+                    continue
+                with self._cond:
+                    still = self.connected
+                if still:
+                    self.bitmap.clean(released_before=sent_at)
 
 
 def _identity(message: bytes) -> bytes:

@@ -250,6 +250,18 @@ class WriteIntentBitmap:
             self._inflight[:] = 0
             self._idle_since = {r: t for r, t in self._idle_since.items() if not self._dirty[r]}
 
+    def drop(self, offset: int, length: int) -> None:
+        """A marked write will not be acknowledged (its batch was dropped): its regions need a resync."""
+        regions = self.regions(offset, length)
+        with self._lock:
+            counts = self._inflight[regions.start : regions.stop]
+            if (counts == 0).any():
+                raise InvalidArgument(detail=f"drop of [{offset}, +{length}) without a matching mark")
+            counts -= 1
+            self._dirty[regions.start : regions.stop] = True
+            for r in regions:
+                self._idle_since.pop(r, None)
+
     def dirty_regions(self) -> Iterator[int]:
         """Regions to resync, in order (a snapshot of the moment of the call)."""
         with self._lock:
@@ -269,14 +281,22 @@ class WriteIntentBitmap:
         offset = region << self.shift
         return offset, min(self.granularity, self.size - offset)
 
-    def clean(self, *, now: float | None = None, force: bool = False) -> int:
+    def clean(
+        self, *, now: float | None = None, force: bool = False, released_before: float | None = None
+    ) -> int:
         """Clear the bits idle for `linger` seconds (all idle ones with `force`); the number cleared.
 
-        Clears are written without a sync: a lost clear only means one more region to resync.
+        `released_before` (a `time.monotonic` value) also requires the release to be older than that:
+        the caller passes the time it sent a flush barrier the standby has acknowledged, so that a
+        cleared bit always means the standby holds the region durably. Clears are written without a
+        sync: a lost clear only means one more region to resync.
         """
         now = time.monotonic() if now is None else now
+        limit = now - self.linger
+        if released_before is not None:
+            limit = min(limit, released_before)
         with self._lock:
-            ready = [r for r, t in self._idle_since.items() if force or now - t >= self.linger]
+            ready = [r for r, t in self._idle_since.items() if force or t <= limit]
             if not ready:
                 return 0
             for r in ready:

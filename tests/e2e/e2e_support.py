@@ -328,6 +328,23 @@ class Primary:
     def metrics(self) -> Metrics:
         return scrape(self.metrics_address)
 
+    def wait_in_sync(self, timeout: float = START_TIMEOUT) -> None:
+        """Until every volume is connected and its resync (a new standby's full copy) is done."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.metrics()
+            done = all(
+                m.find("standby_replication_connected", volume=v) == 1
+                and m.find("standby_resync_remaining_bytes", volume=v) == 0
+                and m.find("standby_out_of_sync_bytes", volume=v) == 0
+                for v in self.volumes
+            )
+            if done:
+                return
+            if time.monotonic() > deadline:
+                pytest.fail(f"the primary did not get in sync within {timeout} s", pytrace=False)
+            time.sleep(0.1)
+
 
 class Daemons:
     """Starts daemons for one test and makes sure none outlives it."""
@@ -372,7 +389,9 @@ class Daemons:
         d = self._start("primary", argv)
         d.wait_for("ready")
         paths = {name: Path(spec.split(",", 1)[0]) for name, spec in volumes.items()}
-        return Primary(d, paths, d.address("nbd"), d.address("metrics"))
+        primary = Primary(d, paths, d.address("nbd"), d.address("metrics"))
+        primary.wait_in_sync()
+        return primary
 
     def finish(self) -> list[str]:
         """Stop every daemon still running, newest first; the problems found."""
