@@ -290,14 +290,9 @@ class StandbyNode:
         replica = self.replica(volume)
         if not replica.stream_lock.acquire(timeout=5):
             raise Busy(volume=volume, primary=replica.primary_id or "unknown")
-        if replica.primary_id != primary_id:
-            replica.applied_sequence = first_sequence - 1
-        elif first_sequence > replica.applied_sequence + 1:
-            replica.stream_lock.release()
-            raise InvalidArgument(
-                detail=f"volume {volume!r}: the stream starts at batch {first_sequence} but batch "
-                f"{replica.applied_sequence + 1} was never received"
-            )
+        # Each stream numbers its batches afresh from `first_sequence`: what a broken stream did not
+        # deliver, the primary resends from its write-intent bitmap, not by batch number.
+        replica.applied_sequence = first_sequence - 1
         replica.primary_id = primary_id
         replica.connected = True
         if resync:
@@ -313,7 +308,7 @@ class StandbyNode:
     def apply(
         self, replica: Replica, sequence: int, ops: Sequence[WriteOp], flush: bool, uptodate: bool = False
     ) -> bool:
-        """Apply batch `sequence` to the replica; False when it had been applied already (a resend).
+        """Apply batch `sequence` to the replica; False when it had been applied already.
 
         `uptodate` ends a resync: the replica is made durable and becomes up to date.
 

@@ -1,0 +1,190 @@
+"""Replication through faults (issue 4): link cuts, a standby killed and restarted, a primary killed and
+restarted, a new standby against a full primary. After each: no client write failed, the replica equals
+the primary after a quiet moment, only marked regions were resent, and a snapshot taken before the
+fault still reads its frozen image."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from e2e_support import VOLUME_SIZE, Daemons, MiB, Primary, Standby, need, rand, run
+from linkproxy import LinkProxy
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def fio_storm(uri: str, seconds: float, cwd: Path) -> subprocess.Popen[str]:
+    """Random 4 KiB and 64 KiB writes through the primary for `seconds`, 8 in flight."""
+    need("fio")
+    return subprocess.Popen(
+        [
+            "fio", "--name=storm", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite",
+            "--bssplit=4k/70:64k/30", f"--size={VOLUME_SIZE}", "--iodepth=8", "--time_based",
+            f"--runtime={seconds}", "--randrepeat=0",
+        ],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd,
+    )  # fmt: skip
+
+
+def finish(proc: subprocess.Popen[str]) -> None:
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "err= 0" in out, f"a client write failed:\n{out}"
+
+
+def resync_budget(primary: Primary, since: int) -> int:
+    """Bytes the primary announced to resync at each reconnect after the `since`-th event."""
+    events = [e for e in primary.daemon.events if e.get("event") == "mirror_connected"]
+    return sum(int(e.get("resync_bytes", 0)) for e in events[since:])
+
+
+def resent(primary: Primary) -> float:
+    return primary.metrics().find("standby_resync_bytes_total", volume="vol0") or 0.0
+
+
+def frozen_snapshot(standby: Standby, primary: Primary, tmp: Path) -> tuple[str, Path]:
+    """Write data, wait for sync, take a snapshot; the image it must keep."""
+    primary_file = primary.volumes["vol0"]
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x3c 0 8M", "-c", "flush", primary.uri("vol0"))
+    primary.wait_in_sync()
+    expected = tmp / "frozen.img"
+    shutil.copyfile(primary_file, expected)
+    return standby.snapshot("vol0", "before"), expected
+
+
+def assert_snapshot(standby: Standby, name: str, expected: Path, tmp: Path) -> None:
+    out = tmp / "snapshot-read.img"
+    run("nbdcopy", "--connections=4", standby.uri(f"vol0@{name}"), out)
+    assert sha(out) == sha(expected), "a snapshot taken before the fault does not read its frozen image"
+
+
+def assert_in_sync(standby: Standby, primary: Primary) -> None:
+    run("qemu-io", "-f", "raw", "-c", "flush", primary.uri("vol0"))
+    primary.wait_in_sync(timeout=120)
+    assert sha(standby.replica("vol0")) == sha(primary.volumes["vol0"]), (
+        "the replica differs from the primary"
+    )
+    assert standby.status()["volumes"][0]["state"] == "uptodate"
+
+
+def start_pair(daemons: Daemons, tmp: Path, proxy_target: bool = True) -> tuple[Standby, Primary, LinkProxy]:
+    standby = daemons.standby()
+    proxy = LinkProxy(standby.grpc)
+    vol = tmp / "primary" / "vol0.img"
+    vol.parent.mkdir(exist_ok=True)
+    primary = daemons.primary(proxy.address, {"vol0": f"{vol},size=32MiB"}, "--ack-timeout", "3")
+    return standby, primary, proxy
+
+
+def test_link_cut_several_times_during_fio_writes(daemons: Daemons, tmp_path: Path) -> None:
+    need("fio", "qemu-io", "nbdcopy")
+    standby, primary, proxy = start_pair(daemons, tmp_path)
+    try:
+        name, expected = frozen_snapshot(standby, primary, tmp_path)
+        connects = len([e for e in primary.daemon.events if e.get("event") == "mirror_connected"])
+        before = resent(primary)
+        storm = fio_storm(primary.uri("vol0"), 9, tmp_path)
+        for _ in range(3):
+            time.sleep(1.5)
+            proxy.cut()
+            time.sleep(1.0)
+            proxy.restore()
+        finish(storm)
+        assert_in_sync(standby, primary)
+        sent = resent(primary) - before
+        budget = resync_budget(primary, connects)
+        assert 0 < sent <= budget * 1.1, f"resent {sent} bytes for {budget} bytes marked"
+        assert_snapshot(standby, name, expected, tmp_path)
+    finally:
+        proxy.close()
+
+
+def test_standby_killed_mid_storm_and_restarted(daemons: Daemons, tmp_path: Path) -> None:
+    need("fio", "qemu-io", "nbdcopy")
+    standby, primary, proxy = start_pair(daemons, tmp_path)
+    try:
+        name, expected = frozen_snapshot(standby, primary, tmp_path)
+        storm = fio_storm(primary.uri("vol0"), 7, tmp_path)
+        time.sleep(2)
+        standby.daemon.kill()  # kill -9 while writes flow
+        time.sleep(1.5)
+        again = daemons.standby(standby.data_dir)
+        proxy.restore(again.grpc)
+        finish(storm)
+        assert_in_sync(again, primary)
+        assert_snapshot(again, name, expected, tmp_path)
+    finally:
+        proxy.close()
+
+
+def test_primary_killed_mid_storm_resyncs_marked_regions_on_restart(daemons: Daemons, tmp_path: Path) -> None:
+    need("fio", "qemu-io", "nbdcopy")
+    standby, primary, proxy = start_pair(daemons, tmp_path)
+    try:
+        name, expected = frozen_snapshot(standby, primary, tmp_path)
+        storm = fio_storm(primary.uri("vol0"), 30, tmp_path)
+        time.sleep(2.5)
+        primary.daemon.kill()  # kill -9: the client's writes in flight fail, that is expected here
+        storm.communicate(timeout=60)
+        vol = primary.volumes["vol0"]
+        assert vol.with_name("vol0.img.bitmap").exists()
+        again = daemons.primary(proxy.address, {"vol0": f"{vol},size=32MiB"})
+        dirty = [e for e in again.daemon.events if e.get("event") == "bitmap_dirty"]
+        assert dirty, "the restarted primary found no marked regions in its bitmap"
+        assert dirty[0]["bytes"] < VOLUME_SIZE, "a crash must resync only the marked regions"
+        assert_in_sync(standby, again)
+        assert_snapshot(standby, name, expected, tmp_path)
+    finally:
+        proxy.close()
+
+
+def test_a_standby_started_empty_against_a_full_primary(daemons: Daemons, tmp_path: Path) -> None:
+    need("qemu-io")
+    vol = tmp_path / "primary" / "vol0.img"
+    vol.parent.mkdir()
+    data = rand(6 * MiB, seed=9)
+    with open(vol, "wb") as f:
+        f.truncate(VOLUME_SIZE)
+        f.seek(4 * MiB)
+        f.write(data)
+    standby = daemons.standby()
+    primary = daemons.primary(standby, {"vol0": f"{vol},size=32MiB"})  # waits until in sync
+    assert sha(standby.replica("vol0")) == sha(vol)
+    allocated = standby.replica("vol0").stat().st_blocks * 512
+    assert allocated <= 6 * MiB + 2 * 65536, f"the full copy did not skip holes: {allocated} bytes allocated"
+    # and writes go on afterwards
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x44 0 1M", "-c", "flush", primary.uri("vol0"))
+    assert_in_sync(standby, primary)
+
+
+def test_writes_are_not_stalled_while_the_link_is_down(daemons: Daemons, tmp_path: Path) -> None:
+    need("qemu-io")
+    standby, primary, proxy = start_pair(daemons, tmp_path)
+    try:
+        proxy.cut()
+        done = threading.Event()
+
+        def write() -> None:
+            run("qemu-io", "-f", "raw", "-c", "write -P 0x61 0 4M", "-c", "flush", primary.uri("vol0"))
+            done.set()
+
+        t = threading.Thread(target=write)
+        t.start()
+        assert done.wait(30), "a write through the primary stalled while the standby was unreachable"
+        t.join()
+        oos = primary.metrics().find("standby_out_of_sync_bytes", volume="vol0")
+        assert oos is not None and oos >= 4 * MiB, f"out-of-sync bytes {oos} do not cover the 4 MiB written"
+        assert primary.metrics().find("standby_replication_connected", volume="vol0") == 0
+        proxy.restore()
+        assert_in_sync(standby, primary)
+    finally:
+        proxy.close()
