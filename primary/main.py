@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
 
 from primary.device import MirroredDevice
+from primary.generations import Generations
 from primary.metrics import PrimaryMetrics
 from primary.mirror import MODES, Mirror
 from standbylib.bitmap import DEFAULT_GRANULARITY, WriteIntentBitmap, check_granularity
@@ -22,7 +24,7 @@ from standbylib.errors import InvalidArgument, StandbyError
 from standbylib.nbd.server import NbdServer
 from standbylib.runtime import config as cfg
 from standbylib.runtime import logs
-from standbylib.runtime.main import EXIT_OK, run, wait_for_signal
+from standbylib.runtime.main import EXIT_OK, StopSignal, run
 from standbylib.runtime.metrics import MetricsServer
 from standbylib.snapshot.records import check_name
 from standbylib.units import parse_size
@@ -117,6 +119,11 @@ class PrimaryConfig:
         parse=float,
         metavar="SECONDS",
     )
+    discard_standby_data: bool = cfg.setting(
+        False,
+        "overwrite the standby's replica with a full resync even if its history diverged (split brain); "
+        "applies to the first connection of this run",
+    )
     log_level: str = cfg.setting("info", "log level", choices=logs.LEVELS)
     log_format: str = cfg.setting(
         "auto",
@@ -172,6 +179,7 @@ def serve(conf: PrimaryConfig) -> int:
     names = [v.name for v in conf.volume]
     if len(set(names)) != len(names):
         raise cfg.ConfigError(detail=f"volume names must be unique: {', '.join(names)}")
+    stop = StopSignal()
     registry = CollectorRegistry()
     metrics = PrimaryMetrics(registry, conf.mode)
     devices: dict[str, MirroredDevice] = {}
@@ -192,7 +200,9 @@ def serve(conf: PrimaryConfig) -> int:
                 local.size,
                 spec.block_size,
                 bitmap,
+                Generations(bitmap.path.removesuffix(".bitmap") + ".generation"),
                 mode=conf.mode,
+                discard_standby_data=conf.discard_standby_data,
                 metrics=metrics,
                 ack_timeout=conf.ack_timeout,
             )
@@ -201,8 +211,11 @@ def serve(conf: PrimaryConfig) -> int:
             mirror.start()
         metrics_server = MetricsServer(registry, conf.metrics_listen)
         log.info("listening", service="metrics", address=cfg.format_address(metrics_server.address))
+        deadline = time.monotonic() + conf.connect_timeout
         for name, dev in devices.items():
-            if not dev.mirror.wait_connected(conf.connect_timeout):
+            while not dev.mirror.wait_connected(0.1) and time.monotonic() < deadline and not stop.wait(0):
+                pass
+            if not dev.mirror.connected:
                 log.warning(
                     "standby_unreachable",
                     volume=name,
@@ -213,8 +226,8 @@ def serve(conf: PrimaryConfig) -> int:
         nbd = NbdServer(devices, conf.nbd_listen)
         log.info("listening", service="nbd", address=cfg.format_address(nbd.start()))
         log.info("ready", volumes=names, standby=conf.standby, mode=conf.mode)
-        signum = wait_for_signal()
-        log.info("stopping", signal=signum)
+        stop.wait()
+        log.info("stopping", signal=stop.signum)
     finally:
         if nbd is not None:
             nbd.stop()

@@ -38,6 +38,7 @@ from typing import Any, Protocol
 
 import grpc
 
+from primary.generations import Generations
 from standbylib.bitmap import WriteIntentBitmap
 from standbylib.errors import StandbyError
 from standbylib.rawfile import Buffer
@@ -121,8 +122,10 @@ class Mirror:
         size: int,
         block_size: int,
         bitmap: WriteIntentBitmap,
+        generations: Generations,
         *,
         mode: str = "sync",
+        discard_standby_data: bool = False,
         primary_id: str | None = None,
         metrics: MirrorMetrics | None = None,
         batch_bytes: int = BATCH_BYTES,
@@ -136,6 +139,9 @@ class Mirror:
         self.size = size
         self.block_size = block_size
         self.bitmap = bitmap
+        self.generations = generations
+        self._discard = discard_standby_data
+        self._stream_generation = ""
         self.mode = mode
         self.primary_id = primary_id or str(uuid.uuid4())
         self.metrics: MirrorMetrics = metrics or NullMirrorMetrics()
@@ -297,9 +303,8 @@ class Mirror:
         try:
             while self._running:
                 try:
-                    created = self._handshake(channel)
-                    if created:
-                        # A new (or wiped) replica: everything the primary holds must be sent.
+                    if self._handshake(channel):
+                        # A new, wiped or discarded replica: everything the primary holds must be sent.
                         self.bitmap.mark_dirty(0, self.size)
                         log.info("full_sync_needed", volume=self.volume, bytes=self.size)
                     delay = BACKOFF_FIRST
@@ -324,6 +329,9 @@ class Mirror:
             self.resyncing = False
             self._stream_id += 1
             self._drop_all()
+            if was:
+                # From now on the standby may lack writes: a new generation of the primary's data.
+                self.generations.rotate()
         self.metrics.connected(self.volume, False)
         message = f"{code}: {details}"
         if was or message != self.last_error:
@@ -337,22 +345,32 @@ class Mirror:
         self.last_error = message
 
     def _handshake(self, channel: grpc.Channel) -> bool:
+        """Introduce the volume; True when the standby needs a full sync."""
         stub = replication_pb2_grpc.ReplicationStub(channel)
         reply = stub.Handshake(
             replication_pb2.HandshakeRequest(
-                volume=self.volume, size=self.size, block_size=self.block_size, primary_id=self.primary_id
+                volume=self.volume,
+                size=self.size,
+                block_size=self.block_size,
+                primary_id=self.primary_id,
+                generation=self.generations.current,
+                base_generation=self.generations.base,
+                discard_standby_data=self._discard,
             ),
             timeout=30,
         )
         self.handshakes += 1
+        self._discard = False  # once: a later reconnect must not throw the resynced data away again
         log.info(
             "handshake",
             volume=self.volume,
             target=self.target,
             standby_id=reply.standby_id,
             created=reply.created,
+            full_sync=reply.full_sync,
+            standby_generation=reply.generation,
         )
-        return bool(reply.created)
+        return bool(reply.full_sync)
 
     def _stream(self, channel: grpc.Channel) -> None:
         # Batches are serialised by `wire.encode_batch` (protobuf's encoder is too slow for bulk data),
@@ -370,6 +388,9 @@ class Mirror:
             resync = self.bitmap.dirty() > 0
             self.connected = True
             self.resyncing = resync
+            self._stream_generation = self.generations.current
+            if not resync:
+                self.generations.agree(self._stream_generation)
             self._cond.notify_all()
         self._first_contact.set()
         responses = mirror(self._requests(stream_id, first, resync))
@@ -414,7 +435,8 @@ class Mirror:
                         self.metrics.resynced(self.volume, op.length)
                     if op.uptodate:
                         self.resyncing = False
-                        log.info("resync_done", volume=self.volume)
+                        self.generations.agree(self._stream_generation)
+                        log.info("resync_done", volume=self.volume, generation=self._stream_generation)
                 if batch.ops:
                     last = batch.ops[-1].number
                     self._done_op = max(self._done_op, last)
@@ -429,6 +451,7 @@ class Mirror:
             primary_id=self.primary_id,
             received_acks=self.mode == "received",
             resync=resync,
+            generation=self._stream_generation,
         )
         yield replication_pb2.MirrorRequest(open=opening).SerializeToString()
         while True:

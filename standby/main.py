@@ -18,7 +18,7 @@ from standby.node import StandbyNode, check_capacity
 from standbylib.nbd.server import NbdServer
 from standbylib.runtime import config as cfg
 from standbylib.runtime import logs
-from standbylib.runtime.main import EXIT_OK, run, wait_for_signal
+from standbylib.runtime.main import EXIT_OK, StopSignal, run
 from standbylib.runtime.metrics import MetricsServer
 from standbylib.runtime.rpc import create_server
 
@@ -75,6 +75,7 @@ def parser() -> argparse.ArgumentParser:
 def serve(conf: StandbyConfig) -> int:
     if not conf.data_dir:
         raise cfg.ConfigError(detail="--data-dir is required (or data_dir in the --config file)")
+    stop = StopSignal()
     registry = CollectorRegistry()
     metrics = StandbyMetrics(registry)
     node = StandbyNode(
@@ -101,8 +102,8 @@ def serve(conf: StandbyConfig) -> int:
             preservation_capacity=stats.capacity_bytes,
             on_full=conf.on_full,
         )
-        signum = wait_for_signal()
-        log.info("stopping", signal=signum)
+        stop.wait()
+        log.info("stopping", signal=stop.signum)
     finally:
         if grpc_server is not None:
             grpc_server.stop(grace=2).wait()

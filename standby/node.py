@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from standbylib.blockdev import Device, check_block_size, open_file_device
 from standbylib.errors import (
@@ -30,6 +30,7 @@ from standbylib.errors import (
     OutOfRange,
     PreservationDeferred,
     ReplicaInconsistent,
+    RequestError,
     StandbyError,
     UnknownVolume,
     VolumeMismatch,
@@ -48,6 +49,15 @@ IDENTITY_FILE = "standby.json"
 STATE_FILE = "state.json"
 
 UPTODATE, INCONSISTENT, DEFERRED = "uptodate", "inconsistent", "deferred"
+
+
+class SplitBrain(RequestError):
+    template = (
+        "volume {volume!r}: split brain: the standby holds generation {standby}, which the primary does not "
+        "know (its generation is {primary}, the last one it shared with this standby {base}); both sides "
+        "were changed since they last agreed. To keep the primary's data, restart it with "
+        "--discard-standby-data (the standby's replica is overwritten by a full resync)"
+    )
 
 
 class Busy(AlreadyExists):
@@ -78,6 +88,8 @@ class Replica:
     applied_bytes: int = 0
     applied_batches: int = 0
     deferred_reason: str = ""
+    generation: str = ""  # the primary's data generation this replica holds completely ("" = none)
+    pending_generation: str = ""  # adopted when the running resync completes
     stream_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -135,7 +147,7 @@ class StandbyNode:
         self._exports: dict[str, Snapshot] = {}
         os.makedirs(os.path.join(self.data_dir, REPLICA_DIR), exist_ok=True)
         self.id = self._identity()
-        self._inconsistent = self._load_state()
+        self._saved = self._load_state()
         self.capacity = parse_capacity(capacity, self.data_dir)
         self.store = PreservationStore.open(self.store_path, self.capacity, on_full=on_full)
         try:
@@ -169,22 +181,28 @@ class StandbyNode:
         except (OSError, ValueError, KeyError) as e:
             raise StandbyError(detail=f"{path} is unreadable ({e}); restore it or remove it") from e
 
-    def _load_state(self) -> set[str]:
+    def _load_state(self) -> dict[str, dict[str, Any]]:
         path = os.path.join(self.data_dir, STATE_FILE)
         try:
             with open(path) as fh:
-                return set(json.load(fh).get("inconsistent", []))
+                volumes = json.load(fh)["volumes"]
+                return {str(k): dict(v) for k, v in volumes.items()}
         except FileNotFoundError:
-            return set()
-        except (OSError, ValueError) as e:
+            return {}
+        except (OSError, ValueError, KeyError, AttributeError) as e:
             raise StandbyError(detail=f"{path} is unreadable ({e}); remove it and resync the volumes") from e
 
     def _save_state(self) -> None:
-        """Persist which replicas are inconsistent (durably: a restart must not report them up to date)."""
+        """Persist each replica's consistency and generation (durably: a restart must not report an
+        inconsistent replica up to date, nor forget which history it holds)."""
+        state = {
+            r.name: {"inconsistent": r.state == INCONSISTENT, "generation": r.generation}
+            for r in self._replicas.values()
+        }
         path = os.path.join(self.data_dir, STATE_FILE)
         tmp = path + ".tmp"
         with open(tmp, "w") as fh:
-            json.dump({"inconsistent": sorted(self._inconsistent)}, fh)
+            json.dump({"volumes": state}, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.rename(tmp, path)
@@ -194,17 +212,16 @@ class StandbyNode:
         finally:
             os.close(dirfd)
 
-    def _set_state(self, replica: Replica, state: str) -> None:
-        if replica.state == state:
+    def _set_state(self, replica: Replica, state: str, generation: str | None = None) -> None:
+        if replica.state == state and (generation is None or generation == replica.generation):
             return
         with self._lock:
-            if state == INCONSISTENT:
-                self._inconsistent.add(replica.name)
-            else:
-                self._inconsistent.discard(replica.name)
+            old = replica.state
+            replica.state = state
+            if generation is not None:
+                replica.generation = generation
             self._save_state()
-        log.info("replica_state", volume=replica.name, old=replica.state, new=state)
-        replica.state = state
+        log.info("replica_state", volume=replica.name, old=old, new=state, generation=replica.generation)
 
     def _attach_existing(self, name: str) -> None:
         path = self.replica_path(name)
@@ -216,7 +233,9 @@ class StandbyNode:
         block_size = self.store.volume_records[name].block_size
         volume = self.store.attach(name, device, block_size=block_size)
         replica = Replica(name=name, path=path, device=device, volume=volume)
-        if name in self._inconsistent:
+        saved = self._saved.get(name, {})
+        replica.generation = str(saved.get("generation", ""))
+        if saved.get("inconsistent"):
             replica.state = INCONSISTENT
         self._replicas[name] = replica
         for snap in volume.snapshots():
@@ -237,8 +256,38 @@ class StandbyNode:
 
     # -- replication -------------------------------------------------------------------------------------
 
-    def handshake(self, volume: str, size: int, block_size: int) -> tuple[Replica, bool]:
-        """The replica of `volume`, created (sparse) when this is its first contact."""
+    def handshake(
+        self,
+        volume: str,
+        size: int,
+        block_size: int,
+        *,
+        generation: str = "",
+        base_generation: str = "",
+        discard: bool = False,
+    ) -> tuple[Replica, bool, bool]:
+        """The replica of `volume` (created, sparse, at first contact), whether it was created, and
+        whether it needs a full sync.
+
+        Generations tell whose data is newer: the replica may hold the primary's current generation
+        (in sync) or its base (older: the primary resyncs what its bitmap marked). Anything else means
+        the histories diverged: refused as a split brain unless `discard` (then a full sync).
+        """
+        replica, created = self._handshake(volume, size, block_size)
+        held = replica.generation
+        if created or discard or not held:
+            reason = "new replica" if created else "discarded" if discard else "never completed a sync"
+            if held or not created:
+                log.warning("full_sync", volume=volume, reason=reason, generation=held)
+            self._set_state(replica, INCONSISTENT, generation="")
+            return replica, created, True
+        if held in (generation, base_generation):
+            return replica, False, False
+        raise SplitBrain(
+            volume=volume, standby=held, primary=generation or "none", base=base_generation or "none"
+        )
+
+    def _handshake(self, volume: str, size: int, block_size: int) -> tuple[Replica, bool]:
         check_name("volume", volume)
         check_block_size(block_size)
         if size <= 0 or size % block_size:
@@ -281,7 +330,7 @@ class StandbyNode:
         return replica
 
     def open_stream(
-        self, volume: str, primary_id: str, first_sequence: int, *, resync: bool = False
+        self, volume: str, primary_id: str, first_sequence: int, *, resync: bool = False, generation: str = ""
     ) -> Replica:
         """Claim `volume` for a Mirror stream; batches numbered from `first_sequence` will follow.
 
@@ -296,7 +345,10 @@ class StandbyNode:
         replica.primary_id = primary_id
         replica.connected = True
         if resync:
+            replica.pending_generation = generation
             self._set_state(replica, INCONSISTENT)
+        elif generation and replica.state != INCONSISTENT:
+            self._set_state(replica, replica.state, generation=generation)
         log.info("mirror_connected", volume=volume, primary=primary_id, first_sequence=first_sequence)
         return replica
 
@@ -348,7 +400,7 @@ class StandbyNode:
             log.info("replication_resumed", volume=replica.name)
             replica.deferred_reason = ""
         if uptodate:
-            self._set_state(replica, UPTODATE)
+            self._set_state(replica, UPTODATE, generation=replica.pending_generation or replica.generation)
         replica.applied_sequence = sequence
         replica.applied_bytes += nbytes
         replica.applied_batches += 1

@@ -52,7 +52,14 @@ class ReplicationService(replication_pb2_grpc.ReplicationServicer):
     def Handshake(
         self, request: replication_pb2.HandshakeRequest, context: grpc.ServicerContext
     ) -> replication_pb2.HandshakeReply:
-        replica, created = self.node.handshake(request.volume, request.size, request.block_size)
+        replica, created, full = self.node.handshake(
+            request.volume,
+            request.size,
+            request.block_size,
+            generation=request.generation,
+            base_generation=request.base_generation,
+            discard=request.discard_standby_data,
+        )
         log.info(
             "handshake",
             volume=request.volume,
@@ -60,6 +67,8 @@ class ReplicationService(replication_pb2_grpc.ReplicationServicer):
             size=request.size,
             block_size=request.block_size,
             created=created,
+            full_sync=full,
+            generation=replica.generation,
         )
         return replication_pb2.HandshakeReply(
             volume=replica.name,
@@ -68,6 +77,8 @@ class ReplicationService(replication_pb2_grpc.ReplicationServicer):
             created=created,
             standby_id=self.node.id,
             applied_sequence=replica.applied_sequence if replica.primary_id == request.primary_id else 0,
+            generation=replica.generation,
+            full_sync=full,
         )
 
     def Mirror(
@@ -81,7 +92,11 @@ class ReplicationService(replication_pb2_grpc.ReplicationServicer):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first Mirror message must be `open`")
             opened = first.open
             replica = self.node.open_stream(
-                opened.volume, opened.primary_id, opened.first_sequence or 1, resync=opened.resync
+                opened.volume,
+                opened.primary_id,
+                opened.first_sequence or 1,
+                resync=opened.resync,
+                generation=opened.generation,
             )
         except StandbyError as e:
             abort(context, e)

@@ -32,17 +32,23 @@ def run(prog: str, body: Callable[[], int], *, debug: bool = False) -> int:
         return 130
 
 
-def wait_for_signal() -> int:
-    """Block until SIGTERM or SIGINT; return the signal number."""
-    got: list[int] = []
-    stop = threading.Event()
+class StopSignal:
+    """SIGTERM and SIGINT handlers, installed at once, so a stop during start-up is a clean stop too."""
 
-    def handler(signum: int, frame: object) -> None:
-        got.append(signum)
-        stop.set()
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.signum = 0
+        signal.signal(signal.SIGTERM, self._handler)
+        signal.signal(signal.SIGINT, self._handler)
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-    while not stop.wait(1.0):
-        pass
-    return got[0]
+    def _handler(self, signum: int, frame: object) -> None:
+        self.signum = signum
+        self.event.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once a stop signal arrived (within `timeout` seconds when given)."""
+        if timeout is not None:
+            return self.event.wait(timeout)
+        while not self.event.wait(1.0):
+            pass
+        return True

@@ -188,3 +188,42 @@ def test_writes_are_not_stalled_while_the_link_is_down(daemons: Daemons, tmp_pat
         assert_in_sync(standby, primary)
     finally:
         proxy.close()
+
+
+def test_divergent_histories_are_refused_until_the_standby_data_is_discarded(
+    daemons: Daemons, tmp_path: Path
+) -> None:
+    need("qemu-io")
+    standby = daemons.standby()
+    a_vol = tmp_path / "a" / "vol0.img"
+    a_vol.parent.mkdir()
+    a = daemons.primary(standby, {"vol0": f"{a_vol},size=32MiB"})
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x0a 0 2M", "-c", "flush", a.uri("vol0"))
+    a.wait_in_sync()
+    assert a.daemon.stop() == 0
+    # Another primary with its own history of vol0 (another file, never mirrored to this standby).
+    b_vol = tmp_path / "b" / "vol0.img"
+    b_vol.parent.mkdir()
+    with open(b_vol, "wb") as f:
+        f.truncate(VOLUME_SIZE)
+        f.write(rand(MiB, seed=4))
+    b = daemons._start(
+        "primary-b",
+        [
+            *daemons_console_primary(), "--volume", f"vol0={b_vol}", "--standby", standby.grpc,
+            "--nbd-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--connect-timeout", "2",
+        ],
+    )  # fmt: skip
+    refused = b.wait_for("mirror_disconnected", timeout=30)
+    assert "split brain" in refused["error"] and "--discard-standby-data" in refused["error"], refused
+    assert sha(standby.replica("vol0")) == sha(a_vol), "a refused primary changed the standby's data"
+    assert b.stop() == 0
+    again = daemons.primary(standby, {"vol0": f"{b_vol}"}, "--discard-standby-data")
+    assert_in_sync(standby, again)
+    assert sha(standby.replica("vol0")) == sha(b_vol)
+
+
+def daemons_console_primary() -> list[str]:
+    from e2e_support import PRIMARY_CMD, _console
+
+    return _console(*PRIMARY_CMD)

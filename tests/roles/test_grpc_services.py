@@ -128,9 +128,21 @@ def test_handshake_errors(stubs, size, block_size, code):
     assert err.value.code() == code
 
 
+def initial_sync(repl):
+    """What a primary does with a new replica: a resync stream that ends with an `uptodate` batch."""
+    handshake(repl)
+    opening = replication_pb2.MirrorRequest(
+        open=replication_pb2.MirrorOpen(
+            volume="vol0", first_sequence=1, primary_id="p1", resync=True, generation="g1"
+        )
+    )
+    done = replication_pb2.MirrorRequest(batch=replication_pb2.Batch(sequence=1, uptodate=True))
+    list(repl.Mirror(iter([opening, done])))
+
+
 def test_control_errors_have_their_codes_and_messages(stubs):
     repl, ctl, _ = stubs
-    handshake(repl)
+    initial_sync(repl)
     ctl.CreateSnapshot(control_pb2.CreateSnapshotRequest(volume="vol0", name="s1"))
     cases = [
         (

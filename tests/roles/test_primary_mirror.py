@@ -11,6 +11,7 @@ import pytest
 from standby_rig import start_rig
 
 from primary.device import MirroredDevice, is_zero
+from primary.generations import Generations
 from primary.main import parse_volume
 from primary.mirror import Mirror
 from standbylib.bitmap import WriteIntentBitmap
@@ -36,10 +37,13 @@ class CountingMetrics:
         pass
 
 
-def mirrored(tmp_path, target, size=4 * MiB, block_size=4096, metrics=None, mode="sync"):
+def mirrored(tmp_path, target, size=4 * MiB, block_size=4096, metrics=None, mode="sync", **kw):
     local = open_file_device(str(tmp_path / "primary.img"), size)
     bitmap = WriteIntentBitmap.open(str(tmp_path / "primary.bitmap"), size)
-    mirror = Mirror(target, "vol0", size, block_size, bitmap, metrics=metrics, mode=mode, ack_timeout=5)
+    generations = Generations(str(tmp_path / "primary.generation"))
+    mirror = Mirror(
+        target, "vol0", size, block_size, bitmap, generations, metrics=metrics, mode=mode, ack_timeout=5, **kw
+    )
     dev = MirroredDevice("vol0", local, mirror)
     mirror.start()
     assert mirror.wait_connected(10)
@@ -215,3 +219,42 @@ def test_volume_specs(text, expected):
 def test_bad_volume_specs(text, error):
     with pytest.raises(error):
         parse_volume(text)
+
+
+def test_split_brain_is_refused_until_the_standby_data_is_discarded(tmp_path):
+    rig = start_rig(str(tmp_path / "standby"))
+    try:
+        dev = mirrored(tmp_path, rig.target)
+        dev.write(0, b"a" * 4096)
+        wait_until(lambda: not dev.mirror.resyncing)
+        dev.mirror.stop()
+        dev.close()
+        dev.mirror.bitmap.close()
+        # The primary's history is lost (its generation file replaced): it must not overwrite the
+        # standby silently, nor follow it.
+        os.unlink(tmp_path / "primary.generation")
+        other = mirrored_unconnected(tmp_path, rig.target)
+        wait_until(lambda: "split brain" in other.mirror.last_error)
+        assert not other.mirror.connected
+        other.mirror.stop()
+        other.close()
+        other.mirror.bitmap.close()
+        fixed = mirrored(tmp_path, rig.target, discard_standby_data=True)
+        wait_until(lambda: not fixed.mirror.resyncing and fixed.mirror.bitmap.dirty() == 0)
+        fixed.flush()
+        assert files_equal(tmp_path / "primary.img", rig.node.replica_path("vol0"))
+        assert rig.node.replica("vol0").generation == fixed.mirror.generations.current
+        fixed.mirror.stop()
+        fixed.close()
+    finally:
+        rig.stop()
+        rig.node.close()
+
+
+def mirrored_unconnected(tmp_path, target):
+    local = open_file_device(str(tmp_path / "primary.img"), 4 * MiB)
+    bitmap = WriteIntentBitmap.open(str(tmp_path / "primary.bitmap"), 4 * MiB)
+    mirror = Mirror(target, "vol0", 4 * MiB, 4096, bitmap, Generations(str(tmp_path / "primary.generation")))
+    dev = MirroredDevice("vol0", local, mirror)
+    mirror.start()
+    return dev

@@ -7,11 +7,12 @@ import os
 
 import pytest
 
-from standby.node import StandbyNode, parse_capacity
+from standby.node import SplitBrain, StandbyNode, parse_capacity
 from standbylib.errors import (
     InvalidArgument,
     InvalidBlockSize,
     OutOfRange,
+    ReplicaInconsistent,
     SnapshotExists,
     StandbyError,
     UnknownSnapshot,
@@ -35,12 +36,12 @@ def node(tmp_path):
 
 
 def test_first_handshake_creates_a_sparse_replica_and_the_second_finds_it(node):
-    replica, created = node.handshake("vol0", 16 * MiB, 4096)
-    assert created
+    replica, created, full = node.handshake("vol0", 16 * MiB, 4096)
+    assert created and full
     st = os.stat(node.replica_path("vol0"))
     assert st.st_size == 16 * MiB and st.st_blocks == 0
-    again, created = node.handshake("vol0", 16 * MiB, 4096)
-    assert again is replica and not created
+    again, created, full = node.handshake("vol0", 16 * MiB, 4096)
+    assert again is replica and not created and full  # it never completed a sync yet
 
 
 @pytest.mark.parametrize(
@@ -61,7 +62,7 @@ def test_handshake_refuses_bad_volume_names(node, name):
 
 
 def test_batches_apply_in_order_and_a_duplicate_is_skipped(node):
-    replica, _ = node.handshake("vol0", MiB, 4096)
+    replica, _, _ = node.handshake("vol0", MiB, 4096)
     node.open_stream("vol0", "p1", 1)
     assert node.apply(replica, 1, [(0, b"a" * 4096)], False)
     assert node.apply(replica, 2, [(4096, b"b" * 8192), (0, 4096)], True)
@@ -75,7 +76,7 @@ def test_batches_apply_in_order_and_a_duplicate_is_skipped(node):
 
 
 def test_a_gap_in_the_sequence_is_refused(node):
-    replica, _ = node.handshake("vol0", MiB, 4096)
+    replica, _, _ = node.handshake("vol0", MiB, 4096)
     node.open_stream("vol0", "p1", 1)
     with pytest.raises(InvalidArgument, match="batch 3 arrived, 1 expected"):
         node.apply(replica, 3, [(0, b"a" * 4096)], False)
@@ -92,7 +93,7 @@ def test_a_gap_in_the_sequence_is_refused(node):
     ],
 )
 def test_a_bad_write_refuses_the_whole_batch(node, ops, error):
-    replica, _ = node.handshake("vol0", MiB, 4096)
+    replica, _, _ = node.handshake("vol0", MiB, 4096)
     node.open_stream("vol0", "p1", 1)
     node.apply(replica, 1, [(0, b"x" * 8192)], True)
     before = digest(node.replica_path("vol0"))
@@ -114,9 +115,11 @@ def test_one_stream_per_volume(node):
 def test_snapshots_freeze_the_replica_and_survive_a_restart(tmp_path):
     data = str(tmp_path / "data")
     node = StandbyNode(data, capacity="64MiB")
-    replica, _ = node.handshake("vol0", MiB, 4096)
-    node.open_stream("vol0", "p1", 1)
-    node.apply(replica, 1, [(0, b"1" * 65536)], False)
+    replica, _, _ = node.handshake("vol0", MiB, 4096)
+    node.open_stream("vol0", "p1", 1, resync=True, generation="g1")
+    with pytest.raises(ReplicaInconsistent):  # the initial sync has not completed
+        node.create_snapshot("vol0", "s0")
+    node.apply(replica, 1, [(0, b"1" * 65536)], False, uptodate=True)
     info = node.create_snapshot("vol0", "s1")
     assert (info.name, info.valid, info.preserved_bytes) == ("s1", True, 0)
     auto = node.create_snapshot("vol0", None)
@@ -163,3 +166,45 @@ def test_capacity_percentages_are_of_the_data_filesystem(tmp_path):
     for bad in ("0%", "150%", "x%", "0", "lots"):
         with pytest.raises(InvalidArgument):
             parse_capacity(bad, str(tmp_path))
+
+
+def complete_sync(node, generation):
+    replica = node.replica("vol0")
+    node.open_stream("vol0", "p1", 1, resync=True, generation=generation)
+    node.apply(replica, 1, [(0, b"g" * 4096)], False, uptodate=True)
+    node.close_stream(replica)
+    return replica
+
+
+def test_generations_tell_older_from_diverged(node):
+    node.handshake("vol0", MiB, 4096, generation="g1")
+    replica = complete_sync(node, "g1")
+    assert (replica.generation, replica.status) == ("g1", "uptodate")
+    # In sync, or older (the standby holds the primary's base): accepted, no full sync.
+    assert node.handshake("vol0", MiB, 4096, generation="g1")[2] is False
+    assert node.handshake("vol0", MiB, 4096, generation="g2", base_generation="g1")[2] is False
+    # A history the primary does not know: split brain, refused with the way out.
+    with pytest.raises(SplitBrain, match="--discard-standby-data") as err:
+        node.handshake("vol0", MiB, 4096, generation="x2", base_generation="x1")
+    assert "g1" in str(err.value)
+    assert replica.generation == "g1"  # nothing changed
+    # Discarding: a full sync, the replica inconsistent and of no generation until it completes.
+    assert node.handshake("vol0", MiB, 4096, generation="x2", base_generation="x1", discard=True)[2] is True
+    assert (replica.generation, replica.status) == ("", "inconsistent")
+    complete_sync(node, "x2")
+    assert (replica.generation, replica.status) == ("x2", "uptodate")
+
+
+def test_the_generation_survives_a_restart(tmp_path):
+    data = str(tmp_path / "data")
+    node = StandbyNode(data, capacity="64MiB")
+    node.handshake("vol0", MiB, 4096, generation="g1")
+    complete_sync(node, "g1")
+    node.close()
+    node = StandbyNode(data, capacity="64MiB")
+    try:
+        assert node.replica("vol0").generation == "g1"
+        with pytest.raises(SplitBrain):
+            node.handshake("vol0", MiB, 4096, generation="other")
+    finally:
+        node.close()

@@ -7,46 +7,58 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class HandshakeRequest(_message.Message):
-    __slots__ = ("volume", "size", "block_size", "primary_id")
+    __slots__ = ("volume", "size", "block_size", "primary_id", "generation", "base_generation", "discard_standby_data")
     VOLUME_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     PRIMARY_ID_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    BASE_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    DISCARD_STANDBY_DATA_FIELD_NUMBER: _ClassVar[int]
     volume: str
     size: int
     block_size: int
     primary_id: str
-    def __init__(self, volume: _Optional[str] = ..., size: _Optional[int] = ..., block_size: _Optional[int] = ..., primary_id: _Optional[str] = ...) -> None: ...
+    generation: str
+    base_generation: str
+    discard_standby_data: bool
+    def __init__(self, volume: _Optional[str] = ..., size: _Optional[int] = ..., block_size: _Optional[int] = ..., primary_id: _Optional[str] = ..., generation: _Optional[str] = ..., base_generation: _Optional[str] = ..., discard_standby_data: _Optional[bool] = ...) -> None: ...
 
 class HandshakeReply(_message.Message):
-    __slots__ = ("volume", "size", "block_size", "created", "standby_id", "applied_sequence")
+    __slots__ = ("volume", "size", "block_size", "created", "standby_id", "applied_sequence", "generation", "full_sync")
     VOLUME_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
     STANDBY_ID_FIELD_NUMBER: _ClassVar[int]
     APPLIED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    FULL_SYNC_FIELD_NUMBER: _ClassVar[int]
     volume: str
     size: int
     block_size: int
     created: bool
     standby_id: str
     applied_sequence: int
-    def __init__(self, volume: _Optional[str] = ..., size: _Optional[int] = ..., block_size: _Optional[int] = ..., created: _Optional[bool] = ..., standby_id: _Optional[str] = ..., applied_sequence: _Optional[int] = ...) -> None: ...
+    generation: str
+    full_sync: bool
+    def __init__(self, volume: _Optional[str] = ..., size: _Optional[int] = ..., block_size: _Optional[int] = ..., created: _Optional[bool] = ..., standby_id: _Optional[str] = ..., applied_sequence: _Optional[int] = ..., generation: _Optional[str] = ..., full_sync: _Optional[bool] = ...) -> None: ...
 
 class MirrorOpen(_message.Message):
-    __slots__ = ("volume", "first_sequence", "primary_id", "received_acks", "resync")
+    __slots__ = ("volume", "first_sequence", "primary_id", "received_acks", "resync", "generation")
     VOLUME_FIELD_NUMBER: _ClassVar[int]
     FIRST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     PRIMARY_ID_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_ACKS_FIELD_NUMBER: _ClassVar[int]
     RESYNC_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     volume: str
     first_sequence: int
     primary_id: str
     received_acks: bool
     resync: bool
-    def __init__(self, volume: _Optional[str] = ..., first_sequence: _Optional[int] = ..., primary_id: _Optional[str] = ..., received_acks: _Optional[bool] = ..., resync: _Optional[bool] = ...) -> None: ...
+    generation: str
+    def __init__(self, volume: _Optional[str] = ..., first_sequence: _Optional[int] = ..., primary_id: _Optional[str] = ..., received_acks: _Optional[bool] = ..., resync: _Optional[bool] = ..., generation: _Optional[str] = ...) -> None: ...
 
 class Write(_message.Message):
     __slots__ = ("offset", "data", "zero_length")
