@@ -227,3 +227,31 @@ def daemons_console_primary() -> list[str]:
     from e2e_support import PRIMARY_CMD, _console
 
     return _console(*PRIMARY_CMD)
+
+
+def test_defer_policy_keeps_the_snapshot_and_catches_up_when_it_is_deleted(
+    daemons: Daemons, tmp_path: Path
+) -> None:
+    need("qemu-io", "nbdcopy")
+    standby = daemons.standby(None, "--on-full", "defer")
+    vol = tmp_path / "primary" / "vol0.img"
+    vol.parent.mkdir()
+    primary = daemons.primary(standby, {"vol0": f"{vol},size=32MiB"}, "--ack-timeout", "3")
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x11 0 4M", "-c", "flush", primary.uri("vol0"))
+    primary.wait_in_sync()
+    expected = tmp_path / "frozen.img"
+    shutil.copyfile(vol, expected)
+    standby.snapshot("vol0", "held", "--capacity", "256KiB")  # 64 blocks
+    # 2 MiB of overwrites would need 512 preserved blocks: the standby holds them back instead.
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x22 0 2M", "-c", "flush", primary.uri("vol0"), timeout=60)
+    deadline = time.monotonic() + 30
+    while standby.status()["volumes"][0]["state"] != "deferred":
+        assert time.monotonic() < deadline, f"the volume never showed deferred: {standby.status()}"
+        time.sleep(0.2)
+    snap = {s["name"]: s for s in standby.snapshots("vol0")}["held"]
+    assert snap["valid"], f"the snapshot was invalidated although the policy is defer: {snap}"
+    assert_snapshot(standby, "held", expected, tmp_path)
+    oos = primary.metrics().find("standby_out_of_sync_bytes", volume="vol0") or 0
+    assert oos >= 2 * MiB, f"the primary does not track the held-back writes: {oos}"
+    standby.ctl("snapshot", "delete", "vol0", "held")
+    assert_in_sync(standby, primary)
