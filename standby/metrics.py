@@ -91,6 +91,12 @@ class StateCollector(Collector):
         size = GaugeMetricFamily(
             "standby_volume_size_bytes", "Size of the replicated volume.", labels=["volume"]
         )
+        lag = GaugeMetricFamily(
+            "standby_replication_lag_seconds",
+            "0 while the replica follows the primary (connected, up to date, nothing deferred); otherwise "
+            "the seconds since it last did: how stale the standby's image may be.",
+            labels=["volume"],
+        )
         for replica in self.node.replicas():
             name = replica.name
             for snap in replica.volume.snapshots():
@@ -106,11 +112,12 @@ class StateCollector(Collector):
             batches.add_metric([name], replica.applied_batches)
             connected.add_metric([name], 1 if replica.connected else 0)
             size.add_metric([name], replica.size)
+            lag.add_metric([name], replica.lag_seconds())
         stats = self.node.store.stats()
         used.add_metric(["", ""], stats.used_bytes)
         capacity.add_metric(["", ""], stats.capacity_bytes)
         fill.add_metric(["", ""], stats.fill_ratio)
-        yield from (used, capacity, fill, valid, snapshots_info, cow, applied, batches, connected, size)
+        yield from (used, capacity, fill, valid, snapshots_info, cow, applied, batches, connected, size, lag)
 
 
 def _timestamp(created: str) -> float:

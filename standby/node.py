@@ -89,8 +89,16 @@ class Replica:
     applied_batches: int = 0
     deferred_reason: str = ""
     generation: str = ""  # the primary's data generation this replica holds completely ("" = none)
+    # When the replica was last known to follow the primary (connected, up to date, nothing held back).
+    in_sync_at: float = field(default_factory=time.time)
     pending_generation: str = ""  # adopted when the running resync completes
     stream_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def lag_seconds(self, now: float | None = None) -> float:
+        """0 while the replica follows the primary; else how long since it last did (how stale it may be)."""
+        if self.connected and self.state == UPTODATE and not self.deferred_reason:
+            return 0.0
+        return max(0.0, (time.time() if now is None else now) - self.in_sync_at)
 
     @property
     def status(self) -> str:
@@ -353,6 +361,8 @@ class StandbyNode:
         return replica
 
     def close_stream(self, replica: Replica) -> None:
+        if replica.state == UPTODATE and not replica.deferred_reason:
+            replica.in_sync_at = time.time()
         replica.connected = False
         replica.stream_lock.release()
         log.info("mirror_disconnected", volume=replica.name, applied_sequence=replica.applied_sequence)
@@ -402,6 +412,8 @@ class StandbyNode:
         if uptodate:
             self._set_state(replica, UPTODATE, generation=replica.pending_generation or replica.generation)
         replica.applied_sequence = sequence
+        if replica.state == UPTODATE:
+            replica.in_sync_at = time.time()
         replica.applied_bytes += nbytes
         replica.applied_batches += 1
         self.metrics.observe_apply(replica.name, time.perf_counter() - start, nbytes)

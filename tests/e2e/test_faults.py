@@ -255,3 +255,21 @@ def test_defer_policy_keeps_the_snapshot_and_catches_up_when_it_is_deleted(
     assert oos >= 2 * MiB, f"the primary does not track the held-back writes: {oos}"
     standby.ctl("snapshot", "delete", "vol0", "held")
     assert_in_sync(standby, primary)
+
+
+def test_replication_lag_grows_while_the_link_is_down_and_returns_to_zero(
+    daemons: Daemons, tmp_path: Path
+) -> None:
+    need("qemu-io")
+    standby, primary, proxy = start_pair(daemons, tmp_path)
+    try:
+        assert standby.metrics().get("standby_replication_lag_seconds", volume="vol0") == 0
+        proxy.cut()
+        time.sleep(2.5)
+        lag = standby.metrics().get("standby_replication_lag_seconds", volume="vol0")
+        assert 2 <= lag < 60, lag
+        proxy.restore()
+        assert_in_sync(standby, primary)
+        assert standby.metrics().get("standby_replication_lag_seconds", volume="vol0") == 0
+    finally:
+        proxy.close()
