@@ -1,18 +1,24 @@
-"""Benchmark of mirrored writes: sequential 1 MiB writes through the primary (sync mode, standby on
-loopback) against the same writes into `nbdkit file`, same client, same run.
+"""Benchmark of mirrored writes through the primary against `nbdkit file`, same client (fio's nbd
+engine), same run, and of resync after an outage.
 
-The client is fio's nbd engine::
+Figures:
 
-    fio --ioengine=nbd --uri=URI --rw=write --bs=1M --size=SIZE --iodepth=8 --end_fsync=1
+1. ``sequential_1m_writes_sync``: ``fio --rw=write --bs=1M --iodepth=8 --end_fsync=1`` over the whole
+   volume, through the primary in sync mode (standby on loopback) vs into nbdkit file (target >= 0.5).
+2. ``random_4k_writes_sync``: ``fio --rw=randwrite --bs=4k --iodepth=32`` for a fixed time: IOPS
+   through the primary vs nbdkit file (target >= 0.3).
+3. ``write_latency_by_mode``: ``fio --rw=randwrite --bs=4k --iodepth=1``: completion latency p50/p99 in
+   each mode (sync, received, async) and for nbdkit file; the modes must differ measurably.
+4. ``resync``: the standby is stopped, the same set of 4 KiB writes (spread over the first GiB) is made
+   through the primary of a 1 GiB and of an 8 GiB sparse volume, the standby restarted; the bytes
+   resent / (dirty regions x granularity) (target <= 1.1) and resync times (8 GiB / 1 GiB: flat).
 
-``--end_fsync=1`` makes both runs durable at the end (for us: local fdatasync plus a standby flush
-barrier). Each target first takes one untimed pass, so every timed pass overwrites allocated blocks on
-both sides; passes then alternate ours/nbdkit (order flipping every pair). A pair's ratio is our
-throughput / nbdkit's; the median over pairs is reported. Issue 4 sets the target (>= 0.5); this
-records it::
+Every target first takes one untimed pass, so timed passes overwrite allocated blocks on both sides;
+passes then alternate ours/nbdkit (order flipping every pair) and the median of the pairwise ratios is
+reported::
 
     .venv/bin/python bench/replication_bench.py --output bench/results/replication.json
-    .venv/bin/python bench/replication_bench.py --quick      # 256 MiB, 3 pairs
+    .venv/bin/python bench/replication_bench.py --quick      # 256 MiB, 3 pairs, short runs
 
 The JSON document goes to stdout (and to ``--output``); progress goes to stderr.
 """
@@ -27,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,6 +41,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import (
+    Daemon,
     filesystem_of,
     free_port,
     log,
@@ -48,21 +56,12 @@ from benchlib import (
 )
 
 MiB = 1 << 20
+GiB = 1 << 30
+GRANULARITY = 64 * 1024
 
 
-def fio_write(uri: str, size: int) -> dict[str, float]:
-    argv = [
-        "fio",
-        "--name=seqwrite",
-        "--ioengine=nbd",
-        f"--uri={uri}",
-        "--rw=write",
-        "--bs=1M",
-        f"--size={size}",
-        "--iodepth=8",
-        "--end_fsync=1",
-        "--output-format=json",
-    ]
+def fio(uri: str, *args: str) -> dict[str, Any]:
+    argv = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", "--output-format=json", *args]
     t0 = time.perf_counter()
     out = subprocess.run(argv, capture_output=True, text=True, check=True)
     seconds = time.perf_counter() - t0
@@ -73,10 +72,22 @@ def fio_write(uri: str, size: int) -> dict[str, float]:
     clat = write.get("clat_ns", {}).get("percentile", {})
     return {
         "seconds": round(seconds, 3),
-        "mb_per_s": round(size / seconds / 1e6, 1),
+        "mb_per_s": round(write["bw_bytes"] / 1e6, 1),
+        "iops": round(write["iops"], 1),
         "clat_p50_ms": round(clat.get("50.000000", 0) / 1e6, 3),
         "clat_p99_ms": round(clat.get("99.000000", 0) / 1e6, 3),
     }
+
+
+def seq_write(uri: str, size: int) -> dict[str, Any]:
+    return fio(uri, "--rw=write", "--bs=1M", f"--size={size}", "--iodepth=8", "--end_fsync=1")
+
+
+def rand_write(uri: str, size: int, seconds: int, iodepth: int) -> dict[str, Any]:
+    return fio(
+        uri, "--rw=randwrite", "--bs=4k", f"--size={size}", f"--iodepth={iodepth}", "--time_based",
+        f"--runtime={seconds}", "--randrepeat=0", "--norandommap",
+    )  # fmt: skip
 
 
 def sha256(path: Path) -> str:
@@ -87,79 +98,225 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", help="also write the JSON document to this file")
-    parser.add_argument("--quick", action="store_true", help="256 MiB and 3 pairs")
-    parser.add_argument("--pairs", type=int, help="timed pairs (default 5, quick 3)")
-    parser.add_argument("--dir", help="work directory (default: under /var/tmp)")
-    args = parser.parse_args()
-    size = (256 if args.quick else 1024) * MiB
-    pairs = args.pairs or (3 if args.quick else 5)
-    for tool in ("fio", "nbdkit"):
-        if shutil.which(tool) is None:
-            sys.exit(f"{tool} is missing: run scripts/install-debian-tools.sh (make test does)")
-    work = Path(tempfile.mkdtemp(prefix="replication-bench-", dir=args.dir or "/var/tmp"))
-    standby = primary = nbdkit = None
-    try:
-        standby = start_standby(work / "standby", "--preservation-capacity", "1GiB")
-        primary = start_primary(
-            [f"vol0={work / 'primary.img'},size={size}"], standby.addresses["grpc"], work / "p.log"
-        )
-        ours_uri = f"nbd://{primary.addresses['nbd']}/vol0"
+def scrape(daemon: Daemon, name: str, volume: str = "vol0") -> float:
+    text = urllib.request.urlopen(f"http://{daemon.addresses['metrics']}/metrics", timeout=10).read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + "{") and f'volume="{volume}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    raise RuntimeError(f"no metric {name}")
+
+
+def wait_in_sync(primary: Daemon, timeout: float = 600) -> float:
+    """Seconds until the primary is connected with nothing left to resync."""
+    t0 = time.perf_counter()
+    while not (
+        scrape(primary, "standby_replication_connected") == 1
+        and scrape(primary, "standby_resync_remaining_bytes") == 0
+        and scrape(primary, "standby_out_of_sync_bytes") == 0
+    ):
+        if time.perf_counter() - t0 > timeout:
+            raise RuntimeError("the primary did not get in sync")
+        time.sleep(0.02)
+    return time.perf_counter() - t0
+
+
+def paired(label: str, pairs: int, ours: Any, peer: Any, key: str, higher_is_better: bool) -> dict[str, Any]:
+    runs: list[dict[str, Any]] = []
+    for i in range(pairs):
+        order = ("ours", "nbdkit") if i % 2 == 0 else ("nbdkit", "ours")
+        pair: dict[str, Any] = {}
+        for who in order:
+            pair[who] = ours() if who == "ours" else peer()
+        a, b = pair["ours"][key], pair["nbdkit"][key]
+        pair["ratio"] = round(a / b if higher_is_better else b / a, 3)
+        log(f"{label} pair {i + 1}/{pairs}: ours {a} {key}, nbdkit {b} {key}")
+        runs.append(pair)
+    return {
+        f"ours_{key}": median([r["ours"][key] for r in runs]),
+        f"nbdkit_{key}": median([r["nbdkit"][key] for r in runs]),
+        "ratio": round(median([r["ratio"] for r in runs]), 3),
+        "pairs": runs,
+    }
+
+
+class Rig:
+    """A standby and a primary (one volume), and nbdkit file on a file of the same size."""
+
+    def __init__(self, work: Path, size: int, mode: str = "sync") -> None:
+        self.work, self.size = work, size
+        work.mkdir(parents=True, exist_ok=True)
+        self.standby = start_standby(work / "standby", "--preservation-capacity", "1GiB")
+        self.primary = self.start_primary(mode)
         peer_path = work / "nbdkit.img"
         with open(peer_path, "wb") as f:
             f.truncate(size)
-        port = free_port()
-        nbdkit = start_nbdkit_file(peer_path, port)
-        peer_uri = f"nbd://127.0.0.1:{port}"
+        self.port = free_port()
+        self.nbdkit = start_nbdkit_file(peer_path, self.port)
+        self.peer_uri = f"nbd://127.0.0.1:{self.port}"
+
+    def start_primary(self, mode: str) -> Daemon:
+        primary = start_primary(
+            [f"vol0={self.work / 'primary.img'},size={self.size}"],
+            self.standby.addresses["grpc"],
+            self.work / f"primary-{mode}.log",
+            "--mode",
+            mode,
+        )
+        wait_in_sync(primary)
+        return primary
+
+    @property
+    def uri(self) -> str:
+        return f"nbd://{self.primary.addresses['nbd']}/vol0"
+
+    def replica_identical(self) -> bool:
+        wait_in_sync(self.primary)
+        return sha256(self.work / "primary.img") == sha256(self.work / "standby" / "replicas" / "vol0.img")
+
+    def stop(self) -> None:
+        self.primary.stop()
+        self.standby.stop()
+        self.nbdkit.terminate()
+        self.nbdkit.wait()
+
+
+def throughput_figures(work: Path, size: int, pairs: int, seconds: int) -> list[dict[str, Any]]:
+    rig = Rig(work, size)
+    try:
         log("untimed first pass on each target")
-        fio_write(ours_uri, size)
-        fio_write(peer_uri, size)
-        if sha256(work / "primary.img") != sha256(work / "standby" / "replicas" / "vol0.img"):
-            raise RuntimeError("the replica differs from the primary's volume after the first pass")
-        runs: list[dict[str, Any]] = []
-        for i in range(pairs):
-            order = ("ours", "nbdkit") if i % 2 == 0 else ("nbdkit", "ours")
-            pair: dict[str, Any] = {}
-            for who in order:
-                pair[who] = fio_write(ours_uri if who == "ours" else peer_uri, size)
-            pair["ratio"] = round(pair["nbdkit"]["seconds"] / pair["ours"]["seconds"], 3)
-            ours, peer = pair["ours"]["mb_per_s"], pair["nbdkit"]["mb_per_s"]
-            log(f"pair {i + 1}/{pairs}: ours {ours} MB/s, nbdkit {peer} MB/s")
-            runs.append(pair)
-        identical = sha256(work / "primary.img") == sha256(work / "standby" / "replicas" / "vol0.img")
-        ratio = round(median([r["ratio"] for r in runs]), 3)
-        figure = {
-            "id": "sequential_1m_writes_sync",
-            "what": f"fio seq write bs=1M iodepth=8 end_fsync=1, {size // MiB} MiB: through the primary "
-            "(sync mode, standby on loopback) vs nbdkit file",
-            "ours_mb_per_s": median([r["ours"]["mb_per_s"] for r in runs]),
-            "nbdkit_mb_per_s": median([r["nbdkit"]["mb_per_s"] for r in runs]),
-            "ratio": ratio,
-            "target": ">= 0.5 (set by issue 4; recorded here)",
-            "pass": ratio >= 0.5,
-            "replica_identical": identical,
-            "pairs": runs,
+        seq_write(rig.uri, size)
+        seq_write(rig.peer_uri, size)
+        seq = paired("seq 1M", pairs, lambda: seq_write(rig.uri, size), lambda: seq_write(rig.peer_uri, size),
+                     "mb_per_s", True)  # fmt: skip
+        seq.update(
+            id="sequential_1m_writes_sync",
+            what=f"fio seq write bs=1M iodepth=8 end_fsync=1, {size // MiB} MiB: through the primary (sync, "
+            "standby on loopback) vs nbdkit file",
+            target=">= 0.5",
+            replica_identical=rig.replica_identical(),
+        )
+        seq["pass"] = seq["ratio"] >= 0.5 and seq["replica_identical"]
+        rnd = paired(
+            "rand 4k", pairs, lambda: rand_write(rig.uri, size, seconds, 32),
+            lambda: rand_write(rig.peer_uri, size, seconds, 32), "iops", True,
+        )  # fmt: skip
+        rnd.update(
+            id="random_4k_writes_sync",
+            what=f"fio randwrite bs=4k iodepth=32 for {seconds} s over {size // MiB} MiB: IOPS through the "
+            "primary (sync) vs nbdkit file",
+            target=">= 0.3",
+            replica_identical=rig.replica_identical(),
+        )
+        rnd["pass"] = rnd["ratio"] >= 0.3 and rnd["replica_identical"]
+        latency: dict[str, Any] = {"nbdkit": rand_write(rig.peer_uri, size, seconds, 1)}
+        for mode in ("sync", "received", "async"):
+            rig.primary.stop()
+            rig.primary = rig.start_primary(mode)
+            latency[mode] = rand_write(rig.uri, size, seconds, 1)
+            p50, p99 = latency[mode]["clat_p50_ms"], latency[mode]["clat_p99_ms"]
+            log(f"latency {mode}: p50 {p50} ms, p99 {p99} ms")
+        distinct = latency["sync"]["clat_p50_ms"] > latency["async"]["clat_p50_ms"]
+        lat = {
+            "id": "write_latency_by_mode",
+            "what": f"fio randwrite bs=4k iodepth=1 for {seconds} s: completion latency per mode",
+            "modes": latency,
+            "target": "the modes differ measurably (sync p50 > async p50)",
+            "pass": distinct,
         }
-        doc = {
-            "benchmark": "replication",
-            "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-            "revision": source_revision(),
-            "filesystem": filesystem_of(str(work)),
-            "machine": machine(
-                fio=tool_version(["fio", "--version"]), nbdkit=tool_version(["nbdkit", "--version"])
-            ),
-            "figures": [figure],
+        return [seq, rnd, lat]
+    finally:
+        rig.stop()
+
+
+def resync_once(work: Path, size: int, writes: int) -> dict[str, Any]:
+    work.mkdir(parents=True, exist_ok=True)
+    standby = start_standby(work / "standby", "--preservation-capacity", "64MiB")
+    primary = start_primary(
+        [f"vol0={work / 'primary.img'},size={size}"], standby.addresses["grpc"], work / "p.log"
+    )
+    try:
+        wait_in_sync(primary)
+        standby.stop()
+        # The same dirty set whatever the volume size: `writes` 4 KiB writes, one per 64 KiB region
+        # (bits), spread over the first GiB.
+        stride = GiB // writes // GRANULARITY * GRANULARITY
+        script = [f"write -P 0x{(i % 250) + 1:x} {i * stride} 4k" for i in range(writes)]
+        args = ["qemu-io", "-f", "raw"]
+        for c in script:
+            args += ["-c", c]
+        subprocess.run([*args, f"nbd://{primary.addresses['nbd']}/vol0"], check=True, capture_output=True)
+        dirty = scrape(primary, "standby_out_of_sync_bytes")
+        before = scrape(primary, "standby_resync_bytes_total")
+        standby = start_standby(work / "standby", "--preservation-capacity", "64MiB")
+        # The primary reconnects by itself (backoff up to 10 s); time from its reconnection.
+        while scrape(primary, "standby_replication_connected") != 1:
+            time.sleep(0.02)
+        seconds = wait_in_sync(primary)
+        sent = scrape(primary, "standby_resync_bytes_total") - before
+        identical = sha256(work / "primary.img") == sha256(work / "standby" / "replicas" / "vol0.img")
+        return {
+            "volume_bytes": size,
+            "dirty_bytes": dirty,
+            "resent_bytes": sent,
+            "seconds": round(seconds, 3),
+            "replica_identical": identical,
         }
     finally:
-        for d in (primary, standby):
-            if d is not None:
-                d.stop()
-        if nbdkit is not None:
-            nbdkit.terminate()
-            nbdkit.wait()
+        primary.stop()
+        standby.stop()
+
+
+def resync_figure(work: Path, writes: int) -> dict[str, Any]:
+    small = resync_once(work / "1g", GiB, writes)
+    large = resync_once(work / "8g", 8 * GiB, writes)
+    ratio = max(r["resent_bytes"] / r["dirty_bytes"] for r in (small, large))
+    flat = large["seconds"] / small["seconds"]
+    return {
+        "id": "resync",
+        "what": f"{writes} 4 KiB writes (one per 64 KiB region) made while the standby was down, then "
+        "resynced: 1 GiB vs 8 GiB sparse volume",
+        "runs": [small, large],
+        "resent_over_dirty": round(ratio, 3),
+        "time_8g_over_1g": round(flat, 2),
+        "target": "resent / dirty <= 1.1; time flat in the volume size",
+        "pass": ratio <= 1.1 and small["replica_identical"] and large["replica_identical"] and flat < 2.0,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", help="also write the JSON document to this file")
+    parser.add_argument("--quick", action="store_true", help="256 MiB, 3 pairs, short runs")
+    parser.add_argument("--pairs", type=int, help="timed pairs (default 5, quick 3)")
+    parser.add_argument("--dir", help="work directory (default: under /var/tmp)")
+    parser.add_argument("--only", help="comma-separated: throughput, resync (default: both)")
+    args = parser.parse_args()
+    size = (256 if args.quick else 1024) * MiB
+    pairs = args.pairs or (3 if args.quick else 5)
+    seconds = 3 if args.quick else 8
+    only = set(args.only.split(",")) if args.only else {"throughput", "resync"}
+    for tool in ("fio", "nbdkit", "qemu-io"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} is missing: run scripts/install-debian-tools.sh (make test does)")
+    work = Path(tempfile.mkdtemp(prefix="replication-bench-", dir=args.dir or "/var/tmp"))
+    figures: list[dict[str, Any]] = []
+    try:
+        if "throughput" in only:
+            figures += throughput_figures(work / "throughput", size, pairs, seconds)
+        if "resync" in only:
+            figures.append(resync_figure(work / "resync", 256 if args.quick else 1024))
+    finally:
         shutil.rmtree(work, ignore_errors=True)
+    doc = {
+        "benchmark": "replication",
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "revision": source_revision(),
+        "filesystem": filesystem_of(str(work.parent)),
+        "machine": machine(
+            fio=tool_version(["fio", "--version"]), nbdkit=tool_version(["nbdkit", "--version"])
+        ),
+        "figures": figures,
+    }
     text = to_json(doc)
     print(text)
     if args.output:

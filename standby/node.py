@@ -456,7 +456,7 @@ class StandbyNode:
         with self._lock:
             return sorted(self._replicas.values(), key=lambda r: r.name)
 
-    # -- NBD exports (called on the NBD server's event loop: never block) ---------------------------------
+    # -- NBD exports (called by the NBD server's connection threads) ---------------------------------
 
     def export(self, name: str) -> Snapshot | None:
         return self._exports.get(name)

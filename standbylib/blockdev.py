@@ -21,6 +21,7 @@ from standbylib.errors import (
     ReadOnly,
 )
 from standbylib.rawfile import Buffer, MemFile, OsFile, RawFile
+from standbylib.readplan import Bytes, FileRange, Hole, Piece, ReadPlan
 
 MIN_BLOCK_SIZE = 512
 MAX_BLOCK_SIZE = 1 << 20
@@ -122,6 +123,25 @@ class Device:
         """Consecutive ``(length, is_hole)`` runs covering the range; holes read as zeros."""
         check_range(offset, length, self._size)
         return self.raw.extents(offset, length)
+
+    def read_plan(self, offset: int, length: int) -> ReadPlan:
+        """The range as holes and ranges of the file (`standbylib.readplan`), with ``zero_copy`` set.
+
+        Zero copy is safe here because the bytes only change when someone writes this device, and
+        an NBD client depending on a read waits for its reply before writing. Nothing is locked.
+        """
+        check_range(offset, length, self._size)
+        raw = self.raw
+        if not isinstance(raw, OsFile):
+            return ReadPlan([Bytes(raw.pread(length, offset))])
+        pieces: list[Piece] = []
+        pos = offset
+        for run, hole in raw.extents(offset, length):
+            pieces.append(Hole(run) if hole else FileRange(raw.fd, pos, run))
+            pos += run
+        raw.counters.reads += 1
+        raw.counters.bytes_read += length
+        return ReadPlan(pieces, zero_copy=True)
 
     def flush(self) -> None:
         if not self._readonly:

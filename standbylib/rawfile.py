@@ -187,28 +187,42 @@ class OsFile:
         return st.st_size
 
     def extents(self, offset: int, length: int) -> list[tuple[int, bool]]:
-        """Holes and data as the filesystem reports them (SEEK_DATA / SEEK_HOLE)."""
+        """Holes and data as the filesystem reports them (SEEK_HOLE / SEEK_DATA).
+
+        SEEK_HOLE first: a range that is all data, the common case, costs one lseek.
+        """
         end = offset + length
         runs: list[tuple[int, bool]] = []
         pos = offset
         while pos < end:
             try:
+                hole = os.lseek(self.fd, pos, os.SEEK_HOLE)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # at or past the end of the file: reads as zeros
+                    runs.append((end - pos, True))
+                    break
+                if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # no hole reporting here
+                    runs.append((end - pos, False))
+                    break
+                raise DeviceError(path=self.path, detail=f"seek hole: {e.strerror}") from e
+            if hole > pos:
+                stop = min(hole, end)
+                runs.append((stop - pos, False))
+                pos = stop
+                continue
+            try:
                 data = os.lseek(self.fd, pos, os.SEEK_DATA)
             except OSError as e:
-                if e.errno == errno.ENXIO:  # no data after pos: the rest is a hole
-                    data = end
-                elif e.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # no hole reporting here
-                    return [*runs, (end - pos, False)] if pos < end else runs
-                else:
+                if e.errno != errno.ENXIO:  # ENXIO: no data after pos, the rest is a hole
                     raise DeviceError(path=self.path, detail=f"seek data: {e.strerror}") from e
-            data = min(data, end)
-            if data > pos:
-                runs.append((data - pos, True))
-                pos = data
-                continue
-            hole = min(os.lseek(self.fd, pos, os.SEEK_HOLE), end)
-            runs.append((hole - pos, False))
-            pos = hole
+                data = end
+            if data <= pos:  # written meanwhile: call a block data rather than loop
+                stop = min(end, pos + 4096)
+                runs.append((stop - pos, False))
+            else:
+                stop = min(data, end)
+                runs.append((stop - pos, True))
+            pos = stop
         return runs
 
     def truncate(self, size: int) -> None:

@@ -1,5 +1,12 @@
-"""NBD export of block devices (see ARCHITECTURE.md section 4)."""
+"""NBD export of block devices (see ARCHITECTURE.md section 4).
+
+Modules: `protocol` (wire constants and structs), `handshake` (option negotiation), `transmission`
+(the requests of a connection), `replies` (reply parts), `server` (listening socket and threads),
+`sockio` (buffered socket I/O), `errnos` (library exceptions -> errno). Devices may offer read plans
+(`standbylib.readplan`) for the fast read path; docs/NBD.md describes the design.
+"""
 
 from standbylib.nbd.server import ERRNO_TABLE, NbdServer, errno_for
+from standbylib.readplan import PlanSource, ReadPlan
 
-__all__ = ["ERRNO_TABLE", "NbdServer", "errno_for"]
+__all__ = ["ERRNO_TABLE", "NbdServer", "PlanSource", "ReadPlan", "errno_for"]

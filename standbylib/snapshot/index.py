@@ -58,6 +58,7 @@ class ChainIndex:
             self._base = (blocks, gens, slots)
         self._runs: list[Run] = []  # newer, smaller sorted runs
         self._len = len(self._base[0])
+        self.version = 0  # bumped by every change of the entries (not by `merge`)
 
     def __len__(self) -> int:
         return self._len
@@ -95,9 +96,12 @@ class ChainIndex:
     def range(self, first: int, end: int) -> dict[int, list[tuple[int, int]]]:
         """Entries of blocks in [first, end): block -> [(gen, slot), ...] sorted by gen."""
         found: dict[int, list[tuple[int, int]]] = {}
+        # numpy scalars of the arrays' dtype: with a Python int, searchsorted casts the whole array
+        # to float64 first (uint64 and int64 promote to float64), which made every lookup O(n).
+        lo_key, hi_key = np.uint64(first), np.uint64(end)
         for blocks, gens, slots in self._levels():
-            lo = int(np.searchsorted(blocks, first, "left"))
-            hi = int(np.searchsorted(blocks, end, "left"))
+            lo = int(blocks.searchsorted(lo_key))
+            hi = int(blocks.searchsorted(hi_key))
             if hi > lo:
                 for b, g, s in zip(
                     blocks[lo:hi].tolist(), gens[lo:hi].tolist(), slots[lo:hi].tolist(), strict=True
@@ -109,6 +113,30 @@ class ChainIndex:
                     lst.sort()
         return found
 
+    def oldest_from(self, first: int, end: int, gen: int) -> tuple[U64, U32]:
+        """For each block in [first, end) with an entry of generation >= `gen`: the block (ascending)
+        and the slot of its oldest such entry."""
+        lo_key, hi_key = np.uint64(first), np.uint64(end)  # see `range`
+        found: list[Run] = []
+        for blocks, gens, slots in self._levels():
+            lo = blocks.searchsorted(lo_key)
+            hi = blocks.searchsorted(hi_key)
+            if hi > lo:
+                found.append((blocks[lo:hi], gens[lo:hi], slots[lo:hi]))
+        if not found:
+            return _empty()[0], _empty()[2]
+        b, g, s = found[0] if len(found) == 1 else _merge_runs(found)
+        if gen:
+            keep = g >= np.uint32(gen)
+            b, s = b[keep], s[keep]
+        if len(b) > 1:
+            # Sorted by (block, gen): the first entry of each block is its oldest.
+            first_of_block = np.empty(len(b), bool)
+            first_of_block[0] = True
+            np.not_equal(b[1:], b[:-1], out=first_of_block[1:])
+            b, s = b[first_of_block], s[first_of_block]
+        return b, s
+
     def add_many(self, blocks: Sequence[int], gen: int, slots: Sequence[int]) -> None:
         """Add (block, gen, slot) for each of the distinct `blocks`; none may be present yet."""
         n = len(blocks)
@@ -117,6 +145,7 @@ class ChainIndex:
         run = sort_run(np.array(blocks, np.uint64), np.full(n, gen, np.uint32), np.array(slots, np.uint32))
         self._runs.append(run)
         self._len += n
+        self.version += 1
         if len(self._runs) > _MAX_RUNS:
             young = _merge_runs(self._runs)
             if len(young[0]) * 8 > len(self._base[0]):
@@ -127,13 +156,15 @@ class ChainIndex:
 
     def replace(self, block: int, gen: int, slot: int) -> int | None:
         """Point (block, gen) at `slot`, adding it if absent; return the slot it had, if any."""
+        key = np.uint64(block)  # see `range`
         for blocks, gens, slots in self._levels():
-            lo = int(np.searchsorted(blocks, block, "left"))
-            hi = int(np.searchsorted(blocks, block, "right"))
+            lo = int(np.searchsorted(blocks, key, "left"))
+            hi = int(np.searchsorted(blocks, key, "right"))
             for i in range(lo, hi):
                 if int(gens[i]) == gen:
                     old = int(slots[i])
                     slots[i] = slot
+                    self.version += 1
                     return old
         self.add_many([block], gen, [slot])
         return None
@@ -155,3 +186,4 @@ class ChainIndex:
         blocks, gens, slots = self._base
         self._base = (blocks[mask], gens[mask], slots[mask])
         self._len = len(self._base[0])
+        self.version += 1

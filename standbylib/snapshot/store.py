@@ -18,14 +18,16 @@ one can be incomplete; their data is checked against their checksum and
 dropped when it does not match, which is safe because the origin blocks they
 preserve were not overwritten before that commit's sync.
 
-All public methods take the store's lock; volumes and snapshots use it too.
+Threading: the store's `lock` is a reader-writer lock (`RWLock`). Everything that changes the
+store, an index or an origin takes its exclusive side (``with store.lock:``); snapshot reads and
+queries that only look take its shared side (``with store.lock.shared():``), so they run in parallel
+with each other but never see a change half made. Volumes and snapshots use the same lock.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -48,6 +50,7 @@ from standbylib.rawfile import MemFile, OsFile, RawFile
 from standbylib.snapshot import layout
 from standbylib.snapshot.index import ChainIndex, sort_run
 from standbylib.snapshot.records import SnapshotRecord, VolumeRecord, check_name
+from standbylib.snapshot.rwlock import RWLock
 
 if TYPE_CHECKING:
     from standbylib.snapshot.volume import Volume
@@ -86,7 +89,7 @@ class PreservationStore:
         self.raw = raw
         self.path = raw.path
         self.on_full = on_full
-        self.lock = threading.RLock()
+        self.lock = RWLock()
         self.closed = False
         self.table_seq = 0
         self.next_epoch = 1
@@ -100,6 +103,10 @@ class PreservationStore:
         # Slot space.
         self.area_offsets: list[int] = []
         self.area_slot_sizes: list[int] = []
+        self._area_arrays: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]] = (
+            np.empty(0, np.int64),
+            np.empty(0, np.int64),
+        )
         self.end = layout.AREAS_OFFSET
         self.free: dict[int, list[int]] = {}  # slot size -> free slots, sorted descending
         self.pending_free: list[int] = []
@@ -262,7 +269,7 @@ class PreservationStore:
 
     def volume(self, name: str) -> Volume:
         """The attached volume `name`."""
-        with self.lock:
+        with self.lock.shared():
             rec = self.volume_records.get(name)
             if rec is None or rec.id not in self.attached:
                 raise UnknownVolume(volume=name)
@@ -270,13 +277,13 @@ class PreservationStore:
 
     def volume_names(self) -> list[str]:
         """Names of every volume registered in the store, attached or not."""
-        with self.lock:
+        with self.lock.shared():
             return sorted(self.volume_records)
 
     # ------------------------------------------------------------------ stats
 
     def stats(self) -> StoreStats:
-        with self.lock:
+        with self.lock.shared():
             return StoreStats(
                 capacity_bytes=self.capacity,
                 used_bytes=self.used_bytes,
@@ -360,6 +367,19 @@ class PreservationStore:
     def slot_offset(self, slot: int) -> int:
         area, i = divmod(slot, _PER_AREA)
         return self.area_offsets[area] + layout.ENTRY_BLOCK + i * self.area_slot_sizes[area]
+
+    def slot_offsets(self, slots: npt.NDArray[np.uint32]) -> npt.NDArray[np.int64]:
+        """`slot_offset` of each of `slots`, vectorised."""
+        starts, sizes = self._area_arrays
+        if len(starts) != len(self.area_offsets):
+            # Areas are only ever added: rebuild when one was (racing readers build the same arrays).
+            starts = np.array(self.area_offsets, np.int64) + layout.ENTRY_BLOCK
+            sizes = np.array(self.area_slot_sizes, np.int64)
+            self._area_arrays = (starts, sizes)
+        slot = slots.astype(np.int64)
+        area = slot // _PER_AREA
+        offsets: npt.NDArray[np.int64] = starts[area] + (slot - area * _PER_AREA) * sizes[area]
+        return offsets
 
     def entry_offset(self, slot: int) -> int:
         area, i = divmod(slot, _PER_AREA)

@@ -17,7 +17,6 @@ one copy per first write, not N.
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,6 +35,7 @@ from standbylib.errors import (
     UnknownSnapshot,
 )
 from standbylib.rawfile import Buffer, OsFile
+from standbylib.readplan import Bytes, FileRange, Hole, Piece, ReadPlan
 from standbylib.snapshot import layout
 from standbylib.snapshot.index import ChainIndex
 from standbylib.snapshot.layout import data_checksum as checksum
@@ -47,6 +47,22 @@ _CFR_MIN = 64 << 10
 
 #: One request of a batch: ``(offset, data)`` writes `data`; ``(offset, n)`` with an int zeroes `n` bytes.
 WriteOp = tuple[int, Buffer | int]
+
+
+#: Index entries one uncached `Snapshot._served` lookup is worth, for deciding when to rebuild its cache.
+_LOOKUP_COST = 256
+#: Larger indexes are not cached (the cache takes up to 24 bytes per entry).
+_MAX_CACHED_ENTRIES = 1 << 20
+
+
+@dataclass(frozen=True)
+class _ServedRuns:
+    """The runs a snapshot reads from the store (`Snapshot._served`), for the whole volume."""
+
+    versions: tuple[int, int]  # of the volume's index and the snapshot's own index when built
+    firsts: np.ndarray  # first block of each run, ascending
+    ends: np.ndarray  # block after each run
+    offsets: np.ndarray  # store offset of each run's first block
 
 
 @dataclass(frozen=True)
@@ -71,9 +87,11 @@ class SnapshotInfo:
 class Volume:
     """An origin device attached to a store. Thread-safe; all writes go through COW.
 
-    Reads (claim 9) go straight to the origin. Writes become visible in order;
-    they are durable after `flush`, but a write never overwrites an origin block
-    before its preserved copy is durable.
+    Reads (claim 9) go straight to the origin, without the store's lock. Writes
+    take the store's lock exclusively, so they wait for snapshot reads in progress
+    (which hold it shared) and snapshot reads never see half of one. They become
+    visible in order; they are durable after `flush`, but a write never overwrites
+    an origin block before its preserved copy is durable.
     """
 
     def __init__(self, store: PreservationStore, record: VolumeRecord, device: BlockDevice) -> None:
@@ -85,6 +103,9 @@ class Volume:
         self.cow_copies = 0
         self.closed = False
         self._buffer = bytearray()
+        # Per snapshot id: the runs it reads from the store, for the whole volume (see `Snapshot._served`).
+        self.served_cache: dict[int, _ServedRuns] = {}
+        self.stale_lookups: dict[int, int] = {}
 
     # -- BlockDevice ----------------------------------------------------------------
 
@@ -314,6 +335,7 @@ class Volume:
         snap.state = INVALID
         snap.reason = reason
         snap.preserved_blocks = 0
+        self.served_cache.pop(snap.id, None)
         store.write_table()
         _s, _g, private_slots = snap.private.arrays()
         store.pending_free.extend(private_slots.tolist())
@@ -365,7 +387,7 @@ class Volume:
 
     def snapshot(self, name: str) -> Snapshot:
         """The snapshot `name` of this volume (valid or not)."""
-        with self.store.lock:
+        with self.store.lock.shared():
             snap = self._find(name)
             if snap is None:
                 raise UnknownSnapshot(volume=self.name, snapshot=name)
@@ -373,7 +395,7 @@ class Volume:
 
     def snapshots(self) -> list[Snapshot]:
         """Every snapshot of this volume, oldest first."""
-        with self.store.lock:
+        with self.store.lock.shared():
             recs = sorted(
                 (s for s in self.store.snapshots.values() if s.volume == self.record.id),
                 key=lambda s: s.epoch,
@@ -389,6 +411,8 @@ class Volume:
             if snap is None:
                 raise UnknownSnapshot(volume=self.name, snapshot=name)
             del store.snapshots[snap.id]
+            self.served_cache.pop(snap.id, None)
+            self.stale_lookups.pop(snap.id, None)
             store.write_table()
             store.commit()
             freed = snap.private.arrays()[2].tolist() + store.collect_garbage(self.record.id)
@@ -411,7 +435,9 @@ class Snapshot:
     """A snapshot seen as a block device (the patent's virtual device).
 
     Reads return the image frozen at creation, plus, for a writable snapshot,
-    what was written to it. Thread-safe.
+    what was written to it. Thread-safe: reads, extents and read plans hold the
+    store's lock shared (reads of any number of threads run in parallel, origin
+    writes wait for them), writes hold it exclusively.
     """
 
     def __init__(self, volume: Volume, record: SnapshotRecord) -> None:
@@ -437,7 +463,7 @@ class Snapshot:
     def info(self) -> SnapshotInfo:
         rec = self.record
         store = self.volume.store
-        with store.lock:
+        with store.lock.shared():
             bs = self.volume.block_size
             return SnapshotInfo(
                 volume=self.volume.name,
@@ -453,18 +479,160 @@ class Snapshot:
 
     def read(self, offset: int, length: int) -> bytes:
         """Claim 1 (D): the preserved copy where there is one, else the origin block."""
+        with self.read_plan(offset, length) as plan:
+            buf = bytearray(length)
+            plan.readinto(memoryview(buf))
+        return bytes(buf)
+
+    def read_plan(self, offset: int, length: int) -> ReadPlan:
+        """Where the frozen image of ``[offset, offset+length)`` is (`standbylib.readplan`).
+
+        Pieces: the store's slots for preserved (or, writable snapshot, written) blocks, the origin
+        for the others, holes where the origin has a hole that no copy serves; file ranges when the
+        origin or store is a file, else the bytes themselves. The plan holds the store's lock shared
+        until it is closed, so no origin write, snapshot write or deletion changes those bytes while
+        it is open; close it as soon as its bytes are copied. ``zero_copy`` is never set: the origin
+        is overwritten as soon as the plan is closed, so its pages must not be sent by reference.
+        """
         check_range(offset, length, self.size)
-        vol = self.volume
-        bs = vol.block_size
-        first = offset >> vol.shift
-        end = ((offset + length - 1) >> vol.shift) + 1
-        with vol.store.lock:
+        lock = self.volume.store.lock
+        lock.acquire_shared()
+        try:
             self._check_usable()
-            buf = self._read_blocks(first, end)
-        start = offset - first * bs
-        if start == 0 and length == len(buf):
-            return bytes(buf)
-        return bytes(memoryview(buf)[start : start + length])
+            pieces = self._plan(offset, length)
+        except BaseException:
+            lock.release_shared()
+            raise
+        return ReadPlan(pieces, release=lock.release_shared)
+
+    def _plan(self, offset: int, length: int) -> list[Piece]:
+        vol = self.volume
+        store = vol.store
+        shift = vol.shift
+        end = offset + length
+        # Byte ranges served by the store: (start, stop, offset in the store).
+        from_store: list[tuple[int, int, int]] = []
+        covered = 0
+        for b, n, at in zip(*self._served(offset >> shift, ((end - 1) >> shift) + 1), strict=True):
+            start = max(b << shift, offset)
+            stop = min((b + n) << shift, end)
+            from_store.append((start, stop, at + start - (b << shift)))
+            covered += stop - start
+        origin = vol.device.raw if isinstance(vol.device, Device) else None
+        origin_fd = origin.fd if isinstance(origin, OsFile) else None
+        store_fd = store.raw.fd if isinstance(store.raw, OsFile) else None
+        # The origin's holes as (start, stop, is_hole), looked up once for the whole range.
+        runs: list[tuple[int, int, bool]] = []
+        if covered < length:
+            pos = offset
+            for n, hole in vol.extents(offset, length):
+                runs.append((pos, pos + n, hole))
+                pos += n
+            if pos < end:  # a device reporting less than asked: the rest is data
+                runs.append((pos, end, False))
+        pieces: list[Piece] = []
+        if (
+            store_fd is not None
+            and origin_fd is not None
+            and (not runs or (len(runs) == 1 and not runs[0][2]))
+        ):
+            # The common case, files without holes here: the origin fills the gaps between copies.
+            pos = offset
+            for start, stop, at in from_store:
+                if start > pos:
+                    pieces.append(FileRange(origin_fd, pos, start - pos))
+                pieces.append(FileRange(store_fd, at, stop - start))
+                pos = stop
+            if pos < end:
+                pieces.append(FileRange(origin_fd, pos, end - pos))
+            return pieces
+        k = 0
+
+        def from_origin(a: int, b: int) -> None:
+            nonlocal k
+            while a < b:
+                while runs[k][1] <= a:
+                    k += 1
+                stop = min(b, runs[k][1])
+                if runs[k][2]:
+                    pieces.append(Hole(stop - a))
+                elif origin_fd is not None:
+                    pieces.append(FileRange(origin_fd, a, stop - a))
+                else:
+                    pieces.append(Bytes(vol.device.read(a, stop - a)))
+                a = stop
+
+        pos = offset
+        for start, stop, at in from_store:
+            from_origin(pos, start)
+            if store_fd is not None:
+                pieces.append(FileRange(store_fd, at, stop - start))
+            else:
+                pieces.append(Bytes(store.raw.pread(stop - start, at)))
+            pos = stop
+        from_origin(pos, end)
+        return pieces
+
+    def _served(self, first: int, end: int) -> tuple[list[int], list[int], list[int]]:
+        """Runs of the blocks in [first, end) that this snapshot reads from the store, each contiguous
+        in the volume and in the store file: first blocks, block counts, store offsets (a run may
+        reach outside [first, end); callers clip).
+
+        Per block: its own written block (writable snapshot), else the oldest copy made since the
+        snapshot was created. The runs of the whole volume are cached per snapshot while the indexes
+        do not change (a lookup is then two binary searches); after a change the lookups go to the
+        indexes until they have cost about what rebuilding the cache does, so that a steady stream of
+        origin writes never pays for more than twice the uncached lookups. Runs hold the store's
+        lock (shared or exclusive); racing readers may both rebuild, to the same result.
+        """
+        vol = self.volume
+        rec = self.record
+        chain = vol.store.chains[vol.record.id]
+        cached = vol.served_cache.get(rec.id)
+        if cached is not None and cached.versions == (chain.version, rec.private.version):
+            i = int(cached.ends.searchsorted(np.uint64(first), "right"))
+            j = int(cached.firsts.searchsorted(np.uint64(end), "left"))
+            firsts = cached.firsts[i:j]
+            return firsts.tolist(), (cached.ends[i:j] - firsts).tolist(), cached.offsets[i:j].tolist()
+        stale = vol.stale_lookups.get(rec.id, 0) + 1
+        entries = len(chain) + len(rec.private)
+        if stale * _LOOKUP_COST >= entries and entries <= _MAX_CACHED_ENTRIES:
+            versions = (chain.version, rec.private.version)
+            firsts, counts, offsets = self._run_arrays(0, 1 << 63)
+            vol.served_cache[rec.id] = _ServedRuns(versions, firsts, firsts + counts, offsets)
+            vol.stale_lookups[rec.id] = 0
+            return self._served(first, end)
+        vol.stale_lookups[rec.id] = stale
+        firsts, counts, offsets = self._run_arrays(first, end)
+        return firsts.tolist(), counts.tolist(), offsets.tolist()
+
+    def _run_arrays(self, first: int, end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`_served` looked up in the indexes (vectorised), as arrays: first blocks (uint64), block
+        counts (uint64), store offsets (int64)."""
+        vol = self.volume
+        store = vol.store
+        blocks, slots = store.chains[vol.record.id].oldest_from(first, end, self.record.epoch)
+        private = self.record.private
+        if len(private):
+            own_blocks, own_slots = private.oldest_from(first, end, 0)
+            if len(own_blocks):
+                merged = dict(zip(blocks.tolist(), slots.tolist(), strict=True))
+                merged.update(zip(own_blocks.tolist(), own_slots.tolist(), strict=True))
+                keys = sorted(merged)
+                blocks = np.array(keys, np.uint64)
+                slots = np.array([merged[k] for k in keys], np.uint32)
+        offsets = store.slot_offsets(slots)
+        if len(blocks) <= 1:
+            return blocks, np.ones(len(blocks), np.uint64), offsets
+        # A run ends where the next block or the next slot is not adjacent.
+        starts = np.empty(1, np.intp)
+        starts[0] = 0
+        breaks = np.flatnonzero(
+            (blocks[1:] != blocks[:-1] + 1) | (offsets[1:] != offsets[:-1] + vol.block_size)
+        )
+        starts = np.concatenate((starts, breaks + 1))
+        counts = np.diff(starts, append=len(blocks)).astype(np.uint64)
+        return blocks[starts], counts, offsets[starts]
 
     def _read_blocks(self, first: int, end: int) -> bytearray:
         vol = self.volume
@@ -493,12 +661,13 @@ class Snapshot:
         and the origin block is a hole (it reads as zeros and was never written)."""
         check_range(offset, length, self.size)
         vol = self.volume
-        bs = vol.block_size
-        with vol.store.lock:
+        shift = vol.shift
+        end = offset + length
+        with vol.store.lock.shared():
             self._check_usable()
             origin = vol.extents(offset, length)
-            last = (offset + length - 1) >> vol.shift
-            served = sorted(self._store_slots(offset >> vol.shift, last + 1))
+            first_blocks, counts, _at = self._served(offset >> shift, ((end - 1) >> shift) + 1)
+        served = [(b << shift, (b + n) << shift) for b, n in zip(first_blocks, counts, strict=True)]
         runs: list[tuple[int, bool]] = []
 
         def add(n: int, hole: bool) -> None:
@@ -508,23 +677,26 @@ class Snapshot:
                 runs.append((n, hole))
 
         pos = offset
+        i = 0
         for n, hole in origin:
-            end = pos + n
+            stop = pos + n
             if hole:
                 # The store serves some blocks of this hole: those read as preserved data.
-                i = bisect.bisect_left(served, (pos >> vol.shift))
-                p = pos
-                while i < len(served) and served[i] * bs < end:
-                    start = max(p, served[i] * bs)
-                    stop = min(end, (served[i] + 1) * bs)
-                    add(start - p, True)
-                    add(stop - start, False)
-                    p = stop
+                while i < len(served) and served[i][1] <= pos:
                     i += 1
-                add(end - p, True)
+                p = pos
+                j = i
+                while j < len(served) and served[j][0] < stop:
+                    start = max(p, served[j][0])
+                    data_end = min(stop, served[j][1])
+                    add(start - p, True)
+                    add(data_end - start, False)
+                    p = data_end
+                    j += 1
+                add(stop - p, True)
             else:
                 add(n, False)
-            pos = end
+            pos = stop
         return runs
 
     def _store_slots(self, first: int, end: int) -> dict[int, int]:

@@ -7,6 +7,7 @@ import json
 import socket
 import struct
 import subprocess
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -385,3 +386,96 @@ def test_sparse_file_export_reports_its_holes(tmp_path: Any) -> None:
     runs = [(e["offset"], e["length"], e["type"]) for e in json.loads(out)]
     assert [(o, n) for o, n, t in runs if t & 1] == [(0, 1 << 20), (2 << 20, 2 << 20)]
     assert [(o, n) for o, n, t in runs if not t & 1] == [(1 << 20, 1 << 20)]
+
+
+class SlowFlushDevice:
+    """A file device with read plans whose flush waits until `release` is set."""
+
+    def __init__(self, inner: Device) -> None:
+        self.inner = inner
+        self.size = inner.size
+        self.readonly = False
+        self.release = threading.Event()
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.inner.read(offset, length)
+
+    def read_plan(self, offset: int, length: int) -> Any:
+        return self.inner.read_plan(offset, length)
+
+    def write(self, offset: int, data: Any) -> None:
+        self.inner.write(offset, data)
+
+    def zero(self, offset: int, length: int) -> None:
+        self.inner.zero(offset, length)
+
+    def flush(self) -> None:
+        assert self.release.wait(10)
+        self.inner.flush()
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_slow_request_does_not_hold_back_the_replies_behind_it(tmp_path: Any) -> None:
+    device = open_file_device(str(tmp_path / "slow.img"), SIZE)
+    device.write(0, pattern(9))
+    slow = SlowFlushDevice(device)
+    with NbdServer({"slow": slow}) as server:
+        assert server.address is not None
+        host, port = server.address
+        raw = Raw(Env("", host, port, "", device, device, b""))
+        raw.go("slow")
+        raw.sock.sendall(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.CMD_FLUSH, 1, 0, 0))
+        raw.sock.sendall(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.CMD_READ, 2, 4096, 4096))
+        assert raw.reply(2) == 0  # the read is answered while the flush is still waiting
+        assert raw.recv(4096) == pattern(9)[4096:8192]
+        slow.release.set()
+        assert raw.reply(1) == 0
+        raw.close()
+    device.close()
+
+
+def test_reads_of_a_sparse_file_in_flight_together_reply_holes_and_zeros(tmp_path: Any) -> None:
+    # Contiguous reads buffered together are planned as one run and split into replies again.
+    device = open_file_device(str(tmp_path / "sparse.img"), size=SIZE)
+    data = pattern(6, SIZE // 4)
+    device.write(SIZE // 4, data)
+    with NbdServer({"sparse": device}) as server:
+        assert server.address is not None
+        host, port = server.address
+        env = Env("", host, port, "", device, device, b"")
+        reads = [(SIZE // 4 - 8192 + i * 12288, 12288) for i in range(30)]  # crosses data and holes
+        image = bytes(SIZE // 4) + data + bytes(SIZE // 2)
+        for structured in (False, True):
+            raw = Raw(env)
+            if structured:
+                raw.structured()
+            raw.go("sparse")
+            raw.sock.sendall(
+                b"".join(
+                    p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.CMD_READ, 10 + i, off, n)
+                    for i, (off, n) in enumerate(reads)
+                )
+            )
+            for i, (off, n) in enumerate(reads):
+                if not structured:
+                    assert raw.reply(10 + i) == 0
+                    assert raw.recv(n) == image[off : off + n]
+                    continue
+                got = bytearray(b"?" * n)
+                kinds = set()
+                for kind, payload in raw.chunks(10 + i):
+                    kinds.add(kind)
+                    if kind == p.REPLY_TYPE_OFFSET_DATA:
+                        (at,) = p.OFFSET_DATA.unpack_from(payload)
+                        got[at - off : at - off + len(payload) - 8] = payload[8:]
+                    else:
+                        assert kind == p.REPLY_TYPE_OFFSET_HOLE
+                        at, size = p.OFFSET_HOLE.unpack(payload)
+                        got[at - off : at - off + size] = bytes(size)
+                assert got == image[off : off + n]
+                if not any(image[off : off + n]):
+                    assert kinds == {p.REPLY_TYPE_OFFSET_HOLE}  # holes are not sent as data
+            raw.close()
+    device.close()

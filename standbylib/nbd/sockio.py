@@ -1,0 +1,153 @@
+"""Blocking-socket I/O for one NBD connection: a buffered reader and a lock-protected writer.
+
+The reader parses many small frames (request headers are 28 bytes) out of one ``recv``; the writer
+sends a whole reply, or a batch of replies, with one ``sendmsg`` (and ``sendfile`` for file ranges
+sent by reference), holding its lock so replies written from several threads never interleave.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from standbylib.rawfile import Buffer
+from standbylib.readplan import FileRange
+
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
+_ZEROS = bytes(1 << 20)
+
+
+class PeerClosed(EOFError):
+    """The peer closed the connection (mid-frame or between frames)."""
+
+
+class SocketReader:
+    """Reads frames from a blocking socket through a buffer of `size` bytes. One reader thread."""
+
+    def __init__(self, sock: socket.socket, size: int = 256 << 10) -> None:
+        self._sock = sock
+        self._buf = bytearray(size)
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+
+    def buffered(self) -> int:
+        """Bytes received and not consumed yet (available without blocking)."""
+        return self._end - self._start
+
+    def _fill(self, n: int) -> None:
+        """Make at least `n` (<= buffer size) bytes available, receiving as much as the socket has."""
+        if self._start + n > len(self._buf):
+            left = self._end - self._start
+            self._buf[:left] = self._buf[self._start : self._end]
+            self._start, self._end = 0, left
+        while self._end - self._start < n:
+            got = self._sock.recv_into(self._view[self._end :])
+            if not got:
+                raise PeerClosed(f"connection closed with {self._end - self._start} of {n} bytes")
+            self._end += got
+
+    def unpack(self, frame: struct.Struct) -> tuple[Any, ...]:
+        """Read one fixed-size frame."""
+        self._fill(frame.size)
+        values = frame.unpack_from(self._buf, self._start)
+        self._start += frame.size
+        return values
+
+    def peek(self, frame: struct.Struct) -> tuple[Any, ...] | None:
+        """The next frame if it is buffered already (without consuming it), else None; never blocks."""
+        if self._end - self._start < frame.size:
+            return None
+        return frame.unpack_from(self._buf, self._start)
+
+    def skip(self, n: int) -> None:
+        """Consume `n` buffered bytes (after `peek`)."""
+        assert n <= self._end - self._start
+        self._start += n
+
+    def read(self, n: int) -> bytes | bytearray:
+        """Read exactly `n` bytes."""
+        if n <= len(self._buf):
+            self._fill(n)
+            data = bytes(self._view[self._start : self._start + n])
+            self._start += n
+            return data
+        out = bytearray(n)
+        view = memoryview(out)
+        have = self._end - self._start
+        view[:have] = self._view[self._start : self._end]
+        self._start = self._end = 0
+        while have < n:
+            got = self._sock.recv_into(view[have:])
+            if not got:
+                raise PeerClosed(f"connection closed with {have} of {n} bytes")
+            have += got
+        return out
+
+    def discard(self, n: int) -> None:
+        """Consume `n` bytes we will not use, a buffer at a time."""
+        while n:
+            piece = min(n, len(self._buf))
+            self._fill(piece)
+            self._start += piece
+            n -= piece
+
+
+class SocketWriter:
+    """Writes whole replies to a blocking socket from any thread.
+
+    `send` takes the lock itself; a caller sending a batch (several `send_locked` and `sendfile_locked`
+    calls) holds `lock` around them, so nothing else is written in between.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.lock = threading.Lock()
+
+    def send(self, parts: Sequence[Buffer]) -> None:
+        with self.lock:
+            self.send_locked(parts)
+
+    def send_locked(self, parts: Sequence[Buffer], *, more: bool = False) -> None:
+        """Send every byte of `parts` (gathered: no concatenation); `more` when more follows at once."""
+        flags = socket.MSG_MORE if more else 0
+        parts = list(parts)
+        while parts:
+            batch = parts[:_IOV_MAX]
+            total = sum(len(b) for b in batch)
+            sent = self._sock.sendmsg(batch, (), flags if len(parts) <= _IOV_MAX else socket.MSG_MORE)
+            if sent == total:
+                del parts[:_IOV_MAX]
+                continue
+            # Partial send (a signal, or a non-blocking socket): drop what went out and go on.
+            i = 0
+            while sent >= len(parts[i]):
+                sent -= len(parts[i])
+                i += 1
+            del parts[:i]
+            parts[0] = memoryview(parts[0])[sent:]
+
+    def sendfile_locked(self, piece: FileRange) -> None:
+        """Send `piece` by reference from the page cache; past the end of the file, zeros."""
+        fd, offset, left = piece
+        out = self._sock.fileno()
+        while left:
+            n = os.sendfile(out, fd, offset, left)
+            if n == 0:
+                while left:
+                    chunk = min(left, len(_ZEROS))
+                    self.send_locked([_ZEROS[:chunk]], more=True)
+                    left -= chunk
+                return
+            offset += n
+            left -= n
+
+
+def zero_parts(n: int) -> list[memoryview]:
+    """`n` zero bytes as views of one shared zero buffer."""
+    view = memoryview(_ZEROS)
+    return [view[: min(n - i, len(_ZEROS))] for i in range(0, n, len(_ZEROS))]

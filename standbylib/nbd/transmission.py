@@ -1,0 +1,463 @@
+"""NBD transmission phase: requests in, replies out, on one connection's blocking socket.
+
+Threads: the connection's own thread reads requests. READs (and BLOCK_STATUS) on a device with read
+plans (`standbylib.readplan.PlanSource`) are served right there. A READ and the READs buffered right
+behind it that continue it (sequential clients send dozens at once) form a run of up to `BATCH_BYTES`:
+one plan for the whole run, its file ranges read with ``preadv`` into a reused page-aligned buffer,
+the plan closed (for a snapshot that releases the store's shared lock, so origin writes wait for the
+copy, never for the network), then one reply per request, and the replies of everything buffered sent
+with one ``sendmsg``. Plans marked ``zero_copy`` (plain files) are sent with ``sendfile`` instead of
+being copied. Everything else (writes, flush, trim, reads of devices without plans) runs in the
+server's worker pool, at most `max_in_flight` per connection, and its reply is written when it
+completes, out of order with the rest; the writer's lock keeps each reply (or batch) whole.
+
+Measured on 2 cores (nbdcopy, 4 connections, 256 KiB reads from the page cache; docs/NBD.md): a
+``bytearray`` destination for ``preadv`` copied at a fifth of the speed of a page-aligned one (2 vs 11
+GB/s: its data is not cache-line aligned), one ``sendmsg`` per batch instead of per reply halved the
+syscalls and GIL hand-offs, and planning a run instead of each request cut the planning cost sevenfold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import threading
+from concurrent.futures import Executor, Future
+from os import preadv
+from typing import Protocol, runtime_checkable
+
+from standbylib.blockdev import BlockDevice
+from standbylib.errors import StandbyError
+from standbylib.nbd import protocol as p
+from standbylib.nbd.errnos import WRITING, errno_for
+from standbylib.nbd.handshake import BASE_ALLOCATION_ID, MAX_REQUEST, Session
+from standbylib.nbd.protocol import ProtocolError
+from standbylib.nbd.replies import (
+    Part,
+    Segment,
+    as_segment,
+    data_header,
+    error_reply,
+    read_reply,
+    send_parts,
+    take,
+)
+from standbylib.nbd.sockio import SocketReader, SocketWriter
+from standbylib.rawfile import Buffer
+from standbylib.readplan import FileRange, Hole, PlanSource, ReadPlan, pread_full
+
+log = logging.getLogger(__name__)
+
+#: Replies batched before they are sent even if more requests are waiting.
+BATCH_BYTES = 4 << 20
+#: Initial size of a connection's reply buffer (it grows to hold the largest request).
+BUFFER_BYTES = 8 << 20
+_ALIGN = 4096  # each reply's data starts on a page: the kernel copies page-aligned data fastest
+
+
+@runtime_checkable
+class ExtentSource(Protocol):
+    """Optional device method: ``extents(offset, length)`` -> consecutive ``(length, is_hole)`` runs."""
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, bool]]: ...
+
+
+class Transmission:
+    """Serve the requests of one connection until NBD_CMD_DISC or the end of the connection.
+
+    `run` blocks the calling (connection) thread; it returns once every request of the connection
+    handed to `pool` has completed.
+    """
+
+    def __init__(
+        self,
+        reader: SocketReader,
+        writer: SocketWriter,
+        session: Session,
+        *,
+        pool: Executor,
+        max_in_flight: int,
+        min_block: int,
+    ) -> None:
+        assert session.device is not None
+        self.reader = reader
+        self.writer = writer
+        self.session = session
+        self.device: BlockDevice = session.device
+        self.pool = pool
+        self.min_block = min_block
+        # Protocol isinstance checks are slow (a few us): decide once per connection.
+        self.planner = self.device if isinstance(self.device, PlanSource) else None
+        self.inline = self.planner is not None
+        self._slots = threading.Semaphore(max_in_flight)
+        self._in_flight: set[Future[None]] = set()
+        self._in_flight_lock = threading.Lock()
+        self._all_done = threading.Condition(self._in_flight_lock)
+        # Batch of inline replies not sent yet, and the plans whose file ranges it sends by reference.
+        self._pending: list[Part] = []
+        self._pending_bytes = 0
+        self._held: list[ReadPlan] = []
+        self._buf: mmap.mmap | None = None
+        self._view: memoryview | None = None
+        self._pos = 0
+
+    # -- request loop ---------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            try:
+                self._flush()
+            finally:
+                self._release_held()
+                with self._all_done:
+                    while self._in_flight:
+                        self._all_done.wait()
+                self._drop_buffer()
+
+    def _loop(self) -> None:
+        reader = self.reader
+        header_size = p.REQUEST.size
+        while True:
+            if self._pending and reader.buffered() < header_size:
+                self._flush()  # no further request at hand: never wait for one with replies unsent
+            magic, flags, command, cookie, offset, length = reader.unpack(p.REQUEST)
+            if magic != p.REQUEST_MAGIC:
+                raise ProtocolError(detail=f"bad request magic {magic:#x}")
+            payload: Buffer | None = None
+            if command == p.CMD_WRITE:
+                if reader.buffered() < length:
+                    self._flush()
+                if length > MAX_REQUEST:
+                    reader.discard(length)
+                    self._queue(self._error_parts(cookie, p.EINVAL, f"request of {length} bytes too big"))
+                    continue
+                payload = reader.read(length)
+            elif command == p.CMD_DISC:
+                return
+            error = self._validate(command, flags, offset, length)
+            if error is not None:
+                self._queue(self._error_parts(cookie, *error))
+            elif self.inline and command == p.CMD_READ:
+                self._read_run(cookie, offset, length)
+                if self._pending_bytes >= BATCH_BYTES:
+                    self._flush()
+            elif self.inline and command == p.CMD_BLOCK_STATUS:
+                self._queue(self._block_status(command, flags, cookie, offset, length))
+            else:
+                self._submit(command, flags, cookie, offset, length, payload)
+
+    def _validate(self, command: int, flags: int, offset: int, length: int) -> tuple[int, str] | None:
+        """Return ``(errno, message)`` for a request that must not reach the device, else None."""
+        session, device = self.session, self.device
+        if command not in (p.CMD_READ, p.CMD_WRITE, p.CMD_FLUSH, p.CMD_TRIM, p.CMD_WRITE_ZEROES):
+            if command != p.CMD_BLOCK_STATUS:
+                return p.EINVAL, f"unsupported command {command}"
+            if not session.structured or not session.meta_allocation:
+                return p.EINVAL, "NBD_CMD_BLOCK_STATUS needs structured replies and base:allocation"
+        if command == p.CMD_FLUSH:
+            return (p.EINVAL, "NBD_CMD_FLUSH takes no range") if offset or length else None
+        if command in WRITING and device.readonly:
+            return p.EPERM, f"export {session.name!r} is read-only"
+        if length == 0:
+            return p.EINVAL, "zero-length request"
+        if command in (p.CMD_READ, p.CMD_WRITE) and length > MAX_REQUEST:
+            return p.EINVAL, f"request of {length} bytes exceeds {MAX_REQUEST}"
+        if offset + length > device.size:
+            err = p.ENOSPC if command in WRITING else p.EINVAL
+            return err, f"request [{offset}, +{length}) is beyond the export size {device.size}"
+        mask = self.min_block - 1
+        if (offset | length) & mask and command != p.CMD_BLOCK_STATUS:
+            return p.EINVAL, f"request not aligned to {self.min_block} bytes"
+        return None
+
+    # -- inline reads ---------------------------------------------------------------------------------
+
+    def _read_run(self, cookie: int, offset: int, length: int) -> None:
+        """Serve this READ together with the READs buffered right behind it that continue it (a client
+        reading sequentially sends many at once): one plan and one copy for all, a reply for each.
+        Planning a run costs about what planning one request does (one lock, one index lookup, one
+        hole lookup), and contiguous file ranges are read with one ``preadv``."""
+        reads = [(cookie, length)]
+        end = offset + length
+        reader = self.reader
+        limit = min(offset + BATCH_BYTES, self.device.size)
+        mask = self.min_block - 1
+        while end < limit:
+            ahead = reader.peek(p.REQUEST)
+            if ahead is None:
+                break
+            magic, _flags, command, next_cookie, next_offset, next_length = ahead
+            # A valid READ that continues the run (what `_validate` would accept, checked inline).
+            if (
+                command != p.CMD_READ
+                or next_offset != end
+                or magic != p.REQUEST_MAGIC
+                or not 0 < next_length <= limit - end
+                or (next_length & mask)
+            ):
+                break
+            reader.skip(p.REQUEST.size)
+            reads.append((next_cookie, next_length))
+            end += next_length
+        segments = self._read_segments(offset, end - offset, reads)
+        if segments is None:
+            return
+        self._pending_bytes += end - offset
+        if len(segments) == 1 and not isinstance(segments[0], int):
+            # The common case, the whole run is data: a slice of it and a header per request.
+            data = segments[0]
+            pending = self._pending
+            structured = self.session.structured
+            pos = offset
+            for cookie, n in reads:
+                at = pos - offset
+                if isinstance(data, FileRange):
+                    piece: Part = FileRange(data.fd, data.offset + at, n)
+                else:
+                    piece = memoryview(data)[at : at + n]
+                pending.append(data_header(cookie, pos, n) if structured else p.simple_reply(cookie))
+                pending.append(piece)
+                pos += n
+            return
+        k = cut = 0
+        pos = offset
+        for cookie, n in reads:
+            mine, k, cut = take(segments, k, cut, n)
+            self._queue(self._read_parts(cookie, pos, mine))
+            pos += n
+
+    def _read_segments(self, offset: int, length: int, reads: list[tuple[int, int]]) -> list[Segment] | None:
+        """Plan ``[offset, offset+length)`` and copy it into the reply buffer (or hold the plan for
+        sendfile); None after queueing an error reply for each of `reads` when that failed."""
+        assert self.planner is not None
+        try:
+            plan = self.planner.read_plan(offset, length)
+        except Exception as e:
+            self._fail_all(reads, e)
+            return None
+        held = False
+        try:
+            segments: list[Segment] = []
+            if plan.zero_copy:
+                for piece in plan.pieces:
+                    segments.append(piece.length if isinstance(piece, Hole) else as_segment(piece))
+                held = any(isinstance(s, FileRange) for s in segments)
+            else:
+                self._copy(plan, segments, length)
+        except Exception as e:
+            self._fail_all(reads, e)
+            return None
+        finally:
+            if held:
+                self._held.append(plan)
+            else:
+                plan.close()
+        return segments
+
+    def _fail_all(self, reads: list[tuple[int, int]], exc: Exception) -> None:
+        error = self._failure(p.CMD_READ, reads[0][0], exc)
+        self._queue(error)
+        for cookie, _n in reads[1:]:
+            self._queue(self._error_parts(cookie, errno_for(exc, p.CMD_READ), str(exc)))
+
+    def _copy(self, plan: ReadPlan, segments: list[Segment], length: int) -> None:
+        """Copy `plan` into the reply buffer; append its segments (buffer views and hole lengths)."""
+        view = self._reserve(length)
+        start = self._pos - length
+        pos = run = 0
+        for piece in plan.pieces:
+            n = piece.length
+            if isinstance(piece, Hole):
+                if pos > run:
+                    segments.append(view[start + run : start + pos])
+                segments.append(n)
+                pos += n
+                run = pos
+                continue
+            if isinstance(piece, FileRange):
+                dest = view[start + pos : start + pos + n]
+                if preadv(piece.fd, [dest], piece.offset) != n:  # short: end of file, or a signal
+                    pread_full(piece.fd, dest, piece.offset)
+            else:
+                view[start + pos : start + pos + n] = piece.data
+            pos += n
+        if pos > run:
+            segments.append(view[start + run : start + pos])
+
+    def _reserve(self, length: int) -> memoryview:
+        """Room for `length` bytes at the next aligned position of the reply buffer (flushing the batch
+        if it is full); returns the whole buffer's view, the room ending at ``self._pos``."""
+        pos = -(-self._pos // _ALIGN) * _ALIGN
+        if self._view is None or pos + length > len(self._view):
+            self._flush()
+            pos = 0
+            if self._view is None or length > len(self._view):
+                self._drop_buffer()
+                size = max(BUFFER_BYTES, -(-length // _ALIGN) * _ALIGN)
+                self._buf = mmap.mmap(-1, size)
+                self._view = memoryview(self._buf)
+        self._pos = pos + length
+        return self._view
+
+    def _read_parts(self, cookie: int, offset: int, segments: list[Segment]) -> list[Part]:
+        return read_reply(cookie, offset, segments, structured=self.session.structured)
+
+    # -- batch ----------------------------------------------------------------------------------------
+
+    def _queue(self, parts: list[Part], nbytes: int = 0) -> None:
+        """Add `parts` (about `nbytes` of data) to the batch."""
+        self._pending.extend(parts)
+        self._pending_bytes += nbytes
+
+    def _flush(self) -> None:
+        """Send the batch, then close the plans it sent file ranges of."""
+        if self._pending:
+            with self.writer.lock:
+                send_parts(self.writer, self._pending)
+            self._pending = []
+            self._pending_bytes = 0
+        self._release_held()
+        self._pos = 0
+
+    def _release_held(self) -> None:
+        held, self._held = self._held, []
+        for plan in held:
+            plan.close()
+
+    def _drop_buffer(self) -> None:
+        view, buf = self._view, self._buf
+        self._view = self._buf = None
+        if view is not None and buf is not None:
+            view.release()
+            with contextlib.suppress(BufferError):  # a view still alive: the mapping goes with it
+                buf.close()
+
+    # -- everything else: the worker pool -----------------------------------------------------------
+
+    def _submit(
+        self, command: int, flags: int, cookie: int, offset: int, length: int, payload: Buffer | None
+    ) -> None:
+        if not self._slots.acquire(blocking=False):
+            self._flush()
+            self._slots.acquire()
+        try:
+            fut = self.pool.submit(self._serve, command, flags, cookie, offset, length, payload)
+        except BaseException:
+            self._slots.release()
+            raise
+        with self._in_flight_lock:
+            self._in_flight.add(fut)
+        fut.add_done_callback(self._done)
+
+    def _done(self, fut: Future[None]) -> None:
+        self._slots.release()
+        with self._all_done:
+            self._in_flight.discard(fut)
+            if not self._in_flight:
+                self._all_done.notify_all()
+
+    def _serve(
+        self, command: int, flags: int, cookie: int, offset: int, length: int, payload: Buffer | None
+    ) -> None:
+        """Run one request in a worker thread and write its reply."""
+        device = self.device
+        try:
+            if command == p.CMD_READ:
+                parts = self._read_parts(cookie, offset, _read_segments(device, offset, length, self.session))
+            elif command == p.CMD_BLOCK_STATUS:
+                parts = self._block_status(command, flags, cookie, offset, length)
+            else:
+                _apply(device, command, offset, length, payload, bool(flags & p.CMD_FLAG_FUA))
+                parts = [p.simple_reply(cookie)]
+        except Exception as e:
+            parts = self._failure(command, cookie, e)
+        try:
+            with self.writer.lock:
+                send_parts(self.writer, parts)
+        except OSError as e:
+            log.debug("nbd %s: reply to a gone client not sent: %s", self.session.name, e)
+
+    def _block_status(self, command: int, flags: int, cookie: int, offset: int, length: int) -> list[Part]:
+        try:
+            extents = _extents(self.device, offset, length, bool(flags & p.CMD_FLAG_REQ_ONE))
+        except Exception as e:
+            return self._failure(command, cookie, e)
+        return [p.block_status_chunk(cookie, BASE_ALLOCATION_ID, extents)]
+
+    # -- errors ---------------------------------------------------------------------------------------
+
+    def _failure(self, command: int, cookie: int, exc: Exception) -> list[Part]:
+        """The error reply for `exc`, logged: library errors briefly, anything else with its traceback."""
+        value = errno_for(exc, command)
+        if isinstance(exc, StandbyError):
+            log.info("nbd %s: %s -> %s", self.session.name, exc, p.ERRNO_NAMES.get(value, value))
+            message = str(exc)
+        else:
+            log.error("nbd %s: unexpected error in command %d", self.session.name, command, exc_info=exc)
+            message = "internal error"
+        return self._error_parts(cookie, value, message)
+
+    def _error_parts(self, cookie: int, error: int, message: str) -> list[Part]:
+        return error_reply(cookie, error, message, structured=self.session.structured)
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+
+
+def _apply(
+    device: BlockDevice, command: int, offset: int, length: int, payload: Buffer | None, fua: bool
+) -> None:
+    if command == p.CMD_WRITE:
+        assert payload is not None
+        device.write(offset, payload)
+    elif command in (p.CMD_TRIM, p.CMD_WRITE_ZEROES):
+        device.zero(offset, length)
+    if command == p.CMD_FLUSH or fua:
+        device.flush()
+
+
+def _read_segments(device: BlockDevice, offset: int, length: int, session: Session) -> list[Segment]:
+    """READ of a device without read plans: holes skipped when structured replies allow hole chunks.
+
+    The segments cover the whole range: anything the device's extents leave out is read as data.
+    """
+    if not (session.structured and isinstance(device, ExtentSource)):
+        return [device.read(offset, length)]
+    segments: list[Segment] = []
+    pos, end = offset, offset + length
+    for run, hole in device.extents(offset, length):
+        run = min(run, end - pos)
+        if run <= 0:
+            break
+        segments.append(run if hole else device.read(pos, run))
+        pos += run
+    if pos < end:
+        segments.append(device.read(pos, end - pos))
+    return segments
+
+
+def _extents(device: BlockDevice, offset: int, length: int, req_one: bool) -> list[tuple[int, int]]:
+    """base:allocation descriptors for ``[offset, offset+length)``; all data without an extents method."""
+    if not isinstance(device, ExtentSource):
+        return [(length, 0)]
+    out: list[tuple[int, int]] = []
+    left = length
+    for run, hole in device.extents(offset, length):
+        run = min(run, left)
+        if run <= 0:
+            break
+        flags = p.STATE_HOLE | p.STATE_ZERO if hole else 0
+        if out and out[-1][1] == flags:
+            out[-1] = (out[-1][0] + run, flags)
+        else:
+            out.append((run, flags))
+        left -= run
+        if req_one:
+            break
+    if not out:
+        return [(length, 0)]
+    # Descriptor lengths are 32-bit; requests are at most 4 GiB - 1 so each run fits.
+    return out[:1] if req_one else out
