@@ -6,6 +6,7 @@ median of the pairwise ratios, because this machine is shared and absolute times
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -79,6 +80,14 @@ def to_json(doc: dict[str, Any]) -> str:
     """Indented JSON, with each list of numbers on one line."""
     flat = re.compile(r"\[([^\[\]{}\"]*)\]")
     return flat.sub(lambda m: "[" + " ".join(m.group(1).split()) + "]", json.dumps(doc, indent=2))
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def tool_version(argv: list[str]) -> str:

@@ -41,9 +41,7 @@ import ctypes.util
 import gc
 import json
 import os
-import platform
 import random
-import re
 import shutil
 import statistics
 import subprocess
@@ -56,6 +54,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from benchlib import filesystem_of, source_revision, to_json
+from benchlib import machine as host_machine
 
 from standbylib.blockdev import Device, open_file_device
 from standbylib.snapshot import PreservationStore, Volume
@@ -669,46 +672,6 @@ def reopen_figure(root: str, plan: Plan) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- main
 
 
-def filesystem_of(path: str) -> str:
-    """Filesystem type of the mount holding `path`, from /proc/mounts."""
-    path = os.path.realpath(path)
-    best, fstype = "", "unknown"
-    try:
-        with open("/proc/mounts") as f:
-            for line in f:
-                fields = line.split()
-                mnt = fields[1]
-                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
-                    best, fstype = mnt, fields[2]
-    except OSError:
-        pass
-    return fstype
-
-
-def source_revision() -> str:
-    """Commit of the checkout being measured, with ``-dirty`` when it has local changes."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        out = subprocess.run(
-            ["git", "-C", repo, "describe", "--always", "--dirty"], capture_output=True, text=True, check=True
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return out.stdout.strip()
-
-
-def machine() -> dict[str, Any]:
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "numpy": np.__version__,
-        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
-
-
 def run(work: str, plan: Plan, only: set[str] | None = None) -> list[dict[str, Any]]:
     steps: list[tuple[str, Callable[[], dict[str, Any]]]] = [
         ("first_write_4k", lambda: first_write_figure(work, plan, 4 * KiB, plan.first_write_bytes_4k)),
@@ -731,12 +694,6 @@ def run(work: str, plan: Plan, only: set[str] | None = None) -> list[dict[str, A
         log(f"{name}: ratio {fig['ratio']}, {'pass' if fig['pass'] else 'FAIL'} ({fig['wall_seconds']} s)")
         figures.append(fig)
     return figures
-
-
-def to_json(doc: dict[str, Any]) -> str:
-    """Indented JSON, with each list of numbers on one line."""
-    flat = re.compile(r"\[([^\[\]{}\"]*)\]")
-    return flat.sub(lambda m: "[" + " ".join(m.group(1).split()) + "]", json.dumps(doc, indent=2))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -764,7 +721,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.makedirs(parent, exist_ok=True)
     work = tempfile.mkdtemp(prefix="engine-bench-", dir=parent)
     started = datetime.now(UTC)
-    host = machine()
+    host = host_machine(numpy=np.__version__)
     revision = source_revision()
     t0 = time.perf_counter()
     try:

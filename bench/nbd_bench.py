@@ -57,6 +57,7 @@ from benchlib import (
     filesystem_of,
     machine,
     median,
+    sha256_file,
     source_revision,
     start_standby,
     to_json,
@@ -262,20 +263,12 @@ def copy_run(url: str, server_pid: int, size: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def sha256_of(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 * MiB):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verify(url: str, work: str, expected: str) -> None:
     """Copy `url` to a file and require its SHA-256 to be the frozen image's."""
     out = os.path.join(work, "verify.img")
     try:
         subprocess.run([*NBDCOPY, url, out], check=True)
-        got = sha256_of(out)
+        got = sha256_file(out)
     finally:
         if os.path.exists(out):
             os.unlink(out)

@@ -26,7 +26,6 @@ The JSON document goes to stdout (and to ``--output``); progress goes to stderr.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import subprocess
@@ -47,6 +46,7 @@ from benchlib import (
     log,
     machine,
     median,
+    sha256_file,
     source_revision,
     start_nbdkit_file,
     start_primary,
@@ -90,12 +90,9 @@ def rand_write(uri: str, size: int, seconds: int, iodepth: int) -> dict[str, Any
     )  # fmt: skip
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 * MiB):
-            h.update(chunk)
-    return h.hexdigest()
+def same_image(work: Path) -> bool:
+    """The primary's volume and the standby's replica hold the same bytes."""
+    return sha256_file(work / "primary.img") == sha256_file(work / "standby" / "replicas" / "vol0.img")
 
 
 def scrape(daemon: Daemon, name: str, volume: str = "vol0") -> float:
@@ -171,7 +168,9 @@ class Rig:
 
     def replica_identical(self) -> bool:
         wait_in_sync(self.primary)
-        return sha256(self.work / "primary.img") == sha256(self.work / "standby" / "replicas" / "vol0.img")
+        return sha256_file(self.work / "primary.img") == sha256_file(
+            self.work / "standby" / "replicas" / "vol0.img"
+        )
 
     def stop(self) -> None:
         self.primary.stop()
@@ -253,7 +252,9 @@ def resync_once(work: Path, size: int, writes: int) -> dict[str, Any]:
             time.sleep(0.02)
         seconds = wait_in_sync(primary)
         sent = scrape(primary, "standby_resync_bytes_total") - before
-        identical = sha256(work / "primary.img") == sha256(work / "standby" / "replicas" / "vol0.img")
+        identical = sha256_file(work / "primary.img") == sha256_file(
+            work / "standby" / "replicas" / "vol0.img"
+        )
         return {
             "volume_bytes": size,
             "dirty_bytes": dirty,

@@ -18,9 +18,7 @@ from typing import Protocol
 
 from primary.mirror import Mirror
 from standbylib.blockdev import Device, check_range
-from standbylib.rawfile import Buffer
-
-_ZEROS = bytes(1 << 20)
+from standbylib.rawfile import Buffer, is_zero
 
 
 class WriteMetrics(Protocol):
@@ -30,19 +28,6 @@ class WriteMetrics(Protocol):
 class NullWriteMetrics:
     def write_done(self, volume: str, seconds: float, nbytes: int) -> None:
         pass
-
-
-def is_zero(data: Buffer) -> bool:
-    """True when every byte of `data` is zero (compared a MiB at a time against a zero buffer)."""
-    view = memoryview(data).cast("B")
-    if not view or view[0] or view[-1]:
-        return not view
-    step = len(_ZEROS)
-    for start in range(0, len(view), step):
-        chunk = view[start : start + step]
-        if chunk != _ZEROS[: len(chunk)]:
-            return False
-    return True
 
 
 class MirroredDevice:

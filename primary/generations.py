@@ -12,10 +12,10 @@ Persisted as a small JSON file, replaced atomically.
 from __future__ import annotations
 
 import json
-import os
 import uuid
 
 from standbylib.errors import StandbyError
+from standbylib.rawfile import replace_file
 
 
 class Generations:
@@ -45,14 +45,4 @@ class Generations:
             self._save()
 
     def _save(self) -> None:
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump({"current": self.current, "base": self.base}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.rename(tmp, self.path)
-        dirfd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
+        replace_file(self.path, json.dumps({"current": self.current, "base": self.base}).encode())

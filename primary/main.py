@@ -6,7 +6,6 @@ standby-primary --volume NAME=PATH[,size=SIZE][,block-size=SIZE] (repeatable) --
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -24,7 +23,7 @@ from standbylib.errors import InvalidArgument, StandbyError
 from standbylib.nbd.server import NbdServer
 from standbylib.runtime import config as cfg
 from standbylib.runtime import logs
-from standbylib.runtime.main import EXIT_OK, StopSignal, run
+from standbylib.runtime.main import EXIT_OK, StopSignal, daemon_main
 from standbylib.runtime.metrics import MetricsServer
 from standbylib.snapshot.records import check_name
 from standbylib.units import parse_size
@@ -132,18 +131,6 @@ class PrimaryConfig:
     )
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="standby-primary",
-        description="Primary agent: exports each protected volume read-write over NBD (export name = "
-        "volume name) and mirrors every write, in order, to the standby daemon.",
-        epilog="Stop it with SIGTERM or Ctrl-C. Exit codes: 0 ok, 1 failed, 2 usage or configuration error.",
-    )
-    cfg.add_options(p, PrimaryConfig)
-    p.add_argument("--debug", action="store_true", help="print tracebacks with errors")
-    return p
-
-
 def open_volume(spec: VolumeSpec) -> Device:
     if not os.path.exists(spec.path) and spec.size is None:
         raise StandbyError(
@@ -243,18 +230,14 @@ def serve(conf: PrimaryConfig) -> int:
     return EXIT_OK
 
 
+DESCRIPTION = (
+    "Primary agent: exports each protected volume read-write over NBD (export name = "
+    "volume name) and mirrors every write, in order, to the standby daemon."
+)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-
-    def body() -> int:
-        conf = cfg.resolve(PrimaryConfig, args)
-        if args.show_config:
-            sys.stdout.write(cfg.show(conf))
-            return EXIT_OK
-        logs.configure("primary", level=conf.log_level, fmt=conf.log_format)
-        return serve(conf)
-
-    return run("standby-primary", body, debug=args.debug)
+    return daemon_main("standby-primary", DESCRIPTION, PrimaryConfig, "primary", serve, argv)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ import grpc
 from primary.generations import Generations
 from standbylib.bitmap import WriteIntentBitmap
 from standbylib.errors import StandbyError
-from standbylib.rawfile import Buffer
+from standbylib.rawfile import Buffer, is_zero
 from standbylib.rpc.v1 import replication_pb2, replication_pb2_grpc
 from standbylib.rpc.wire import encode_batch
 from standbylib.runtime import logs, rpc
@@ -79,10 +79,6 @@ class NullMirrorMetrics:
 
     def resynced(self, volume: str, nbytes: int) -> None:
         pass
-
-
-class Dropped(StandbyError):
-    template = "the connection to the standby broke: {detail}"
 
 
 @dataclass(slots=True)
@@ -538,7 +534,7 @@ class Mirror:
                         assert self._read is not None
                         data = self._read(offset, length)
                         op = _Op(0, offset, data, 0, resync=True, release=span)
-                        if not any(data[:1]) and data == bytes(length):
+                        if is_zero(data):
                             op = _Op(0, offset, None, length, resync=True, release=span)
                     with self._cond:
                         self._resync_bytes += length

@@ -6,7 +6,6 @@ standby-daemon --data-dir DIR [--listen H:P] [--nbd-listen H:P] [--metrics-liste
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 
@@ -18,7 +17,7 @@ from standby.node import StandbyNode, check_capacity
 from standbylib.nbd.server import NbdServer
 from standbylib.runtime import config as cfg
 from standbylib.runtime import logs
-from standbylib.runtime.main import EXIT_OK, StopSignal, run
+from standbylib.runtime.main import EXIT_OK, StopSignal, daemon_main
 from standbylib.runtime.metrics import MetricsServer
 from standbylib.runtime.rpc import create_server
 
@@ -58,18 +57,6 @@ class StandbyConfig:
         "log format (auto: console on a terminal, else JSON lines)",
         choices=("auto", "json", "console"),
     )
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="standby-daemon",
-        description="Standby daemon: applies the primary's mirrored writes to replicas through the "
-        "copy-on-write snapshot engine and exports each snapshot over NBD as VOLUME@SNAPSHOT.",
-        epilog="Stop it with SIGTERM or Ctrl-C. Exit codes: 0 ok, 1 failed, 2 usage or configuration error.",
-    )
-    cfg.add_options(p, StandbyConfig)
-    p.add_argument("--debug", action="store_true", help="print tracebacks with errors")
-    return p
 
 
 def serve(conf: StandbyConfig) -> int:
@@ -116,18 +103,14 @@ def serve(conf: StandbyConfig) -> int:
     return EXIT_OK
 
 
+DESCRIPTION = (
+    "Standby daemon: applies the primary's mirrored writes to replicas through the "
+    "copy-on-write snapshot engine and exports each snapshot over NBD as VOLUME@SNAPSHOT."
+)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-
-    def body() -> int:
-        conf = cfg.resolve(StandbyConfig, args)
-        if args.show_config:
-            sys.stdout.write(cfg.show(conf))
-            return EXIT_OK
-        logs.configure("standby", level=conf.log_level, fmt=conf.log_format)
-        return serve(conf)
-
-    return run("standby-daemon", body, debug=args.debug)
+    return daemon_main("standby-daemon", DESCRIPTION, StandbyConfig, "standby", serve, argv)
 
 
 if __name__ == "__main__":

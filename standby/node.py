@@ -35,6 +35,7 @@ from standbylib.errors import (
     UnknownVolume,
     VolumeMismatch,
 )
+from standbylib.rawfile import replace_file
 from standbylib.runtime import logs
 from standbylib.snapshot import PreservationStore
 from standbylib.snapshot.records import check_name
@@ -179,12 +180,7 @@ class StandbyNode:
                 return str(json.load(fh)["id"])
         except FileNotFoundError:
             ident = str(uuid.uuid4())
-            tmp = path + ".tmp"
-            with open(tmp, "w") as fh:
-                json.dump({"id": ident}, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.rename(tmp, path)
+            replace_file(path, json.dumps({"id": ident}).encode())
             return ident
         except (OSError, ValueError, KeyError) as e:
             raise StandbyError(detail=f"{path} is unreadable ({e}); restore it or remove it") from e
@@ -207,18 +203,7 @@ class StandbyNode:
             r.name: {"inconsistent": r.state == INCONSISTENT, "generation": r.generation}
             for r in self._replicas.values()
         }
-        path = os.path.join(self.data_dir, STATE_FILE)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump({"volumes": state}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.rename(tmp, path)
-        dirfd = os.open(self.data_dir, os.O_RDONLY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
+        replace_file(os.path.join(self.data_dir, STATE_FILE), json.dumps({"volumes": state}).encode())
 
     def _set_state(self, replica: Replica, state: str, generation: str | None = None) -> None:
         if replica.state == state and (generation is None or generation == replica.generation):

@@ -37,7 +37,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from standbylib.errors import InvalidArgument, StandbyError
-from standbylib.rawfile import OsFile, RawFile
+from standbylib.rawfile import OsFile, RawFile, fsync_directory
 
 MAGIC = b"STBYBMAP"
 VERSION = 1
@@ -115,11 +115,7 @@ class WriteIntentBitmap:
                 bitmap = cls(raw, size, granularity, ahead=ahead, linger=linger, new=True)
                 os.rename(work, path)
                 raw.path = bitmap.path = path
-                dirfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-                try:
-                    os.fsync(dirfd)
-                finally:
-                    os.close(dirfd)
+                fsync_directory(path)
                 return bitmap
             except BaseException:
                 raw.close()

@@ -292,3 +292,39 @@ class MemFile:
 
     def close(self) -> None:
         pass
+
+
+def fsync_directory(path: str) -> None:
+    """Make the entries of the directory holding `path` durable (after a create or a rename)."""
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_file(path: str, data: bytes) -> None:
+    """Replace `path` by `data` atomically and durably: a crash leaves the old or the new contents."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.rename(tmp, path)
+    fsync_directory(path)
+
+
+_ZEROS = bytes(1 << 20)
+
+
+def is_zero(data: Buffer) -> bool:
+    """True when every byte of `data` is zero (compared a MiB at a time against a zero buffer)."""
+    view = memoryview(data).cast("B")
+    if not view or view[0] or view[-1]:
+        return not view
+    step = len(_ZEROS)
+    for start in range(0, len(view), step):
+        chunk = view[start : start + step]
+        if chunk != _ZEROS[: len(chunk)]:
+            return False
+    return True

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from standbylib.errors import InvalidArgument, StandbyError
-from standbylib.units import parse_size
 
 T = TypeVar("T")
 
@@ -169,7 +168,3 @@ def parse_address(text: str) -> tuple[str, int]:
 def format_address(address: tuple[str, int]) -> str:
     host, port = address[0], address[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def parse_byte_size(text: str | int) -> int:
-    return parse_size(text)

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import signal
 import sys
 import threading
 import traceback
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 from standbylib.errors import StandbyError
+from standbylib.runtime import config as cfg
+from standbylib.runtime import logs
 from standbylib.runtime.config import ConfigError
+
+C = TypeVar("C")
 
 #: Exit codes of every command (ARCHITECTURE section 6).
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -52,3 +58,36 @@ class StopSignal:
         while not self.event.wait(1.0):
             pass
         return True
+
+
+def daemon_main(
+    prog: str,
+    description: str,
+    config: type[C],
+    role: str,
+    serve: Callable[[C], int],
+    argv: list[str] | None = None,
+) -> int:
+    """The entry point of a daemon: options from the `config` dataclass (plus ``--config``,
+    ``--show-config``, ``--debug``), logging configured for `role`, then `serve` with the configuration.
+
+    `config` must have ``log_level`` and ``log_format`` settings.
+    """
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog="Stop it with SIGTERM or Ctrl-C. Exit codes: 0 ok, 1 failed, 2 usage or configuration error.",
+    )
+    cfg.add_options(parser, config)
+    parser.add_argument("--debug", action="store_true", help="print tracebacks with errors")
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        conf: Any = cfg.resolve(config, args)
+        if args.show_config:
+            sys.stdout.write(cfg.show(conf))
+            return EXIT_OK
+        logs.configure(role, level=conf.log_level, fmt=conf.log_format)
+        return serve(conf)
+
+    return run(prog, body, debug=args.debug)

@@ -46,7 +46,7 @@ from standbylib.errors import (
     UnknownVolume,
     VolumeMismatch,
 )
-from standbylib.rawfile import MemFile, OsFile, RawFile
+from standbylib.rawfile import MemFile, OsFile, RawFile, fsync_directory
 from standbylib.snapshot import layout
 from standbylib.snapshot.index import ChainIndex, sort_run
 from standbylib.snapshot.records import SnapshotRecord, VolumeRecord, check_name
@@ -174,11 +174,7 @@ class PreservationStore:
             if not exists:
                 os.rename(work, path)
                 raw.path = store.path = path
-                dirfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-                try:
-                    os.fsync(dirfd)
-                finally:
-                    os.close(dirfd)
+                fsync_directory(path)
             return store
         except BaseException:
             raw.close()

@@ -10,13 +10,14 @@ import time
 import pytest
 from standby_rig import start_rig
 
-from primary.device import MirroredDevice, is_zero
+from primary.device import MirroredDevice
 from primary.generations import Generations
 from primary.main import parse_volume
 from primary.mirror import Mirror
 from standbylib.bitmap import WriteIntentBitmap
 from standbylib.blockdev import open_file_device
 from standbylib.errors import InvalidArgument, InvalidBlockSize
+from standbylib.rawfile import is_zero
 
 MiB = 1 << 20
 
