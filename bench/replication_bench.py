@@ -235,6 +235,7 @@ def resync_once(work: Path, size: int, writes: int) -> dict[str, Any]:
     )
     try:
         wait_in_sync(primary)
+        grpc_address = standby.addresses["grpc"]
         standby.stop()
         # The same dirty set whatever the volume size: `writes` 4 KiB writes, one per 64 KiB region
         # (bits), spread over the first GiB.
@@ -246,7 +247,10 @@ def resync_once(work: Path, size: int, writes: int) -> dict[str, Any]:
         subprocess.run([*args, f"nbd://{primary.addresses['nbd']}/vol0"], check=True, capture_output=True)
         dirty = scrape(primary, "standby_out_of_sync_bytes")
         before = scrape(primary, "standby_resync_bytes_total")
-        standby = start_standby(work / "standby", "--preservation-capacity", "64MiB")
+        # Same gRPC address: the primary reconnects by itself.
+        standby = start_standby(
+            work / "standby", "--preservation-capacity", "64MiB", "--listen", grpc_address
+        )
         # The primary reconnects by itself (backoff up to 10 s); time from its reconnection.
         while scrape(primary, "standby_replication_connected") != 1:
             time.sleep(0.02)
