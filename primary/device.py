@@ -69,9 +69,11 @@ class MirroredDevice:
         check_range(offset, len(data), self.size)
         start = time.perf_counter()
         first, end = self._aligned(offset, len(data))
+        self.mirror.mark(first, end - first)  # durable in the bitmap before the write
         with self._order:
-            tracked = self.mirror.begin(first, end - first)  # durable in the bitmap before the write
-            self.device.write(offset, data)
+            tracked = self.mirror.begin(first, end - first)
+            with self.mirror.failing(first, end - first, tracked):
+                self.device.write(offset, data)
             op = self._mirror_range(offset, len(data), data, tracked)
         self.mirror.wait(op)
         self.metrics.write_done(self.name, time.perf_counter() - start, len(data))
@@ -80,9 +82,11 @@ class MirroredDevice:
         check_range(offset, length, self.size)
         start = time.perf_counter()
         first, end = self._aligned(offset, length)
+        self.mirror.mark(first, end - first)
         with self._order:
             tracked = self.mirror.begin(first, end - first)
-            self.device.zero(offset, length)
+            with self.mirror.failing(first, end - first, tracked):
+                self.device.zero(offset, length)
             op = self._mirror_range(offset, length, None, tracked)
         self.mirror.wait(op)
         self.metrics.write_done(self.name, time.perf_counter() - start, length)

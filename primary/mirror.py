@@ -1,7 +1,8 @@
 """Mirroring one volume's changes, in order, to the standby over a gRPC `Mirror` stream.
 
-Writers (the exported device, under its order lock) call `begin` before they write locally, then
-`submit_write`/`submit_zero`, and `wait` for the acknowledgement their mode asks for. Ops are coalesced
+Writers (the exported device) call `mark` first, then under their order lock `begin` before they write
+locally and `submit_write`/`submit_zero` after, and finally `wait` for the acknowledgement their mode
+asks for. Ops are coalesced
 into numbered batches of up to `batch_bytes` when the stream can take one, so concurrent client writes
 share messages; at most `window_batches` batches are unacknowledged. Nothing is ever reordered: ops
 enter batches in submission order, batches carry consecutive numbers, the standby applies them in order.
@@ -9,7 +10,7 @@ enter batches in submission order, batches carry consecutive numbers, the standb
 The write-intent bitmap (`standbylib.bitmap`) keeps the standby recoverable without ever stalling the
 primary for long:
 
-* connected: `begin` marks the regions (durably) as in flight; the standby's acknowledgement releases
+* connected: `mark` marks the regions (durably) as in flight; the standby's acknowledgement releases
   them; a periodic flush barrier, once acknowledged, lets released regions be cleared;
 * the link breaks, the standby stops answering for `ack_timeout` seconds, or it refuses a batch: every
   unacknowledged op is dropped and its regions become dirty; waiting writers return (their data is on
@@ -32,7 +33,7 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -147,7 +148,12 @@ class Mirror:
         # Lock order: _state_lock, then _cond, then the bitmap's lock. `_state_lock` makes "connected?"
         # and the bitmap mark one step, so no write is marked dirty after a resync pass looked.
         self._state_lock = threading.Lock()
+        # One lock, three conditions: `_cond` wakes writers waiting for acknowledgements, `_work` the
+        # sender waiting for ops or window, `_events` the threads waiting for a change of state.
         self._cond = threading.Condition()
+        self._work = threading.Condition(self._cond)  # type: ignore[arg-type]
+        self._events = threading.Condition(self._cond)  # type: ignore[arg-type]
+        self._pending_bytes = 0
         self._pending: deque[_Op] = deque()
         self._outstanding: OrderedDict[int, _Batch] = OrderedDict()
         self._next_op = 1
@@ -197,19 +203,35 @@ class Mirror:
 
     # -- writers (under the device's order lock) ------------------------------------------------------
 
+    def mark(self, offset: int, length: int) -> None:
+        """Before a write to ``[offset, offset+length)``, outside the order lock: its regions are marked
+        in flight in the bitmap, durably, when this returns (concurrent writers share the syncs).
+
+        Every `mark` is followed by one `begin` of the same range."""
+        self.bitmap.mark(offset, length)
+
     def begin(self, offset: int, length: int) -> bool:
-        """Mark ``[offset, offset+length)`` in the bitmap before it is written locally (durable on return).
+        """Under the order lock, just before the local write of a range `mark` made durable.
 
         True when the write will be mirrored (then pass `tracked=True` to the submit), False when the
         standby is away and the region is only recorded as dirty.
         """
         with self._state_lock:
             live = self.connected
-            if live:
-                self.bitmap.mark(offset, length)
-            else:
-                self.bitmap.mark_dirty(offset, length)
+            if not live:
+                self.bitmap.drop(offset, length)
         return live
+
+    @contextmanager
+    def failing(self, offset: int, length: int, tracked: bool) -> Iterator[None]:
+        """Around the local write after `begin`: if it fails, the range (maybe partly written) is made
+        dirty, so a later resync sends what the volume holds."""
+        try:
+            yield
+        except BaseException:
+            if tracked:
+                self.bitmap.drop(offset, length)
+            raise
 
     def submit_write(self, offset: int, data: Buffer, release: tuple[int, int] | None = None) -> int:
         """Queue a write (after `begin` returned True); `release` is the range `begin` marked, given
@@ -234,8 +256,33 @@ class Mirror:
                 self._cond.notify_all()
                 return op.number
             self._pending.append(op)
-            self._cond.notify_all()
+            self._pending_bytes += op.length
+            if self._sendable():
+                self._work.notify()
             return op.number
+
+    def _sendable(self) -> bool:
+        """Under the lock: whether the sender should form a batch now.
+
+        With nothing unacknowledged, at once; otherwise only once a quarter batch is pending (or a
+        marker that ends one), so that small writes arriving while a batch travels share the next one
+        instead of each paying a message (the per-message cost dominates small writes).
+        """
+        if not self._pending:
+            return False
+        n = len(self._outstanding)
+        if n == 0:
+            return True
+        if n >= self.window_batches:
+            return False
+        last = self._pending[-1]
+        return self._pending_bytes >= self.batch_bytes // 4 or last.barrier or last.uptodate
+
+    def _wake_all(self) -> None:
+        """Under the lock: the state changed; every waiter looks again."""
+        self._cond.notify_all()
+        self._work.notify_all()
+        self._events.notify_all()
 
     def wait(self, op: int, *, mode: str | None = None, timeout: float | None = None) -> None:
         """Block until op number `op` is acknowledged as `mode` asks (default: this mirror's mode), or
@@ -253,8 +300,7 @@ class Mirror:
 
     def in_flight_bytes(self) -> int:
         with self._cond:
-            pending = sum(o.length for o in self._pending)
-            return pending + sum(b.nbytes for b in self._outstanding.values())
+            return self._pending_bytes + sum(b.nbytes for b in self._outstanding.values())
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop after what was submitted is acknowledged (or `timeout` passes), then close the stream."""
@@ -265,7 +311,7 @@ class Mirror:
                 self._cond.wait(0.1)
             self._running = False
             self._stream_id += 1
-            self._cond.notify_all()
+            self._wake_all()
         for t in (self._thread, self._resync_thread, self._ticker):
             if t.is_alive():
                 t.join(timeout)
@@ -288,8 +334,9 @@ class Mirror:
             self._drop_op(op)
         self._outstanding.clear()
         self._pending.clear()
+        self._pending_bytes = 0
         self._done_op = self._received_op = self._next_op - 1
-        self._cond.notify_all()
+        self._wake_all()
 
     # -- the stream -----------------------------------------------------------------------------------
 
@@ -314,7 +361,7 @@ class Mirror:
                 pause = random.uniform(delay / 2, delay)
                 delay = min(BACKOFF_CAP, delay * 2)
                 with self._cond:
-                    self._cond.wait_for(lambda: not self._running, pause)
+                    self._events.wait_for(lambda: not self._running, pause)
         finally:
             channel.close()
 
@@ -387,7 +434,7 @@ class Mirror:
             self._stream_generation = self.generations.current
             if not resync:
                 self.generations.agree(self._stream_generation)
-            self._cond.notify_all()
+            self._wake_all()
         self._first_contact.set()
         responses = mirror(self._requests(stream_id, first, resync))
         try:
@@ -438,6 +485,8 @@ class Mirror:
                     self._done_op = max(self._done_op, last)
                     self._received_op = max(self._received_op, last)
             self._cond.notify_all()
+            if self._sendable():
+                self._work.notify()
 
     def _requests(self, stream_id: int, first: int, resync: bool) -> Iterator[bytes]:
         """The request side of one stream: `open`, then batches as the window allows."""
@@ -452,12 +501,10 @@ class Mirror:
         yield replication_pb2.MirrorRequest(open=opening).SerializeToString()
         while True:
             with self._cond:
-                while self._stream_id == stream_id and (
-                    not self._pending or len(self._outstanding) >= self.window_batches
-                ):
+                while self._stream_id == stream_id and not self._sendable():
                     if not self._running and not self._pending:
                         return
-                    self._cond.wait()
+                    self._work.wait()
                 if self._stream_id != stream_id:
                     return
                 batch = self._form_batch()
@@ -475,6 +522,7 @@ class Mirror:
             if ops and nbytes + op.length > self.batch_bytes:
                 break
             self._pending.popleft()
+            self._pending_bytes -= op.length
             ops.append(op)
             if op.barrier or op.uptodate:
                 flush, uptodate = op.barrier, op.uptodate
@@ -494,7 +542,7 @@ class Mirror:
         """Send the dirty regions while connected, then mark the replica up to date."""
         while self._running:
             with self._cond:
-                self._cond.wait_for(lambda: not self._running or (self.connected and self.resyncing), 1.0)
+                self._events.wait_for(lambda: not self._running or (self.connected and self.resyncing), 1.0)
                 if not self._running or not (self.connected and self.resyncing):
                     continue
                 stream_id = self._stream_id
@@ -555,7 +603,7 @@ class Mirror:
         """Clear acknowledged regions once a flush barrier made them durable; time out a silent standby."""
         while self._running:
             with self._cond:
-                self._cond.wait_for(lambda: not self._running, CLEAN_INTERVAL)
+                self._events.wait_for(lambda: not self._running, CLEAN_INTERVAL)
                 if not self._running:
                     return
                 oldest = next(iter(self._outstanding.values()), None)
@@ -566,7 +614,7 @@ class Mirror:
                 log.warning("standby_not_answering", volume=self.volume, seconds=self.ack_timeout)
                 responses.cancel()
                 continue
-            if connected and self.bitmap.marked():
+            if connected and self.bitmap.wants_clean():
                 sent_at = time.monotonic()
                 op = self.submit_barrier()
                 try:

@@ -5,23 +5,28 @@ One bit per region of `granularity` bytes (64 KiB by default). The contract, as 
 * a region's bit is durable **before** any write to the region is issued (`mark` returns only then), so
   after a crash every region whose local data might differ from the standby's is marked;
 * a bit is cleared lazily, after the standby acknowledged every write to its region (`release`) and the
-  region stayed idle for `linger` seconds (`clean`); losing a clear only costs an extra resync of
-  that region, so clears are written without a sync;
+  region stayed idle (`clean`); losing a clear only costs an extra resync of that region, so clears are
+  written without a sync;
 * while the standby is away, writes are only marked (`mark_dirty`): such a region stays set until a
   resync has sent it and the standby acknowledged (`resync_begin` / `release`).
 
 Amortising the syncs: marking a region that is not set yet also sets the next `ahead` regions, so a
-sequential writer pays one fdatasync per ``ahead + 1`` regions, and recently used regions stay set for
-`linger` seconds, so a random writer over a hot set pays almost none. The price is resync volume after
-a crash, bounded by the regions used in the last `linger` seconds (DRBD's activity log makes the same
-trade with 4 MiB extents).
+sequential writer pays one fdatasync per ``ahead + 1`` regions (4 MiB by default). Idle regions stay
+set as a hot set of at most `hot` regions (4 GiB by default), the least recently used beyond it cleared
+after `linger` seconds, so a random writer over a working set that fits pays no sync at all once it is
+marked; when no region was marked for `quiet` seconds, every idle region is cleared. The price is the
+resync after a crash of the primary: every set bit, so at most the hot set plus what was in flight
+(DRBD's activity log makes the same trade: 1237 extents of 4 MiB by default).
+
+Concurrent markers share syncs (group commit): bits are set and their pages written under the lock, the
+fdatasync runs outside it, and one sync covers every page written before it started, so writers
+marking different regions at once wait for one or two syncs, not one each.
 
 File layout: a 4 KiB header (magic, version, granularity, volume size, a checksum), then the bits,
 little-endian within each byte, region ``i`` at byte ``i // 8``, bit ``i % 8``. Only the pages of
 changed bits are written.
 
-Thread-safe: one lock; `mark` holds it through its fdatasync, which also makes concurrent markers
-share one sync (group commit) when their bits are set by the first.
+Thread-safe: one lock for the bits and counters, a second one that serialises the syncs.
 """
 
 from __future__ import annotations
@@ -44,6 +49,11 @@ VERSION = 1
 HEADER = 4096
 PAGE = 4096
 DEFAULT_GRANULARITY = 64 << 10
+#: Regions set beyond a newly marked one (with 64 KiB regions: one sync per 4 MiB written in order).
+DEFAULT_AHEAD = 63
+#: Bytes of idle regions kept set (the hot set), and seconds without a mark after which all are cleared.
+DEFAULT_HOT_BYTES = 4 << 30
+DEFAULT_QUIET = 20.0
 _HEAD = struct.Struct("<8sII")  # magic, version, length of the JSON that follows
 
 
@@ -60,8 +70,10 @@ class WriteIntentBitmap:
         size: int,
         granularity: int,
         *,
-        ahead: int = 15,
+        ahead: int = DEFAULT_AHEAD,
         linger: float = 2.0,
+        hot: int | None = None,
+        quiet: float = DEFAULT_QUIET,
         new: bool,
     ) -> None:
         check_granularity(granularity)
@@ -75,7 +87,13 @@ class WriteIntentBitmap:
         self.nbits = -(-size // granularity)
         self.ahead = ahead
         self.linger = linger
+        self.hot = DEFAULT_HOT_BYTES // granularity if hot is None else hot
+        self.quiet = quiet
+        self._last_mark = 0.0
         self._lock = threading.Lock()
+        self._sync_lock = threading.Lock()
+        self._written = 0  # generation of bit pages written (bumped under _lock) ...
+        self._synced = 0  # ... and the generation the last completed sync covers
         nbytes = -(-self.nbits // 8)
         self._bits = np.zeros(-(-nbytes // PAGE) * PAGE, dtype=np.uint8)  # what the file holds (or will)
         self._inflight = np.zeros(self.nbits, dtype=np.uint32)  # mirrored writes not yet acknowledged
@@ -97,8 +115,9 @@ class WriteIntentBitmap:
         size: int,
         granularity: int = DEFAULT_GRANULARITY,
         *,
-        ahead: int = 15,
+        ahead: int = DEFAULT_AHEAD,
         linger: float = 2.0,
+        hot: int | None = None,
     ) -> WriteIntentBitmap:
         """Open the bitmap at `path`, creating it (all clear) when missing.
 
@@ -112,7 +131,7 @@ class WriteIntentBitmap:
             raw = OsFile(work, create=True)
             try:
                 raw.truncate(0)
-                bitmap = cls(raw, size, granularity, ahead=ahead, linger=linger, new=True)
+                bitmap = cls(raw, size, granularity, ahead=ahead, linger=linger, hot=hot, new=True)
                 os.rename(work, path)
                 raw.path = bitmap.path = path
                 fsync_directory(path)
@@ -122,7 +141,7 @@ class WriteIntentBitmap:
                 raise
         raw = OsFile(path)
         try:
-            return cls(raw, size, granularity, ahead=ahead, linger=linger, new=False)
+            return cls(raw, size, granularity, ahead=ahead, linger=linger, hot=hot, new=False)
         except BaseException:
             raw.close()
             raise
@@ -183,7 +202,7 @@ class WriteIntentBitmap:
         return range(offset >> self.shift, ((offset + length - 1) >> self.shift) + 1)
 
     def _set(self, regions: np.ndarray) -> bool:
-        """Set bits in memory; True when any was clear (the caller writes and syncs)."""
+        """Set bits in memory and write their pages; True when any was clear (the caller syncs)."""
         byte, bit = regions >> 3, (regions & 7).astype(np.uint8)
         masks = np.left_shift(np.uint8(1), bit)
         was = self._bits[byte] & masks
@@ -203,7 +222,8 @@ class WriteIntentBitmap:
             self._inflight[regions.start : regions.stop] += 1
             for r in regions:
                 self._idle_since.pop(r, None)
-            self._durably_set(regions)
+            need = self._set_ahead(regions)
+        self._sync_to(need)
 
     def mark_dirty(self, offset: int, length: int) -> None:
         """A write to the range is issued while the standby is away: set until resynced."""
@@ -212,19 +232,37 @@ class WriteIntentBitmap:
             self._dirty[regions.start : regions.stop] = True
             for r in regions:
                 self._idle_since.pop(r, None)
-            self._durably_set(regions)
+            need = self._set_ahead(regions)
+        self._sync_to(need)
 
-    def _durably_set(self, regions: range) -> None:
+    def _set_ahead(self, regions: range) -> int:
+        """Under the lock: set the bits of `regions` (and `ahead` more); the page generation that must
+        be synced before they are durable (0 when nothing needs a sync)."""
         if all(self._is_set(r) for r in regions):
-            return
+            # Set already, maybe by a marker whose sync is still running: wait for the newest sync.
+            return self._written if self._synced < self._written else 0
         stop = min(self.nbits, regions.stop + self.ahead)
-        if self._set(np.arange(regions.start, stop, dtype=np.int64)):
-            now = time.monotonic()
-            for r in range(regions.stop, stop):  # marked ahead, not written yet: clear candidates
-                if not self._inflight[r] and not self._dirty[r]:
-                    self._idle_since.setdefault(r, now)
+        self._last_mark = time.monotonic()
+        self._set(np.arange(regions.start, stop, dtype=np.int64))
+        now = time.monotonic()
+        for r in range(regions.stop, stop):  # marked ahead, not written yet: clear candidates
+            if not self._inflight[r] and not self._dirty[r]:
+                self._idle_since.setdefault(r, now)
+        self._written += 1
+        return self._written
+
+    def _sync_to(self, need: int) -> None:
+        """Return once a sync that started after page generation `need` was written has completed."""
+        if not need:
+            return
+        with self._sync_lock:
+            if self._synced >= need:
+                return  # another marker's sync covered our pages
+            with self._lock:
+                covers = self._written
             self.raw.sync()
             self.syncs += 1
+            self._synced = covers
 
     def release(self, offset: int, length: int) -> None:
         """The standby acknowledged a write to the range (one `mark` or `resync_begin` each)."""
@@ -280,19 +318,21 @@ class WriteIntentBitmap:
     def clean(
         self, *, now: float | None = None, force: bool = False, released_before: float | None = None
     ) -> int:
-        """Clear the bits idle for `linger` seconds (all idle ones with `force`); the number cleared.
+        """Clear idle bits; the number cleared.
 
-        `released_before` (a `time.monotonic` value) also requires the release to be older than that:
-        the caller passes the time it sent a flush barrier the standby has acknowledged, so that a
-        cleared bit always means the standby holds the region durably. Clears are written without a
-        sync: a lost clear only means one more region to resync.
+        Cleared: the least recently released idle regions beyond the hot set that were idle for `linger`
+        seconds, or every region idle for `linger` seconds once nothing was marked for `quiet` seconds,
+        or every idle region with `force`. `released_before` (a `time.monotonic` value) also requires
+        the release to be older than that: the caller passes the time it sent a flush barrier the
+        standby has acknowledged, so that a cleared bit always means the standby holds the region
+        durably. Clears are written without a sync: a lost clear only means one more region to resync.
         """
         now = time.monotonic() if now is None else now
         limit = now - self.linger
         if released_before is not None:
             limit = min(limit, released_before)
         with self._lock:
-            ready = [r for r, t in self._idle_since.items() if force or t <= limit]
+            ready = self._cleanable(now, limit, force)
             if not ready:
                 return 0
             for r in ready:
@@ -303,6 +343,22 @@ class WriteIntentBitmap:
             np.bitwise_and.at(self._bits, byte, ~masks)
             self._write_pages(byte // PAGE)
             return len(ready)
+
+    def _cleanable(self, now: float, limit: float, force: bool) -> list[int]:
+        idle = self._idle_since
+        if force or now - self._last_mark >= self.quiet:
+            return [r for r, t in idle.items() if force or t <= limit]
+        excess = len(idle) - self.hot
+        if excess <= 0:
+            return []
+        oldest = sorted((t, r) for r, t in idle.items())[:excess]
+        return [r for t, r in oldest if t <= limit]
+
+    def wants_clean(self, now: float | None = None) -> bool:
+        """Whether a `clean` could clear something now (given a flush barrier acknowledged first)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            return bool(self._cleanable(now, now - self.linger, False))
 
     # -- state --------------------------------------------------------------------------------------
 
