@@ -123,3 +123,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def paired(
+    label: str, pairs: int, ours: Any, peer: Any, key: str, higher_is_better: bool, peer_name: str = "nbdkit"
+) -> dict[str, Any]:
+    """`pairs` runs of `ours()` and `peer()` (each a dict holding `key`), alternating which goes first;
+    the median of the pairwise ratios, ours over the peer's (inverted when lower is better)."""
+    runs: list[dict[str, Any]] = []
+    for i in range(pairs):
+        order = ("ours", peer_name) if i % 2 == 0 else (peer_name, "ours")
+        pair: dict[str, Any] = {}
+        for who in order:
+            pair[who] = ours() if who == "ours" else peer()
+        a, b = pair["ours"][key], pair[peer_name][key]
+        pair["ratio"] = round(a / b if higher_is_better else b / a, 3)
+        log(f"{label} pair {i + 1}/{pairs}: ours {a} {key}, {peer_name} {b} {key}")
+        runs.append(pair)
+    return {
+        f"ours_{key}": median([r["ours"][key] for r in runs]),
+        f"{peer_name}_{key}": median([r[peer_name][key] for r in runs]),
+        "ratio": round(median([r["ratio"] for r in runs]), 3),
+        "pairs": runs,
+    }

@@ -45,7 +45,7 @@ from benchlib import (
     free_port,
     log,
     machine,
-    median,
+    paired,
     sha256_file,
     source_revision,
     start_nbdkit_file,
@@ -115,25 +115,6 @@ def wait_in_sync(primary: Daemon, timeout: float = 600) -> float:
             raise RuntimeError("the primary did not get in sync")
         time.sleep(0.02)
     return time.perf_counter() - t0
-
-
-def paired(label: str, pairs: int, ours: Any, peer: Any, key: str, higher_is_better: bool) -> dict[str, Any]:
-    runs: list[dict[str, Any]] = []
-    for i in range(pairs):
-        order = ("ours", "nbdkit") if i % 2 == 0 else ("nbdkit", "ours")
-        pair: dict[str, Any] = {}
-        for who in order:
-            pair[who] = ours() if who == "ours" else peer()
-        a, b = pair["ours"][key], pair["nbdkit"][key]
-        pair["ratio"] = round(a / b if higher_is_better else b / a, 3)
-        log(f"{label} pair {i + 1}/{pairs}: ours {a} {key}, nbdkit {b} {key}")
-        runs.append(pair)
-    return {
-        f"ours_{key}": median([r["ours"][key] for r in runs]),
-        f"nbdkit_{key}": median([r["nbdkit"][key] for r in runs]),
-        "ratio": round(median([r["ratio"] for r in runs]), 3),
-        "pairs": runs,
-    }
 
 
 class Rig:

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Protocol
 
-from primary.mirror import Mirror
+from primary.mirror import Finisher, Mirror
 from standbylib.blockdev import Device, check_range
 from standbylib.rawfile import Buffer, is_zero
 
@@ -78,6 +79,32 @@ class MirroredDevice:
         self.mirror.wait(op)
         self.metrics.write_done(self.name, time.perf_counter() - start, len(data))
 
+    def write_async(self, offset: int, data: Buffer, done: Callable[[], Finisher]) -> bool:
+        """`write` without blocking the caller: `done` is called once the write is acknowledged as the
+        mode asks (maybe before this returns); what it returns is a `Mirror.when_done` finisher. False,
+        with nothing done, when the write would have to wait for a bitmap sync: then the caller uses
+        `write` (in a thread that may block).
+
+        The local write itself happens before this returns, under the order lock; errors raise."""
+        check_range(offset, len(data), self.size)
+        start = time.perf_counter()
+        first, end = self._aligned(offset, len(data))
+        if not self.mirror.try_mark(first, end - first):
+            return False
+        with self._order:
+            tracked = self.mirror.begin(first, end - first)
+            with self.mirror.failing(first, end - first, tracked):
+                self.device.write(offset, data)
+            op = self._mirror_range(offset, len(data), data, tracked)
+        nbytes = len(data)
+
+        def finished() -> Finisher:
+            self.metrics.write_done(self.name, time.perf_counter() - start, nbytes)
+            return done()
+
+        self.mirror.when_done(op, finished)
+        return True
+
     def zero(self, offset: int, length: int) -> None:
         check_range(offset, length, self.size)
         start = time.perf_counter()
@@ -133,4 +160,7 @@ class MirroredDevice:
             payload = self.device.read(first, end - first)
         if is_zero(payload):
             return m.submit_zero(first, end - first, span)
-        return m.submit_write(first, bytes(payload) if not isinstance(payload, bytes) else payload, span)
+        # A bytes or bytearray payload is the caller's own (the NBD server hands it over): no copy.
+        if not isinstance(payload, (bytes, bytearray)):
+            payload = bytes(payload)
+        return m.submit_write(first, payload, span)

@@ -17,7 +17,7 @@ from primary.device import MirroredDevice
 from primary.generations import Generations
 from primary.metrics import PrimaryMetrics
 from primary.mirror import MODES, Mirror
-from standbylib.bitmap import DEFAULT_GRANULARITY, WriteIntentBitmap, check_granularity
+from standbylib.bitmap import DEFAULT_GRANULARITY, DEFAULT_HOT_BYTES, WriteIntentBitmap, check_granularity
 from standbylib.blockdev import Device, check_block_size, open_file_device
 from standbylib.errors import InvalidArgument, StandbyError
 from standbylib.nbd.server import NbdServer
@@ -99,6 +99,13 @@ class PrimaryConfig:
         parse=lambda text: check_granularity(parse_size(text)),
         metavar="SIZE",
     )
+    activity_log: int = cfg.setting(
+        DEFAULT_HOT_BYTES,
+        "bytes of recently written regions that stay marked in the bitmap (like DRBD's activity log): "
+        "rewriting them needs no bitmap sync; after a crash of the primary they are resynced",
+        parse=parse_size,
+        metavar="SIZE",
+    )
     state_dir: str | None = cfg.setting(
         None,
         "directory of the write-intent bitmaps (NAME.bitmap); default: beside each volume file, PATH.bitmap",
@@ -176,7 +183,10 @@ def serve(conf: PrimaryConfig) -> int:
         for spec in conf.volume:
             local = open_volume(spec)
             bitmap = WriteIntentBitmap.open(
-                bitmap_path(spec, conf.state_dir), local.size, conf.bitmap_granularity
+                bitmap_path(spec, conf.state_dir),
+                local.size,
+                conf.bitmap_granularity,
+                hot=conf.activity_log // conf.bitmap_granularity,
             )
             bitmaps.append(bitmap)
             if bitmap.dirty():

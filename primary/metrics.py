@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from primary.mirror import Mirror
@@ -11,6 +13,7 @@ from standbylib.runtime.metrics import LATENCY_BUCKETS
 class PrimaryMetrics:
     def __init__(self, registry: CollectorRegistry, mode: str) -> None:
         self.mode = mode
+        self._write_children: dict[str, tuple[Any, Any]] = {}
         self.write_latency = Histogram(
             "standby_write_latency_seconds",
             "Time from a client's write (or zero/trim) reaching the primary to its answer; in sync mode "
@@ -87,8 +90,15 @@ class PrimaryMetrics:
         self.resent.labels(volume).inc(nbytes)
 
     def write_done(self, volume: str, seconds: float, nbytes: int) -> None:
-        self.write_latency.labels(volume, self.mode).observe(seconds)
-        self.written.labels(volume).inc(nbytes)
+        # Called for every client write: the labelled children are looked up once per volume.
+        children = self._write_children.get(volume)
+        if children is None:
+            children = self._write_children[volume] = (
+                self.write_latency.labels(volume, self.mode),
+                self.written.labels(volume),
+            )
+        children[0].observe(seconds)
+        children[1].inc(nbytes)
 
     def batch_sent(self, volume: str, nbytes: int, writes: int) -> None:
         self.mirrored.labels(volume).inc(nbytes)

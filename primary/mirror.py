@@ -23,10 +23,20 @@ primary for long:
 Modes (DRBD protocols C/B/A): ``sync`` waits until the standby applied the write, ``received`` until it
 received it, ``async`` not at all. A flush barrier always waits for the standby's durability (or the
 drop of the connection).
+
+Checksums (docs/REPLICATION.md, Verify): a *probe* op carries the digests of a range as read under the
+order lock, so it travels in the stream at exactly the point of the read and the standby compares its
+replica at that same point: writes going on never cause a false mismatch. The standby asks for a verify
+on a reply (`MirrorReply.verify`; an idle stream sends an empty heartbeat batch every second so that a
+reply comes); the mismatches come back on the probes' acknowledgements and are resent when a repair was
+asked. A full sync of a replica that may hold old data probes each region instead of sending it, and
+resends only the blocks that differ (DRBD's csums-alg).
 """
 
 from __future__ import annotations
 
+import bisect
+import heapq
 import random
 import threading
 import time
@@ -44,7 +54,7 @@ from standbylib.bitmap import WriteIntentBitmap
 from standbylib.errors import StandbyError
 from standbylib.rawfile import Buffer, is_zero
 from standbylib.rpc.v1 import replication_pb2, replication_pb2_grpc
-from standbylib.rpc.wire import encode_batch
+from standbylib.rpc.wire import Payload, Probe, Repair, block_digests, encode_batch, zero_digests
 from standbylib.runtime import logs, rpc
 
 log = logs.get(__name__)
@@ -63,6 +73,15 @@ MIRROR_METHOD = "/standbyappliance.v1.Replication/Mirror"
 BACKOFF_FIRST, BACKOFF_CAP = 0.2, 10.0
 #: Seconds between flush barriers that let acknowledged regions of the bitmap be cleared.
 CLEAN_INTERVAL = 1.0
+#: Bytes of volume one probe covers, and bytes of volume covered by probes in flight at most.
+PROBE_CHUNK = 1 << 20
+PROBE_WINDOW = 64 << 20
+#: Longest run of blocks a repair resends as one op.
+REPAIR_RUN = 1 << 20
+
+
+#: What a completion callback may return: called once per round of callbacks (see `Mirror.when_done`).
+Finisher = Callable[[], None] | None
 
 
 class MirrorMetrics(Protocol):
@@ -94,10 +113,32 @@ class _Op:
     # makes dirty): a write's whole aligned range, carried by the last op of the write.
     release: tuple[int, int] | None = None
     resync: bool = False
+    probe: Probe | None = None  # a probe (digests of a range), not a write
+    verify_id: int = 0  # a write that repairs blocks this verify found out of sync
+    heartbeat: bool = False  # nothing: an empty batch, so that the standby answers
 
     @property
     def length(self) -> int:
+        if self.probe is not None:
+            return len(self.probe.digests)
         return len(self.data) if self.data is not None else self.zero
+
+    @property
+    def payload(self) -> Payload:
+        if self.probe is not None:
+            return self.probe
+        data = self.data if self.data is not None else self.zero
+        return Repair(data, self.verify_id) if self.verify_id else data
+
+
+@dataclass(slots=True)
+class _Mismatch:
+    """Blocks a probe found out of sync, to resend (`Mirror._repair`)."""
+
+    offsets: list[int]
+    verify_id: int
+    # A full-sync probe's region: held in flight in the bitmap until the resend is acknowledged.
+    hold: tuple[int, int] | None
 
 
 @dataclass(slots=True)
@@ -173,9 +214,24 @@ class Mirror:
         self._lock: AbstractContextManager[object] = threading.Lock()
         self._read: Callable[[int, int], bytes] | None = None
         self._is_hole: Callable[[int, int], bool] = lambda offset, length: False
+        # Checksums: whether the running full sync probes instead of sending (the replica may hold old
+        # data); verify requests, the ids that asked for repair, and the mismatches to resend.
+        self._probe_resync = False
+        self._verify_next: tuple[int, bool] | None = None
+        self._verify_ids: OrderedDict[int, bool] = OrderedDict()  # id -> repair, the latest few
+        self._verify_thread: threading.Thread | None = None
+        self._verify_counts: dict[int, list[int]] = {}  # id -> [mismatched blocks, repaired blocks]
+        self._repairs: deque[_Mismatch] = deque()
+        self._repair_lock = threading.Lock()
+        self._heartbeat_sequence = 0  # the next batch number at the last tick
+        self.verify_passes = 0
         self._thread = threading.Thread(target=self._run, name=f"mirror-{volume}", daemon=True)
         self._resync_thread = threading.Thread(target=self._resync_loop, name=f"resync-{volume}", daemon=True)
         self._ticker = threading.Thread(target=self._tick_loop, name=f"mirror-tick-{volume}", daemon=True)
+        # Completion callbacks (`when_done`): (op number, tie-breaker, callback), a heap by op number.
+        self._callbacks: list[tuple[int, int, Callable[[], Finisher]]] = []
+        self._callback_count = 0
+        self._completer = threading.Thread(target=self._complete_loop, name=f"complete-{volume}", daemon=True)
 
     def attach(
         self,
@@ -196,6 +252,7 @@ class Mirror:
         self._thread.start()
         self._resync_thread.start()
         self._ticker.start()
+        self._completer.start()
 
     def wait_connected(self, timeout: float | None = None) -> bool:
         """True once the stream was first opened (writes from then on are mirrored)."""
@@ -209,6 +266,11 @@ class Mirror:
 
         Every `mark` is followed by one `begin` of the same range."""
         self.bitmap.mark(offset, length)
+
+    def try_mark(self, offset: int, length: int) -> bool:
+        """`mark` if that needs no bitmap sync (the regions are set and durable already); else False
+        and nothing changed. Lets a caller that must not block (an NBD connection's reader) go on."""
+        return self.bitmap.try_mark(offset, length)
 
     def begin(self, offset: int, length: int) -> bool:
         """Under the order lock, just before the local write of a range `mark` made durable.
@@ -298,6 +360,54 @@ class Mirror:
                     raise TimeoutError(f"op {op} of volume {self.volume!r} not acknowledged in time")
                 self._cond.wait(remaining)
 
+    def when_done(self, op: int, callback: Callable[[], Finisher]) -> None:
+        """Call `callback` once op number `op` is acknowledged as this mirror's mode asks, or dropped:
+        at once (in this thread) when it is already, else in the mirror's completion thread.
+
+        The asynchronous form of `wait`, for callers that must not block; callbacks must be quick. A
+        callback may return a finisher: the completion thread calls each distinct finisher once after
+        a round of callbacks (an NBD connection sends the replies the round queued in one go)."""
+        with self._cond:
+            level = self._received_op if self.mode == "received" else self._done_op
+            if self.mode != "async" and op > level and self._running:
+                self._callback_count += 1
+                heapq.heappush(self._callbacks, (op, self._callback_count, callback))
+                return
+        finisher = callback()
+        if finisher is not None:
+            finisher()
+
+    def _complete_loop(self) -> None:
+        """Run the callbacks of acknowledged (or dropped) ops, in op order, outside the lock."""
+        while True:
+            with self._cond:
+                while True:
+                    level = self._received_op if self.mode == "received" else self._done_op
+                    if not self._running:
+                        level = self._next_op  # stopping: nothing more will be acknowledged
+                    if self._callbacks and self._callbacks[0][0] <= level:
+                        break
+                    if not self._running:
+                        return
+                    self._cond.wait()
+                ready = []
+                while self._callbacks and self._callbacks[0][0] <= level:
+                    ready.append(heapq.heappop(self._callbacks)[2])
+            finishers: dict[Callable[[], None], None] = {}
+            for callback in ready:
+                try:
+                    finisher = callback()
+                except Exception:  # a callback's failure must not stop the others
+                    log.exception("completion_callback_failed", volume=self.volume)
+                    continue
+                if finisher is not None:
+                    finishers[finisher] = None
+            for finisher in finishers:
+                try:
+                    finisher()
+                except Exception:
+                    log.exception("completion_finisher_failed", volume=self.volume)
+
     def in_flight_bytes(self) -> int:
         with self._cond:
             return self._pending_bytes + sum(b.nbytes for b in self._outstanding.values())
@@ -312,7 +422,7 @@ class Mirror:
             self._running = False
             self._stream_id += 1
             self._wake_all()
-        for t in (self._thread, self._resync_thread, self._ticker):
+        for t in (self._thread, self._resync_thread, self._ticker, self._completer):
             if t.is_alive():
                 t.join(timeout)
 
@@ -404,6 +514,8 @@ class Mirror:
         )
         self.handshakes += 1
         self._discard = False  # once: a later reconnect must not throw the resynced data away again
+        # A full sync of a replica that existed already: probe each region, resend what differs.
+        self._probe_resync = bool(reply.full_sync and not reply.created)
         log.info(
             "handshake",
             volume=self.volume,
@@ -465,14 +577,15 @@ class Mirror:
                     self._received_op = max(self._received_op, batch.ops[-1].number)
                     self._cond.notify_all()
                 return
+            if reply.mismatched or reply.HasField("verify"):
+                self._checksum_reply(reply)
             while self._outstanding:
                 seq, batch = next(iter(self._outstanding.items()))
                 if seq > reply.sequence:
                     break
                 del self._outstanding[seq]
+                self.bitmap.release_all([op.release for op in batch.ops if op.release is not None])
                 for op in batch.ops:
-                    if op.release is not None:
-                        self.bitmap.release(*op.release)
                     if op.resync:
                         self._resync_bytes -= op.length
                         self.metrics.resynced(self.volume, op.length)
@@ -514,7 +627,7 @@ class Mirror:
     def _form_batch(self) -> _Batch:
         """Take pending ops (under the lock) into the next batch."""
         ops: list[_Op] = []
-        writes: list[tuple[int, Buffer | int]] = []
+        writes: list[tuple[int, Payload]] = []
         nbytes = 0
         flush = uptodate = False
         while self._pending:
@@ -527,7 +640,9 @@ class Mirror:
             if op.barrier or op.uptodate:
                 flush, uptodate = op.barrier, op.uptodate
                 break
-            writes.append((op.offset, op.data if op.data is not None else op.zero))
+            if op.heartbeat:
+                continue
+            writes.append((op.offset, op.payload))
             nbytes += op.length
         sequence = self._next_sequence
         self._next_sequence += 1
@@ -555,11 +670,24 @@ class Mirror:
         g = self.bitmap.granularity
         started = time.monotonic()
         sent = 0
+        # A full sync of a replica that may hold old data sends probes of the regions that are not holes;
+        # the blocks that differ come back on the acknowledgements and are resent (`_repair`), before the
+        # `uptodate` marker.
+        probing = self._probe_resync
+        probed = 0
+        probes: deque[tuple[int, int]] = deque()  # (op number, bytes covered) of probes in flight
+        covered = 0
+        repaired_before = self._verify_counts.setdefault(0, [0, 0])[1]
         while True:
             regions = list(self.bitmap.dirty_regions())
             if not regions:
                 break
+            last = 0
             for region in regions:
+                while covered >= PROBE_WINDOW:
+                    number, nbytes = probes.popleft()
+                    self.wait(number, mode="sync")
+                    covered -= nbytes
                 with self._cond:
                     self._cond.wait_for(
                         lambda: (
@@ -582,12 +710,34 @@ class Mirror:
                         assert self._read is not None
                         data = self._read(offset, length)
                         op = _Op(0, offset, data, 0, resync=True, release=span)
-                        if is_zero(data):
+                        if probing:
+                            digests = (
+                                zero_digests(length, self.block_size)
+                                if is_zero(data)
+                                else block_digests(data, self.block_size)
+                            )
+                            op = _Op(0, offset, None, 0, release=span, probe=Probe(length, digests))
+                        elif is_zero(data):
                             op = _Op(0, offset, None, length, resync=True, release=span)
-                    with self._cond:
-                        self._resync_bytes += length
-                    self._submit(op)
-                sent += length
+                    if op.probe is None:
+                        with self._cond:
+                            self._resync_bytes += length
+                    last = self._submit(op)
+                if op.probe is not None:
+                    probes.append((last, length))
+                    covered += length
+                    probed += length
+                else:
+                    sent += length
+                if self._repairs:
+                    self._repair()
+            if probing and last:
+                # Every probe answered (or dropped): resend what they found before the marker.
+                self.wait(last, mode="sync")
+                with self._cond:
+                    if self._stream_id != stream_id or not self._running:
+                        return
+                self._repair()
         # Everything dirty was sent: once it is applied the replica is up to date.
         with self._lock:
             marker = self._submit(_Op(0, 0, None, 0, uptodate=True))
@@ -595,7 +745,187 @@ class Mirror:
         with self._cond:
             self.resent_bytes += sent
         seconds = round(time.monotonic() - started, 3)
-        log.info("resync_sent", volume=self.volume, bytes=sent, seconds=seconds, granularity=g)
+        if probing:
+            repaired = (self._verify_counts[0][1] - repaired_before) * self.block_size
+            log.info(
+                "resync_sent",
+                volume=self.volume,
+                bytes=sent + repaired,
+                seconds=seconds,
+                granularity=g,
+                checksummed_bytes=probed,
+                resent_after_checksum_bytes=repaired,
+                skipped_bytes=probed - repaired,
+            )
+        else:
+            log.info("resync_sent", volume=self.volume, bytes=sent, seconds=seconds, granularity=g)
+
+    # -- verify and checksums -----------------------------------------------------------------------
+
+    def _checksum_reply(self, reply: replication_pb2.MirrorReply) -> None:
+        """Under the lock, before the acknowledgement of batch `reply.sequence` is processed: queue the
+        resend of the blocks its probes found out of sync; start a verify the standby asks for."""
+        if reply.HasField("verify") and reply.verify.id:
+            self._verify_requested(reply.verify.id, reply.verify.repair)
+        batch = self._outstanding.get(reply.sequence)
+        if not reply.mismatched or batch is None:
+            return
+        probes = sorted((op.offset, i) for i, op in enumerate(batch.ops) if op.probe is not None)
+        found: dict[int, list[int]] = {}
+        starts = [start for start, _ in probes]
+        for offset in reply.mismatched:
+            k = bisect.bisect_right(starts, offset) - 1
+            if k < 0:
+                continue
+            op = batch.ops[probes[k][1]]
+            assert op.probe is not None
+            if offset < op.offset + op.probe.length:
+                found.setdefault(probes[k][1], []).append(offset)
+        for index, offsets in found.items():
+            op = batch.ops[index]
+            assert op.probe is not None
+            vid = op.probe.verify_id
+            counts = self._verify_counts.setdefault(vid, [0, 0])
+            counts[0] += len(offsets)
+            if vid == 0 and op.release is not None:
+                # A full-sync probe: its region stays in flight (one more hold than the acknowledgement
+                # releases) until the resend is acknowledged, or becomes dirty if it is dropped.
+                for region in self.bitmap.regions(*op.release):
+                    self.bitmap.resync_begin(region)
+                self._repairs.append(_Mismatch(sorted(offsets), 0, op.release))
+            elif vid and self._verify_ids.get(vid):
+                self._repairs.append(_Mismatch(sorted(offsets), vid, None))
+
+    def _verify_requested(self, verify_id: int, repair: bool) -> None:
+        """Under the lock: run a verify pass (after the running one, which it cuts short)."""
+        if verify_id in self._verify_ids:
+            return  # asked already
+        self._verify_ids[verify_id] = repair
+        while len(self._verify_ids) > 16:
+            self._verify_ids.popitem(last=False)
+        self._verify_next = (verify_id, repair)
+        if self._verify_thread is None or not self._verify_thread.is_alive():
+            self._verify_thread = threading.Thread(
+                target=self._verify_loop, name=f"verify-{self.volume}", daemon=True
+            )
+            self._verify_thread.start()
+        self._cond.notify_all()
+
+    def _verify_loop(self) -> None:
+        while True:
+            with self._cond:
+                request, self._verify_next = self._verify_next, None
+                if request is None or not self._running or not self.connected:
+                    self._verify_thread = None
+                    return
+                stream_id = self._stream_id
+            try:
+                self._verify_pass(request[0], request[1], stream_id)
+            except Exception as e:  # a failed pass must not kill the thread silently
+                log.exception("verify_pass_failed", volume=self.volume, error=repr(e))
+
+    def _verify_pass(self, verify_id: int, repair: bool, stream_id: int) -> None:
+        """Probe the whole volume, chunk by chunk, each read under the order lock (so each probe sits in
+        the stream exactly where its read happened); with `repair`, resend what differs."""
+        bs = self.block_size
+        chunk = max(PROBE_CHUNK, bs)
+        started = time.monotonic()
+        self.verify_passes += 1
+        log.info("verify_pass_started", volume=self.volume, id=verify_id, repair=repair, bytes=self.size)
+        counts = self._verify_counts.setdefault(verify_id, [0, 0])
+        probes: deque[tuple[int, int]] = deque()
+        covered = last = 0
+        for offset in range(0, self.size, chunk):
+            length = min(chunk, self.size - offset)
+            while covered >= PROBE_WINDOW:
+                number, nbytes = probes.popleft()
+                self.wait(number, mode="sync")
+                covered -= nbytes
+            with self._lock:
+                with self._cond:
+                    stopped = (
+                        self._stream_id != stream_id
+                        or not self._running
+                        or not self.connected
+                        or self._verify_next is not None
+                    )
+                if stopped:
+                    with self._cond:
+                        self._verify_counts.pop(verify_id, None)
+                    log.warning("verify_pass_stopped", volume=self.volume, id=verify_id, checked=offset)
+                    return
+                if self._is_hole(offset, length):
+                    digests = zero_digests(length, bs)
+                else:
+                    assert self._read is not None
+                    digests = block_digests(self._read(offset, length), bs)
+                last = self._submit(_Op(0, offset, None, 0, probe=Probe(length, digests, verify_id)))
+            probes.append((last, length))
+            covered += length
+            if self._repairs:
+                self._repair()
+        self.wait(last, mode="sync")
+        self._repair()
+        with self._cond:
+            mismatched, repaired = self._verify_counts.pop(verify_id, counts)
+        log.info(
+            "verify_pass_done",
+            volume=self.volume,
+            id=verify_id,
+            mismatched_blocks=mismatched,
+            seconds=round(time.monotonic() - started, 3),
+        )
+        if repair and mismatched:
+            log.info("verify_repair", volume=self.volume, id=verify_id, blocks=repaired, bytes=repaired * bs)
+
+    def _repair(self) -> None:
+        """Resend the blocks probes found out of sync (queued by `_checksum_reply`), read under the order
+        lock, so the resend carries the volume's current data at its point of the stream."""
+        with self._repair_lock:
+            while True:
+                with self._cond:
+                    if not self._repairs:
+                        return
+                    item = self._repairs.popleft()
+                self._repair_one(item)
+
+    def _repair_one(self, item: _Mismatch) -> None:
+        bs = self.block_size
+        runs: list[tuple[int, int]] = []
+        for offset in item.offsets:
+            if runs and runs[-1][0] + runs[-1][1] == offset and runs[-1][1] < REPAIR_RUN:
+                runs[-1] = (runs[-1][0], runs[-1][1] + bs)
+            else:
+                runs.append((offset, bs))
+        if item.hold is None:
+            for offset, length in runs:
+                self.bitmap.mark(offset, length)  # durable before the resend, like a client write
+        with self._cond:
+            self._cond.wait_for(
+                lambda: not self.connected or not self._running or self._resync_bytes < RESYNC_WINDOW
+            )
+        blocks = 0
+        with self._lock:
+            spans: list[tuple[int, int, tuple[int, int] | None]] = []
+            if item.hold is not None:
+                if self.begin(*item.hold):
+                    last = len(runs) - 1
+                    spans = [(o, n, item.hold if i == last else None) for i, (o, n) in enumerate(runs)]
+            else:
+                spans = [(o, n, (o, n)) for o, n in runs if self.begin(o, n)]
+            for offset, length, release in spans:
+                assert self._read is not None
+                data = self._read(offset, length)
+                op = _Op(0, offset, data, 0, release=release, resync=True, verify_id=item.verify_id)
+                if is_zero(data):
+                    op = _Op(0, offset, None, length, release=release, resync=True, verify_id=item.verify_id)
+                with self._cond:
+                    self._resync_bytes += length
+                    self.resent_bytes += length
+                    blocks += length // bs
+                self._submit(op)
+        with self._cond:
+            self._verify_counts.setdefault(item.verify_id, [0, 0])[1] += blocks
 
     # -- periodic work ------------------------------------------------------------------------------
 
@@ -625,6 +955,26 @@ class Mirror:
                     still = self.connected
                 if still:
                     self.bitmap.clean(released_before=sent_at)
+            self._heartbeat(connected)
+
+    def _heartbeat(self, connected: bool) -> None:
+        """From the tick loop: an empty batch when nothing was sent since the last tick (so the standby
+        can answer, e.g. with a verify command, and a silent one is noticed); resends left over by a
+        stream that ended become dirty."""
+        with self._cond:
+            idle = (
+                connected
+                and not self._outstanding
+                and not self._pending
+                and self._next_sequence == self._heartbeat_sequence
+            )
+            self._heartbeat_sequence = self._next_sequence
+            leftover = bool(self._repairs) and not self.connected
+        if idle:
+            self._submit(_Op(0, 0, None, 0, heartbeat=True))
+        if leftover and self._repair_lock.acquire(blocking=False):
+            self._repair_lock.release()
+            self._repair()
 
 
 def _identity(message: bytes) -> bytes:

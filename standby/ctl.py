@@ -4,6 +4,13 @@ standbyctl [--standby H:P] status [--json]
 standbyctl [--standby H:P] snapshot create VOLUME [NAME] [--writable] [--capacity SIZE]   (prints NAME)
 standbyctl [--standby H:P] snapshot list [VOLUME] [--json]
 standbyctl [--standby H:P] snapshot delete VOLUME NAME
+standbyctl [--standby H:P] verify VOLUME [--repair] [--json]
+
+`verify` compares the replica with the primary's volume block by block while writes go on (the primary
+must be connected): progress on stderr when it is a terminal, then one line on stdout,
+``VOLUME: N of M blocks out of sync (first offsets: ...)``, with ``--repair`` followed by ``, repaired N``
+(the blocks the primary resent and the standby applied). Exit 0 when in sync (or every block found was
+repaired), 1 when blocks are out of sync without --repair or the verify failed, 2 for a usage error.
 """
 
 from __future__ import annotations
@@ -12,12 +19,13 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 from standbylib.rpc.v1 import control_pb2, control_pb2_grpc
 from standbylib.runtime import rpc
 from standbylib.runtime.config import ConfigError, parse_address
-from standbylib.runtime.main import EXIT_OK, run
+from standbylib.runtime.main import EXIT_FAILED, EXIT_OK, run
+from standbylib.runtime.rpc import RemoteError
 from standbylib.units import human_size, parse_size
 
 DEFAULT_STANDBY = os.environ.get("STANDBY_ADDRESS", "127.0.0.1:7700")
@@ -26,8 +34,10 @@ DEFAULT_STANDBY = os.environ.get("STANDBY_ADDRESS", "127.0.0.1:7700")
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="standbyctl",
-        description="Control a standby daemon: its status and the snapshots of its replicas.",
-        epilog="Exit codes: 0 ok, 1 the operation failed (the reason is printed), 2 usage error. "
+        description="Control a standby daemon: its status, the snapshots of its replicas, and the online "
+        "verify of a replica against its primary.",
+        epilog="Exit codes: 0 ok, 1 the operation failed (the reason is printed) or `verify` found blocks "
+        "out of sync without --repair, 2 usage error. "
         "Snapshots are exported over NBD as VOLUME@SNAPSHOT on the address `status` shows.",
     )
     p.add_argument(
@@ -36,7 +46,13 @@ def parser() -> argparse.ArgumentParser:
         default=DEFAULT_STANDBY,
         help="gRPC address of the standby daemon (default: $STANDBY_ADDRESS or 127.0.0.1:7700)",
     )
-    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="per call (default: 30)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="per call (default: 30; a verify's stream has none, it takes as long as the volume needs)",
+    )
     p.add_argument("--debug", action="store_true", help="print tracebacks with errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -60,6 +76,18 @@ def parser() -> argparse.ArgumentParser:
     delete = snap_sub.add_parser("delete", help="release a snapshot and free its preserved blocks")
     delete.add_argument("volume", metavar="VOLUME")
     delete.add_argument("name", metavar="NAME")
+
+    verify = sub.add_parser(
+        "verify",
+        help="compare the replica with the primary's volume, block by block, while writes go on",
+        description="Compare checksums of every block of the replica with the primary's volume, while "
+        "writes go on (no false positives: the checksums travel in the ordered replication stream). "
+        "Prints the blocks out of sync (count and first offsets); --repair resends them. The primary must "
+        "be connected and the replica up to date. Exit 0 in sync (or repaired), 1 out of sync or failed.",
+    )
+    verify.add_argument("volume", metavar="VOLUME")
+    verify.add_argument("--repair", action="store_true", help="resend the blocks found out of sync")
+    verify.add_argument("--json", action="store_true", help="machine-readable summary")
     return p
 
 
@@ -161,6 +189,58 @@ def print_status(st: dict[str, Any]) -> None:
         print(table(snapshot_rows(snapshots)))
 
 
+def verify_dict(last: control_pb2.VerifyProgress, repair: bool) -> dict[str, Any]:
+    bs = last.block_size or 1
+    return {
+        "volume": last.volume,
+        "total_bytes": last.total_bytes,
+        "checked_bytes": last.checked_bytes,
+        "block_size": last.block_size,
+        "blocks": last.total_bytes // bs,
+        "mismatched_blocks": last.mismatched_blocks,
+        "first_offsets": list(last.first_offsets),
+        "repair": repair,
+        "repaired_blocks": last.repaired_blocks,
+        "in_sync": last.mismatched_blocks == 0 or (repair and last.repaired_blocks >= last.mismatched_blocks),
+    }
+
+
+def verify_summary(v: dict[str, Any]) -> str:
+    line = f"{v['volume']}: {v['mismatched_blocks']} of {v['blocks']} blocks out of sync"
+    if v["first_offsets"]:
+        shown = ", ".join(str(o) for o in v["first_offsets"])
+        more = ", ..." if v["mismatched_blocks"] > len(v["first_offsets"]) else ""
+        line += f" (first offsets: {shown}{more})"
+    if v["repair"]:
+        line += f", repaired {v['repaired_blocks']}"
+    return line
+
+
+def run_verify(stub: control_pb2_grpc.ControlStub, args: argparse.Namespace, err: TextIO) -> int:
+    """Stream a verify's progress (on `err` when it is a terminal); print the summary; the exit code."""
+    tty = err.isatty()
+    last = None
+    for progress in stub.Verify(control_pb2.VerifyRequest(volume=args.volume, repair=args.repair)):
+        last = progress
+        if tty:
+            pct = progress.checked_bytes / progress.total_bytes if progress.total_bytes else 1.0
+            print(
+                f"\r{progress.volume}: checked {human_size(progress.checked_bytes)} of "
+                f"{human_size(progress.total_bytes)} ({pct:.0%}), {progress.mismatched_blocks} blocks "
+                "out of sync",
+                end="",
+                file=err,
+                flush=True,
+            )
+    if tty:
+        print(file=err)
+    if last is None or not last.done:
+        raise RemoteError(detail=f"the standby ended the verify of {args.volume!r} before it was done")
+    v = verify_dict(last, args.repair)
+    print(json.dumps(v, indent=2) if args.json else verify_summary(v))
+    return EXIT_OK if v["in_sync"] else EXIT_FAILED
+
+
 def execute(args: argparse.Namespace) -> int:
     try:
         parse_address(args.standby)
@@ -169,6 +249,8 @@ def execute(args: argparse.Namespace) -> int:
     with rpc.channel(args.standby) as channel:
         stub = control_pb2_grpc.ControlStub(channel)
         with rpc.calling(args.standby):
+            if args.command == "verify":
+                return run_verify(stub, args, sys.stderr)
             if args.command == "status":
                 st = status_dict(stub.Status(control_pb2.StatusRequest(), timeout=args.timeout))
                 if args.json:

@@ -10,12 +10,17 @@ Layout of ``--data-dir``::
 
 The node is thread-safe: gRPC threads call it concurrently. The engine serialises its own state; the
 node adds one lock for its tables and makes sure at most one Mirror stream applies to a volume.
+
+Verify (`start_verify`): the node asks the connected primary, on its next Mirror reply, to probe the
+whole volume; the probes travel in the ordered stream and are compared in `apply` at exactly their
+point of the write sequence, so writes going on never cause a false mismatch (docs/REPLICATION.md).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import threading
 import time
 import uuid
@@ -36,6 +41,7 @@ from standbylib.errors import (
     VolumeMismatch,
 )
 from standbylib.rawfile import replace_file
+from standbylib.rpc.wire import DIGEST_SIZE, Payload, Probe, Repair, block_digests, zero_digests
 from standbylib.runtime import logs
 from standbylib.snapshot import PreservationStore
 from standbylib.snapshot.records import check_name
@@ -51,6 +57,11 @@ STATE_FILE = "state.json"
 
 UPTODATE, INCONSISTENT, DEFERRED = "uptodate", "inconsistent", "deferred"
 
+#: Offsets of out-of-sync blocks a verify session keeps (the count is exact).
+VERIFY_FIRST_OFFSETS = 20
+#: A verify fails when the primary made no progress on it for this long (e.g. a primary too old to verify).
+VERIFY_STALL_SECONDS = 60.0
+
 
 class SplitBrain(RequestError):
     template = (
@@ -63,6 +74,44 @@ class SplitBrain(RequestError):
 
 class Busy(AlreadyExists):
     template = "volume {volume!r} is already being mirrored by primary {primary}; one primary per volume"
+
+
+class VerifyRefused(RequestError):
+    template = "cannot verify volume {volume!r}: {detail}"
+
+
+class VerifyFailed(RequestError):
+    template = "verify of volume {volume!r} failed: {detail}"
+
+
+@dataclass
+class VerifySession:
+    """One verify of a replica: progress as the primary's probes (and, with `repair`, resends) arrive."""
+
+    id: int
+    volume: str
+    repair: bool
+    total_bytes: int
+    block_size: int
+    started: float = field(default_factory=time.monotonic)
+    checked_bytes: int = 0
+    mismatched_blocks: int = 0
+    first_offsets: list[int] = field(default_factory=list)
+    repaired_blocks: int = 0
+    done: bool = False
+    error: str = ""
+    last_progress: float = field(default_factory=time.monotonic)
+    cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
+
+    @property
+    def running(self) -> bool:
+        return not self.done
+
+    def complete(self) -> bool:
+        """Under `cond`: every block was compared and, with `repair`, every mismatch was resent."""
+        return self.checked_bytes >= self.total_bytes and (
+            not self.repair or self.repaired_blocks >= self.mismatched_blocks
+        )
 
 
 class NodeMetrics(Protocol):
@@ -94,6 +143,8 @@ class Replica:
     in_sync_at: float = field(default_factory=time.time)
     pending_generation: str = ""  # adopted when the running resync completes
     stream_lock: threading.Lock = field(default_factory=threading.Lock)
+    verify: VerifySession | None = None  # the latest verify session
+    verify_command: tuple[int, bool] | None = None  # (id, repair) for the next Mirror reply
 
     def lag_seconds(self, now: float | None = None) -> float:
         """0 while the replica follows the primary; else how long since it last did (how stale it may be)."""
@@ -349,17 +400,31 @@ class StandbyNode:
         if replica.state == UPTODATE and not replica.deferred_reason:
             replica.in_sync_at = time.time()
         replica.connected = False
+        replica.verify_command = None
+        session = replica.verify
+        if session is not None:
+            self._fail_verify(session, "the primary disconnected; run verify again")
         replica.stream_lock.release()
         log.info("mirror_disconnected", volume=replica.name, applied_sequence=replica.applied_sequence)
 
     def apply(
-        self, replica: Replica, sequence: int, ops: Sequence[WriteOp], flush: bool, uptodate: bool = False
+        self,
+        replica: Replica,
+        sequence: int,
+        ops: Sequence[tuple[int, Payload]],
+        flush: bool,
+        uptodate: bool = False,
+        mismatched: list[int] | None = None,
     ) -> bool:
         """Apply batch `sequence` to the replica; False when it had been applied already.
 
         `uptodate` ends a resync: the replica is made durable and becomes up to date.
 
-        Every write is checked before anything is applied: a batch with one bad write changes nothing.
+        An op is a write (``(offset, data)``, ``(offset, zero_length)``, or either as a verify's `Repair`)
+        or a `Probe`: the replica's blocks are compared, after the writes before it in the batch and
+        before those after it, and the offsets of the blocks that differ are appended to `mismatched`.
+
+        Every op is checked before anything is applied: a batch with one bad op changes nothing.
         """
         if sequence <= replica.applied_sequence:
             return False
@@ -370,20 +435,41 @@ class StandbyNode:
             )
         bs, size = replica.block_size, replica.size
         nbytes = 0
-        for offset, data in ops:
-            length = data if isinstance(data, int) else len(data)
+        checksums = False  # probes or repairs: applied group by group, and counted for verify
+        for offset, payload in ops:
+            what = "write"
+            if isinstance(payload, Probe):
+                what, length, checksums = "probe", payload.length, True
+            else:
+                checksums = checksums or isinstance(payload, Repair)
+                data = payload.data if isinstance(payload, Repair) else payload
+                length = data if isinstance(data, int) else len(data)
             if length <= 0 or offset % bs or length % bs:
                 raise InvalidArgument(
-                    detail=f"volume {replica.name!r}: write [{offset}, +{length}) is not aligned to its "
+                    detail=f"volume {replica.name!r}: {what} [{offset}, +{length}) is not aligned to its "
                     f"block size {bs}"
                 )
             if offset + length > size:
                 raise OutOfRange(offset=offset, length=length, size=size)
-            nbytes += length
+            if isinstance(payload, Probe):
+                if len(payload.digests) != length // bs * DIGEST_SIZE:
+                    raise InvalidArgument(
+                        detail=f"volume {replica.name!r}: probe [{offset}, +{length}) carries "
+                        f"{len(payload.digests)} bytes of digests, {length // bs * DIGEST_SIZE} expected "
+                        f"({DIGEST_SIZE} per block of {bs})"
+                    )
+            else:
+                nbytes += length
         start = time.perf_counter()
+        results: list[tuple[int, int, list[int]]] = []  # (verify id, bytes compared, mismatched offsets)
+        repaired: dict[int, int] = {}  # verify id -> blocks resent
         try:
-            if ops:
-                replica.volume.write_batch(ops)
+            if checksums:
+                self._apply_with_probes(replica, ops, results, repaired)
+            elif ops:
+                replica.volume.write_batch(
+                    [(o, p.data if isinstance(p, Repair) else p) for o, p in ops]  # type: ignore[misc]
+                )
             if flush or uptodate:
                 replica.volume.flush()
         except PreservationDeferred as e:
@@ -402,7 +488,182 @@ class StandbyNode:
         replica.applied_bytes += nbytes
         replica.applied_batches += 1
         self.metrics.observe_apply(replica.name, time.perf_counter() - start, nbytes)
+        for _, _, found in results:
+            if mismatched is not None:
+                mismatched.extend(found)
+        if results or repaired:
+            self._verify_progress(replica, results, repaired)
         return True
+
+    def _apply_with_probes(
+        self,
+        replica: Replica,
+        ops: Sequence[tuple[int, Payload]],
+        results: list[tuple[int, int, list[int]]],
+        repaired: dict[int, int],
+    ) -> None:
+        """Apply the writes of a batch that holds probes, comparing each probe where it stands.
+
+        The writes between two probes are one group commit. (Under ``--on-full defer`` a later group may
+        be refused after an earlier one was applied; the primary then resends the whole batch's regions
+        by its bitmap, so that is harmless.)"""
+        bs = replica.block_size
+        group: list[WriteOp] = []
+        for offset, payload in ops:
+            if isinstance(payload, Probe):
+                if group:
+                    replica.volume.write_batch(group)
+                    group = []
+                results.append((payload.verify_id, payload.length, self._compare(replica, offset, payload)))
+            elif isinstance(payload, Repair):
+                group.append((offset, payload.data))
+                length = payload.data if isinstance(payload.data, int) else len(payload.data)
+                repaired[payload.verify_id] = repaired.get(payload.verify_id, 0) + length // bs
+            else:
+                group.append((offset, payload))
+        if group:
+            replica.volume.write_batch(group)
+
+    @staticmethod
+    def _compare(replica: Replica, offset: int, probe: Probe) -> list[int]:
+        """Offsets of the blocks of the probe's range whose digest on the replica differs."""
+        bs, length = replica.block_size, probe.length
+        runs = replica.volume.extents(offset, length)
+        if len(runs) == 1 and runs[0][1]:
+            ours = zero_digests(length, bs)  # a hole: zeros, nothing to read
+        else:
+            ours = block_digests(replica.volume.read(offset, length), bs)
+        if ours == probe.digests:
+            return []
+        theirs, d = probe.digests, DIGEST_SIZE
+        return [
+            offset + i * bs
+            for i in range(length // bs)
+            if ours[i * d : i * d + d] != theirs[i * d : i * d + d]
+        ]
+
+    # -- verify ------------------------------------------------------------------------------------------
+
+    def start_verify(self, volume: str, repair: bool) -> VerifySession:
+        """Start a verify of `volume`: its next Mirror reply asks the primary for the probes."""
+        replica = self.replica(volume)
+        with self._lock:
+            if not replica.connected:
+                raise VerifyRefused(
+                    volume=volume,
+                    detail="no primary is connected; verify compares the replica with the primary's volume",
+                )
+            if replica.state == INCONSISTENT:
+                raise VerifyRefused(
+                    volume=volume,
+                    detail="a resync from the primary is under way (the replica is inconsistent); verify "
+                    "when `standbyctl status` shows it uptodate",
+                )
+            running = replica.verify
+            if running is not None and running.running:
+                raise VerifyRefused(volume=volume, detail="another verify of this volume is running")
+            session = VerifySession(
+                id=secrets.randbits(62) + 1,
+                volume=volume,
+                repair=repair,
+                total_bytes=replica.size,
+                block_size=replica.block_size,
+            )
+            replica.verify = session
+            replica.verify_command = (session.id, repair)
+        log.info("verify_started", volume=volume, id=session.id, repair=repair, bytes=replica.size)
+        return session
+
+    def take_verify_command(self, replica: Replica) -> tuple[int, bool] | None:
+        """The verify command the next Mirror reply must carry, once."""
+        if replica.verify_command is None:
+            return None
+        with self._lock:
+            command, replica.verify_command = replica.verify_command, None
+        return command
+
+    def verify_status(self, session: VerifySession, wait: float = 0.0) -> VerifySession:
+        """A copy of the session's progress, after waiting up to `wait` seconds for a change or its end."""
+        with session.cond:
+            if not session.done and wait > 0:
+                session.cond.wait(wait)
+            if not session.done and time.monotonic() - session.last_progress > VERIFY_STALL_SECONDS:
+                self._end_verify(
+                    session,
+                    f"the primary made no progress for {VERIFY_STALL_SECONDS:.0f} s (is it older than this "
+                    "standby, or stuck?); run verify again",
+                )
+            return VerifySession(
+                id=session.id,
+                volume=session.volume,
+                repair=session.repair,
+                total_bytes=session.total_bytes,
+                block_size=session.block_size,
+                started=session.started,
+                checked_bytes=session.checked_bytes,
+                mismatched_blocks=session.mismatched_blocks,
+                first_offsets=list(session.first_offsets),
+                repaired_blocks=session.repaired_blocks,
+                done=session.done,
+                error=session.error,
+                last_progress=session.last_progress,
+            )
+
+    def cancel_verify(self, session: VerifySession, reason: str) -> None:
+        self._fail_verify(session, reason)
+
+    def _fail_verify(self, session: VerifySession, reason: str) -> None:
+        with session.cond:
+            if not session.done:
+                self._end_verify(session, reason)
+
+    def _end_verify(self, session: VerifySession, error: str = "") -> None:
+        """Under `session.cond`: the session is over (failed when `error`)."""
+        session.done = True
+        session.error = error
+        session.cond.notify_all()
+        fields: dict[str, Any] = {
+            "volume": session.volume,
+            "id": session.id,
+            "checked_bytes": session.checked_bytes,
+            "mismatched_blocks": session.mismatched_blocks,
+            "repaired_blocks": session.repaired_blocks,
+            "first_offsets": session.first_offsets[:5],
+            "seconds": round(time.monotonic() - session.started, 3),
+        }
+        if error:
+            log.warning("verify_failed", error=error, **fields)
+        else:
+            log.info("verify_done", repair=session.repair, **fields)
+
+    def _verify_progress(
+        self, replica: Replica, results: list[tuple[int, int, list[int]]], repaired: dict[int, int]
+    ) -> None:
+        session = replica.verify
+        if session is None:
+            return
+        with session.cond:
+            if session.done:
+                return
+            changed = False
+            for verify_id, nbytes, found in results:
+                if verify_id != session.id:
+                    continue
+                changed = True
+                session.checked_bytes += nbytes
+                session.mismatched_blocks += len(found)
+                room = VERIFY_FIRST_OFFSETS - len(session.first_offsets)
+                if room > 0:
+                    session.first_offsets.extend(found[:room])
+            if repaired.get(session.id):
+                changed = True
+                session.repaired_blocks += repaired[session.id]
+            if not changed:
+                return
+            session.last_progress = time.monotonic()
+            if session.complete():
+                self._end_verify(session)
+            session.cond.notify_all()
 
     # -- snapshots ---------------------------------------------------------------------------------------
 

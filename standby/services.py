@@ -12,15 +12,18 @@ from collections.abc import Iterator
 
 import grpc
 
-from standby.node import Replica, StandbyNode
+from standby.node import Replica, StandbyNode, VerifyFailed, VerifySession
 from standbylib.errors import StandbyError
 from standbylib.rpc.v1 import control_pb2, control_pb2_grpc, replication_pb2, replication_pb2_grpc
+from standbylib.rpc.wire import Payload, Probe, Repair
 from standbylib.runtime import logs
 from standbylib.runtime.rpc import abort, add_service, guarded
-from standbylib.snapshot.volume import SnapshotInfo, WriteOp
+from standbylib.snapshot.volume import SnapshotInfo
 
 #: Batches received and not yet applied, per stream, in `received` mode (each up to a few MiB).
 RECEIVE_QUEUE = 8
+#: Seconds between two progress messages of a verify.
+VERIFY_PROGRESS_INTERVAL = 0.5
 
 log = logs.get(__name__)
 
@@ -106,8 +109,8 @@ class ReplicationService(replication_pb2_grpc.ReplicationServicer):
                 return
             for request in requests:
                 batch = self._batch(request, context)
-                self._apply(replica, batch, context)
-                yield replication_pb2.MirrorReply(sequence=batch.sequence, durable=batch.flush)
+                mismatched = self._apply(replica, batch, context)
+                yield self._applied_reply(replica, batch, mismatched)
         finally:
             self.node.close_stream(replica)
 
@@ -119,11 +122,26 @@ class ReplicationService(replication_pb2_grpc.ReplicationServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "only batches may follow `open`")
         return request.batch
 
-    def _apply(self, replica: Replica, batch: replication_pb2.Batch, context: grpc.ServicerContext) -> None:
+    def _apply(
+        self, replica: Replica, batch: replication_pb2.Batch, context: grpc.ServicerContext
+    ) -> list[int]:
         try:
-            self._apply_or_raise(replica, batch)
+            return self._apply_or_raise(replica, batch)
         except StandbyError as e:
             abort(context, e)
+
+    def _applied_reply(
+        self, replica: Replica, batch: replication_pb2.Batch, mismatched: list[int]
+    ) -> replication_pb2.MirrorReply:
+        """The acknowledgement of an applied batch: its probes' mismatches, and a verify command when an
+        operator asked for one."""
+        reply = replication_pb2.MirrorReply(
+            sequence=batch.sequence, durable=batch.flush, mismatched=mismatched
+        )
+        command = self.node.take_verify_command(replica)
+        if command is not None:
+            reply.verify.id, reply.verify.repair = command
+        return reply
 
     def _pipelined(
         self,
@@ -158,8 +176,8 @@ class ReplicationService(replication_pb2_grpc.ReplicationServicer):
                     if isinstance(item, BaseException):
                         replies.put(item)
                         return
-                    self._apply_or_raise(replica, item)
-                    replies.put(replication_pb2.MirrorReply(sequence=item.sequence, durable=item.flush))
+                    mismatched = self._apply_or_raise(replica, item)
+                    replies.put(self._applied_reply(replica, item, mismatched))
                 replies.put(None)
             except BaseException as e:
                 replies.put(e)
@@ -179,15 +197,24 @@ class ReplicationService(replication_pb2_grpc.ReplicationServicer):
             # The next stream of this volume may start once this one applies nothing more.
             applier.join(30)
 
-    def _apply_or_raise(self, replica: Replica, batch: replication_pb2.Batch) -> None:
-        ops: list[WriteOp] = [
-            (w.offset, w.zero_length) if w.zero_length else (w.offset, w.data) for w in batch.writes
-        ]
+    def _apply_or_raise(self, replica: Replica, batch: replication_pb2.Batch) -> list[int]:
+        """Apply `batch`; the offsets of the blocks its probes found out of sync."""
+        ops: list[tuple[int, Payload]] = []
+        for w in batch.writes:
+            data: bytes | int = w.zero_length if w.zero_length else w.data
+            payload: Payload = data
+            if w.checksum_length:
+                payload = Probe(w.checksum_length, w.digests, w.verify_id)
+            elif w.verify_id:
+                payload = Repair(data, w.verify_id)
+            ops.append((w.offset, payload))
+        mismatched: list[int] = []
         try:
-            self.node.apply(replica, batch.sequence, ops, batch.flush, batch.uptodate)
+            self.node.apply(replica, batch.sequence, ops, batch.flush, batch.uptodate, mismatched)
         except StandbyError as e:
             log.warning("batch_refused", volume=replica.name, sequence=batch.sequence, error=str(e))
             raise
+        return mismatched
 
 
 class ControlService(control_pb2_grpc.ControlServicer):
@@ -256,6 +283,40 @@ class ControlService(control_pb2_grpc.ControlServicer):
     ) -> control_pb2.DeleteSnapshotReply:
         self.node.delete_snapshot(request.volume, request.name)
         return control_pb2.DeleteSnapshotReply()
+
+    def Verify(
+        self, request: control_pb2.VerifyRequest, context: grpc.ServicerContext
+    ) -> Iterator[control_pb2.VerifyProgress]:
+        """Start a verify and stream its progress until it is done (or fails, or the client goes)."""
+        try:
+            session = self.node.start_verify(request.volume, request.repair)
+        except StandbyError as e:
+            abort(context, e)
+        try:
+            while True:
+                status = self.node.verify_status(session, VERIFY_PROGRESS_INTERVAL)
+                if status.error:
+                    abort(context, VerifyFailed(volume=request.volume, detail=status.error))
+                yield _progress(status)
+                if status.done:
+                    return
+                if not context.is_active():
+                    return
+        finally:
+            self.node.cancel_verify(session, "standbyctl went away before the verify was done")
+
+
+def _progress(status: VerifySession) -> control_pb2.VerifyProgress:
+    return control_pb2.VerifyProgress(
+        volume=status.volume,
+        checked_bytes=min(status.checked_bytes, status.total_bytes),
+        total_bytes=status.total_bytes,
+        mismatched_blocks=status.mismatched_blocks,
+        first_offsets=status.first_offsets,
+        repaired_blocks=status.repaired_blocks,
+        done=status.done,
+        block_size=status.block_size,
+    )
 
 
 def _version() -> str:

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import mmap
 import threading
+from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from os import preadv
 from typing import Protocol, runtime_checkable
@@ -54,6 +55,23 @@ BATCH_BYTES = 4 << 20
 #: Initial size of a connection's reply buffer (it grows to hold the largest request).
 BUFFER_BYTES = 8 << 20
 _ALIGN = 4096  # each reply's data starts on a page: the kernel copies page-aligned data fastest
+
+
+#: What an asynchronous write's completion returns: a function that sends its queued reply, or None.
+Sender = Callable[[], None] | None
+
+
+@runtime_checkable
+class AsyncWriter(Protocol):
+    """Optional device method: a write that never blocks its caller (see `MirroredDevice.write_async`).
+
+    ``write_async(offset, data, done)`` writes, arranges for ``done()`` once the write is complete
+    (possibly before it returns) and returns True; or returns False, having done nothing, when it
+    would block, and the server runs a plain `write` in its pool instead. Errors raise. ``done``
+    queues the reply and returns a function that sends what is queued: a device completing many
+    writes at once calls each ``done``, then each distinct function it got once."""
+
+    def write_async(self, offset: int, data: Buffer, done: Callable[[], Sender]) -> bool: ...
 
 
 @runtime_checkable
@@ -90,6 +108,12 @@ class Transmission:
         # Protocol isinstance checks are slow (a few us): decide once per connection.
         self.planner = self.device if isinstance(self.device, PlanSource) else None
         self.inline = self.planner is not None
+        self.async_writer = self.device if isinstance(self.device, AsyncWriter) else None
+        self._thread_id = 0
+        self._async_writes = 0  # started with write_async, not replied yet (under _in_flight_lock)
+        self._outbox: list[Part] = []  # their replies completed on other threads, not sent yet
+        self._outbox_count = 0
+        self._outbox_lock = threading.Lock()
         self._slots = threading.Semaphore(max_in_flight)
         self._in_flight: set[Future[None]] = set()
         self._in_flight_lock = threading.Lock()
@@ -105,6 +129,7 @@ class Transmission:
     # -- request loop ---------------------------------------------------------------------------------
 
     def run(self) -> None:
+        self._thread_id = threading.get_ident()
         try:
             self._loop()
         finally:
@@ -113,7 +138,7 @@ class Transmission:
             finally:
                 self._release_held()
                 with self._all_done:
-                    while self._in_flight:
+                    while self._in_flight or self._async_writes:
                         self._all_done.wait()
                 self._drop_buffer()
 
@@ -146,6 +171,10 @@ class Transmission:
                     self._flush()
             elif self.inline and command == p.CMD_BLOCK_STATUS:
                 self._queue(self._block_status(command, flags, cookie, offset, length))
+            elif command == p.CMD_WRITE and self.async_writer is not None and not flags & p.CMD_FLAG_FUA:
+                assert payload is not None
+                if not self._write_async(cookie, offset, payload):
+                    self._submit(command, flags, cookie, offset, length, payload)
             else:
                 self._submit(command, flags, cookie, offset, length, payload)
 
@@ -357,6 +386,64 @@ class Transmission:
         with self._all_done:
             self._in_flight.discard(fut)
             if not self._in_flight:
+                self._all_done.notify_all()
+
+    # -- writes that complete later, without a worker ---------------------------------------------------
+
+    def _write_async(self, cookie: int, offset: int, payload: Buffer) -> bool:
+        """Start a WRITE on this thread (the device replies through a callback); False if the device
+        would block, and nothing was done."""
+        assert self.async_writer is not None
+        if not self._slots.acquire(blocking=False):
+            self._flush()
+            self._slots.acquire()
+        with self._all_done:
+            self._async_writes += 1
+
+        def done() -> Sender:
+            return self._finish_async([p.simple_reply(cookie)])
+
+        try:
+            started = self.async_writer.write_async(offset, payload, done)
+        except Exception as e:
+            self._queue(self._failure(p.CMD_WRITE, cookie, e))
+            self._async_done(1)
+            return True
+        if not started:
+            self._async_done(1)
+        return started
+
+    def _finish_async(self, parts: list[Part]) -> Sender:
+        """The reply of an asynchronous write: batched when on the connection's thread; else queued
+        in the outbox, and `_send_outbox` (returned) sends it."""
+        if threading.get_ident() == self._thread_id:
+            self._queue(parts)
+            self._async_done(1)
+            return None
+        with self._outbox_lock:
+            self._outbox.extend(parts)
+            self._outbox_count += 1
+        return self._send_outbox
+
+    def _send_outbox(self) -> None:
+        with self._outbox_lock:
+            parts, self._outbox = self._outbox, []
+            count, self._outbox_count = self._outbox_count, 0
+        if not count:
+            return
+        try:
+            with self.writer.lock:
+                send_parts(self.writer, parts)
+        except OSError as e:
+            log.debug("nbd %s: reply to a gone client not sent: %s", self.session.name, e)
+        self._async_done(count)
+
+    def _async_done(self, count: int) -> None:
+        for _ in range(count):
+            self._slots.release()
+        with self._all_done:
+            self._async_writes -= count
+            if not self._async_writes:
                 self._all_done.notify_all()
 
     def _serve(

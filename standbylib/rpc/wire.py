@@ -6,13 +6,62 @@ builds the message slowly (measured 0.3 GB/s for 4 MiB batches of 1 MiB writes, 
 same wire format (proto/v1/replication.proto) with one join, and `tests/standbylib/test_wire.py` checks
 that protobuf parses it into the message it would have built itself. Decoding stays with protobuf (it
 is fast).
+
+It also defines the probes of the verify and of the checksum-based full sync (`Probe`, `block_digests`):
+per block, the 8-byte little-endian xxh3_64 digest (docs/REPLICATION.md, Verify).
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
+from typing import NamedTuple
+
+import xxhash
 
 from standbylib.rawfile import Buffer
+
+#: Bytes of one block's digest in `Write.digests`.
+DIGEST_SIZE = 8
+
+
+class Probe(NamedTuple):
+    """A probe op: the digests of the blocks of ``[offset, offset+length)`` (the offset is the op's)."""
+
+    length: int
+    digests: bytes
+    verify_id: int = 0  # 0: a probe of the checksum-based full sync
+
+
+class Repair(NamedTuple):
+    """A write (data or zero length) that resends blocks verify session `verify_id` found out of sync."""
+
+    data: Buffer | int
+    verify_id: int
+
+
+#: What an op of `encode_batch` carries: data, a zeroed length, a probe or a repair.
+Payload = Buffer | int | Probe | Repair
+
+
+def block_digests(data: Buffer, block_size: int) -> bytes:
+    """The digests of each `block_size` block of `data` (a whole number of blocks), concatenated."""
+    view = memoryview(data).cast("B")
+    digest = xxhash.xxh3_64_intdigest
+    values = [digest(view[i : i + block_size]) for i in range(0, len(view), block_size)]
+    return struct.pack(f"<{len(values)}Q", *values)
+
+
+_zero_digests: dict[int, bytes] = {}
+
+
+def zero_digests(length: int, block_size: int) -> bytes:
+    """`block_digests` of `length` bytes of zeros (a hole), without reading or hashing them."""
+    one = _zero_digests.get(block_size)
+    if one is None:
+        one = _zero_digests[block_size] = block_digests(bytes(block_size), block_size)
+    return one * (length // block_size)
+
 
 # Field tags: (number << 3) | wire type (0 varint, 2 length-delimited).
 _REQUEST_BATCH = b"\x12"  # MirrorRequest.batch = 2
@@ -23,6 +72,9 @@ _BATCH_UPTODATE = b"\x20\x01"  # Batch.uptodate = 4, true
 _WRITE_OFFSET = b"\x08"  # Write.offset = 1
 _WRITE_DATA = b"\x12"  # Write.data = 2
 _WRITE_ZERO = b"\x18"  # Write.zero_length = 3
+_WRITE_CHECKSUM_LENGTH = b"\x20"  # Write.checksum_length = 4
+_WRITE_DIGESTS = b"\x2a"  # Write.digests = 5
+_WRITE_VERIFY_ID = b"\x30"  # Write.verify_id = 6
 
 
 def varint(value: int) -> bytes:
@@ -38,31 +90,53 @@ def varint(value: int) -> bytes:
 
 
 def encode_batch(
-    sequence: int, ops: Sequence[tuple[int, Buffer | int]], flush: bool, uptodate: bool = False
+    sequence: int, ops: Sequence[tuple[int, Payload]], flush: bool, uptodate: bool = False
 ) -> list[Buffer]:
     """The serialised ``MirrorRequest{batch: Batch{sequence, writes, flush, uptodate}}`` as pieces to join.
 
-    Each op is ``(offset, data)`` or ``(offset, zero_length)``. The data buffers are referenced, not
-    copied; ``b"".join(pieces)`` makes the message.
+    Each op is ``(offset, data)``, ``(offset, zero_length)``, ``(offset, Probe(...))`` or
+    ``(offset, Repair(data or zero_length, verify_id))``. The data buffers are referenced, not copied;
+    ``b"".join(pieces)`` makes the message.
     """
     pieces: list[Buffer] = []
     body = 0
-    for offset, data in ops:
+    for offset, payload in ops:
         head = _WRITE_OFFSET + varint(offset) if offset else b""
         # proto3 leaves out fields at their default (0, empty), and so do we: identical bytes.
+        tail = b""
+        if isinstance(payload, Probe):
+            write = head
+            if payload.length:
+                write += _WRITE_CHECKSUM_LENGTH + varint(payload.length)
+            if payload.digests:
+                write += _WRITE_DIGESTS + varint(len(payload.digests)) + payload.digests
+            if payload.verify_id:
+                write += _WRITE_VERIFY_ID + varint(payload.verify_id)
+            entry = _BATCH_WRITES + varint(len(write)) + write
+            pieces.append(entry)
+            body += len(entry)
+            continue
+        data: Buffer | int
+        if isinstance(payload, Repair):
+            data = payload.data
+            tail = _WRITE_VERIFY_ID + varint(payload.verify_id) if payload.verify_id else b""
+        else:
+            data = payload
         if isinstance(data, int):
-            write = head + _WRITE_ZERO + varint(data) if data else head
+            write = (head + _WRITE_ZERO + varint(data) if data else head) + tail
             entry = _BATCH_WRITES + varint(len(write)) + write
             pieces.append(entry)
             body += len(entry)
         else:
             n = len(memoryview(data))
             prefix = head + _WRITE_DATA + varint(n) if n else head
-            entry = _BATCH_WRITES + varint(len(prefix) + n) + prefix
+            entry = _BATCH_WRITES + varint(len(prefix) + n + len(tail)) + prefix
             pieces.append(entry)
             if n:
                 pieces.append(data)
-            body += len(entry) + n
+            if tail:
+                pieces.append(tail)
+            body += len(entry) + n + len(tail)
     start = _BATCH_SEQUENCE + varint(sequence) if sequence else b""
     end = (_BATCH_FLUSH if flush else b"") + (_BATCH_UPTODATE if uptodate else b"")
     body += len(start) + len(end)

@@ -30,7 +30,7 @@ def test_help_names_every_contract_flag(program):
                            "127.0.0.1:7700", "127.0.0.1:10809"],
         "standby-primary": ["--volume", "--standby", "--nbd-listen", "--metrics-listen", "--mode",
                             "127.0.0.1:10810"],
-        "standbyctl": ["--standby", "status", "snapshot"],
+        "standbyctl": ["--standby", "status", "snapshot", "verify"],
     }[program]  # fmt: skip
     for flag in expected:
         assert flag in out.stdout, flag

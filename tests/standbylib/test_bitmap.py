@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -31,6 +33,41 @@ def test_a_mark_is_on_disk_when_it_returns_and_a_release_clears_only_after_linge
     assert bm.clean() == 0 and bm.on_disk()[1:4].all()  # still lingering
     assert bm.clean(now=1e12) == 3
     assert not bm.on_disk().any() and bm.marked() == 0
+
+
+def test_the_activity_log_keeps_the_most_recent_regions_marked_and_their_rewrites_need_no_sync():
+    bm = fresh(ahead=0, linger=0, hot=8)
+    for r in range(16):  # 16 regions written and acknowledged, oldest first
+        bm.mark(r * G, 4096)
+        bm.release(r * G, 4096)
+    assert bm.clean() == 8  # the 8 least recently used leave the activity log
+    assert list(np.flatnonzero(bm.on_disk())) == list(range(8, 16))
+    syncs = bm.syncs
+    assert bm.try_mark(12 * G, 4096)  # a region in the log: marked without a sync
+    bm.release(12 * G, 4096)
+    bm.mark(13 * G, 4096)
+    assert bm.syncs == syncs
+    assert not bm.try_mark(3 * G, 4096)  # out of the log: would need a sync, so nothing changes
+    assert not bm.on_disk()[3] and bm.out_of_sync_bytes() == G  # only region 13 is in flight
+    bm.release(13 * G, 4096)
+    assert bm.clean(now=time.monotonic() + 60) == 8  # quiet long enough: every idle region is cleared
+    assert not bm.on_disk().any()
+
+
+def test_concurrent_markers_share_syncs():
+    class SlowSync(MemFile):
+        def sync(self) -> None:
+            time.sleep(0.02)
+
+    bm = WriteIntentBitmap(SlowSync(), 16 * MiB, G, new=True, ahead=0)
+    before = bm.syncs
+    threads = [threading.Thread(target=bm.mark, args=(r * G, 4096)) for r in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert bm.on_disk()[:16].all()
+    assert bm.syncs - before < 8, f"{bm.syncs - before} syncs for 16 concurrent marks"
 
 
 def test_a_region_with_a_write_in_flight_is_never_cleared():

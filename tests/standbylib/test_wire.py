@@ -6,15 +6,37 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from standbylib.rpc.v1 import replication_pb2
-from standbylib.rpc.wire import encode_batch, varint
+from standbylib.rpc.wire import Probe, Repair, block_digests, encode_batch, varint, zero_digests
 
+u64 = st.integers(min_value=0, max_value=2**64 - 1)
+plain = st.one_of(st.binary(max_size=300), st.integers(min_value=0, max_value=2**63))
 ops_strategy = st.lists(
     st.tuples(
         st.integers(min_value=0, max_value=2**63),
-        st.one_of(st.binary(max_size=300), st.integers(min_value=0, max_value=2**63)),
+        st.one_of(
+            plain,
+            st.builds(Probe, u64, st.binary(max_size=80), u64),
+            st.builds(Repair, plain, u64),
+        ),
     ),
     max_size=12,
 )
+
+
+def expected_write(offset, payload):
+    if isinstance(payload, Probe):
+        return replication_pb2.Write(
+            offset=offset,
+            checksum_length=payload.length,
+            digests=payload.digests,
+            verify_id=payload.verify_id,
+        )
+    verify_id = 0
+    if isinstance(payload, Repair):
+        payload, verify_id = payload.data, payload.verify_id
+    if isinstance(payload, int):
+        return replication_pb2.Write(offset=offset, zero_length=payload, verify_id=verify_id)
+    return replication_pb2.Write(offset=offset, data=payload, verify_id=verify_id)
 
 
 @settings(max_examples=300, deadline=None)
@@ -30,12 +52,7 @@ def test_protobuf_parses_our_encoding(sequence, ops, flush, uptodate):
     assert parsed.WhichOneof("kind") == "batch"
     expected = replication_pb2.Batch(
         sequence=sequence,
-        writes=[
-            replication_pb2.Write(offset=o, zero_length=d)
-            if isinstance(d, int)
-            else replication_pb2.Write(offset=o, data=d)
-            for o, d in ops
-        ],
+        writes=[expected_write(o, d) for o, d in ops],
         flush=flush,
         uptodate=uptodate,
     )
@@ -59,3 +76,19 @@ def test_varint_edges():
             shift += 7
         assert decoded == value
         assert all(b & 0x80 for b in encoded[:-1]) and not encoded[-1] & 0x80
+
+
+def test_block_digests_are_little_endian_xxh3_per_block():
+    import struct
+
+    import xxhash
+
+    data = b"a" * 4096 + b"b" * 4096
+    digests = block_digests(data, 4096)
+    assert len(digests) == 16
+    assert struct.unpack("<2Q", digests) == (
+        xxhash.xxh3_64_intdigest(b"a" * 4096),
+        xxhash.xxh3_64_intdigest(b"b" * 4096),
+    )
+    assert block_digests(memoryview(bytearray(data)), 4096) == digests
+    assert zero_digests(3 * 512, 512) == block_digests(bytes(3 * 512), 512)

@@ -117,3 +117,31 @@ class DeleteSnapshotRequest(_message.Message):
 class DeleteSnapshotReply(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class VerifyRequest(_message.Message):
+    __slots__ = ("volume", "repair")
+    VOLUME_FIELD_NUMBER: _ClassVar[int]
+    REPAIR_FIELD_NUMBER: _ClassVar[int]
+    volume: str
+    repair: bool
+    def __init__(self, volume: _Optional[str] = ..., repair: _Optional[bool] = ...) -> None: ...
+
+class VerifyProgress(_message.Message):
+    __slots__ = ("volume", "checked_bytes", "total_bytes", "mismatched_blocks", "first_offsets", "repaired_blocks", "done", "block_size")
+    VOLUME_FIELD_NUMBER: _ClassVar[int]
+    CHECKED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MISMATCHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    REPAIRED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    volume: str
+    checked_bytes: int
+    total_bytes: int
+    mismatched_blocks: int
+    first_offsets: _containers.RepeatedScalarFieldContainer[int]
+    repaired_blocks: int
+    done: bool
+    block_size: int
+    def __init__(self, volume: _Optional[str] = ..., checked_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., mismatched_blocks: _Optional[int] = ..., first_offsets: _Optional[_Iterable[int]] = ..., repaired_blocks: _Optional[int] = ..., done: _Optional[bool] = ..., block_size: _Optional[int] = ...) -> None: ...

@@ -54,6 +54,11 @@ class ControlStub:
                 request_serializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.DeleteSnapshotRequest.SerializeToString,
                 response_deserializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.DeleteSnapshotReply.FromString,
                 _registered_method=True)
+        self.Verify = channel.unary_stream(
+                '/standbyappliance.v1.Control/Verify',
+                request_serializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.VerifyRequest.SerializeToString,
+                response_deserializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.VerifyProgress.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -86,6 +91,15 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Verify(self, request, context):
+        """Compare the replica with the primary's volume, block by block, while writes go on; progress about
+        every 0.5 s, the last message with `done`. NOT_FOUND for an unknown volume; FAILED_PRECONDITION when
+        no primary is connected, a resync is under way, another verify runs, or the verify was cut short.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -108,6 +122,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.DeleteSnapshot,
                     request_deserializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.DeleteSnapshotRequest.FromString,
                     response_serializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.DeleteSnapshotReply.SerializeToString,
+            ),
+            'Verify': grpc.unary_stream_rpc_method_handler(
+                    servicer.Verify,
+                    request_deserializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.VerifyRequest.FromString,
+                    response_serializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.VerifyProgress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -218,6 +237,33 @@ class Control:
             '/standbyappliance.v1.Control/DeleteSnapshot',
             standbylib_dot_rpc_dot_v1_dot_control__pb2.DeleteSnapshotRequest.SerializeToString,
             standbylib_dot_rpc_dot_v1_dot_control__pb2.DeleteSnapshotReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Verify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/standbyappliance.v1.Control/Verify',
+            standbylib_dot_rpc_dot_v1_dot_control__pb2.VerifyRequest.SerializeToString,
+            standbylib_dot_rpc_dot_v1_dot_control__pb2.VerifyProgress.FromString,
             options,
             channel_credentials,
             insecure,

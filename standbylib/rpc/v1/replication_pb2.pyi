@@ -61,14 +61,20 @@ class MirrorOpen(_message.Message):
     def __init__(self, volume: _Optional[str] = ..., first_sequence: _Optional[int] = ..., primary_id: _Optional[str] = ..., received_acks: _Optional[bool] = ..., resync: _Optional[bool] = ..., generation: _Optional[str] = ...) -> None: ...
 
 class Write(_message.Message):
-    __slots__ = ("offset", "data", "zero_length")
+    __slots__ = ("offset", "data", "zero_length", "checksum_length", "digests", "verify_id")
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     ZERO_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_ID_FIELD_NUMBER: _ClassVar[int]
     offset: int
     data: bytes
     zero_length: int
-    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., zero_length: _Optional[int] = ...) -> None: ...
+    checksum_length: int
+    digests: bytes
+    verify_id: int
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., zero_length: _Optional[int] = ..., checksum_length: _Optional[int] = ..., digests: _Optional[bytes] = ..., verify_id: _Optional[int] = ...) -> None: ...
 
 class Batch(_message.Message):
     __slots__ = ("sequence", "writes", "flush", "uptodate")
@@ -90,12 +96,24 @@ class MirrorRequest(_message.Message):
     batch: Batch
     def __init__(self, open: _Optional[_Union[MirrorOpen, _Mapping]] = ..., batch: _Optional[_Union[Batch, _Mapping]] = ...) -> None: ...
 
+class VerifyCommand(_message.Message):
+    __slots__ = ("id", "repair")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REPAIR_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    repair: bool
+    def __init__(self, id: _Optional[int] = ..., repair: _Optional[bool] = ...) -> None: ...
+
 class MirrorReply(_message.Message):
-    __slots__ = ("sequence", "durable", "received")
+    __slots__ = ("sequence", "durable", "received", "mismatched", "verify")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     DURABLE_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    MISMATCHED_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     durable: bool
     received: bool
-    def __init__(self, sequence: _Optional[int] = ..., durable: _Optional[bool] = ..., received: _Optional[bool] = ...) -> None: ...
+    mismatched: _containers.RepeatedScalarFieldContainer[int]
+    verify: VerifyCommand
+    def __init__(self, sequence: _Optional[int] = ..., durable: _Optional[bool] = ..., received: _Optional[bool] = ..., mismatched: _Optional[_Iterable[int]] = ..., verify: _Optional[_Union[VerifyCommand, _Mapping]] = ...) -> None: ...
