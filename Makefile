@@ -46,6 +46,7 @@ bench: venv system-deps
 	$(BIN)/python bench/engine_bench.py --output bench/results/engine.json
 	$(BIN)/python bench/nbd_bench.py --output bench/results/nbd.json
 	$(BIN)/python bench/replication_bench.py --output bench/results/replication.json
+	$(BIN)/python bench/backup_bench.py --output bench/results/backup.json
 
 demo: venv system-deps
 	$(BIN)/python scripts/demo.py

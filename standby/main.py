@@ -59,6 +59,10 @@ class StandbyConfig:
     )
 
 
+#: Seconds between checks for snapshot leases that ran out.
+LEASE_CHECK = 1.0
+
+
 def serve(conf: StandbyConfig) -> int:
     if not conf.data_dir:
         raise cfg.ConfigError(detail="--data-dir is required (or data_dir in the --config file)")
@@ -89,7 +93,8 @@ def serve(conf: StandbyConfig) -> int:
             preservation_capacity=stats.capacity_bytes,
             on_full=conf.on_full,
         )
-        stop.wait()
+        while not stop.wait(LEASE_CHECK):
+            node.expire_leases()
         log.info("stopping", signal=stop.signum)
     finally:
         if grpc_server is not None:

@@ -28,10 +28,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from standby.leases import Leases, check_lease
 from standbylib.blockdev import Device, check_block_size, open_file_device
 from standbylib.errors import (
     AlreadyExists,
     InvalidArgument,
+    NotFound,
     OutOfRange,
     PreservationDeferred,
     ReplicaInconsistent,
@@ -208,6 +210,7 @@ class StandbyNode:
         os.makedirs(os.path.join(self.data_dir, REPLICA_DIR), exist_ok=True)
         self.id = self._identity()
         self._saved = self._load_state()
+        self.leases = Leases(self.data_dir)
         self.capacity = parse_capacity(capacity, self.data_dir)
         self.store = PreservationStore.open(self.store_path, self.capacity, on_full=on_full)
         try:
@@ -668,21 +671,59 @@ class StandbyNode:
     # -- snapshots ---------------------------------------------------------------------------------------
 
     def create_snapshot(
-        self, volume: str, name: str | None, *, writable: bool = False, capacity: int | None = None
+        self,
+        volume: str,
+        name: str | None,
+        *,
+        writable: bool = False,
+        capacity: int | None = None,
+        lease: float | None = None,
     ) -> SnapshotInfo:
+        """Freeze `volume`'s image; with a `lease` (seconds) the snapshot is deleted unless renewed."""
         replica = self.replica(volume)
         if replica.state == INCONSISTENT:
             raise ReplicaInconsistent(volume=volume)
+        if lease is not None:
+            check_lease(lease)
         snap = replica.volume.create_snapshot(name or None, writable=writable, capacity=capacity)
         with self._lock:
             self._exports[f"{volume}@{snap.name}"] = snap
+        if lease is not None:
+            self.leases.grant(volume, snap.name, lease)
         info = snap.info()
-        log.info("snapshot_created", volume=volume, snapshot=snap.name, writable=writable, capacity=capacity)
+        log.info(
+            "snapshot_created",
+            volume=volume,
+            snapshot=snap.name,
+            writable=writable,
+            capacity=capacity,
+            lease=lease,
+        )
         return info
+
+    def renew_lease(self, volume: str, name: str, seconds: float) -> SnapshotInfo:
+        """Extend (or give) the lease of an existing snapshot to `seconds` from now."""
+        snap = self.snapshot(volume, name)
+        self.leases.grant(volume, name, seconds)
+        return snap.info()
+
+    def expire_leases(self, now: float | None = None) -> list[str]:
+        """Delete the snapshots whose lease ran out; their export names."""
+        gone: list[str] = []
+        for volume, name in self.leases.expired(now):
+            try:
+                self.delete_snapshot(volume, name)
+            except NotFound:
+                self.leases.drop(volume, name)  # deleted already, or its volume is gone
+                continue
+            log.warning("snapshot_lease_expired", volume=volume, snapshot=name)
+            gone.append(f"{volume}@{name}")
+        return gone
 
     def delete_snapshot(self, volume: str, name: str) -> None:
         replica = self.replica(volume)
         replica.volume.delete_snapshot(name)
+        self.leases.drop(volume, name)
         with self._lock:
             self._exports.pop(f"{volume}@{name}", None)
         log.info("snapshot_deleted", volume=volume, snapshot=name)

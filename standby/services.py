@@ -266,15 +266,27 @@ class ControlService(control_pb2_grpc.ControlServicer):
             request.name or None,
             writable=request.writable,
             capacity=request.capacity_bytes or None,
+            lease=request.lease_seconds or None,
         )
-        return snapshot_message(info)
+        return self._message(info)
+
+    @guarded
+    def RenewSnapshotLease(
+        self, request: control_pb2.RenewSnapshotLeaseRequest, context: grpc.ServicerContext
+    ) -> control_pb2.SnapshotInfo:
+        return self._message(self.node.renew_lease(request.volume, request.name, request.lease_seconds))
+
+    def _message(self, info: SnapshotInfo) -> control_pb2.SnapshotInfo:
+        message = snapshot_message(info)
+        message.lease_remaining_seconds = self.node.leases.remaining(info.volume, info.name) or 0.0
+        return message
 
     @guarded
     def ListSnapshots(
         self, request: control_pb2.ListSnapshotsRequest, context: grpc.ServicerContext
     ) -> control_pb2.ListSnapshotsReply:
         return control_pb2.ListSnapshotsReply(
-            snapshots=[snapshot_message(i) for i in self.node.snapshots(request.volume or None)]
+            snapshots=[self._message(i) for i in self.node.snapshots(request.volume or None)]
         )
 
     @guarded

@@ -2,11 +2,44 @@
 
 Modules: `protocol` (wire constants and structs), `handshake` (option negotiation), `transmission`
 (the requests of a connection), `replies` (reply parts), `server` (listening socket and threads),
-`sockio` (buffered socket I/O), `errnos` (library exceptions -> errno). Devices may offer read plans
+`sockio` (buffered socket I/O), `errnos` (library exceptions -> errno), `client` (the reading client
+of the backup node: `NbdClient`, `NbdPool`). Devices may offer read plans
 (`standbylib.readplan`) for the fast read path; docs/NBD.md describes the design.
 """
 
+from standbylib.nbd.client import (
+    Extent,
+    NbdClient,
+    NbdClientClosed,
+    NbdClientError,
+    NbdCommandError,
+    NbdConnectError,
+    NbdConnectionLost,
+    NbdNegotiationError,
+    NbdPool,
+    NbdProtocolError,
+    NbdTimeout,
+    NbdUnknownExport,
+)
 from standbylib.nbd.server import ERRNO_TABLE, NbdServer, errno_for
 from standbylib.readplan import PlanSource, ReadPlan
 
-__all__ = ["ERRNO_TABLE", "NbdServer", "PlanSource", "ReadPlan", "errno_for"]
+__all__ = [
+    "ERRNO_TABLE",
+    "Extent",
+    "NbdClient",
+    "NbdClientClosed",
+    "NbdClientError",
+    "NbdCommandError",
+    "NbdConnectError",
+    "NbdConnectionLost",
+    "NbdNegotiationError",
+    "NbdPool",
+    "NbdProtocolError",
+    "NbdServer",
+    "NbdTimeout",
+    "NbdUnknownExport",
+    "PlanSource",
+    "ReadPlan",
+    "errno_for",
+]

@@ -216,3 +216,11 @@ def pack_string(text: str) -> bytes:
     """A 32-bit length followed by the UTF-8 text, as in option data."""
     data = text.encode("utf-8")
     return U32.pack(len(data)) + data
+
+
+# -- client side ------------------------------------------------------------------------------------------
+
+#: Second magic of the oldstyle handshake ("cliserv_magic"); a client recognises it to refuse it clearly.
+OLDSTYLE_MAGIC: Final = 0x00420281861253
+#: Bit 15 of a structured reply type: an error chunk (its payload starts like NBD_REPLY_TYPE_ERROR's).
+REPLY_TYPE_FLAG_ERROR: Final = 1 << 15

@@ -229,6 +229,12 @@ def _console(script: str, module: str) -> list[str]:
 STANDBY_CMD = ("standby-daemon", "standby.main")
 PRIMARY_CMD = ("standby-primary", "primary.main")
 CTL_CMD = ("standbyctl", "standby.ctl")
+BACKUP_CMD = ("standby-backup", "backupnode.main")
+
+
+def backup_argv(*args: str) -> list[str]:
+    """The command line of `standby-backup` with `args`."""
+    return [*_console(*BACKUP_CMD), *args]
 
 
 @dataclass

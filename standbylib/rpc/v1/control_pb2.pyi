@@ -11,7 +11,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SnapshotInfo(_message.Message):
-    __slots__ = ("volume", "name", "valid", "writable", "created", "preserved_bytes", "capacity_bytes", "export", "reason")
+    __slots__ = ("volume", "name", "valid", "writable", "created", "preserved_bytes", "capacity_bytes", "export", "reason", "lease_remaining_seconds")
     VOLUME_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     VALID_FIELD_NUMBER: _ClassVar[int]
@@ -21,6 +21,7 @@ class SnapshotInfo(_message.Message):
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     EXPORT_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    LEASE_REMAINING_SECONDS_FIELD_NUMBER: _ClassVar[int]
     volume: str
     name: str
     valid: bool
@@ -30,7 +31,8 @@ class SnapshotInfo(_message.Message):
     capacity_bytes: int
     export: str
     reason: str
-    def __init__(self, volume: _Optional[str] = ..., name: _Optional[str] = ..., valid: _Optional[bool] = ..., writable: _Optional[bool] = ..., created: _Optional[str] = ..., preserved_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., export: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    lease_remaining_seconds: float
+    def __init__(self, volume: _Optional[str] = ..., name: _Optional[str] = ..., valid: _Optional[bool] = ..., writable: _Optional[bool] = ..., created: _Optional[str] = ..., preserved_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., export: _Optional[str] = ..., reason: _Optional[str] = ..., lease_remaining_seconds: _Optional[float] = ...) -> None: ...
 
 class VolumeStatus(_message.Message):
     __slots__ = ("name", "size", "block_size", "state", "connected", "snapshots", "applied_bytes", "applied_batches", "cow_copies", "primary_id")
@@ -83,16 +85,28 @@ class StatusReply(_message.Message):
     def __init__(self, nbd: _Optional[str] = ..., volumes: _Optional[_Iterable[_Union[VolumeStatus, _Mapping]]] = ..., store: _Optional[_Union[StoreStatus, _Mapping]] = ..., standby_id: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class CreateSnapshotRequest(_message.Message):
-    __slots__ = ("volume", "name", "writable", "capacity_bytes")
+    __slots__ = ("volume", "name", "writable", "capacity_bytes", "lease_seconds")
     VOLUME_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     WRITABLE_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     volume: str
     name: str
     writable: bool
     capacity_bytes: int
-    def __init__(self, volume: _Optional[str] = ..., name: _Optional[str] = ..., writable: _Optional[bool] = ..., capacity_bytes: _Optional[int] = ...) -> None: ...
+    lease_seconds: float
+    def __init__(self, volume: _Optional[str] = ..., name: _Optional[str] = ..., writable: _Optional[bool] = ..., capacity_bytes: _Optional[int] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
+
+class RenewSnapshotLeaseRequest(_message.Message):
+    __slots__ = ("volume", "name", "lease_seconds")
+    VOLUME_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    volume: str
+    name: str
+    lease_seconds: float
+    def __init__(self, volume: _Optional[str] = ..., name: _Optional[str] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
 
 class ListSnapshotsRequest(_message.Message):
     __slots__ = ("volume",)

@@ -54,6 +54,11 @@ class ControlStub:
                 request_serializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.DeleteSnapshotRequest.SerializeToString,
                 response_deserializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.DeleteSnapshotReply.FromString,
                 _registered_method=True)
+        self.RenewSnapshotLease = channel.unary_unary(
+                '/standbyappliance.v1.Control/RenewSnapshotLease',
+                request_serializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.RenewSnapshotLeaseRequest.SerializeToString,
+                response_deserializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.SnapshotInfo.FromString,
+                _registered_method=True)
         self.Verify = channel.unary_stream(
                 '/standbyappliance.v1.Control/Verify',
                 request_serializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.VerifyRequest.SerializeToString,
@@ -91,6 +96,14 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RenewSnapshotLease(self, request, context):
+        """Extend the lease of a snapshot to `lease_seconds` from now (or give it one). NOT_FOUND when the
+        snapshot is gone (deleted, or its lease ran out before).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Verify(self, request, context):
         """Compare the replica with the primary's volume, block by block, while writes go on; progress about
         every 0.5 s, the last message with `done`. NOT_FOUND for an unknown volume; FAILED_PRECONDITION when
@@ -122,6 +135,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.DeleteSnapshot,
                     request_deserializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.DeleteSnapshotRequest.FromString,
                     response_serializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.DeleteSnapshotReply.SerializeToString,
+            ),
+            'RenewSnapshotLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewSnapshotLease,
+                    request_deserializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.RenewSnapshotLeaseRequest.FromString,
+                    response_serializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.SnapshotInfo.SerializeToString,
             ),
             'Verify': grpc.unary_stream_rpc_method_handler(
                     servicer.Verify,
@@ -237,6 +255,33 @@ class Control:
             '/standbyappliance.v1.Control/DeleteSnapshot',
             standbylib_dot_rpc_dot_v1_dot_control__pb2.DeleteSnapshotRequest.SerializeToString,
             standbylib_dot_rpc_dot_v1_dot_control__pb2.DeleteSnapshotReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewSnapshotLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/standbyappliance.v1.Control/RenewSnapshotLease',
+            standbylib_dot_rpc_dot_v1_dot_control__pb2.RenewSnapshotLeaseRequest.SerializeToString,
+            standbylib_dot_rpc_dot_v1_dot_control__pb2.SnapshotInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,499 @@
+"""The backup archive: one sequential stream that plain GNU tar restores (docs/ARCHIVE-FORMAT.md).
+
+A zstd-compressed POSIX pax tar with three members, in this order:
+
+1. ``MANIFEST.json``: everything known before the image is read (format and version, volume, size,
+   block size, snapshot name and time, chunk size, the data extents);
+2. the image, ``VOLUME.img``, as a sparse member in GNU sparse format 1.0 (pax records
+   ``GNU.sparse.*``, the map of data extents at the start of the member's data): holes take no space;
+3. ``TRAILER.json``: the SHA-256 of every chunk of the image's data, the byte counts, and
+   ``"complete": true``.
+
+The per-chunk checksums come last because the stream is written in one pass, never seeked (it may go
+to a tape or a pipe): they are only known once the data went by. A reader therefore trusts nothing
+until it has met the trailer: an archive cut anywhere (no trailer, a short member, a broken zstd
+frame) is rejected, and `restore` writes to a temporary name that it renames only then.
+
+Chunks cut the image's *data stream* (the data extents back to back, as the member stores them) every
+`chunk_size` bytes, so holes cost no hashing; `verify` maps a bad chunk back to the image offset where
+it starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import zstandard
+
+from standbylib.errors import StandbyError
+from standbylib.rawfile import Buffer
+
+FORMAT = "standby-archive"
+VERSION = 1
+BLOCK = 512  # tar's record unit
+DEFAULT_CHUNK = 4 << 20
+MANIFEST_NAME = "MANIFEST.json"
+TRAILER_NAME = "TRAILER.json"
+#: zstd level of the archive: 3 is zstd's default, fast enough to keep up with the network.
+LEVEL = 3
+
+
+class ArchiveError(StandbyError):
+    template = "archive {path}: {detail}"
+
+
+class IncompleteArchive(ArchiveError):
+    """The archive ends before its trailer: a cut or still-running backup."""
+
+
+class CorruptArchive(ArchiveError):
+    """The archive is complete in form but its content does not match its checksums."""
+
+
+@dataclass(slots=True)
+class Manifest:
+    volume: str
+    size: int
+    block_size: int
+    snapshot: str
+    snapshot_created: str
+    extents: list[tuple[int, int]]  # (offset, length) of each data extent, in order
+    chunk_size: int = DEFAULT_CHUNK
+    image_name: str = ""
+    created_by: str = "standby-backup"
+
+    def __post_init__(self) -> None:
+        if not self.image_name:
+            self.image_name = f"{self.volume}.img"
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(length for _, length in self.extents)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "volume": self.volume,
+            "size": self.size,
+            "block_size": self.block_size,
+            "snapshot": self.snapshot,
+            "snapshot_created": self.snapshot_created,
+            "chunk_size": self.chunk_size,
+            "image": self.image_name,
+            "data_bytes": self.data_bytes,
+            "extents": [[offset, length] for offset, length in self.extents],
+            "created_by": self.created_by,
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any], path: str) -> Manifest:
+        if doc.get("format") != FORMAT:
+            raise ArchiveError(path=path, detail=f"not a backup archive (format {doc.get('format')!r})")
+        if doc.get("version") != VERSION:
+            raise ArchiveError(
+                path=path, detail=f"archive format version {doc.get('version')} is not supported"
+            )
+        try:
+            return cls(
+                volume=str(doc["volume"]),
+                size=int(doc["size"]),
+                block_size=int(doc["block_size"]),
+                snapshot=str(doc["snapshot"]),
+                snapshot_created=str(doc["snapshot_created"]),
+                extents=[(int(o), int(n)) for o, n in doc["extents"]],
+                chunk_size=int(doc["chunk_size"]),
+                image_name=str(doc["image"]),
+                created_by=str(doc.get("created_by", "")),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArchiveError(path=path, detail=f"malformed manifest ({e})") from None
+
+
+@dataclass(slots=True)
+class Trailer:
+    chunks: list[str]  # SHA-256 (hex) of each chunk of the data stream
+    data_bytes: int
+    complete: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return {"complete": self.complete, "data_bytes": self.data_bytes, "chunk_sha256": self.chunks}
+
+
+def check_extents(extents: list[tuple[int, int]], size: int) -> None:
+    """Extents must be ordered, disjoint, non-empty and inside the image."""
+    end = 0
+    for offset, length in extents:
+        if length <= 0 or offset < end or offset + length > size:
+            raise ValueError(f"bad extent [{offset}, +{length}) in an image of {size} bytes")
+        end = offset + length
+
+
+# -- writing ----------------------------------------------------------------------------------------
+
+
+def _member_header(name: str, size: int, mtime: float, pax: dict[str, str] | None = None) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = int(mtime)
+    info.mode = 0o600
+    info.type = tarfile.REGTYPE
+    info.uname = info.gname = ""
+    if pax:
+        info.pax_headers = dict(pax)
+    return info.tobuf(format=tarfile.PAX_FORMAT)
+
+
+def _padding(size: int) -> bytes:
+    return b"\0" * (-size % BLOCK)
+
+
+def sparse_map(extents: list[tuple[int, int]], size: int) -> bytes:
+    """The GNU sparse 1.0 map that starts the member's data, padded to a tar block.
+
+    A file that ends in a hole gets a last, empty extent at its end, as GNU tar writes it, so that
+    every extractor gives the file its full size."""
+    entries = list(extents)
+    if not entries or entries[-1][0] + entries[-1][1] < size:
+        entries.append((size, 0))
+    text = f"{len(entries)}\n" + "".join(f"{o}\n{n}\n" for o, n in entries)
+    raw = text.encode()
+    return raw + _padding(len(raw))
+
+
+class ArchiveWriter:
+    """Write an archive to `out` (any writable binary stream; it is only ever appended to).
+
+    `begin` writes the manifest and the image member's header; then `write` the data of the extents,
+    in order and exactly; then `finish` writes the trailer and the tar and zstd ends. `close` without
+    `finish` leaves a recognisably incomplete archive (no trailer)."""
+
+    def __init__(self, out: IO[bytes], manifest: Manifest, *, level: int = LEVEL, threads: int = -1) -> None:
+        check_extents(manifest.extents, manifest.size)
+        self.manifest = manifest
+        params = zstandard.ZstdCompressionParameters.from_level(level, threads=threads, write_checksum=True)
+        self._z = zstandard.ZstdCompressor(compression_params=params).stream_writer(out, closefd=False)
+        self._chunks: list[str] = []
+        self._hash = hashlib.sha256()
+        self._in_chunk = 0
+        self._written = 0
+        self._member = 0
+        self._mtime = _timestamp(manifest.snapshot_created)
+        self.raw_bytes = 0  # tar bytes before compression
+
+    def _emit(self, data: Buffer) -> None:
+        self._z.write(data)
+        self.raw_bytes += len(data)
+
+    def begin(self) -> None:
+        m = self.manifest
+        doc = (json.dumps(m.to_json(), indent=1) + "\n").encode()
+        self._emit(_member_header(MANIFEST_NAME, len(doc), self._mtime) + doc + _padding(len(doc)))
+        smap = sparse_map(m.extents, m.size)
+        self._member = len(smap) + m.data_bytes
+        pax = {
+            "GNU.sparse.major": "1",
+            "GNU.sparse.minor": "0",
+            "GNU.sparse.name": m.image_name,
+            "GNU.sparse.realsize": str(m.size),
+        }
+        self._emit(_member_header(f"GNUSparseFile.0/{m.image_name}", self._member, self._mtime, pax) + smap)
+
+    def write(self, data: Buffer) -> None:
+        """The next bytes of the data extents (the image's data, in extent order)."""
+        view = memoryview(data).cast("B")
+        if self._written + len(view) > self.manifest.data_bytes:
+            raise ValueError("more data than the manifest's extents hold")
+        self._emit(view)
+        self._written += len(view)
+        size = self.manifest.chunk_size
+        while len(view):
+            take = min(len(view), size - self._in_chunk)
+            self._hash.update(view[:take])
+            self._in_chunk += take
+            view = view[take:]
+            if self._in_chunk == size:
+                self._end_chunk()
+
+    def _end_chunk(self) -> None:
+        self._chunks.append(self._hash.hexdigest())
+        self._hash = hashlib.sha256()
+        self._in_chunk = 0
+
+    def finish(self) -> Trailer:
+        m = self.manifest
+        if self._written != m.data_bytes:
+            raise ValueError(f"{self._written} of {m.data_bytes} data bytes written")
+        if self._in_chunk:
+            self._end_chunk()
+        self._emit(_padding(self._member))
+        trailer = Trailer(self._chunks, self._written)
+        doc = (json.dumps(trailer.to_json()) + "\n").encode()
+        self._emit(_member_header(TRAILER_NAME, len(doc), self._mtime) + doc + _padding(len(doc)))
+        self._emit(b"\0" * (2 * BLOCK))  # end of the tar archive
+        self._z.close()  # type: ignore[no-untyped-call]  # ends the zstd frame; the output stays open
+        return trailer
+
+    def close(self) -> None:
+        """Flush what is buffered; without `finish` the archive stays incomplete (no trailer)."""
+        if not self._z.closed:
+            self._z.flush(zstandard.FLUSH_BLOCK)
+
+
+def _timestamp(created: str) -> float:
+    """A snapshot's RFC 3339 time as seconds since the epoch (0 when it cannot be read)."""
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
+
+
+# -- reading ----------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ReadResult:
+    manifest: Manifest
+    trailer: Trailer
+    bad_chunks: list[int] = field(default_factory=list)  # chunk numbers whose SHA-256 differs
+
+
+class _Stream:
+    """Exact reads from the decompressed archive; a short read is an incomplete archive.
+
+    `end` checks that the zstd frame ended exactly (its checksum included) with nothing after it:
+    an archive cut even in the last bytes of the frame is incomplete."""
+
+    INPUT = 1 << 20
+
+    def __init__(self, raw: IO[bytes], path: str) -> None:
+        self.path = path
+        self._raw = raw
+        self._z = zstandard.ZstdDecompressor().decompressobj()
+        self._buf = bytearray()
+        self._pos = 0
+        self._eof = False
+
+    def _more(self) -> bool:
+        """Decompress more input into the buffer; False at the end of the input."""
+        if self._eof:
+            return False
+        try:
+            data = self._raw.read(self.INPUT)
+        except OSError as e:
+            raise ArchiveError(path=self.path, detail=f"read error: {e.strerror or e}") from None
+        if not data:
+            self._eof = True
+            return False
+        try:
+            out = self._z.decompress(data)
+        except zstandard.ZstdError as e:
+            raise CorruptArchive(path=self.path, detail=f"the compressed stream is damaged ({e})") from None
+        if self._pos:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += out
+        return True
+
+    def read(self, n: int) -> bytes:
+        while len(self._buf) - self._pos < n:
+            if not self._more():
+                raise IncompleteArchive(path=self.path, detail="it ends early: the backup did not finish")
+        out = bytes(self._buf[self._pos : self._pos + n])
+        self._pos += n
+        return out
+
+    def end(self) -> None:
+        while self._more():
+            pass
+        if len(self._buf) - self._pos or self._z.unused_data:
+            raise CorruptArchive(path=self.path, detail="unexpected data after the end of the archive")
+        if not self._z.eof:
+            raise IncompleteArchive(path=self.path, detail="the compressed stream is cut short")
+
+    def close(self) -> None:
+        self._buf = bytearray()
+
+
+def _parse_pax(data: bytes, path: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    pos = 0
+    while pos < len(data):
+        space = data.find(b" ", pos)
+        if space < 0:
+            break
+        try:
+            length = int(data[pos:space])
+        except ValueError:
+            raise CorruptArchive(path=path, detail="malformed pax header") from None
+        record = data[space + 1 : pos + length - 1].decode("utf-8", "replace")
+        key, _, value = record.partition("=")
+        out[key] = value
+        pos += length
+    return out
+
+
+@dataclass(slots=True)
+class _Member:
+    name: str
+    size: int
+    pax: dict[str, str]
+
+
+def _next_member(stream: _Stream) -> _Member | None:
+    """The next member's header (None at the end of the tar)."""
+    pax: dict[str, str] = {}
+    while True:
+        block = stream.read(BLOCK)
+        if block == b"\0" * BLOCK:
+            return None
+        try:
+            info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+        except tarfile.HeaderError as e:
+            raise CorruptArchive(path=stream.path, detail=f"bad tar header ({e})") from None
+        if info.type in (tarfile.XHDTYPE, tarfile.XGLTYPE):
+            data = stream.read(info.size + (-info.size % BLOCK))[: info.size]
+            if info.type == tarfile.XHDTYPE:
+                pax.update(_parse_pax(data, stream.path))
+            continue
+        size = int(pax["size"]) if "size" in pax else info.size
+        return _Member(pax.get("path", info.name), size, pax)
+
+
+def read_archive(
+    raw: IO[bytes], path: str, *, sink: Any = None, stop_at_first_bad: bool = False
+) -> ReadResult:
+    """Read a whole archive, checking its structure and every chunk.
+
+    `sink`, if given, gets ``sink.manifest(manifest)`` first, then ``sink.data(offset, bytes)`` for
+    each piece of the image's data at its image offset. Raises `IncompleteArchive` or
+    `CorruptArchive`; chunk mismatches are returned in `bad_chunks` (the first one raises with
+    `stop_at_first_bad`)."""
+    stream = _Stream(raw, path)
+    try:
+        first = _next_member(stream)
+        if first is None or first.name != MANIFEST_NAME:
+            raise ArchiveError(path=path, detail="not a backup archive (no MANIFEST.json first)")
+        try:
+            doc = json.loads(stream.read(first.size + (-first.size % BLOCK))[: first.size])
+        except ValueError:
+            raise CorruptArchive(path=path, detail="the manifest is not valid JSON") from None
+        manifest = Manifest.from_json(doc, path)
+        try:
+            check_extents(manifest.extents, manifest.size)
+        except ValueError as e:
+            raise CorruptArchive(path=path, detail=f"manifest: {e}") from None
+        if sink is not None:
+            sink.manifest(manifest)
+        image = _next_member(stream)
+        if image is None:
+            raise IncompleteArchive(path=path, detail="it ends after the manifest")
+        _check_image_member(image, manifest, path)
+        hashes, bad = _read_image(stream, image, manifest, sink, stop_at_first_bad)
+        last = _next_member(stream)
+        if last is None or last.name != TRAILER_NAME:
+            raise IncompleteArchive(path=path, detail="no trailer after the image: the backup did not finish")
+        try:
+            tdoc = json.loads(stream.read(last.size + (-last.size % BLOCK))[: last.size])
+            trailer = Trailer(
+                [str(h) for h in tdoc["chunk_sha256"]], int(tdoc["data_bytes"]), bool(tdoc["complete"])
+            )
+        except (ValueError, KeyError, TypeError):
+            raise CorruptArchive(path=path, detail="the trailer is malformed") from None
+        if not trailer.complete or trailer.data_bytes != manifest.data_bytes:
+            raise CorruptArchive(path=path, detail="the trailer does not match the manifest")
+        if len(trailer.chunks) != len(hashes):
+            raise CorruptArchive(
+                path=path, detail=f"{len(trailer.chunks)} chunk checksums for {len(hashes)} chunks"
+            )
+        bad = [i for i, (got, want) in enumerate(zip(hashes, trailer.chunks, strict=True)) if got != want]
+        if bad and stop_at_first_bad:
+            offset = image_offset(manifest, bad[0] * manifest.chunk_size)
+            raise CorruptArchive(
+                path=path, detail=f"chunk {bad[0]} (image offset {offset}) does not match its checksum"
+            )
+        if _next_member(stream) is not None:
+            raise CorruptArchive(path=path, detail="unexpected member after the trailer")
+        stream.read(BLOCK)  # the second of the two zero records that end a tar
+        stream.end()
+        return ReadResult(manifest, trailer, bad)
+    finally:
+        stream.close()
+
+
+def _check_image_member(member: _Member, manifest: Manifest, path: str) -> None:
+    pax = member.pax
+    if pax.get("GNU.sparse.major") != "1" or pax.get("GNU.sparse.minor") != "0":
+        raise CorruptArchive(path=path, detail="the image member is not in GNU sparse format 1.0")
+    if pax.get("GNU.sparse.name") != manifest.image_name or pax.get("GNU.sparse.realsize") != str(
+        manifest.size
+    ):
+        raise CorruptArchive(path=path, detail="the image member does not match the manifest")
+
+
+def _read_image(
+    stream: _Stream, member: _Member, manifest: Manifest, sink: Any, stop_at_first_bad: bool
+) -> tuple[list[str], list[int]]:
+    smap = sparse_map(manifest.extents, manifest.size)
+    if stream.read(len(smap)) != smap:
+        raise CorruptArchive(
+            path=stream.path, detail="the image's sparse map differs from the manifest's extents"
+        )
+    if member.size != len(smap) + manifest.data_bytes:
+        raise CorruptArchive(path=stream.path, detail="the image member's size does not match the manifest")
+    hashes: list[str] = []
+    h = hashlib.sha256()
+    in_chunk = 0
+    chunk = manifest.chunk_size
+    for offset, length in manifest.extents:
+        pos = 0
+        while pos < length:
+            take = min(length - pos, chunk - in_chunk)
+            data = stream.read(take)
+            h.update(data)
+            if sink is not None:
+                sink.data(offset + pos, data)
+            pos += take
+            in_chunk += take
+            if in_chunk == chunk:
+                hashes.append(h.hexdigest())
+                h, in_chunk = hashlib.sha256(), 0
+    if in_chunk:
+        hashes.append(h.hexdigest())
+    stream.read(-member.size % BLOCK)
+    return hashes, []
+
+
+def image_offset(manifest: Manifest, data_offset: int) -> int:
+    """The image offset of byte `data_offset` of the data stream."""
+    pos = 0
+    for offset, length in manifest.extents:
+        if data_offset < pos + length:
+            return offset + data_offset - pos
+        pos += length
+    return manifest.size
+
+
+def data_pieces(extents: Iterable[tuple[int, int]], piece: int) -> Iterator[tuple[int, int]]:
+    """The extents cut in pieces of at most `piece` bytes, in order (what the backup reads)."""
+    for offset, length in extents:
+        pos = 0
+        while pos < length:
+            n = min(piece, length - pos)
+            yield offset + pos, n
+            pos += n
+
+
+def sync_fd(fd: int) -> None:
+    """fsync what can be (a regular file); pipes and terminals cannot."""
+    with contextlib.suppress(OSError):
+        os.fsync(fd)

@@ -1,0 +1,64 @@
+"""The settings of `standby-backup run` (flags, or keys of a --config TOML file)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from standbylib.runtime import config as cfg
+from standbylib.runtime import logs
+from standbylib.units import parse_size
+
+DEFAULT_STANDBY = os.environ.get("STANDBY_ADDRESS", "127.0.0.1:7700")
+
+
+@dataclass
+class RunConfig:
+    standby: str = cfg.setting(
+        DEFAULT_STANDBY, "gRPC address of the standby daemon ($STANDBY_ADDRESS)", metavar="H:P"
+    )
+    output: str = cfg.setting(
+        "",
+        "where the archive goes: a file (not overwritten without --force), - for standard output, "
+        "or a tape device",
+        metavar="FILE|-",
+    )
+    snapshot: str = cfg.setting(
+        "", "back up this existing snapshot (left in place) instead of making one", metavar="NAME"
+    )
+    keep_snapshot: bool = cfg.setting(False, "keep the snapshot made for the backup")
+    force: bool = cfg.setting(False, "overwrite an existing output file")
+    nbd: str = cfg.setting("", "NBD address to read from, if not the one the standby reports", metavar="H:P")
+    connections: int = cfg.setting(
+        2, "NBD connections (when the export allows several)", parse=int, metavar="N"
+    )
+    depth: int = cfg.setting(4, "NBD read requests in flight per connection", parse=int, metavar="N")
+    request_size: int = cfg.setting(1 << 20, "bytes per NBD read request", parse=parse_size, metavar="SIZE")
+    level: int = cfg.setting(3, "zstd compression level (1 fastest .. 19 smallest)", parse=int, metavar="N")
+    threads: int = cfg.setting(
+        -1, "zstd worker threads (-1: one per CPU, 0: compress in the calling thread)", parse=int, metavar="N"
+    )
+    chunk_size: int = cfg.setting(
+        4 << 20, "bytes of data per SHA-256 checksum in the archive", parse=parse_size, metavar="SIZE"
+    )
+    lease: float = cfg.setting(
+        300.0,
+        "seconds a snapshot made for the backup outlives this program if it dies (renewed while it runs)",
+        parse=float,
+        metavar="SECONDS",
+    )
+    timeout: float = cfg.setting(
+        30.0, "seconds to wait for the standby's answers", parse=float, metavar="SECONDS"
+    )
+    metrics_listen: str = cfg.setting(
+        "127.0.0.1:9702", "serve metrics here while running (off: none)", metavar="H:P|off"
+    )
+    metrics_textfile: str = cfg.setting(
+        "", "at the end, write the metrics to this file (node_exporter's textfile collector)", metavar="FILE"
+    )
+    log_level: str = cfg.setting("info", "log level", choices=logs.LEVELS)
+    log_format: str = cfg.setting(
+        "auto",
+        "log lines: json, console, or auto (console on a terminal)",
+        choices=("auto", "json", "console"),
+    )

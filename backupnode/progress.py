@@ -1,0 +1,72 @@
+"""Progress of long work: a bar on a terminal (bytes, rate, ETA), log lines otherwise."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from tqdm import tqdm
+
+from standbylib.runtime import logs
+
+log = logs.get(__name__)
+
+#: Seconds between progress log lines when stderr is not a terminal.
+LOG_EVERY = 10.0
+
+
+class Progress:
+    """Counts bytes of work `what`; `enabled` shows a bar, else (with `log_lines`) logs every
+    `LOG_EVERY` seconds."""
+
+    def __init__(self, what: str, *, enabled: bool, log_lines: bool = False, **fields: Any) -> None:
+        self.what = what
+        self.enabled = enabled
+        self.log_lines = log_lines and not enabled
+        self.fields = fields
+        self.total = 0
+        self.done = 0
+        self._bar: tqdm[Any] | None = None
+        self._started = time.monotonic()
+        self._logged = self._started
+
+    def start(self, total: int) -> None:
+        self.total = total
+        self._started = self._logged = time.monotonic()
+        if self.enabled:
+            self._bar = tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=self.what,
+                file=sys.stderr,
+                dynamic_ncols=True,
+                smoothing=0.1,
+            )
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(n)
+        elif self.log_lines:
+            now = time.monotonic()
+            if now - self._logged >= LOG_EVERY:
+                self._logged = now
+                rate = self.done / max(now - self._started, 1e-9)
+                left = (self.total - self.done) / rate if rate else None
+                log.info(
+                    f"{self.what}_progress",
+                    bytes=self.done,
+                    total_bytes=self.total,
+                    percent=round(100 * self.done / self.total, 1) if self.total else 100.0,
+                    bytes_per_second=round(rate),
+                    eta_seconds=round(left, 1) if left is not None else None,
+                    **self.fields,
+                )
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
