@@ -12,10 +12,16 @@ from standbylib.units import parse_size
 DEFAULT_STANDBY = os.environ.get("STANDBY_ADDRESS", "127.0.0.1:7700")
 
 
+def address(text: str) -> str:
+    """`text` once it is a valid HOST:PORT."""
+    cfg.parse_address(text)
+    return text
+
+
 @dataclass
 class RunConfig:
     standby: str = cfg.setting(
-        DEFAULT_STANDBY, "gRPC address of the standby daemon ($STANDBY_ADDRESS)", metavar="H:P"
+        DEFAULT_STANDBY, "gRPC address of the standby daemon ($STANDBY_ADDRESS)", parse=address, metavar="H:P"
     )
     output: str = cfg.setting(
         "",
@@ -51,7 +57,10 @@ class RunConfig:
         30.0, "seconds to wait for the standby's answers", parse=float, metavar="SECONDS"
     )
     metrics_listen: str = cfg.setting(
-        "127.0.0.1:9702", "serve metrics here while running (off: none)", metavar="H:P|off"
+        "127.0.0.1:9702",
+        "serve metrics here while running (off: none)",
+        parse=lambda text: text if text == "off" else address(text),
+        metavar="H:P|off",
     )
     metrics_textfile: str = cfg.setting(
         "", "at the end, write the metrics to this file (node_exporter's textfile collector)", metavar="FILE"

@@ -254,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stdout.write(cfg.show(conf))
                 return EXIT_OK
             logs.configure("backup", level=conf.log_level, fmt=conf.log_format)
+            if not conf.output:
+                raise cfg.ConfigError(detail="--output is required: a file, - for standard output, or a tape")
             return backup(args.volume, conf)
         logs.configure("backup", level="warning")
         if args.command == "restore":

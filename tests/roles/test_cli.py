@@ -11,6 +11,7 @@ PROGRAMS = {
     "standby-daemon": "standby.main",
     "standby-primary": "primary.main",
     "standbyctl": "standby.ctl",
+    "standby-backup": "backupnode.main",
 }
 
 
@@ -31,6 +32,7 @@ def test_help_names_every_contract_flag(program):
         "standby-primary": ["--volume", "--standby", "--nbd-listen", "--metrics-listen", "--mode",
                             "127.0.0.1:10810"],
         "standbyctl": ["--standby", "status", "snapshot", "verify"],
+        "standby-backup": ["run", "restore", "verify", "list", "tar --zstd -xSf"],
     }[program]  # fmt: skip
     for flag in expected:
         assert flag in out.stdout, flag
@@ -62,6 +64,11 @@ def test_show_config_round_trips_through_a_config_file(tmp_path):
         ("standbyctl", ["snapshot"], "ACTION"),
         ("standbyctl", ["--standby", "nope", "status"], "HOST:PORT"),
         ("standbyctl", ["snapshot", "create", "v", "--capacity", "huge"], "--capacity"),
+        ("standby-backup", [], "COMMAND"),
+        ("standby-backup", ["run", "vol0"], "--output is required"),
+        ("standby-backup", ["run", "vol0", "--output", "a", "--standby", "nope"], "HOST:PORT"),
+        ("standby-backup", ["run", "vol0", "--output", "a", "--connections", "many"], "--connections"),
+        ("standby-backup", ["restore", "a.tar.zst"], "--output"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(tmp_path, program, args, message):
@@ -83,6 +90,14 @@ def test_bad_config_files_are_usage_errors(tmp_path):
         assert out.returncode == 2 and message in out.stderr, out.stderr
     out = run("standby-daemon", "--config", str(tmp_path / "missing.toml"))
     assert out.returncode == 2 and "cannot read" in out.stderr
+
+
+def test_backup_run_help_answers_the_operator_questions():
+    out = run("standby-backup", "run", "--help")
+    assert out.returncode == 0
+    for flag in ["--standby", "--output", "--snapshot", "--keep-snapshot", "--lease", "--connections",
+                 "--metrics-listen", "127.0.0.1:9702", "--config"]:  # fmt: skip
+        assert flag in out.stdout, flag
 
 
 def test_standbyctl_reports_an_unreachable_standby_in_one_line():
