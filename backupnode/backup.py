@@ -66,13 +66,20 @@ class BackupMetrics:
         ).labels(volume)
         self.last_success = Gauge(
             "standby_backup_last_success_timestamp_seconds",
-            "Unix time the last backup of the volume completed (0: not in this run).",
+            "Unix time the last backup of the volume completed (kept from the --metrics-textfile of earlier "
+            "runs; 0: none known).",
             ["volume"],
             registry=self.registry,
         ).labels(volume)
         self.duration = Gauge(
             "standby_backup_duration_seconds",
             "Seconds the backup has run (the whole run once it ended).",
+            ["volume"],
+            registry=self.registry,
+        ).labels(volume)
+        self.last_run_success = Gauge(
+            "standby_backup_last_run_success",
+            "1 if the last backup run of the volume succeeded, 0 if it failed (or runs now).",
             ["volume"],
             registry=self.registry,
         ).labels(volume)
@@ -209,6 +216,8 @@ def open_output(path: str, force: bool) -> tuple[IO[bytes], bool]:
 def backup(volume: str, conf: RunConfig) -> int:
     t0 = time.monotonic()
     metrics = BackupMetrics(volume)
+    if conf.metrics_textfile:
+        metrics.last_success.set(_previous_success(conf.metrics_textfile, volume))
     server = _metrics_server(conf.metrics_listen, metrics.registry)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     standby = Standby(conf.standby, conf.timeout)
@@ -242,6 +251,7 @@ def backup(volume: str, conf: RunConfig) -> int:
         host, port = cfg.parse_address(address)
         summary = _stream(volume, snap, host, port, conf, metrics, standby)
         metrics.last_success.set(time.time())
+        metrics.last_run_success.set(1)
         seconds = time.monotonic() - t0
         metrics.duration.set(seconds)
         _summarise(volume, snap.name, summary, seconds)
@@ -262,7 +272,23 @@ def backup(volume: str, conf: RunConfig) -> int:
         if conf.metrics_textfile:
             write_to_textfile(conf.metrics_textfile, metrics.registry)
         if server is not None:
+            if conf.metrics_linger > 0:
+                time.sleep(conf.metrics_linger)  # let a scrape see how the run ended
             server.stop()
+
+
+def _previous_success(path: str, volume: str) -> float:
+    """The last success an earlier run wrote to the textfile `path` (0 when none): a failed run must
+    not make Prometheus forget when the volume was last backed up."""
+    prefix = f'standby_backup_last_success_timestamp_seconds{{volume="{volume}"}} '
+    try:
+        with open(path) as fh:
+            for line in fh:
+                if line.startswith(prefix):
+                    return float(line[len(prefix) :].split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0.0
 
 
 def _stream(

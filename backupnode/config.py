@@ -62,6 +62,12 @@ class RunConfig:
         parse=lambda text: text if text == "off" else address(text),
         metavar="H:P|off",
     )
+    metrics_linger: float = cfg.setting(
+        0.0,
+        "seconds to keep serving metrics after the run, for a last scrape",
+        parse=float,
+        metavar="SECONDS",
+    )
     metrics_textfile: str = cfg.setting(
         "", "at the end, write the metrics to this file (node_exporter's textfile collector)", metavar="FILE"
     )

@@ -119,9 +119,11 @@ class MirroredDevice:
         self.metrics.write_done(self.name, time.perf_counter() - start, length)
 
     def flush(self) -> None:
-        """Local fdatasync, then a barrier the standby acknowledges once replica and store are durable."""
+        """A barrier the standby acknowledges once replica and store are durable, and meanwhile the
+        local fdatasync: the two syncs overlap instead of adding up."""
+        barrier = self.mirror.submit_barrier()
         self.device.flush()
-        self.mirror.wait(self.mirror.submit_barrier(), mode="sync")
+        self.mirror.wait(barrier, mode="sync")
 
     def close(self) -> None:
         self.device.close()

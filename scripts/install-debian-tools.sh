@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Install the Debian tools the tests drive (real NBD clients and servers, fio),
+# Install the Debian tools the tests drive (real NBD clients and servers, fio; Prometheus, promtool and
+# systemd-analyze for the deployment files),
 # when they are missing. Needs root for apt-get; without root it only reports.
 set -euo pipefail
 
 # command:package pairs
 tools=(qemu-img:qemu-utils qemu-io:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdfuse:libnbd-bin
-       nbdkit:nbdkit fio:fio fuse2fs:fuse2fs mkfs.ext4:e2fsprogs e2fsck:e2fsprogs zstd:zstd tar:tar)
+       nbdkit:nbdkit fio:fio fuse2fs:fuse2fs mkfs.ext4:e2fsprogs e2fsck:e2fsprogs zstd:zstd tar:tar
+       prometheus:prometheus promtool:prometheus systemd-analyze:systemd)
 
 missing=()
 for pair in "${tools[@]}"; do

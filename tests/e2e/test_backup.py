@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -212,3 +213,44 @@ def test_the_lease_frees_the_snapshot_of_a_backup_node_that_died(appliance: Appl
     assert a.standby.snapshots("vol0") == [], "the lease did not release the dead backup's snapshot"
     events = [e for e in a.standby.daemon.events if e.get("event") == "snapshot_lease_expired"]
     assert events and events[0]["volume"] == "vol0"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_releases_the_snapshot(appliance: Appliance, sig: signal.Signals) -> None:
+    a = appliance
+    populate(a)
+    fifo = a.tmp / "slow.fifo"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen(
+        backup_argv("run", "vol0", "--standby", a.standby.grpc, "--output", str(fifo),
+                    "--metrics-listen", "off"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    with open(fifo, "rb") as reader:
+        assert reader.read(1024)  # under way: its snapshot exists
+        assert len(a.standby.snapshots("vol0")) == 1
+        proc.send_signal(sig)
+        reader.read()  # let it unwind
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and err.strip().endswith("standby-backup: interrupted"), err
+    assert a.standby.snapshots("vol0") == [], "the interrupted backup left its snapshot behind"
+
+
+def test_a_failed_run_keeps_the_last_success_in_the_metrics_textfile(appliance: Appliance) -> None:
+    a = appliance
+    populate(a)
+    textfile = a.tmp / "standby_backup_vol0.prom"
+
+    def value(name: str) -> float:
+        line = next(x for x in textfile.read_text().splitlines() if x.startswith(name + '{volume="vol0"}'))
+        return float(line.split()[-1])
+
+    backup(a, "--output", str(a.tmp / "ok.tar.zst"), "--metrics-textfile", str(textfile))
+    first = value("standby_backup_last_success_timestamp_seconds")
+    assert abs(first - time.time()) < 120 and value("standby_backup_last_run_success") == 1
+    cp = backup(a, "--output", "/dev/full", "--metrics-textfile", str(textfile), check=False)
+    assert cp.returncode == 1
+    assert value("standby_backup_last_success_timestamp_seconds") == first, (
+        "a failed run erased the last success"
+    )
+    assert value("standby_backup_last_run_success") == 0
