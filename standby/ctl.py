@@ -5,6 +5,10 @@ standbyctl [--standby H:P] snapshot create VOLUME [NAME] [--writable] [--capacit
 standbyctl [--standby H:P] snapshot list [VOLUME] [--json]
 standbyctl [--standby H:P] snapshot delete VOLUME NAME
 standbyctl [--standby H:P] verify VOLUME [--repair] [--json]
+standbyctl [--standby H:P] promote VOLUME [--force]
+
+`promote` is the failover: the replica becomes the primary copy, exported read-write over the
+standby's NBD address as VOLUME (docs/OPERATIONS.md).
 
 `verify` compares the replica with the primary's volume block by block while writes go on (the primary
 must be connected): progress on stderr when it is a terminal, then one line on stdout,
@@ -77,6 +81,20 @@ def parser() -> argparse.ArgumentParser:
     delete.add_argument("volume", metavar="VOLUME")
     delete.add_argument("name", metavar="NAME")
 
+    promote = sub.add_parser(
+        "promote",
+        help="failover: make the replica the primary copy, exported read-write as VOLUME over NBD",
+        description="Failover: make the replica of VOLUME the primary copy. The standby then exports it "
+        "read-write over its NBD address as VOLUME (snapshots and backups go on) and refuses the old "
+        "primary's mirrored writes; reattach the old primary's host as the new standby when it returns "
+        "(docs/OPERATIONS.md). Refused while a primary is connected or a resync is under way.",
+    )
+    promote.add_argument("volume", metavar="VOLUME")
+    promote.add_argument(
+        "--force",
+        action="store_true",
+        help="promote even while a primary's stream is open or a resync is under way (data may be lost)",
+    )
     verify = sub.add_parser(
         "verify",
         help="compare the replica with the primary's volume, block by block, while writes go on",
@@ -251,6 +269,13 @@ def execute(args: argparse.Namespace) -> int:
         with rpc.calling(args.standby):
             if args.command == "verify":
                 return run_verify(stub, args, sys.stderr)
+            if args.command == "promote":
+                vol = stub.Promote(
+                    control_pb2.PromoteRequest(volume=args.volume, force=args.force), timeout=args.timeout
+                )
+                st = status_dict(stub.Status(control_pb2.StatusRequest(), timeout=args.timeout))
+                print(f"{vol.name}: promoted; read-write at nbd://{st['nbd']}/{vol.name}")
+                return EXIT_OK
             if args.command == "status":
                 st = status_dict(stub.Status(control_pb2.StatusRequest(), timeout=args.timeout))
                 if args.json:

@@ -6,6 +6,7 @@ standby-daemon --data-dir DIR [--listen H:P] [--nbd-listen H:P] [--metrics-liste
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from standbylib.runtime import logs
 from standbylib.runtime.main import EXIT_OK, StopSignal, daemon_main
 from standbylib.runtime.metrics import MetricsServer
 from standbylib.runtime.rpc import create_server
+from standbylib.units import parse_size
 
 log = logs.get("standby.main")
 
@@ -51,12 +53,37 @@ class StandbyConfig:
         "the volume's writes until space is freed",
         choices=("invalidate", "defer"),
     )
+    adopt: list[str] = cfg.setting(  # noqa: RUF009 (a dataclass field with a default factory)
+        [],
+        "NAME=PATH[,block-size=SIZE]: seed the replica of a new volume with a copy of PATH (failback: the "
+        "old primary's volume, so the new primary resends only the blocks that differ); repeatable, "
+        "ignored for a volume that has a replica",
+        metavar="NAME=PATH",
+        repeat=True,
+    )
     log_level: str = cfg.setting("info", "log level", choices=logs.LEVELS)
     log_format: str = cfg.setting(
         "auto",
         "log format (auto: console on a terminal, else JSON lines)",
         choices=("auto", "json", "console"),
     )
+
+
+def parse_adopt(spec: str) -> tuple[str, str, int]:
+    """``NAME=PATH[,block-size=SIZE]``."""
+    name, sep, rest = spec.partition("=")
+    path, _, option = rest.partition(",")
+    block_size = 4096
+    if option:
+        key, _, value = option.partition("=")
+        if key != "block-size":
+            raise cfg.ConfigError(detail=f"--adopt {spec!r}: unknown option {option!r} (block-size=)")
+        block_size = parse_size(value)
+    if not sep or not name or not path:
+        raise cfg.ConfigError(detail=f"--adopt {spec!r} must be NAME=PATH[,block-size=SIZE]")
+    if not os.path.isfile(path):
+        raise cfg.ConfigError(detail=f"--adopt {spec!r}: {path} is not a file")
+    return name, path, block_size
 
 
 #: Seconds between checks for snapshot leases that ran out.
@@ -74,6 +101,10 @@ def serve(conf: StandbyConfig) -> int:
     )
     nbd = grpc_server = metrics_server = None
     try:
+        for spec in conf.adopt:
+            name, path, block_size = parse_adopt(spec)
+            if not node.adopt(name, path, block_size):
+                log.warning("adopt_ignored", volume=name, reason="the volume has a replica already")
         metrics.watch(node)
         nbd = NbdServer(node.export, conf.nbd_listen, list_exports=node.export_names)
         nbd_address = cfg.format_address(nbd.start())

@@ -57,7 +57,7 @@ REPLICA_DIR = "replicas"
 IDENTITY_FILE = "standby.json"
 STATE_FILE = "state.json"
 
-UPTODATE, INCONSISTENT, DEFERRED = "uptodate", "inconsistent", "deferred"
+UPTODATE, INCONSISTENT, DEFERRED, PROMOTED = "uptodate", "inconsistent", "deferred", "promoted"
 
 #: Offsets of out-of-sync blocks a verify session keeps (the count is exact).
 VERIFY_FIRST_OFFSETS = 20
@@ -72,6 +72,18 @@ class SplitBrain(RequestError):
         "were changed since they last agreed. To keep the primary's data, restart it with "
         "--discard-standby-data (the standby's replica is overwritten by a full resync)"
     )
+
+
+class Promoted(RequestError):
+    template = (
+        "volume {volume!r} was promoted on this standby ({when}): it is the primary copy now and takes no "
+        "mirrored writes. This primary's data is out of date: stop it and reattach its host as the new "
+        "standby (docs/OPERATIONS.md, failback)"
+    )
+
+
+class PromoteRefused(RequestError):
+    template = "cannot promote volume {volume!r}: {detail}"
 
 
 class Busy(AlreadyExists):
@@ -147,6 +159,7 @@ class Replica:
     stream_lock: threading.Lock = field(default_factory=threading.Lock)
     verify: VerifySession | None = None  # the latest verify session
     verify_command: tuple[int, bool] | None = None  # (id, repair) for the next Mirror reply
+    promoted_at: str = ""  # when `standbyctl promote` made the replica the primary copy (RFC 3339)
 
     def lag_seconds(self, now: float | None = None) -> float:
         """0 while the replica follows the primary; else how long since it last did (how stale it may be)."""
@@ -156,7 +169,10 @@ class Replica:
 
     @property
     def status(self) -> str:
-        """``uptodate``, ``inconsistent`` (a resync is under way) or ``deferred`` (writes held back)."""
+        """``uptodate``, ``inconsistent`` (a resync is under way), ``deferred`` (writes held back) or
+        ``promoted`` (the primary copy since a failover)."""
+        if self.promoted_at:
+            return PROMOTED
         return DEFERRED if self.deferred_reason else self.state
 
     @property
@@ -206,7 +222,7 @@ class StandbyNode:
         self.metrics: NodeMetrics = metrics or NullMetrics()
         self._lock = threading.Lock()
         self._replicas: dict[str, Replica] = {}
-        self._exports: dict[str, Snapshot] = {}
+        self._exports: dict[str, Snapshot | Volume] = {}  # NBD exports: snapshots, promoted volumes
         os.makedirs(os.path.join(self.data_dir, REPLICA_DIR), exist_ok=True)
         self.id = self._identity()
         self._saved = self._load_state()
@@ -254,7 +270,11 @@ class StandbyNode:
         """Persist each replica's consistency and generation (durably: a restart must not report an
         inconsistent replica up to date, nor forget which history it holds)."""
         state = {
-            r.name: {"inconsistent": r.state == INCONSISTENT, "generation": r.generation}
+            r.name: {
+                "inconsistent": r.state == INCONSISTENT,
+                "generation": r.generation,
+                "promoted": r.promoted_at,
+            }
             for r in self._replicas.values()
         }
         replace_file(os.path.join(self.data_dir, STATE_FILE), json.dumps({"volumes": state}).encode())
@@ -284,7 +304,10 @@ class StandbyNode:
         replica.generation = str(saved.get("generation", ""))
         if saved.get("inconsistent"):
             replica.state = INCONSISTENT
+        replica.promoted_at = str(saved.get("promoted") or "")
         self._replicas[name] = replica
+        if replica.promoted_at:
+            self._exports[name] = volume
         for snap in volume.snapshots():
             self._exports[f"{name}@{snap.name}"] = snap
         log.info("replica_opened", volume=name, size=volume.size, block_size=block_size)
@@ -321,6 +344,8 @@ class StandbyNode:
         the histories diverged: refused as a split brain unless `discard` (then a full sync).
         """
         replica, created = self._handshake(volume, size, block_size)
+        if replica.promoted_at:
+            raise Promoted(volume=volume, when=replica.promoted_at)
         held = replica.generation
         if created or discard or not held:
             reason = "new replica" if created else "discarded" if discard else "never completed a sync"
@@ -429,6 +454,8 @@ class StandbyNode:
 
         Every op is checked before anything is applied: a batch with one bad op changes nothing.
         """
+        if replica.promoted_at:
+            raise Promoted(volume=replica.name, when=replica.promoted_at)
         if sequence <= replica.applied_sequence:
             return False
         if sequence != replica.applied_sequence + 1:
@@ -745,8 +772,106 @@ class StandbyNode:
 
     # -- NBD exports (called by the NBD server's connection threads) ---------------------------------
 
-    def export(self, name: str) -> Snapshot | None:
+    def export(self, name: str) -> Snapshot | Volume | None:
+        """The NBD export `name`: a snapshot (VOLUME@SNAPSHOT), or a promoted volume (VOLUME, read-write)."""
         return self._exports.get(name)
+
+    # -- failover --------------------------------------------------------------------------------------
+
+    def adopt(self, volume: str, path: str, block_size: int = 4096) -> bool:
+        """Seed the replica of a new `volume` with a copy of the image at `path` (sparse: only its data
+        extents are copied); False, changing nothing, when the volume has a replica already.
+
+        Failback: the old primary's host becomes the new standby with its old volume as the replica, so
+        the first sync from the new primary compares checksums and resends only the blocks that differ.
+        The copy's history is unknown to the standby, so that first sync is a full (checksummed) one.
+        """
+        check_name("volume", volume)
+        check_block_size(block_size)
+        with self._lock:
+            if volume in self._replicas:
+                return False
+        size = os.stat(path).st_size
+        if size <= 0 or size % block_size:
+            raise InvalidArgument(
+                detail=f"{path}: size {size} is not a positive multiple of the block size {block_size}"
+            )
+        target = self.replica_path(volume)
+        work = target + ".adopting"
+        copied = _sparse_copy(path, work)
+        os.replace(work, target)
+        device = open_file_device(target)
+        try:
+            vol = self.store.attach(volume, device, block_size=block_size)
+        except BaseException:
+            device.close()
+            os.unlink(target)
+            raise
+        with self._lock:
+            self._replicas[volume] = Replica(name=volume, path=target, device=device, volume=vol)
+            self._save_state()
+        log.info("replica_adopted", volume=volume, source=path, size=size, data_bytes=copied)
+        return True
+
+    def promote(self, volume: str, *, force: bool = False) -> Replica:
+        """Make the replica of `volume` the primary copy: exported read-write as VOLUME over NBD (writes
+        go through the engine, so snapshots and backups go on), mirrored writes refused from now on.
+
+        Refused while a primary is connected or a resync is under way, unless `force`. The replica's
+        data becomes a new generation: the old primary, when it returns, is refused as out of date.
+        """
+        replica = self.replica(volume)
+        if replica.promoted_at:
+            raise PromoteRefused(volume=volume, detail=f"it was promoted already ({replica.promoted_at})")
+        if replica.connected and not force:
+            raise PromoteRefused(
+                volume=volume,
+                detail=f"primary {replica.primary_id or 'unknown'} is connected and mirroring it; stop that "
+                "primary first (or give --force if it is gone but its stream has not timed out)",
+            )
+        if replica.state == INCONSISTENT and not force:
+            raise PromoteRefused(
+                volume=volume,
+                detail="a resync is under way, so the replica is not a consistent image; wait until it is "
+                "uptodate (or give --force to promote it as it is)",
+            )
+        with self._lock:
+            replica.promoted_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            base = replica.generation
+            replica.generation = str(uuid.uuid4())
+            replica.state = UPTODATE
+            self._save_state()
+            self._exports[volume] = replica.volume
+        log.warning(
+            "volume_promoted", volume=volume, generation=replica.generation, base_generation=base, force=force
+        )
+        return replica
 
     def export_names(self) -> list[str]:
         return sorted(self._exports)
+
+
+def _sparse_copy(src: str, dst: str) -> int:
+    """Copy `src` to a new file `dst` keeping its holes (only data extents are copied, in the kernel);
+    the bytes of data copied. `dst` is durable when this returns."""
+    copied = 0
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        size = os.fstat(fin.fileno()).st_size
+        fout.truncate(size)
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fin.fileno(), pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole is left
+                break
+            end = os.lseek(fin.fileno(), start, os.SEEK_HOLE)
+            offset = start
+            while offset < end:
+                n = os.copy_file_range(fin.fileno(), fout.fileno(), end - offset, offset, offset)
+                if n <= 0:
+                    raise StandbyError(detail=f"copying {src} stopped at byte {offset} of {size}")
+                offset += n
+            copied += end - start
+            pos = end
+        os.fsync(fout.fileno())
+    return copied

@@ -227,22 +227,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
         self, request: control_pb2.StatusRequest, context: grpc.ServicerContext
     ) -> control_pb2.StatusReply:
         node = self.node
-        volumes = []
-        for r in node.replicas():
-            volumes.append(
-                control_pb2.VolumeStatus(
-                    name=r.name,
-                    size=r.size,
-                    block_size=r.block_size,
-                    state=r.status,
-                    connected=r.connected,
-                    snapshots=[snapshot_message(s.info()) for s in r.volume.snapshots()],
-                    applied_bytes=r.applied_bytes,
-                    applied_batches=r.applied_batches,
-                    cow_copies=r.volume.cow_copies,
-                    primary_id=r.primary_id,
-                )
-            )
+        volumes = [self._volume_status(r) for r in node.replicas()]
         stats = node.store.stats()
         return control_pb2.StatusReply(
             nbd=self.nbd_address,
@@ -256,6 +241,26 @@ class ControlService(control_pb2_grpc.ControlServicer):
             standby_id=node.id,
             version=_version(),
         )
+
+    def _volume_status(self, r: Replica) -> control_pb2.VolumeStatus:
+        return control_pb2.VolumeStatus(
+            name=r.name,
+            size=r.size,
+            block_size=r.block_size,
+            state=r.status,
+            connected=r.connected,
+            snapshots=[snapshot_message(s.info()) for s in r.volume.snapshots()],
+            applied_bytes=r.applied_bytes,
+            applied_batches=r.applied_batches,
+            cow_copies=r.volume.cow_copies,
+            primary_id=r.primary_id,
+        )
+
+    @guarded
+    def Promote(
+        self, request: control_pb2.PromoteRequest, context: grpc.ServicerContext
+    ) -> control_pb2.VolumeStatus:
+        return self._volume_status(self.node.promote(request.volume, force=request.force))
 
     @guarded
     def CreateSnapshot(

@@ -380,8 +380,11 @@ class Daemons:
         d.wait_for("ready")
         return Standby(d, data_dir, d.address("grpc"), d.address("nbd"), d.address("metrics"))
 
-    def primary(self, standby: Standby | str, volumes: dict[str, str], *extra: str) -> Primary:
-        """`volumes`: NAME -> the part after `NAME=` of --volume (PATH[,size=..][,block-size=..])."""
+    def primary(
+        self, standby: Standby | str, volumes: dict[str, str], *extra: str, in_sync: bool = True
+    ) -> Primary:
+        """`volumes`: NAME -> the part after `NAME=` of --volume (PATH[,size=..][,block-size=..]); waits
+        until it is in sync with the standby unless `in_sync` is False."""
         target = standby.grpc if isinstance(standby, Standby) else standby
         argv = _console(*PRIMARY_CMD)
         for name, spec in volumes.items():
@@ -396,7 +399,8 @@ class Daemons:
         d.wait_for("ready")
         paths = {name: Path(spec.split(",", 1)[0]) for name, spec in volumes.items()}
         primary = Primary(d, paths, d.address("nbd"), d.address("metrics"))
-        primary.wait_in_sync()
+        if in_sync:
+            primary.wait_in_sync()
         return primary
 
     def finish(self) -> list[str]:

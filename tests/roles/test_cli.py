@@ -27,11 +27,11 @@ def test_help_names_every_contract_flag(program):
     assert out.returncode == 0
     expected = {
         "standby-daemon": ["--data-dir", "--listen", "--nbd-listen", "--metrics-listen",
-                           "--preservation-capacity", "--on-full", "--config", "--show-config",
+                           "--preservation-capacity", "--on-full", "--config", "--show-config", "--adopt",
                            "127.0.0.1:7700", "127.0.0.1:10809"],
         "standby-primary": ["--volume", "--standby", "--nbd-listen", "--metrics-listen", "--mode",
                             "127.0.0.1:10810"],
-        "standbyctl": ["--standby", "status", "snapshot", "verify"],
+        "standbyctl": ["--standby", "status", "snapshot", "verify", "promote"],
         "standby-backup": ["run", "restore", "verify", "list", "tar --zstd -xSf"],
     }[program]  # fmt: skip
     for flag in expected:
@@ -64,6 +64,8 @@ def test_show_config_round_trips_through_a_config_file(tmp_path):
         ("standbyctl", ["snapshot"], "ACTION"),
         ("standbyctl", ["--standby", "nope", "status"], "HOST:PORT"),
         ("standbyctl", ["snapshot", "create", "v", "--capacity", "huge"], "--capacity"),
+        ("standby-daemon", ["--data-dir", "d", "--adopt", "vol0"], "NAME=PATH"),
+        ("standby-daemon", ["--data-dir", "d", "--adopt", "vol0=/nonexistent.img"], "is not a file"),
         ("standby-backup", [], "COMMAND"),
         ("standby-backup", ["run", "vol0"], "--output is required"),
         ("standby-backup", ["run", "vol0", "--output", "a", "--standby", "nope"], "HOST:PORT"),

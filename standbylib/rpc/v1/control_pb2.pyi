@@ -98,6 +98,14 @@ class CreateSnapshotRequest(_message.Message):
     lease_seconds: float
     def __init__(self, volume: _Optional[str] = ..., name: _Optional[str] = ..., writable: _Optional[bool] = ..., capacity_bytes: _Optional[int] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
 
+class PromoteRequest(_message.Message):
+    __slots__ = ("volume", "force")
+    VOLUME_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    volume: str
+    force: bool
+    def __init__(self, volume: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+
 class RenewSnapshotLeaseRequest(_message.Message):
     __slots__ = ("volume", "name", "lease_seconds")
     VOLUME_FIELD_NUMBER: _ClassVar[int]

@@ -59,6 +59,11 @@ class ControlStub:
                 request_serializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.RenewSnapshotLeaseRequest.SerializeToString,
                 response_deserializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.SnapshotInfo.FromString,
                 _registered_method=True)
+        self.Promote = channel.unary_unary(
+                '/standbyappliance.v1.Control/Promote',
+                request_serializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.PromoteRequest.SerializeToString,
+                response_deserializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.VolumeStatus.FromString,
+                _registered_method=True)
         self.Verify = channel.unary_stream(
                 '/standbyappliance.v1.Control/Verify',
                 request_serializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.VerifyRequest.SerializeToString,
@@ -104,6 +109,16 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Promote(self, request, context):
+        """Failover: make the replica of a volume the primary copy, exported read-write as VOLUME over NBD;
+        mirrored writes are refused from then on (an old primary that returns is told it is out of date).
+        FAILED_PRECONDITION while a primary is connected or a resync is under way (unless `force`), or
+        when it was promoted already; NOT_FOUND for an unknown volume.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Verify(self, request, context):
         """Compare the replica with the primary's volume, block by block, while writes go on; progress about
         every 0.5 s, the last message with `done`. NOT_FOUND for an unknown volume; FAILED_PRECONDITION when
@@ -140,6 +155,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.RenewSnapshotLease,
                     request_deserializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.RenewSnapshotLeaseRequest.FromString,
                     response_serializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.SnapshotInfo.SerializeToString,
+            ),
+            'Promote': grpc.unary_unary_rpc_method_handler(
+                    servicer.Promote,
+                    request_deserializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.PromoteRequest.FromString,
+                    response_serializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.VolumeStatus.SerializeToString,
             ),
             'Verify': grpc.unary_stream_rpc_method_handler(
                     servicer.Verify,
@@ -282,6 +302,33 @@ class Control:
             '/standbyappliance.v1.Control/RenewSnapshotLease',
             standbylib_dot_rpc_dot_v1_dot_control__pb2.RenewSnapshotLeaseRequest.SerializeToString,
             standbylib_dot_rpc_dot_v1_dot_control__pb2.SnapshotInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Promote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/standbyappliance.v1.Control/Promote',
+            standbylib_dot_rpc_dot_v1_dot_control__pb2.PromoteRequest.SerializeToString,
+            standbylib_dot_rpc_dot_v1_dot_control__pb2.VolumeStatus.FromString,
             options,
             channel_credentials,
             insecure,
