@@ -36,6 +36,7 @@ from standbylib.runtime import config as cfg
 from standbylib.runtime import logs, rpc
 from standbylib.runtime.main import EXIT_OK
 from standbylib.runtime.metrics import MetricsServer
+from standbylib.runtime.tls import TlsFiles
 from standbylib.units import human_size
 
 log = logs.get(__name__)
@@ -120,21 +121,22 @@ class CountingWriter:
 class Standby:
     """The standby's control API, with one-line errors."""
 
-    def __init__(self, target: str, timeout: float) -> None:
+    def __init__(self, target: str, timeout: float, tls: TlsFiles | None = None) -> None:
         self.target = target
         self.timeout = timeout
-        self.channel = rpc.channel(target)
+        self.tls = tls
+        self.channel = rpc.channel(target, tls)
         self.stub = control_pb2_grpc.ControlStub(self.channel)
 
     def status(self) -> control_pb2.StatusReply:
-        with rpc.calling(self.target):
+        with rpc.calling(self.target, self.tls):
             reply: control_pb2.StatusReply = self.stub.Status(
                 control_pb2.StatusRequest(), timeout=self.timeout
             )
             return reply
 
     def create(self, volume: str, name: str, lease: float) -> control_pb2.SnapshotInfo:
-        with rpc.calling(self.target):
+        with rpc.calling(self.target, self.tls):
             info: control_pb2.SnapshotInfo = self.stub.CreateSnapshot(
                 control_pb2.CreateSnapshotRequest(volume=volume, name=name, lease_seconds=lease),
                 timeout=self.timeout,
@@ -142,14 +144,14 @@ class Standby:
             return info
 
     def renew(self, volume: str, name: str, lease: float) -> None:
-        with rpc.calling(self.target):
+        with rpc.calling(self.target, self.tls):
             self.stub.RenewSnapshotLease(
                 control_pb2.RenewSnapshotLeaseRequest(volume=volume, name=name, lease_seconds=lease),
                 timeout=self.timeout,
             )
 
     def snapshot(self, volume: str, name: str) -> control_pb2.SnapshotInfo:
-        with rpc.calling(self.target):
+        with rpc.calling(self.target, self.tls):
             reply = self.stub.ListSnapshots(
                 control_pb2.ListSnapshotsRequest(volume=volume), timeout=self.timeout
             )
@@ -160,7 +162,7 @@ class Standby:
         raise BackupFailed(detail=f"volume {volume!r} has no snapshot {name!r} on the standby {self.target}")
 
     def delete(self, volume: str, name: str) -> None:
-        with rpc.calling(self.target):
+        with rpc.calling(self.target, self.tls):
             self.stub.DeleteSnapshot(
                 control_pb2.DeleteSnapshotRequest(volume=volume, name=name), timeout=self.timeout
             )
@@ -213,14 +215,27 @@ def open_output(path: str, force: bool) -> tuple[IO[bytes], bool]:
         raise BackupFailed(detail=f"cannot open {path} for the archive: {e.strerror or e}") from None
 
 
+def tls_files(conf: RunConfig) -> TlsFiles:
+    """The TLS files of the run, checked (a `ConfigError` when unusable)."""
+    tls = TlsFiles(conf.tls_cert, conf.tls_key, conf.tls_ca, server_name=conf.tls_server_name)
+    if conf.nbd_tls and not tls.enabled:
+        raise cfg.ConfigError(detail="--nbd-tls needs --tls-ca (and --tls-cert/--tls-key for mutual TLS)")
+    if tls.enabled:
+        tls.channel_credentials()  # every file readable and matching
+    else:
+        tls.check_client()
+    return tls
+
+
 def backup(volume: str, conf: RunConfig) -> int:
+    tls = tls_files(conf)
     t0 = time.monotonic()
     metrics = BackupMetrics(volume)
     if conf.metrics_textfile:
         metrics.last_success.set(_previous_success(conf.metrics_textfile, volume))
     server = _metrics_server(conf.metrics_listen, metrics.registry)
     previous = signal.signal(signal.SIGTERM, _interrupt)
-    standby = Standby(conf.standby, conf.timeout)
+    standby = Standby(conf.standby, conf.timeout, tls)
     made = ""
     lease: LeaseKeeper | None = None
     metrics.running.set(1)
@@ -249,7 +264,7 @@ def backup(volume: str, conf: RunConfig) -> int:
             )
         address = conf.nbd or status.nbd
         host, port = cfg.parse_address(address)
-        summary = _stream(volume, snap, host, port, conf, metrics, standby)
+        summary = _stream(volume, snap, host, port, conf, metrics, standby, tls)
         metrics.last_success.set(time.time())
         metrics.last_run_success.set(1)
         seconds = time.monotonic() - t0
@@ -299,14 +314,24 @@ def _stream(
     conf: RunConfig,
     metrics: BackupMetrics,
     standby: Standby,
+    tls: TlsFiles,
 ) -> dict[str, Any]:
     export = f"{volume}@{snap.name}"
+    context = tls.client_context() if conf.nbd_tls else None
     out: IO[bytes] | None = None
     regular = False
     progress = Progress(
         "backup", enabled=sys.stderr.isatty(), log_lines=True, volume=volume, snapshot=snap.name
     )
-    with NbdPool.connect(host, port, export, connections=conf.connections, timeout=conf.timeout) as pool:
+    with NbdPool.connect(
+        host,
+        port,
+        export,
+        connections=conf.connections,
+        timeout=conf.timeout,
+        tls=context,
+        server_name=tls.server_name,
+    ) as pool:
         try:
             extents = _data_extents(pool.clients[0])
             first = pool.clients[0]

@@ -71,6 +71,25 @@ class RunConfig:
     metrics_textfile: str = cfg.setting(
         "", "at the end, write the metrics to this file (node_exporter's textfile collector)", metavar="FILE"
     )
+    tls_ca: str | None = cfg.setting(
+        None,
+        "PEM CA certificates the standby's certificate must chain to: gRPC to the standby uses TLS",
+        metavar="FILE",
+    )
+    tls_cert: str | None = cfg.setting(
+        None, "PEM client certificate chain presented to the standby (mutual TLS; NBD too)", metavar="FILE"
+    )
+    tls_key: str | None = cfg.setting(None, "PEM private key of --tls-cert", metavar="FILE")
+    tls_server_name: str | None = cfg.setting(
+        None,
+        "the name the standby's certificates must carry, when it is not the host connected to",
+        metavar="NAME",
+    )
+    nbd_tls: bool = cfg.setting(
+        False,
+        "start TLS on the NBD connections (NBD_OPT_STARTTLS), with the files of --tls-ca, --tls-cert "
+        "and --tls-key; fails when the server does not offer TLS",
+    )
     log_level: str = cfg.setting("info", "log level", choices=logs.LEVELS)
     log_format: str = cfg.setting(
         "auto",

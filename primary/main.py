@@ -2,6 +2,11 @@
 
 standby-primary --volume NAME=PATH[,size=SIZE][,block-size=SIZE] (repeatable) --standby H:P
                 [--nbd-listen H:P] [--metrics-listen H:P] [--mode sync]
+                [--tls-ca FILE [--tls-cert FILE --tls-key FILE] [--tls-server-name NAME]]
+                [--nbd-tls off|optional|require [--nbd-tls-cert FILE --nbd-tls-key FILE]
+                 [--nbd-tls-ca FILE] [--require-client-cert]]
+
+TLS: docs/SECURITY.md.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from standbylib.runtime import config as cfg
 from standbylib.runtime import logs
 from standbylib.runtime.main import EXIT_OK, StopSignal, daemon_main
 from standbylib.runtime.metrics import MetricsServer
+from standbylib.runtime.tls import NbdTlsSettings, TlsFiles, nbd_tls_of
 from standbylib.snapshot.records import check_name
 from standbylib.units import parse_size
 
@@ -68,7 +74,7 @@ def parse_volume(text: str) -> VolumeSpec:
 
 
 @dataclass
-class PrimaryConfig:
+class PrimaryConfig(NbdTlsSettings):
     volume: list[VolumeSpec] = cfg.setting(  # noqa: RUF009 (a dataclass field with a default factory)
         [],
         "a protected volume, NAME=PATH[,size=SIZE][,block-size=SIZE]; repeatable. A missing PATH is "
@@ -130,6 +136,24 @@ class PrimaryConfig:
         "overwrite the standby's replica with a full resync even if its history diverged (split brain); "
         "applies to the first connection of this run",
     )
+    tls_ca: str | None = cfg.setting(
+        None,
+        "PEM CA certificates the standby's certificate must chain to: the gRPC channel to the standby "
+        "uses TLS",
+        metavar="FILE",
+    )
+    tls_cert: str | None = cfg.setting(
+        None, "PEM client certificate chain presented to the standby (mutual TLS)", metavar="FILE"
+    )
+    tls_key: str | None = cfg.setting(None, "PEM private key of --tls-cert", metavar="FILE")
+    tls_server_name: str | None = cfg.setting(
+        None,
+        "the name the standby's certificate must carry, when it is not the host of --standby",
+        metavar="NAME",
+    )
+    require_client_cert: bool = cfg.setting(
+        False, "NBD over TLS: refuse clients without a certificate signed by --nbd-tls-ca (or --tls-ca)"
+    )
     log_level: str = cfg.setting("info", "log level", choices=logs.LEVELS)
     log_format: str = cfg.setting(
         "auto",
@@ -173,6 +197,14 @@ def serve(conf: PrimaryConfig) -> int:
     names = [v.name for v in conf.volume]
     if len(set(names)) != len(names):
         raise cfg.ConfigError(detail=f"volume names must be unique: {', '.join(names)}")
+    tls = TlsFiles(conf.tls_cert, conf.tls_key, conf.tls_ca, server_name=conf.tls_server_name)
+    if tls.enabled:
+        tls.channel_credentials()  # every file readable and matching, before anything starts
+    else:
+        tls.check_client()
+    if conf.require_client_cert and conf.nbd_tls == "off":
+        raise cfg.ConfigError(detail="--require-client-cert applies to NBD over TLS: give --nbd-tls")
+    nbd_security = nbd_tls_of(conf)
     stop = StopSignal()
     registry = CollectorRegistry()
     metrics = PrimaryMetrics(registry, conf.mode)
@@ -202,6 +234,7 @@ def serve(conf: PrimaryConfig) -> int:
                 discard_standby_data=conf.discard_standby_data,
                 metrics=metrics,
                 ack_timeout=conf.ack_timeout,
+                tls=tls if tls.enabled else None,
             )
             metrics.add_volume(spec.name, mirror)
             devices[spec.name] = MirroredDevice(spec.name, local, mirror, metrics=metrics)
@@ -220,9 +253,11 @@ def serve(conf: PrimaryConfig) -> int:
                     error=dev.mirror.last_error,
                     note="serving anyway; writes are tracked and resynced when the standby is back",
                 )
-        nbd = NbdServer(devices, conf.nbd_listen)
-        log.info("listening", service="nbd", address=cfg.format_address(nbd.start()))
-        log.info("ready", volumes=names, standby=conf.standby, mode=conf.mode)
+        nbd = NbdServer(devices, conf.nbd_listen, tls=nbd_security)
+        log.info("listening", service="nbd", address=cfg.format_address(nbd.start()), tls=conf.nbd_tls)
+        log.info(
+            "ready", volumes=names, standby=conf.standby, mode=conf.mode, tls="on" if tls.enabled else "off"
+        )
         stop.wait()
         log.info("stopping", signal=stop.signum)
     finally:

@@ -56,6 +56,7 @@ from standbylib.rawfile import Buffer, is_zero
 from standbylib.rpc.v1 import replication_pb2, replication_pb2_grpc
 from standbylib.rpc.wire import Payload, Probe, Repair, block_digests, encode_batch, zero_digests
 from standbylib.runtime import logs, rpc
+from standbylib.runtime.tls import TlsFiles
 
 log = logs.get(__name__)
 
@@ -169,10 +170,12 @@ class Mirror:
         batch_bytes: int = BATCH_BYTES,
         window_batches: int = WINDOW_BATCHES,
         ack_timeout: float = 10.0,
+        tls: TlsFiles | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
         self.target = target
+        self.tls = tls
         self.volume = volume
         self.size = size
         self.block_size = block_size
@@ -452,7 +455,7 @@ class Mirror:
 
     def _run(self) -> None:
         delay = BACKOFF_FIRST
-        channel = rpc.channel(self.target)
+        channel = rpc.channel(self.target, self.tls)
         try:
             while self._running:
                 try:

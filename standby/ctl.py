@@ -7,6 +7,8 @@ standbyctl [--standby H:P] snapshot delete VOLUME NAME
 standbyctl [--standby H:P] verify VOLUME [--repair] [--json]
 standbyctl [--standby H:P] promote VOLUME [--force]
 
+With --tls-ca the connection uses TLS (mutual TLS with --tls-cert and --tls-key); docs/SECURITY.md.
+
 `promote` is the failover: the replica becomes the primary copy, exported read-write over the
 standby's NBD address as VOLUME (docs/OPERATIONS.md).
 
@@ -30,6 +32,7 @@ from standbylib.runtime import rpc
 from standbylib.runtime.config import ConfigError, parse_address
 from standbylib.runtime.main import EXIT_FAILED, EXIT_OK, run
 from standbylib.runtime.rpc import RemoteError
+from standbylib.runtime.tls import TlsFiles
 from standbylib.units import human_size, parse_size
 
 DEFAULT_STANDBY = os.environ.get("STANDBY_ADDRESS", "127.0.0.1:7700")
@@ -56,6 +59,20 @@ def parser() -> argparse.ArgumentParser:
         default=30.0,
         metavar="SECONDS",
         help="per call (default: 30; a verify's stream has none, it takes as long as the volume needs)",
+    )
+    p.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        help="PEM CA certificates the standby's certificate must chain to: connect with TLS",
+    )
+    p.add_argument(
+        "--tls-cert", metavar="FILE", help="PEM client certificate chain, for a standby that requires one"
+    )
+    p.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
+    p.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        help="the name the standby's certificate must carry, when it is not the host of --standby",
     )
     p.add_argument("--debug", action="store_true", help="print tracebacks with errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -264,9 +281,11 @@ def execute(args: argparse.Namespace) -> int:
         parse_address(args.standby)
     except Exception as e:
         raise ConfigError(detail=f"--standby: {e}") from e
-    with rpc.channel(args.standby) as channel:
+    tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_ca, server_name=args.tls_server_name)
+    tls.check_client()
+    with rpc.channel(args.standby, tls) as channel:
         stub = control_pb2_grpc.ControlStub(channel)
-        with rpc.calling(args.standby):
+        with rpc.calling(args.standby, tls):
             if args.command == "verify":
                 return run_verify(stub, args, sys.stderr)
             if args.command == "promote":

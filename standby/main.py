@@ -2,6 +2,10 @@
 
 standby-daemon --data-dir DIR [--listen H:P] [--nbd-listen H:P] [--metrics-listen H:P]
                [--preservation-capacity SIZE|PCT%] [--on-full invalidate|defer]
+               [--tls-cert FILE --tls-key FILE [--tls-ca FILE] [--require-client-cert]]
+               [--nbd-tls off|optional|require [--nbd-tls-cert FILE --nbd-tls-key FILE --nbd-tls-ca FILE]]
+
+TLS: docs/SECURITY.md.
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ from standbylib.runtime import logs
 from standbylib.runtime.main import EXIT_OK, StopSignal, daemon_main
 from standbylib.runtime.metrics import MetricsServer
 from standbylib.runtime.rpc import create_server
+from standbylib.runtime.tls import NbdTlsSettings, TlsFiles, nbd_tls_of
 from standbylib.units import parse_size
 
 log = logs.get("standby.main")
 
 
 @dataclass
-class StandbyConfig:
+class StandbyConfig(NbdTlsSettings):
     data_dir: str | None = cfg.setting(
         None, "directory of the replicas, the preservation store and the standby's identity", metavar="DIR"
     )
@@ -61,6 +66,20 @@ class StandbyConfig:
         metavar="NAME=PATH",
         repeat=True,
     )
+    tls_cert: str | None = cfg.setting(
+        None,
+        "PEM certificate chain of the gRPC server; with --tls-key, gRPC is served over TLS only",
+        metavar="FILE",
+    )
+    tls_key: str | None = cfg.setting(None, "PEM private key of --tls-cert", metavar="FILE")
+    tls_ca: str | None = cfg.setting(
+        None, "PEM CA certificates that client certificates must chain to", metavar="FILE"
+    )
+    require_client_cert: bool = cfg.setting(
+        False,
+        "mutual TLS: refuse gRPC clients (and NBD clients over TLS) without a certificate signed by "
+        "--tls-ca (--nbd-tls-ca for NBD)",
+    )
     log_level: str = cfg.setting("info", "log level", choices=logs.LEVELS)
     log_format: str = cfg.setting(
         "auto",
@@ -86,6 +105,14 @@ def parse_adopt(spec: str) -> tuple[str, str, int]:
     return name, path, block_size
 
 
+def grpc_tls(conf: StandbyConfig) -> TlsFiles:
+    """The gRPC server's TLS files (not enabled without any)."""
+    tls = TlsFiles(conf.tls_cert, conf.tls_key, conf.tls_ca, conf.require_client_cert)
+    if tls.enabled or tls.require_client_cert:
+        tls.server_credentials()  # every file readable and matching, before anything starts
+    return tls
+
+
 #: Seconds between checks for snapshot leases that ran out.
 LEASE_CHECK = 1.0
 
@@ -93,6 +120,8 @@ LEASE_CHECK = 1.0
 def serve(conf: StandbyConfig) -> int:
     if not conf.data_dir:
         raise cfg.ConfigError(detail="--data-dir is required (or data_dir in the --config file)")
+    tls = grpc_tls(conf)
+    nbd_security = nbd_tls_of(conf)
     stop = StopSignal()
     registry = CollectorRegistry()
     metrics = StandbyMetrics(registry)
@@ -106,13 +135,18 @@ def serve(conf: StandbyConfig) -> int:
             if not node.adopt(name, path, block_size):
                 log.warning("adopt_ignored", volume=name, reason="the volume has a replica already")
         metrics.watch(node)
-        nbd = NbdServer(node.export, conf.nbd_listen, list_exports=node.export_names)
+        nbd = NbdServer(node.export, conf.nbd_listen, list_exports=node.export_names, tls=nbd_security)
         nbd_address = cfg.format_address(nbd.start())
-        log.info("listening", service="nbd", address=nbd_address)
+        log.info("listening", service="nbd", address=nbd_address, tls=conf.nbd_tls)
         grpc_server, bound, _health = create_server(
-            conf.listen, lambda server: services.register(server, node, nbd_address)
+            conf.listen, lambda server: services.register(server, node, nbd_address), tls=tls
         )
-        log.info("listening", service="grpc", address=cfg.format_address(bound))
+        log.info(
+            "listening",
+            service="grpc",
+            address=cfg.format_address(bound),
+            tls="mutual" if tls.require_client_cert else "on" if tls.enabled else "off",
+        )
         metrics_server = MetricsServer(registry, conf.metrics_listen)
         log.info("listening", service="metrics", address=cfg.format_address(metrics_server.address))
         stats = node.store.stats()

@@ -18,6 +18,7 @@ point of the write sequence, so writes going on never cause a false mismatch (do
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -32,6 +33,7 @@ from standby.leases import Leases, check_lease
 from standbylib.blockdev import Device, check_block_size, open_file_device
 from standbylib.errors import (
     AlreadyExists,
+    DeviceError,
     InvalidArgument,
     NotFound,
     OutOfRange,
@@ -382,6 +384,7 @@ class StandbyNode:
             if os.path.exists(path):
                 # A replica file the store does not know (a crash between creating it and registering it).
                 os.unlink(path)
+            _create_sparse(volume, path, size)
             device = open_file_device(path, size)
             try:
                 vol = self.store.attach(volume, device, block_size=block_size)
@@ -849,6 +852,24 @@ class StandbyNode:
 
     def export_names(self) -> list[str]:
         return sorted(self._exports)
+
+
+def _create_sparse(volume: str, path: str, size: int) -> None:
+    """Create the replica file of `volume`: `size` bytes, sparse. A size the filesystem cannot hold
+    (EFBIG, or beyond what a file offset can express) is the primary's bad argument, not the standby's
+    failure; on any error nothing is left behind."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, size)
+    except (OSError, OverflowError) as e:
+        os.close(fd)
+        os.unlink(path)
+        if isinstance(e, OverflowError) or e.errno in (errno.EFBIG, errno.EINVAL):
+            raise InvalidArgument(
+                detail=f"volume {volume!r}: size {size} is more than the standby's filesystem can hold"
+            ) from e
+        raise DeviceError(path=path, detail=f"resize to {size}: {e.strerror}") from e
+    os.close(fd)
 
 
 def _sparse_copy(src: str, dst: str) -> int:

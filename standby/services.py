@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import grpc
 
 from standby.node import Replica, StandbyNode, VerifyFailed, VerifySession
-from standbylib.errors import StandbyError
+from standbylib.errors import InvalidArgument, StandbyError
 from standbylib.rpc.v1 import control_pb2, control_pb2_grpc, replication_pb2, replication_pb2_grpc
 from standbylib.rpc.wire import Payload, Probe, Repair
 from standbylib.runtime import logs
@@ -156,15 +156,19 @@ class ReplicationService(replication_pb2_grpc.ReplicationServicer):
             maxsize=RECEIVE_QUEUE
         )
 
+        from_stream: list[BaseException] = []
+
         def read() -> None:
             try:
                 for request in requests:
                     if request.WhichOneof("kind") != "batch":
-                        raise StandbyError(detail="only batches may follow `open`")
+                        raise InvalidArgument(detail="only batches may follow `open`")
                     replies.put(replication_pb2.MirrorReply(sequence=request.batch.sequence, received=True))
                     batches.put(request.batch)
                 batches.put(None)
             except BaseException as e:  # the stream broke, or a protocol error: the applier ends it
+                if not isinstance(e, StandbyError):
+                    from_stream.append(e)
                 batches.put(e)
 
         reader = threading.Thread(target=read, name=f"receive-{replica.name}", daemon=True)
@@ -191,6 +195,10 @@ class ReplicationService(replication_pb2_grpc.ReplicationServicer):
                 if isinstance(reply, BaseException):
                     if isinstance(reply, grpc.RpcError) or not context.is_active():
                         return
+                    if any(reply is e for e in from_stream):
+                        # Raised by the request stream itself: a message that did not parse, for which
+                        # the call was aborted already; raised here, it ends the call with that status.
+                        raise reply
                     abort(context, reply)
                 yield reply
         finally:

@@ -26,6 +26,11 @@ Replies are received with ``recv_into`` straight into the destination buffer (a 
 the headers), and the socket is blocking with SO_RCVTIMEO/SO_SNDTIMEO instead of Python's socket
 timeout, which would add a ``poll`` before every ``recv``.
 
+TLS: with ``tls`` (an ``ssl.SSLContext`` for the client's side) the client sends NBD_OPT_STARTTLS
+right after the greeting, runs the TLS handshake on the same socket (`standbylib.nbd.tls`) and
+negotiates everything else inside TLS; a server that does not offer TLS, or a failed handshake, is an
+`NbdNegotiationError`. The server's certificate must name `server_name` (default: the host).
+
 Errors all derive from `NbdClientError` and name the server (host:port) and the export in one line.
 A server error for one command (`NbdCommandError`, with the errno's name and the server's message)
 leaves the connection usable; a protocol violation, a lost connection or a timeout make it unusable
@@ -41,6 +46,7 @@ import contextlib
 import errno as _errno
 import os
 import socket
+import ssl
 import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -49,6 +55,7 @@ from typing import Any, Final, NamedTuple
 from standbylib.errors import InvalidArgument, RequestError, StandbyError
 from standbylib.nbd import protocol as p
 from standbylib.nbd.protocol import ProtocolError
+from standbylib.nbd.tls import TlsConnection, TlsHandshakeError
 from standbylib.rawfile import Buffer
 
 __all__ = [
@@ -95,6 +102,7 @@ _OPTION_NAMES: Final = {
     p.OPT_GO: "NBD_OPT_GO",
     p.OPT_STRUCTURED_REPLY: "NBD_OPT_STRUCTURED_REPLY",
     p.OPT_SET_META_CONTEXT: "NBD_OPT_SET_META_CONTEXT",
+    p.OPT_STARTTLS: "NBD_OPT_STARTTLS",
 }
 _REP_ERRORS: Final = {
     p.REP_ERR_UNSUP: "not supported",
@@ -221,7 +229,7 @@ class _Eof(Exception):
 class _Receiver:
     """Reads frames from a blocking socket: headers through a small buffer, data straight into place."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket | TlsConnection) -> None:
         self._sock = sock
         self._buf = bytearray(_RECV_BUFFER)
         self._view = memoryview(self._buf)
@@ -244,6 +252,12 @@ class _Receiver:
         values = frame.unpack_from(self._buf, self._start)
         self._start += frame.size
         return values
+
+    def take(self) -> bytes:
+        """The bytes buffered and not consumed yet, consuming them."""
+        data = bytes(self._view[self._start : self._end])
+        self._start = self._end = 0
+        return data
 
     def peek_u32(self) -> int:
         self._fill(4)
@@ -365,7 +379,8 @@ class NbdClient:
 
     def __init__(self, sock: socket.socket, host: str, port: int, export: str, timeout: float) -> None:
         """Wrap a connected socket; `connect` does this and negotiates. Not for direct use."""
-        self._sock = sock
+        self._sock: socket.socket | TlsConnection = sock
+        self._raw = sock
         self._rx = _Receiver(sock)
         self.host = host
         self.port = port
@@ -390,19 +405,30 @@ class NbdClient:
 
     @classmethod
     def connect(
-        cls, host: str, port: int, export: str, *, timeout: float = 30.0, structured: bool = True
+        cls,
+        host: str,
+        port: int,
+        export: str,
+        *,
+        timeout: float = 30.0,
+        structured: bool = True,
+        tls: ssl.SSLContext | None = None,
+        server_name: str | None = None,
     ) -> NbdClient:
         """Connect to `export` at `host`:`port` and negotiate; raise an `NbdClientError` subclass.
 
         `structured=False` skips structured replies (and so base:allocation): for tests and for
-        servers that mishandle them. `timeout` bounds every wait for the server, in seconds."""
+        servers that mishandle them. `timeout` bounds every wait for the server, in seconds. `tls`
+        starts TLS before anything else; the server's certificate must name `server_name` (default:
+        `host`)."""
         if timeout <= 0:
             raise InvalidArgument(detail=f"timeout {timeout} must be greater than 0")
         sock = _open_socket(host, port, export, timeout)
         client = cls(sock, host, port, export, timeout)
         try:
-            client._negotiate(structured)
+            client._negotiate(structured, tls, server_name or host)
         except BaseException:
+            client._sock.close()
             sock.close()
             raise
         return client
@@ -444,9 +470,11 @@ class NbdClient:
         self._no_zeroes = bool(client_flags & p.FLAG_C_NO_ZEROES)
         self._sock.sendall(p.CLIENT_FLAGS.pack(client_flags))
 
-    def _negotiate(self, structured: bool) -> None:
+    def _negotiate(self, structured: bool, tls: ssl.SSLContext | None = None, server_name: str = "") -> None:
         with self._translate("negotiating"):
             self._greet()
+            if tls is not None:
+                self._start_tls(tls, server_name)
             if structured:
                 self.structured = self._option_ack(p.OPT_STRUCTURED_REPLY, b"")
             if self.structured:
@@ -462,6 +490,26 @@ class NbdClient:
             else:
                 self._go_info(replies[:-1])
         self._check_block_sizes()
+
+    def _start_tls(self, context: ssl.SSLContext, server_name: str) -> None:
+        """NBD_OPT_STARTTLS, then the TLS handshake; from then on the socket is the TLS connection."""
+        replies = self._option(p.OPT_STARTTLS, b"")
+        kind, data = replies[-1]
+        if kind != p.REP_ACK:
+            refused = self._option_refused(p.OPT_STARTTLS, kind, data)
+            if kind in (p.REP_ERR_UNSUP, p.REP_ERR_POLICY):
+                raise NbdNegotiationError(
+                    server=self.server, export=self._export, detail="the server does not offer TLS"
+                )
+            raise refused
+        raw = self._raw
+        assert isinstance(raw, socket.socket)
+        try:
+            conn = TlsConnection.connect(raw, context, server_name, self._rx.take())
+        except TlsHandshakeError as e:
+            raise NbdNegotiationError(server=self.server, export=self._export, detail=str(e)) from None
+        self._sock = conn
+        self._rx = _Receiver(conn)
 
     def _set_meta_context(self) -> None:
         """Select base:allocation; without it (any error) extents are reported as data."""
@@ -630,6 +678,13 @@ class NbdClient:
             )
             self._break(exc)
             raise exc from None
+        except ssl.SSLError as e:
+            reason = str(e.reason or e).replace("_", " ").lower()
+            exc4: NbdClientError = NbdNegotiationError(
+                server=self.server, export=self._export, detail=f"TLS failed while {doing}: {reason}"
+            )
+            self._break(exc4)
+            raise exc4 from None
         except (BlockingIOError, TimeoutError) as e:
             exc2 = NbdTimeout(server=self.server, export=self._export, timeout=self.timeout, detail=doing)
             self._break(exc2)
@@ -1081,15 +1136,24 @@ class NbdPool:
         connections: int = 4,
         timeout: float = 30.0,
         structured: bool = True,
+        tls: ssl.SSLContext | None = None,
+        server_name: str | None = None,
     ) -> NbdPool:
-        """Open up to `connections` connections to `export` (one unless the server allows multi-conn)."""
+        """Open up to `connections` connections to `export` (one unless the server allows multi-conn);
+        `tls` and `server_name` as for `NbdClient.connect`."""
         if connections < 1:
             raise InvalidArgument(detail=f"connections {connections} must be at least 1")
-        first = NbdClient.connect(host, port, export, timeout=timeout, structured=structured)
+        options: dict[str, Any] = {
+            "timeout": timeout,
+            "structured": structured,
+            "tls": tls,
+            "server_name": server_name,
+        }
+        first = NbdClient.connect(host, port, export, **options)
         clients = [first]
         try:
             for _ in range(connections - 1 if first.can_multi_conn else 0):
-                client = NbdClient.connect(host, port, export, timeout=timeout, structured=structured)
+                client = NbdClient.connect(host, port, export, **options)
                 clients.append(client)
                 if (client.size, client.transmission_flags) != (first.size, first.transmission_flags):
                     raise NbdProtocolError(

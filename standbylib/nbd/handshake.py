@@ -4,6 +4,12 @@
 client settled on (None when it aborted). Option errors get an error reply and negotiation goes on; a
 broken frame (bad magic, unknown client flags, an oversize option) raises `ProtocolError`, which ends
 the connection.
+
+TLS (``tls``, a `ServerTls`): NBD_OPT_STARTTLS is acknowledged, the TLS handshake runs on the same
+socket (`TlsConnection`) and option haggling starts afresh inside TLS (what was negotiated before is
+forgotten, as the spec asks). When TLS is required, every other option before it is answered
+NBD_REP_ERR_TLS_REQD (NBD_OPT_EXPORT_NAME, which has no error reply, ends the connection). Without
+``tls`` NBD_OPT_STARTTLS is answered NBD_REP_ERR_UNSUP like any unknown option.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from standbylib.blockdev import BlockDevice
 from standbylib.nbd import protocol as p
 from standbylib.nbd.protocol import ProtocolError
 from standbylib.nbd.sockio import SocketReader, SocketWriter
+from standbylib.nbd.tls import ServerTls, TlsConnection
 
 #: Largest READ/WRITE payload served; larger requests get EINVAL (a WRITE's payload is still consumed).
 MAX_REQUEST = 32 << 20
@@ -81,9 +88,18 @@ def transmission_flags(device: BlockDevice) -> int:
 
 
 def negotiate(
-    reader: SocketReader, writer: SocketWriter, exports: ExportTable, min_block: int
+    reader: SocketReader,
+    writer: SocketWriter,
+    exports: ExportTable,
+    min_block: int,
+    tls: ServerTls | None = None,
+    start_tls: Callable[[bytes], TlsConnection] | None = None,
 ) -> Session | None:
-    """Negotiate options; the session when an export was chosen and transmission begins, else None."""
+    """Negotiate options; the session when an export was chosen and transmission begins, else None.
+
+    With `tls`, `start_tls` runs the server's TLS handshake on the connection (given the bytes already
+    received after NBD_OPT_STARTTLS) and returns the TLS connection the reader and writer switch to."""
+    secured = False
     writer.send([p.GREETING.pack(p.INIT_MAGIC, p.OPTS_MAGIC, p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES)])
     (client_flags,) = reader.unpack(p.CLIENT_FLAGS)
     if client_flags & ~(p.FLAG_C_FIXED_NEWSTYLE | p.FLAG_C_NO_ZEROES):
@@ -102,6 +118,32 @@ def negotiate(
 
         def reply(kind: int, payload: bytes = b"", option: int = option, out: list[bytes] = out) -> None:
             out.append(p.option_reply(option, kind, payload))
+
+        if tls is not None and not secured:
+            if option == p.OPT_STARTTLS and not data and start_tls is not None:
+                reply(p.REP_ACK)
+                writer.send(out)
+                conn = start_tls(reader.take())
+                reader.start_tls(conn)
+                writer.start_tls(conn)
+                secured = True
+                session = Session(no_zeroes=session.no_zeroes)  # start afresh inside TLS
+                continue
+            if tls.required and option not in (p.OPT_STARTTLS, p.OPT_ABORT):
+                if option == p.OPT_EXPORT_NAME:
+                    raise ProtocolError(detail="NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS: TLS is required")
+                reply(p.REP_ERR_TLS_REQD, b"TLS is required: send NBD_OPT_STARTTLS first")
+                writer.send(out)
+                continue
+        if option == p.OPT_STARTTLS:
+            if secured:
+                reply(p.REP_ERR_INVALID, b"TLS is already in use")
+            elif tls is not None:
+                reply(p.REP_ERR_INVALID, b"NBD_OPT_STARTTLS takes no data")
+            else:
+                reply(p.REP_ERR_UNSUP, b"TLS is not offered by this server")
+            writer.send(out)
+            continue
 
         if option == p.OPT_EXPORT_NAME:
             name = data.decode("utf-8", "replace")

@@ -12,6 +12,9 @@ Errors: a request that fails (bad range, read-only export, unknown command, a li
 or any device error) gets an errno reply and the connection goes on; a broken frame (bad magic, unknown
 client flags, an oversize option) or an abrupt disconnect ends only that connection. Library
 exceptions become errno values in one table, `ERRNO_TABLE`.
+
+TLS: with ``tls`` (a `ServerTls`) clients may, or must, start TLS with NBD_OPT_STARTTLS during the
+handshake (`handshake.negotiate`); the connection then runs over a `TlsConnection`.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from standbylib.nbd.handshake import (
 )
 from standbylib.nbd.protocol import ProtocolError
 from standbylib.nbd.sockio import SocketReader, SocketWriter
+from standbylib.nbd.tls import ServerTls, TlsConnection
 from standbylib.nbd.transmission import ExtentSource, Transmission
 from standbylib.readplan import PlanSource
 
@@ -49,6 +53,7 @@ __all__ = [
     "ExtentSource",
     "NbdServer",
     "PlanSource",
+    "ServerTls",
     "errno_for",
 ]
 
@@ -80,6 +85,7 @@ class NbdServer:
         workers: int = 16,
         max_in_flight: int = 64,
         min_block_size: int = 1,
+        tls: ServerTls | None = None,
     ) -> None:
         if min_block_size < 1 or min_block_size & (min_block_size - 1):
             raise InvalidArgument(detail=f"min_block_size {min_block_size} must be a power of two")
@@ -88,6 +94,7 @@ class NbdServer:
         self._workers = workers
         self._max_in_flight = max_in_flight
         self._min_block = min_block_size
+        self._tls = tls
         self._sock: socket.socket | None = None
         self._accepter: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -174,8 +181,15 @@ class NbdServer:
     def _serve(self, conn: socket.socket, peer: object) -> None:
         assert self._pool is not None
         reader, writer = SocketReader(conn), SocketWriter(conn)
+        secured: list[TlsConnection] = []
+
+        def start_tls(received: bytes) -> TlsConnection:
+            assert self._tls is not None
+            secured.append(TlsConnection.accept(conn, self._tls.context, received))
+            return secured[0]
+
         try:
-            session = negotiate(reader, writer, self._exports, self._min_block)
+            session = negotiate(reader, writer, self._exports, self._min_block, self._tls, start_tls)
             if session is not None:
                 Transmission(
                     reader,
@@ -192,6 +206,8 @@ class NbdServer:
         except Exception:
             log.exception("nbd client %s: unexpected error; closing the connection", peer)
         finally:
+            if secured:
+                secured[0].close()  # close_notify, then the socket
             conn.close()
             with self._lock:
                 self._connections.pop(threading.current_thread(), None)

@@ -3,6 +3,11 @@
 The reader parses many small frames (request headers are 28 bytes) out of one ``recv``; the writer
 sends a whole reply, or a batch of replies, with one ``sendmsg`` (and ``sendfile`` for file ranges
 sent by reference), holding its lock so replies written from several threads never interleave.
+
+Both also work on a `TlsConnection` (after NBD_OPT_STARTTLS; `SocketReader.start_tls` and
+`SocketWriter.start_tls` switch them over). ``sendmsg`` and ``sendfile`` do not exist there: the
+writer then joins the parts of each call into one ``sendall``, and reads file ranges before sending
+them. The plain path only pays one attribute test per call.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from standbylib.nbd.tls import TlsConnection
 from standbylib.rawfile import Buffer
 from standbylib.readplan import FileRange
 
@@ -28,12 +34,23 @@ class PeerClosed(EOFError):
 class SocketReader:
     """Reads frames from a blocking socket through a buffer of `size` bytes. One reader thread."""
 
-    def __init__(self, sock: socket.socket, size: int = 256 << 10) -> None:
+    def __init__(self, sock: socket.socket | TlsConnection, size: int = 256 << 10) -> None:
         self._sock = sock
         self._buf = bytearray(size)
         self._view = memoryview(self._buf)
         self._start = 0
         self._end = 0
+
+    def start_tls(self, sock: TlsConnection) -> None:
+        """Read from `sock` from now on (the bytes buffered so far went to its handshake: `take`)."""
+        self._sock = sock
+        self._start = self._end = 0
+
+    def take(self) -> bytes:
+        """The bytes buffered and not consumed yet, consuming them."""
+        data = bytes(self._view[self._start : self._end])
+        self._start = self._end = 0
+        return data
 
     def buffered(self) -> int:
         """Bytes received and not consumed yet (available without blocking)."""
@@ -106,7 +123,12 @@ class SocketWriter:
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
+        self._tls: TlsConnection | None = None
         self.lock = threading.Lock()
+
+    def start_tls(self, sock: TlsConnection) -> None:
+        """Send through `sock` from now on."""
+        self._tls = sock
 
     def send(self, parts: Sequence[Buffer]) -> None:
         with self.lock:
@@ -114,6 +136,9 @@ class SocketWriter:
 
     def send_locked(self, parts: Sequence[Buffer], *, more: bool = False) -> None:
         """Send every byte of `parts` (gathered: no concatenation); `more` when more follows at once."""
+        if self._tls is not None:
+            self._tls.sendall(b"".join(parts))
+            return
         flags = socket.MSG_MORE if more else 0
         parts = list(parts)
         while parts:
@@ -134,6 +159,9 @@ class SocketWriter:
     def sendfile_locked(self, piece: FileRange) -> None:
         """Send `piece` by reference from the page cache; past the end of the file, zeros."""
         fd, offset, left = piece
+        if self._tls is not None:
+            self._send_file_tls(self._tls, fd, offset, left)
+            return
         out = self._sock.fileno()
         while left:
             n = os.sendfile(out, fd, offset, left)
@@ -145,6 +173,23 @@ class SocketWriter:
                 return
             offset += n
             left -= n
+
+    @staticmethod
+    def _send_file_tls(tls: TlsConnection, fd: int, offset: int, left: int) -> None:
+        """`sendfile_locked` over TLS: read the range a piece at a time and send it; zeros past the end."""
+        while left:
+            data = os.pread(fd, min(left, _TLS_PIECE), offset)
+            if not data:
+                tls.sendall(_ZEROS[: min(left, len(_ZEROS))])
+                left -= min(left, len(_ZEROS))
+                continue
+            tls.sendall(data)
+            offset += len(data)
+            left -= len(data)
+
+
+#: Bytes read from a file and sent at a time over TLS.
+_TLS_PIECE = 1 << 20
 
 
 def zero_parts(n: int) -> list[memoryview]:

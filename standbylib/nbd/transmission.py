@@ -57,6 +57,10 @@ BUFFER_BYTES = 8 << 20
 _ALIGN = 4096  # each reply's data starts on a page: the kernel copies page-aligned data fastest
 
 
+class PeerGone(ConnectionError):
+    """Sending replies failed: the client went away (or reset the connection); the connection ends."""
+
+
 #: What an asynchronous write's completion returns: a function that sends its queued reply, or None.
 Sender = Callable[[], None] | None
 
@@ -276,6 +280,8 @@ class Transmission:
                 held = any(isinstance(s, FileRange) for s in segments)
             else:
                 self._copy(plan, segments, length)
+        except PeerGone:
+            raise  # sending the batch to make room failed: the connection ends, no read failed
         except Exception as e:
             self._fail_all(reads, e)
             return None
@@ -344,8 +350,13 @@ class Transmission:
     def _flush(self) -> None:
         """Send the batch, then close the plans it sent file ranges of."""
         if self._pending:
-            with self.writer.lock:
-                send_parts(self.writer, self._pending)
+            try:
+                with self.writer.lock:
+                    send_parts(self.writer, self._pending)
+            except OSError as e:
+                self._pending = []
+                self._pending_bytes = 0
+                raise PeerGone(str(e)) from e
             self._pending = []
             self._pending_bytes = 0
         self._release_held()

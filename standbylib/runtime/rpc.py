@@ -37,6 +37,7 @@ from standbylib.errors import (
     VolumeMismatch,
 )
 from standbylib.runtime import logs
+from standbylib.runtime.tls import TlsFiles
 
 log = logs.get(__name__)
 
@@ -105,12 +106,23 @@ def abort(context: grpc.ServicerContext, exc: BaseException) -> NoReturn:
     """End the call with the status that `exc` maps to; unknown errors are INTERNAL and logged."""
     code = status_for(exc)
     if isinstance(exc, StandbyError) and code != grpc.StatusCode.INTERNAL:
-        context.abort(code, str(exc))
+        context.abort(code, _details(str(exc)))
     if isinstance(exc, StandbyError):
         log.error("request_failed", error=str(exc), kind=type(exc).__name__)
-        context.abort(code, str(exc))
+        context.abort(code, _details(str(exc)))
     log.exception("internal_error", error=repr(exc))
     context.abort(grpc.StatusCode.INTERNAL, "internal error in the daemon; its log has the details")
+
+
+#: Longest status message sent: messages echo the request (a volume name, say) and gRPC refuses
+#: metadata over 16 KiB, which would turn the answer into RESOURCE_EXHAUSTED.
+MAX_DETAILS = 4096
+
+
+def _details(message: str) -> str:
+    if len(message) <= MAX_DETAILS:
+        return message
+    return message[: MAX_DETAILS - 40] + f"... ({len(message)} characters in all)"
 
 
 def guarded(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -206,19 +218,28 @@ def add_service(server: grpc.Server, service: ServiceDescriptor, servicer: objec
 
 
 def create_server(
-    address: tuple[str, int], register: Callable[[grpc.Server], None], *, workers: int = 32
+    address: tuple[str, int],
+    register: Callable[[grpc.Server], None],
+    *,
+    workers: int = 32,
+    tls: TlsFiles | None = None,
 ) -> tuple[grpc.Server, tuple[str, int], health.HealthServicer]:
     """A started gRPC server on `address` with the servicers `register` adds and the health service.
 
+    With `tls` (enabled) the port speaks TLS only, mutual TLS when it requires client certificates.
     Returns the server, the bound address (port 0 resolved) and the health servicer (all SERVING).
     """
+    credentials = tls.server_credentials() if tls is not None and tls.enabled else None
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=SERVER_OPTIONS)
     register(server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     host, port = address
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    bound = server.add_insecure_port(target)
+    if credentials is not None:
+        bound = server.add_secure_port(target, credentials)
+    else:
+        bound = server.add_insecure_port(target)
     if bound == 0:
         raise StandbyError(detail=f"cannot listen on {target}: address in use or not available")
     server.start()
@@ -226,24 +247,62 @@ def create_server(
     return server, (host, bound), health_servicer
 
 
-def channel(target: str) -> grpc.Channel:
+def channel(target: str, tls: TlsFiles | None = None) -> grpc.Channel:
+    """A channel to `target`: TLS (with a client certificate when `tls` has one) when `tls` is enabled."""
+    if tls is not None and tls.enabled:
+        return grpc.secure_channel(
+            target, tls.channel_credentials(), options=CHANNEL_OPTIONS + tls.channel_options()
+        )
     return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
 
 
 @contextmanager
-def calling(target: str) -> Iterator[None]:
-    """Turn a failed call into a `RemoteError` whose message is the server's, or `Unavailable`."""
+def calling(target: str, tls: TlsFiles | None = None) -> Iterator[None]:
+    """Turn a failed call into a `RemoteError` whose message is the server's, or `Unavailable`.
+
+    `tls` is the channel's TLS (None or not enabled: plaintext), for a clear reason when a TLS
+    handshake fails."""
     try:
         yield
     except grpc.RpcError as e:
-        raise_for(e, target)
+        raise_for(e, target, tls)
 
 
-def raise_for(e: grpc.RpcError, target: str) -> NoReturn:
+def raise_for(e: grpc.RpcError, target: str, tls: TlsFiles | None = None) -> NoReturn:
     code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
     details = e.details() if hasattr(e, "details") else str(e)
     if code == grpc.StatusCode.UNAVAILABLE:
-        raise Unavailable(target=target, detail=details or "unavailable", code=code) from None
+        detail = explain_unavailable(details or "unavailable", tls is not None and tls.enabled)
+        raise Unavailable(target=target, detail=detail, code=code) from None
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         raise Unavailable(target=target, detail="no answer in time", code=code) from None
     raise RemoteError(detail=details or code.name, code=code) from None
+
+
+def explain_unavailable(details: str, tls: bool) -> str:
+    """gRPC's reason for an unreachable peer, with the likely cause first when it is about TLS.
+
+    gRPC reports a refused client certificate, and a plaintext client at a TLS port, as "Socket
+    closed": the server ends the connection during the handshake without telling why."""
+    low = details.lower()
+    last = details.rpartition("last error: ")[2] or details
+    if "hostname verification" in low:
+        hint = "TLS: the server's certificate does not carry the name connected to (see --tls-server-name)"
+    elif "certificate_verify_failed" in low or "certificate verify failed" in low:
+        hint = "TLS: the server's certificate is not signed by a CA of --tls-ca"
+    elif "wrong_version_number" in low:
+        hint = "TLS handshake failed: the server does not speak TLS (drop --tls-ca), or another protocol"
+    elif "socket closed" in low or "connection reset" in low:
+        if tls:
+            hint = (
+                "the server closed the connection during the TLS handshake: it requires a client "
+                "certificate signed by its CA (--tls-cert and --tls-key), or refused the one given"
+            )
+        else:
+            hint = (
+                "the server closed the connection: it may require TLS (--tls-ca, and --tls-cert and "
+                "--tls-key for mutual TLS)"
+            )
+    else:
+        return details
+    return f"{hint} ({last})"

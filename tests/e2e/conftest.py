@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_support import VOLUME_SIZE, Appliance, Daemons, Model, Writer
+from e2e_support import VOLUME_SIZE, Appliance, Daemons, Model, Writer, running_daemons
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -29,13 +29,8 @@ def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def daemons(tmp_path: Path) -> Iterator[Daemons]:
-    ds = Daemons(tmp_path)
-    try:
+    with running_daemons(tmp_path) as ds:
         yield ds
-    finally:
-        problems = ds.finish()
-    if problems:
-        pytest.fail("\n".join(problems), pytrace=False)
 
 
 @pytest.fixture

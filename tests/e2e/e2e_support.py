@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -350,6 +351,18 @@ class Primary:
             if time.monotonic() > deadline:
                 pytest.fail(f"the primary did not get in sync within {timeout} s", pytrace=False)
             time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def running_daemons(tmp: Path) -> Iterator[Daemons]:
+    """The daemons of one test: each must still be running at the end and stop cleanly on SIGTERM."""
+    ds = Daemons(tmp)
+    try:
+        yield ds
+    finally:
+        problems = ds.finish()
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)
 
 
 class Daemons:

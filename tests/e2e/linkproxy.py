@@ -11,8 +11,9 @@ class LinkProxy:
     """Forwards connections from `address` to `target` (``H:P``) until `cut`; `restore` lets them in again.
 
     While cut, every open connection is torn down and new ones are accepted and closed at once, as a
-    broken link or a rebooting peer looks to a client. `target` may be changed (a restarted peer on a
-    new port).
+    broken link or a rebooting peer looks to a client. While stalled (`stall`), connections stay open
+    but no byte moves, as a hung peer or a black-holed route looks. `target` may be changed (a
+    restarted peer on a new port).
     """
 
     def __init__(self, target: str) -> None:
@@ -20,6 +21,8 @@ class LinkProxy:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
         self._up = True
+        self._flowing = threading.Event()
+        self._flowing.set()
         self._lock = threading.Lock()
         self._conns: list[socket.socket] = []
         self.cuts = 0
@@ -49,10 +52,10 @@ class LinkProxy:
             for a, b in ((client, server), (server, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(1 << 16):
+                self._flowing.wait()
                 dst.sendall(data)
         except OSError:
             pass
@@ -70,6 +73,13 @@ class LinkProxy:
                 s.shutdown(socket.SHUT_RDWR)
             s.close()
 
+    def stall(self) -> None:
+        """Hold every byte in transit until `unstall`."""
+        self._flowing.clear()
+
+    def unstall(self) -> None:
+        self._flowing.set()
+
     def restore(self, target: str | None = None) -> None:
         with self._lock:
             if target is not None:
@@ -77,5 +87,6 @@ class LinkProxy:
             self._up = True
 
     def close(self) -> None:
+        self.unstall()
         self.cut()
         self._listener.close()

@@ -128,6 +128,15 @@ def test_handshake_errors(stubs, size, block_size, code):
     assert err.value.code() == code
 
 
+def test_an_error_about_a_huge_name_is_cut_short_and_keeps_its_code(stubs):
+    repl = stubs[0]
+    with pytest.raises(grpc.RpcError) as err:
+        handshake(repl, volume="x" * 20000)
+    # gRPC refuses metadata over 16 KiB: an echo of the whole name would turn into RESOURCE_EXHAUSTED
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "characters in all" in err.value.details() and len(err.value.details()) <= 4096
+
+
 def initial_sync(repl):
     """What a primary does with a new replica: a resync stream that ends with an `uptodate` batch."""
     handshake(repl)

@@ -132,6 +132,7 @@ def test_writes_go_on_during_a_standby_outage_and_are_resynced(tmp_path):
         before = dev.mirror.resent_bytes
         rig.stop()
         rig.node.close()
+        wait_until(lambda: not dev.mirror.connected)  # the outage is noticed (a write would show it too)
         for i in range(1, 20):  # answered although the standby is gone: tracked in the bitmap
             dev.write(i * 65536, bytes([i]) * 4096)
         assert dev.mirror.bitmap.dirty() >= 19
