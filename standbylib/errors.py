@@ -129,5 +129,9 @@ class DeviceError(StandbyError):
     template = "device {path}: {detail}"
 
 
+class DiskFull(DeviceError):
+    """A write found no space (ENOSPC, EDQUOT) or hit a file-size limit (EFBIG): it may succeed later."""
+
+
 class Closed(StandbyError):
     template = "{what} is closed"

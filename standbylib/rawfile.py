@@ -17,7 +17,10 @@ import os
 from dataclasses import dataclass
 from typing import Protocol
 
-from standbylib.errors import DeviceError
+from standbylib.errors import DeviceError, DiskFull
+
+#: Write errors that mean no space, for now: the same write may succeed once space is freed.
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 Buffer = bytes | bytearray | memoryview
 
@@ -132,7 +135,8 @@ class OsFile:
             try:
                 n = os.pwrite(self.fd, view, offset)
             except OSError as e:
-                raise DeviceError(path=self.path, detail=f"write at {offset}: {e.strerror}") from e
+                kind = DiskFull if e.errno in _FULL else DeviceError
+                raise kind(path=self.path, detail=f"write at {offset}: {e.strerror}") from e
             view = view[n:]
             offset += n
 

@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from standbylib.errors import (
     AlreadyExists,
     Closed,
+    DiskFull,
     InvalidArgument,
     InvalidBlockSize,
     InvalidLength,
@@ -77,6 +78,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (VolumeMismatch, grpc.StatusCode.FAILED_PRECONDITION),
     (PreservationFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (PreservationDeferred, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (DiskFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Closed, grpc.StatusCode.UNAVAILABLE),
     (StoreError, grpc.StatusCode.INTERNAL),
     (RequestError, grpc.StatusCode.FAILED_PRECONDITION),
