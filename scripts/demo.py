@@ -116,6 +116,15 @@ def main() -> int:
         if used != 8 * MiB:
             raise SystemExit(f"demo failed: preservation used {used} bytes, 8 MiB expected")
         say(f"5. preservation fill of {name}: {human_size(int(used))} used ({fill:.2%} of its capacity)")
+        pm = primary.addresses["metrics"]
+        connected = metric(pm, "standby_replication_connected", volume="vol0")
+        mirrored = metric(pm, "standby_mirrored_bytes_total", volume="vol0")
+        behind = metric(pm, "standby_out_of_sync_bytes", volume="vol0")
+        lag = metric(standby.addresses["metrics"], "standby_replication_lag_seconds", volume="vol0")
+        say(
+            f"   replication: connected={int(connected)}, {human_size(int(mirrored))} mirrored, "
+            f"{human_size(int(behind))} out of sync, standby lag {lag:.1f} s"
+        )
         say("6. the backup node archives the snapshot over NBD while the primary keeps writing")
         archive = work / "vol0.tar.zst"
         writer = threading.Thread(target=qemu_io, args=(vol_uri, "write -P 0x55 40M 8M", "flush"))
