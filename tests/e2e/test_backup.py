@@ -211,8 +211,8 @@ def test_the_lease_frees_the_snapshot_of_a_backup_node_that_died(appliance: Appl
     while a.standby.snapshots("vol0") and time.monotonic() < deadline:
         time.sleep(0.2)
     assert a.standby.snapshots("vol0") == [], "the lease did not release the dead backup's snapshot"
-    events = [e for e in a.standby.daemon.events if e.get("event") == "snapshot_lease_expired"]
-    assert events and events[0]["volume"] == "vol0"
+    expired = a.standby.daemon.wait_for("snapshot_lease_expired", timeout=10)
+    assert expired["volume"] == "vol0"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
