@@ -70,8 +70,10 @@ def assert_in_sync(standby: Standby, primary: Primary) -> None:
     assert standby.status()["volumes"][0]["state"] == "uptodate"
 
 
-def start_pair(daemons: Daemons, tmp: Path, *extra: str) -> tuple[Standby, Primary, LinkProxy]:
-    standby = daemons.standby()
+def start_pair(
+    daemons: Daemons, tmp: Path, *extra: str, standby_extra: tuple[str, ...] = ()
+) -> tuple[Standby, Primary, LinkProxy]:
+    standby = daemons.standby(None, *standby_extra)
     proxy = LinkProxy(standby.grpc)
     vol = tmp / "primary" / "vol0.img"
     vol.parent.mkdir(exist_ok=True)

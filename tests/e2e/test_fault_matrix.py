@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import resource
 import subprocess
 import threading
 import time
@@ -18,11 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from e2e_support import VOLUME_SIZE, Daemons, Primary, need, rand
+from e2e_support import VOLUME_SIZE, Daemons, Primary, Standby, backup_argv, need, rand
 from faults_support import assert_in_sync, assert_snapshot, frozen_snapshot, start_pair
 from linkproxy import LinkProxy
 
-FAULTS = ("cut_link", "stall_link", "kill_standby", "kill_primary", "snapshot_churn")
+FAULTS = (
+    "cut_link", "stall_link", "kill_standby", "kill_primary", "snapshot_churn", "disk_full", "small_snapshot",
+    "kill_backup",
+)  # fmt: skip
 BLOCK = 64 * 1024
 
 
@@ -85,8 +89,10 @@ class AckedWriter:
 def run_matrix(daemons: Daemons, tmp: Path, seed: int, events: int) -> list[str]:
     """One seeded run of `events` random faults; the faults done, in order."""
     rng = random.Random(seed)
-    standby, primary, proxy = start_pair(daemons, tmp)
-    done: list[str] = []
+    policy = rng.choice(("invalidate", "defer"))
+    standby_extra = ("--on-full", policy)
+    standby, primary, proxy = start_pair(daemons, tmp, standby_extra=standby_extra)
+    done: list[str] = [f"on-full {policy}"]
     try:
         name, expected = frozen_snapshot(standby, primary, tmp)
         writer = AckedWriter(primary.uri("vol0"), tmp, seed)
@@ -107,7 +113,7 @@ def run_matrix(daemons: Daemons, tmp: Path, seed: int, events: int) -> list[str]
             elif fault == "kill_standby":
                 standby.daemon.kill()
                 time.sleep(rng.uniform(0.2, 1.0))
-                standby = daemons.standby(standby.data_dir)
+                standby = daemons.standby(standby.data_dir, *standby_extra)
                 proxy.restore(standby.grpc)
             elif fault == "kill_primary":
                 # Sync mode guarantees acknowledged writes on the standby while connected and in sync
@@ -124,6 +130,27 @@ def run_matrix(daemons: Daemons, tmp: Path, seed: int, events: int) -> list[str]
                 writer.uri = primary.uri("vol0")
                 writer.start()
                 continue
+            elif fault == "disk_full":
+                # the standby's files cannot grow past 8 MiB for a while (a full disk); its writes
+                # there fail and the primary tracks them until space returns
+                pid = standby.daemon.proc.pid
+                resource.prlimit(pid, resource.RLIMIT_FSIZE, (8 << 20, resource.RLIM_INFINITY))
+                try:
+                    time.sleep(rng.uniform(0.5, 3.0))
+                finally:
+                    resource.prlimit(
+                        pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+                    )
+            elif fault == "small_snapshot":
+                # a snapshot with room for 64 blocks fills up: invalidated, or (defer) the volume's
+                # writes held back until it is deleted
+                churn += 1
+                made = standby.snapshot("vol0", f"small{churn}", "--capacity", "256KiB")
+                time.sleep(rng.uniform(0.5, 2.5))
+                standby.ctl("snapshot", "delete", "vol0", made)
+            elif fault == "kill_backup":
+                kill_a_backup(standby, tmp / f"backup{churn}.fifo")
+                churn += 1
             else:
                 churn += 1
                 made = standby.snapshot("vol0", f"churn{churn}")
@@ -142,6 +169,25 @@ def run_matrix(daemons: Daemons, tmp: Path, seed: int, events: int) -> list[str]
     finally:
         proxy.close()
     return done
+
+
+def kill_a_backup(standby: Standby, fifo: Path) -> None:
+    """A backup node killed (-9) mid-run: the lease (2 s) of the snapshot it made frees it."""
+    os.mkfifo(fifo)
+    before = {s["name"] for s in standby.snapshots("vol0")}
+    proc = subprocess.Popen(
+        backup_argv("run", "vol0", "--standby", standby.grpc, "--output", str(fifo), "--lease", "2",
+                    "--metrics-listen", "off"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    with open(fifo, "rb") as reader:
+        reader.read(1024)  # it made its snapshot and writes
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 20
+    while {s["name"] for s in standby.snapshots("vol0")} - before:
+        assert time.monotonic() < deadline, "the lease did not free a dead backup's snapshot"
+        time.sleep(0.2)
 
 
 def restart_primary(daemons: Daemons, old: Primary, proxy: LinkProxy) -> Primary:
