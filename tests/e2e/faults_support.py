@@ -56,9 +56,11 @@ def frozen_snapshot(standby: Standby, primary: Primary, tmp: Path) -> tuple[str,
 
 
 def assert_snapshot(standby: Standby, name: str, expected: Path, tmp: Path) -> None:
-    out = tmp / "snapshot-read.img"
+    out = tmp / f"snapshot-read-{name}.img"
+    out.unlink(missing_ok=True)  # nbdcopy may skip zeros: never read into an old copy
     run("nbdcopy", "--connections=4", standby.uri(f"vol0@{name}"), out)
-    assert sha(out) == sha(expected), "a snapshot taken before the fault does not read its frozen image"
+    assert sha(out) == sha(expected), f"snapshot {name} does not read its frozen image"
+    out.unlink()
 
 
 def assert_in_sync(standby: Standby, primary: Primary) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 import resource
+import shutil
 import subprocess
 import threading
 import time
@@ -98,6 +99,7 @@ def run_matrix(daemons: Daemons, tmp: Path, seed: int, events: int) -> list[str]
         writer = AckedWriter(primary.uri("vol0"), tmp, seed)
         writer.start()
         churn = 0
+        kept: dict[str, Path] = {}  # snapshots left in place -> the image each must keep
         for _ in range(events):
             fault = rng.choice(FAULTS)
             time.sleep(rng.uniform(0.3, 1.5))
@@ -152,10 +154,19 @@ def run_matrix(daemons: Daemons, tmp: Path, seed: int, events: int) -> list[str]
                 kill_a_backup(standby, tmp / f"backup{churn}.fifo")
                 churn += 1
             else:
+                # a snapshot of a known image (the writer paused, the replica in sync), kept or not
                 churn += 1
+                writer.stop()
+                primary.wait_in_sync(timeout=120)
+                image = tmp / f"churn{churn}.img"
+                shutil.copyfile(primary.volumes["vol0"], image)
                 made = standby.snapshot("vol0", f"churn{churn}")
-                if rng.random() < 0.7:
+                writer.start()
+                if rng.random() < 0.6:
                     standby.ctl("snapshot", "delete", "vol0", made)
+                    image.unlink()
+                else:
+                    kept[made] = image
             done.append(fault)
         writer.stop()
         proxy.restore(standby.grpc)
@@ -165,6 +176,10 @@ def run_matrix(daemons: Daemons, tmp: Path, seed: int, events: int) -> list[str]
         assert primary.metrics().get("standby_out_of_sync_bytes", volume="vol0") == 0
         names = {s["name"] for s in standby.snapshots("vol0") if s["valid"]}
         assert name in names, f"seed {seed}: the snapshot taken before the faults is gone or invalid"
+        checked = [snap for snap in kept if snap in names]
+        for snap in checked:  # every snapshot still valid reads its frozen image
+            assert_snapshot(standby, snap, kept[snap], tmp)
+        done.append(f"{len(checked) + 1} valid snapshots checked")
         assert writer.writes > 0, "the writer never got a write acknowledged"
     finally:
         proxy.close()
