@@ -543,7 +543,10 @@ class Mirror:
             stream_id = self._stream_id
             first = self._next_sequence
             # From here on writes are mirrored; whatever is dirty now is resent first.
-            resync = self.bitmap.dirty() > 0
+            # What is dirty now is what this connection resends (counted here: the resync thread starts
+            # clearing bits as soon as `connected` is set).
+            dirty_bytes = self.bitmap.dirty() * self.bitmap.granularity
+            resync = dirty_bytes > 0
             self.connected = True
             self.resyncing = resync
             self._stream_generation = self.generations.current
@@ -561,7 +564,7 @@ class Mirror:
                 volume=self.volume,
                 target=self.target,
                 mode=self.mode,
-                resync_bytes=self.bitmap.dirty() * self.bitmap.granularity,
+                resync_bytes=dirty_bytes,
             )
             for reply in responses:
                 self._acknowledged(reply)
