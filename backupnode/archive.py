@@ -369,6 +369,33 @@ def _next_member(stream: _Stream) -> _Member | None:
         return _Member(pax.get("path", info.name), size, pax)
 
 
+def _read_manifest(stream: _Stream) -> tuple[Manifest, dict[str, Any]]:
+    """The first member, which must be the manifest: parsed and checked, and its JSON document."""
+    path = stream.path
+    first = _next_member(stream)
+    if first is None or first.name != MANIFEST_NAME:
+        raise ArchiveError(path=path, detail="not a backup archive (no MANIFEST.json first)")
+    try:
+        doc = json.loads(stream.read(first.size + (-first.size % BLOCK))[: first.size])
+    except ValueError:
+        raise CorruptArchive(path=path, detail="the manifest is not valid JSON") from None
+    manifest = Manifest.from_json(doc, path)
+    try:
+        check_extents(manifest.extents, manifest.size)
+    except ValueError as e:
+        raise CorruptArchive(path=path, detail=f"manifest: {e}") from None
+    return manifest, doc
+
+
+def read_manifest(raw: IO[bytes], path: str) -> tuple[Manifest, dict[str, Any]]:
+    """Only the manifest at the front of an archive (a quick look: nothing else is read or checked)."""
+    stream = _Stream(raw, path)
+    try:
+        return _read_manifest(stream)
+    finally:
+        stream.close()
+
+
 def read_archive(
     raw: IO[bytes], path: str, *, sink: Any = None, stop_at_first_bad: bool = False
 ) -> ReadResult:
@@ -380,18 +407,7 @@ def read_archive(
     `stop_at_first_bad`)."""
     stream = _Stream(raw, path)
     try:
-        first = _next_member(stream)
-        if first is None or first.name != MANIFEST_NAME:
-            raise ArchiveError(path=path, detail="not a backup archive (no MANIFEST.json first)")
-        try:
-            doc = json.loads(stream.read(first.size + (-first.size % BLOCK))[: first.size])
-        except ValueError:
-            raise CorruptArchive(path=path, detail="the manifest is not valid JSON") from None
-        manifest = Manifest.from_json(doc, path)
-        try:
-            check_extents(manifest.extents, manifest.size)
-        except ValueError as e:
-            raise CorruptArchive(path=path, detail=f"manifest: {e}") from None
+        manifest, _doc = _read_manifest(stream)
         if sink is not None:
             sink.manifest(manifest)
         image = _next_member(stream)

@@ -19,13 +19,11 @@ from contextlib import ExitStack, suppress
 from typing import IO, Any
 
 from backupnode.archive import (
-    ArchiveError,
     Manifest,
     ReadResult,
-    _next_member,
-    _Stream,
     image_offset,
     read_archive,
+    read_manifest,
 )
 from backupnode.progress import Progress
 from standbylib.errors import StandbyError
@@ -172,18 +170,7 @@ def list_archive(archive: str, as_json: bool) -> int:
     """The manifest (read from the front of the archive only: a quick look, not a check)."""
     with ExitStack() as stack:
         raw = open_input(archive, stack)
-        stream = _Stream(raw, archive)
-        try:
-            first = _next_member(stream)
-            if first is None or first.name != "MANIFEST.json":
-                raise ArchiveError(path=archive, detail="not a backup archive (no MANIFEST.json first)")
-            try:
-                doc: dict[str, Any] = json.loads(stream.read(first.size))
-            except ValueError:
-                raise ArchiveError(path=archive, detail="the manifest is not valid JSON") from None
-            m = Manifest.from_json(doc, archive)
-        finally:
-            stream.close()
+        m, doc = read_manifest(raw, archive)
     if as_json:
         print(json.dumps(doc, indent=1))
         return EXIT_OK
