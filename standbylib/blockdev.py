@@ -9,10 +9,13 @@ the same exceptions before touching anything.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 from typing import Protocol, runtime_checkable
 
 from standbylib.errors import (
+    DeviceBusy,
     DeviceError,
     InvalidArgument,
     InvalidBlockSize,
@@ -155,17 +158,31 @@ class Device:
             raise ReadOnly(what=f"device {self.raw.path}")
 
 
-def open_file_device(path: str, size: int | None = None, *, readonly: bool = False) -> Device:
+def open_file_device(
+    path: str, size: int | None = None, *, readonly: bool = False, exclusive: bool = False
+) -> Device:
     """Open the file or block device at `path`.
 
     With `size` given and no file at `path`, a sparse file of that size is
     created. With `size` given and a smaller regular file, the file is grown
     (sparsely). Without `size`, the device's current size is used.
+
+    With `exclusive`, an exclusive advisory lock (flock) is taken on the open file and held until it
+    is closed: the primary agent and the standby daemon both take it, so neither opens a volume the
+    other is writing. Raises `DeviceBusy` when another open file holds it.
     """
     exists = os.path.exists(path)
     if not exists and size is None:
         raise DeviceError(path=path, detail="no such file; give a size to create it")
     raw = OsFile(path, create=not exists, readonly=readonly)
+    if exclusive:
+        try:
+            fcntl.flock(raw.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            raw.close()
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise DeviceBusy(path=path) from e
+            raise DeviceError(path=path, detail=f"lock: {e.strerror}") from e
     current = raw.size()
     if size is None:
         size = current

@@ -130,7 +130,25 @@ class DeviceError(StandbyError):
 
 
 class DiskFull(DeviceError):
-    """A write found no space (ENOSPC, EDQUOT) or hit a file-size limit (EFBIG): it may succeed later."""
+    """A write found no space (ENOSPC, EDQUOT) or hit a file-size limit (EFBIG): it may succeed later.
+
+    The engine refuses the request and keeps nothing of it (no snapshot is invalidated for it), so
+    the same request can be retried once space is freed (see docs/ENGINE.md, "Failures").
+    """
+
+    template = (
+        "device {path}: {detail}; free space on the filesystem holding {path} "
+        "(delete files or snapshots): replication resumes by itself"
+    )
+
+
+class DeviceBusy(DeviceError):
+    """Another process (or another open of this process) holds the device's exclusive lock."""
+
+    template = (
+        "device {path} is in use by another process (a primary agent or standby daemon has it open); "
+        "stop that process first: two writers would corrupt it"
+    )
 
 
 class Closed(StandbyError):

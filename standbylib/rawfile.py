@@ -10,10 +10,12 @@ really reached the backend.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
 import os
+import stat
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -21,6 +23,16 @@ from standbylib.errors import DeviceError, DiskFull
 
 #: Write errors that mean no space, for now: the same write may succeed once space is freed.
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+#: copy_file_range errors that mean "not here" (another filesystem, no support): copy in user space.
+_NO_KERNEL_COPY = (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
+
+
+def io_error(path: str, what: str, e: OSError) -> DeviceError:
+    """The library error for `e`, raised by `what` on `path`: `DiskFull` when there is no space
+    (or a file-size limit was hit), else `DeviceError`."""
+    kind = DiskFull if e.errno in _FULL else DeviceError
+    return kind(path=path, detail=f"{what}: {e.strerror or e}")
+
 
 Buffer = bytes | bytearray | memoryview
 
@@ -100,19 +112,22 @@ class OsFile:
     def pread(self, length: int, offset: int) -> bytes:
         self.counters.reads += 1
         self.counters.bytes_read += length
-        data = os.pread(self.fd, length, offset)
-        if len(data) < length:
-            # Short read: either EOF (zeros by contract) or a signal; retry the rest.
-            chunks = [data]
-            got = len(data)
-            while got < length:
-                more = os.pread(self.fd, length - got, offset + got)
-                if not more:
-                    chunks.append(bytes(length - got))
-                    break
-                chunks.append(more)
-                got += len(more)
-            data = b"".join(chunks)
+        try:
+            data = os.pread(self.fd, length, offset)
+            if len(data) < length:
+                # Short read: either EOF (zeros by contract) or a signal; retry the rest.
+                chunks = [data]
+                got = len(data)
+                while got < length:
+                    more = os.pread(self.fd, length - got, offset + got)
+                    if not more:
+                        chunks.append(bytes(length - got))
+                        break
+                    chunks.append(more)
+                    got += len(more)
+                data = b"".join(chunks)
+        except OSError as e:
+            raise io_error(self.path, f"read at {offset}", e) from e
         return data
 
     def preadinto(self, buf: memoryview, offset: int) -> None:
@@ -120,12 +135,15 @@ class OsFile:
         self.counters.bytes_read += len(buf)
         done = 0
         total = len(buf)
-        while done < total:
-            n = os.preadv(self.fd, [buf[done:]], offset + done)
-            if n == 0:
-                buf[done:] = bytes(total - done)
-                return
-            done += n
+        try:
+            while done < total:
+                n = os.preadv(self.fd, [buf[done:]], offset + done)
+                if n == 0:
+                    buf[done:] = bytes(total - done)
+                    return
+                done += n
+        except OSError as e:
+            raise io_error(self.path, f"read at {offset + done}", e) from e
 
     def pwrite(self, data: Buffer, offset: int) -> None:
         self.counters.writes += 1
@@ -135,14 +153,19 @@ class OsFile:
             try:
                 n = os.pwrite(self.fd, view, offset)
             except OSError as e:
-                kind = DiskFull if e.errno in _FULL else DeviceError
-                raise kind(path=self.path, detail=f"write at {offset}: {e.strerror}") from e
+                raise io_error(self.path, f"write at {offset}", e) from e
             view = view[n:]
             offset += n
 
     def copy_from(self, src: OsFile, src_offset: int, length: int, offset: int) -> None:
         """Copy `length` bytes of `src` at `src_offset` to `offset`, inside the kernel
-        (copy_file_range: no trip through user space; shared extents where the filesystem can)."""
+        (copy_file_range: no trip through user space; shared extents where the filesystem can).
+
+        Where the kernel cannot copy between these files (another filesystem, no support) the
+        bytes go through user space instead. Raises `DiskFull` when the destination has no space
+        (ENOSPC, EDQUOT, EFBIG), `DeviceError` otherwise (naming the file that failed); part of the
+        range may have been written then.
+        """
         self.counters.writes += 1
         self.counters.bytes_written += length
         src.counters.reads += 1
@@ -152,20 +175,70 @@ class OsFile:
             while done < length:
                 n = os.copy_file_range(src.fd, self.fd, length - done, src_offset + done, offset + done)
                 if n == 0:  # past the end of the source: the rest reads as zeros
-                    os.pwrite(self.fd, bytes(length - done), offset + done)
+                    self._write_all(bytes(length - done), offset + done)
                     return
                 done += n
         except OSError as e:
-            raise DeviceError(path=self.path, detail=f"copy at {offset}: {e.strerror}") from e
+            if e.errno not in _NO_KERNEL_COPY:
+                raise io_error(self.path, f"copy from {src.path} at {offset + done}", e) from e
+        # Copy the rest through user space, a MiB at a time (reads name the source when they fail).
+        while done < length:
+            n = min(length - done, 1 << 20)
+            self._write_all(src.pread(n, src_offset + done), offset + done)
+            done += n
+
+    def _write_all(self, data: Buffer, offset: int) -> None:
+        """`pwrite` without counting (the caller counted the whole operation)."""
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.pwrite(self.fd, view, offset)
+            except OSError as e:
+                raise io_error(self.path, f"write at {offset}", e) from e
+            view = view[n:]
+            offset += n
 
     def sync(self) -> None:
+        """fdatasync. A failure (ENOSPC, EDQUOT: `DiskFull`; EIO...: `DeviceError`) may have lost
+        any write since the previous successful sync, even one a later sync reports done: the
+        kernel may drop the pages it failed to write. Rewrite what must be durable, then sync."""
         self.counters.syncs += 1
         try:
             os.fdatasync(self.fd)
         except OSError as e:
-            raise DeviceError(path=self.path, detail=f"fdatasync: {e.strerror}") from e
+            raise io_error(self.path, "fdatasync", e) from e
+
+    def sync_all(self) -> None:
+        """fsync: like `sync`, and the file's metadata (its modification time) too."""
+        self.counters.syncs += 1
+        try:
+            os.fsync(self.fd)
+        except OSError as e:
+            raise io_error(self.path, "fsync", e) from e
+
+    def stat(self) -> os.stat_result:
+        """fstat of the open file."""
+        try:
+            return os.fstat(self.fd)
+        except OSError as e:
+            raise io_error(self.path, "fstat", e) from e
+
+    def filesystem_id(self) -> int:
+        """The filesystem's id (statvfs f_fsid; derived from the filesystem's UUID on ext4 and btrfs,
+        so it survives a change of device number), 0 when unknown."""
+        try:
+            return int(os.fstatvfs(self.fd).f_fsid)
+        except (OSError, AttributeError):
+            return 0
 
     def punch(self, offset: int, length: int) -> None:
+        """Deallocate ``[offset, offset+length)``; it reads as zeros afterwards.
+
+        fallocate(PUNCH_HOLE) allocates nothing, so it works on a full filesystem (a range inside
+        one filesystem block is zeroed in place; some filesystems, e.g. older fuse2fs, leave such a
+        range untouched when it starts on a block boundary: callers that need zeros read back).
+        Where punching is not supported, zeros are written instead, which needs space.
+        """
         self.counters.punches += 1
         if self._can_punch:
             res = _fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
@@ -173,7 +246,7 @@ class OsFile:
                 return
             err = ctypes.get_errno()
             if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                raise DeviceError(path=self.path, detail=f"punch hole: {os.strerror(err)}")
+                raise io_error(self.path, f"punch hole at {offset}", OSError(err, os.strerror(err)))
             self._can_punch = False
         # No hole punching here (e.g. tmpfs without support): write zeros instead.
         zeros = bytes(min(length, 1 << 20))
@@ -184,10 +257,13 @@ class OsFile:
             offset += n
 
     def size(self) -> int:
-        st = os.fstat(self.fd)
-        if st.st_size == 0 and not os.path.isfile(self.path):
-            # Block devices report 0 in st_size; seek to the end instead.
-            return os.lseek(self.fd, 0, os.SEEK_END)
+        try:
+            st = os.fstat(self.fd)
+            if st.st_size == 0 and not stat.S_ISREG(st.st_mode):
+                # Block devices report 0 in st_size; seek to the end instead.
+                return os.lseek(self.fd, 0, os.SEEK_END)
+        except OSError as e:
+            raise io_error(self.path, "size", e) from e
         return st.st_size
 
     def extents(self, offset: int, length: int) -> list[tuple[int, bool]]:
@@ -233,7 +309,7 @@ class OsFile:
         try:
             os.ftruncate(self.fd, size)
         except OSError as e:
-            raise DeviceError(path=self.path, detail=f"resize to {size}: {e.strerror}") from e
+            raise io_error(self.path, f"resize to {size}", e) from e
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -308,14 +384,30 @@ def fsync_directory(path: str) -> None:
 
 
 def replace_file(path: str, data: bytes) -> None:
-    """Replace `path` by `data` atomically and durably: a crash leaves the old or the new contents."""
+    """Replace `path` by `data` atomically and durably: a crash leaves the old or the new contents.
+
+    The data goes to ``PATH.tmp``, is fsynced, renamed over `path`, and the directory is fsynced.
+    Raises `DiskFull` (ENOSPC, EDQUOT, EFBIG) or `DeviceError` (anything else), both naming `path`;
+    on any failure before the rename `path` keeps its old contents and ``PATH.tmp`` is removed. A
+    failure of the final directory fsync leaves the new contents in place, maybe not durable yet.
+    """
     tmp = path + ".tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.rename(tmp, path)
-    fsync_directory(path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.rename(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise io_error(path, "replace", e) from e
+        raise
+    try:
+        fsync_directory(path)
+    except OSError as e:
+        raise io_error(path, "fsync of its directory", e) from e
 
 
 _ZEROS = bytes(1 << 20)

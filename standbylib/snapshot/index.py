@@ -180,6 +180,13 @@ class ChainIndex:
         self.merge()
         return self._base
 
+    def restore(self, run: Run) -> None:
+        """Make the entries exactly `run` again, as returned by `arrays()` earlier (undo of `keep`)."""
+        self._base = run
+        self._runs = []
+        self._len = len(run[0])
+        self.version += 1
+
     def keep(self, mask: npt.NDArray[np.bool_]) -> None:
         """Drop the entries whose `mask` element (over `arrays()`) is False."""
         self.merge()

@@ -30,6 +30,10 @@ VERSION = 1
 SUPERBLOCK_SIZE = 4096
 COMMIT_MAGIC = b"SBYCOMMT"
 COMMIT_RECORD_OFFSET = 512  # in the superblock's second sector
+# Commit n writes its record to COMMIT_RECORD_OFFSETS[n % 2] (the second one in the third sector), so a
+# write that fails half way leaves the other record, one commit older, intact. Format version 1 wrote
+# only the first: the second then reads as zeros, which is no record.
+COMMIT_RECORD_OFFSETS = (COMMIT_RECORD_OFFSET, 1024)
 TABLE_MAGIC = b"SBYTABLE"
 TABLE_SIZE = 1 << 20
 TABLE_OFFSETS = (SUPERBLOCK_SIZE, SUPERBLOCK_SIZE + TABLE_SIZE)
@@ -64,6 +68,7 @@ assert ENTRY_DTYPE.itemsize == ENTRY_SIZE
 _SUPER = struct.Struct("<8sIIQQQI")  # magic, version, entry_block, table_size, areas_offset, reserved, crc
 _COMMIT = struct.Struct("<8sQI")  # magic, last completed commit number, crc
 _TABLE_HEADER = struct.Struct("<8sQII")  # magic, seq, length, crc
+TABLE_HEADER_SIZE = _TABLE_HEADER.size
 _AREA_HEADER = struct.Struct("<8sIIIII4x")  # magic, area number, slot size, nslots, reserved, crc
 
 

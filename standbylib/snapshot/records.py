@@ -34,13 +34,31 @@ class VolumeRecord:
     name: str
     block_size: int
     size: int
+    # What the origin file looked like when last attached or closed (`standbylib.snapshot.stamp`);
+    # None for devices that are not files, and in tables written before stamps existed.
+    stamp: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name, "block_size": self.block_size, "size": self.size}
+        d: dict[str, Any] = {
+            "id": self.id,
+            "name": self.name,
+            "block_size": self.block_size,
+            "size": self.size,
+        }
+        if self.stamp is not None:
+            d["stamp"] = dict(self.stamp)
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> VolumeRecord:
-        return cls(int(d["id"]), str(d["name"]), int(d["block_size"]), int(d["size"]))
+        stamp = d.get("stamp")
+        return cls(
+            int(d["id"]),
+            str(d["name"]),
+            int(d["block_size"]),
+            int(d["size"]),
+            dict(stamp) if isinstance(stamp, dict) else None,
+        )
 
 
 @dataclass

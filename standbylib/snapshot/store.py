@@ -18,17 +18,26 @@ one can be incomplete; their data is checked against their checksum and
 dropped when it does not match, which is safe because the origin blocks they
 preserve were not overwritten before that commit's sync.
 
+Failures: an operation that fails before its commit completes (no space, an I/O error) is undone
+in RAM (`transaction`): the slots it took are given back, and the entries it may have written are
+zeroed before any later commit could declare them complete (or, when even that fails, the slots are
+kept aside, `quarantine`, and every commit refuses to run until they are zeroed). A failed sync may
+have lost any write since the previous sync even if a later sync succeeds (the kernel may drop the
+pages it failed to write), so the writes that RAM still relies on are written again before the next
+commit's sync.
+
 Threading: the store's `lock` is a reader-writer lock (`RWLock`). Everything that changes the
 store, an index or an origin takes its exclusive side (``with store.lock:``); snapshot reads and
 queries that only look take its shared side (``with store.lock.shared():``), so they run in parallel
-with each other but never see a change half made. Volumes and snapshots use the same lock.
+with each other but never see a change half made. Volumes and snapshots use the same lock. The
+`on_invalidated` listener is called with the exclusive side held.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -40,16 +49,17 @@ from standbylib.errors import (
     Closed,
     DeviceError,
     InvalidArgument,
+    StandbyError,
     StoreCorrupt,
     StoreError,
     StoreNotWritable,
     UnknownVolume,
     VolumeMismatch,
 )
-from standbylib.rawfile import MemFile, OsFile, RawFile, fsync_directory
-from standbylib.snapshot import layout
+from standbylib.rawfile import MemFile, OsFile, RawFile, fsync_directory, io_error, is_zero
+from standbylib.snapshot import layout, stamp
 from standbylib.snapshot.index import ChainIndex, sort_run
-from standbylib.snapshot.records import SnapshotRecord, VolumeRecord, check_name
+from standbylib.snapshot.records import INVALID, SnapshotRecord, VolumeRecord, check_name
 from standbylib.snapshot.rwlock import RWLock
 
 if TYPE_CHECKING:
@@ -57,6 +67,9 @@ if TYPE_CHECKING:
 
 ON_FULL_POLICIES = ("invalidate", "defer")
 _PER_AREA = layout.ENTRIES_PER_AREA
+
+#: ``on_invalidated(volume, snapshot, reason)``: a snapshot became invalid, durably.
+InvalidationListener = Callable[[str, str, str], None]
 
 
 @dataclass(frozen=True)
@@ -84,11 +97,20 @@ class StoreStats:
 class PreservationStore:
     """Copy-on-write preservation store. Create with `open` (file) or `in_memory` (RAM)."""
 
-    def __init__(self, raw: RawFile, *, capacity: int | None, on_full: str, new: bool) -> None:
+    def __init__(
+        self,
+        raw: RawFile,
+        *,
+        capacity: int | None,
+        on_full: str,
+        new: bool,
+        on_invalidated: InvalidationListener | None = None,
+    ) -> None:
         _check_arguments(capacity, on_full)
         self.raw = raw
         self.path = raw.path
         self.on_full = on_full
+        self.on_invalidated = on_invalidated
         self.lock = RWLock()
         self.closed = False
         self.table_seq = 0
@@ -118,6 +140,13 @@ class PreservationStore:
         self.dirty = False
         self.table_pending = False
         self.cow_copies = 0
+        # Failure handling (see the module docstring).
+        self._undo: list[Callable[[], None]] | None = None  # of the operation in progress
+        self.quarantine: list[int] = []  # slots whose entries could not be zeroed yet
+        self._unsynced: list[list[int]] = []  # [offset, end) written since the last sync
+        self._sync_failed = False
+        self._unsettled = False  # an operation failed since the last commit
+        self._notices: list[tuple[str, str, str]] = []  # invalidations, told once durable
         if new:
             if capacity is None:
                 raise InvalidArgument(detail="a new preservation store needs a capacity")
@@ -140,7 +169,12 @@ class PreservationStore:
 
     @classmethod
     def open(
-        cls, path: str, capacity: int | None = None, *, on_full: str = "invalidate"
+        cls,
+        path: str,
+        capacity: int | None = None,
+        *,
+        on_full: str = "invalidate",
+        on_invalidated: InvalidationListener | None = None,
     ) -> PreservationStore:
         """Open the store file at `path`, creating it when missing (then `capacity` is required).
 
@@ -148,6 +182,12 @@ class PreservationStore:
         replaces the stored capacity. `on_full` is ``invalidate`` (default: the
         affected snapshots become invalid, origin writes go on) or ``defer``
         (`Volume.write_batch` raises `PreservationDeferred` and applies nothing).
+
+        `on_invalidated(volume, snapshot, reason)` is called once per snapshot that becomes
+        invalid, whatever the cause (overflow, capacity, an origin changed behind the engine's
+        back), as soon as that is durable. It is called with the store's lock held, from the
+        thread whose operation caused it: it must be quick and must not call back into the store
+        (queue the event instead). What it raises is suppressed: it cannot fail a write.
         """
         _check_arguments(capacity, on_full)
         exists = os.path.exists(path)
@@ -170,11 +210,16 @@ class PreservationStore:
             detail = e.fields["detail"] if isinstance(e, DeviceError) else (e.strerror or str(e))
             raise StoreNotWritable(path=path, detail=detail) from e
         try:
-            store = cls(raw, capacity=capacity, on_full=on_full, new=not exists)
+            store = cls(
+                raw, capacity=capacity, on_full=on_full, new=not exists, on_invalidated=on_invalidated
+            )
             if not exists:
-                os.rename(work, path)
-                raw.path = store.path = path
-                fsync_directory(path)
+                try:
+                    os.rename(work, path)
+                    raw.path = store.path = path
+                    fsync_directory(path)
+                except OSError as e:
+                    raise io_error(path, "create", e) from e
             return store
         except BaseException:
             raw.close()
@@ -184,30 +229,53 @@ class PreservationStore:
             raise
 
     @classmethod
-    def in_memory(cls, capacity: int, *, on_full: str = "invalidate") -> PreservationStore:
+    def in_memory(
+        cls,
+        capacity: int,
+        *,
+        on_full: str = "invalidate",
+        on_invalidated: InvalidationListener | None = None,
+    ) -> PreservationStore:
         """A store held in RAM (claim 4): fast, lost when the process ends."""
-        return cls(MemFile(path="<ram>"), capacity=capacity, on_full=on_full, new=True)
+        return cls(
+            MemFile(path="<ram>"), capacity=capacity, on_full=on_full, new=True, on_invalidated=on_invalidated
+        )
 
     @classmethod
     def open_raw(
-        cls, raw: RawFile, capacity: int | None = None, *, on_full: str = "invalidate"
+        cls,
+        raw: RawFile,
+        capacity: int | None = None,
+        *,
+        on_full: str = "invalidate",
+        on_invalidated: InvalidationListener | None = None,
     ) -> PreservationStore:
         """Open a store on any `RawFile` (used by tests to inject faults).
 
         An empty file, or one whose creation was interrupted before its superblock
         became durable (nothing can have been preserved in it yet), is made a new store.
         """
-        return cls(raw, capacity=capacity, on_full=on_full, new=_unformatted(raw))
+        return cls(
+            raw, capacity=capacity, on_full=on_full, new=_unformatted(raw), on_invalidated=on_invalidated
+        )
 
     def close(self) -> None:
-        """Commit what is pending and close the file. Volumes and snapshots become unusable."""
+        """Stamp the attached volumes' origins clean, commit what is pending and close the file.
+
+        Volumes and snapshots become unusable. The file is closed even when the last commit fails
+        (that error is raised): writes to writable snapshots not flushed before may then be lost.
+        """
         with self.lock:
             if self.closed:
                 return
-            if self.dirty:
-                self.commit()
-            self.closed = True
-            self.raw.close()
+            try:
+                for vol in list(self.attached.values()):
+                    self.stamp_clean(vol, commit=False)
+                if self.needs_commit():
+                    self.commit()
+            finally:
+                self.closed = True
+                self.raw.close()
 
     def __enter__(self) -> PreservationStore:
         return self
@@ -236,14 +304,7 @@ class PreservationStore:
         with self.lock:
             self.check_open()
             rec = self.volume_records.get(name)
-            if rec is None:
-                rec = VolumeRecord(self.next_volume_id, name, block_size, size)
-                self.next_volume_id += 1
-                self.volume_records[name] = rec
-                self.chains[rec.id] = ChainIndex()
-                self.write_table()
-                self.commit()
-            else:
+            if rec is not None:
                 if rec.block_size != block_size:
                     raise VolumeMismatch(
                         volume=name, detail=f"registered with block size {rec.block_size}, not {block_size}"
@@ -255,13 +316,75 @@ class PreservationStore:
                     )
                 if rec.id in self.attached:
                     raise VolumeMismatch(volume=name, detail="already attached")
-                if size > rec.size:
-                    rec.size = size
+            # Taken before anything is written through the engine; durable before attach returns, so
+            # that a clean stamp of a previous close never outlives the first write of this attach.
+            in_use = stamp.take(device, clean=False)
+            with self.transaction():
+                if rec is None:
+                    rec = VolumeRecord(self.next_volume_id, name, block_size, size, in_use)
+                    self.next_volume_id += 1  # ids are never reused, even after a failure
+                    self._register(rec)
                     self.write_table()
+                else:
+                    self._check_stamp(rec, device)
+                    if size > rec.size:
+                        self._set_volume(rec, size=size)
+                    if in_use != rec.stamp:
+                        self._set_volume(rec, stamp=in_use)
+                if self.table_pending:
                     self.commit()
             vol = Volume(self, rec, device)
             self.attached[rec.id] = vol
             return vol
+
+    def _register(self, rec: VolumeRecord) -> None:
+        self.volume_records[rec.name] = rec
+        self.chains[rec.id] = ChainIndex()
+
+        def undo() -> None:
+            del self.volume_records[rec.name]
+            del self.chains[rec.id]
+
+        self.on_abort(undo)
+
+    def _set_volume(self, rec: VolumeRecord, **changes: Any) -> None:
+        """Change fields of a volume record (in the next commit's table; undone if the operation fails)."""
+        old = {k: getattr(rec, k) for k in changes}
+        for k, v in changes.items():
+            setattr(rec, k, v)
+
+        def undo() -> None:
+            for k, v in old.items():
+                setattr(rec, k, v)
+
+        self.on_abort(undo)
+        self.write_table()
+
+    def _check_stamp(self, rec: VolumeRecord, device: BlockDevice) -> None:
+        """Invalidate every valid snapshot of `rec` if its origin changed since it was last stamped."""
+        if rec.stamp is None:
+            return
+        found = stamp.differences(rec.stamp, device)
+        if not found:
+            return
+        reason = stamp.mismatch_reason(getattr(device, "path", rec.name), found)
+        for snap in self.live_snapshots(rec.id):
+            self.invalidate(snap, reason)
+
+    def stamp_clean(self, vol: Volume, *, commit: bool = True) -> None:
+        """Record that `vol`'s origin is closed cleanly, as it is now (see `stamp`). Best effort:
+        when the stamp cannot be taken or made durable, the in-use stamp stays, and the next attach
+        checks only the origin's identity and size."""
+        try:
+            with self.transaction():
+                clean = stamp.take(vol.device, clean=True)
+                if clean is None or clean == vol.record.stamp:
+                    return
+                self._set_volume(vol.record, stamp=clean)
+                if commit:
+                    self.commit()
+        except StandbyError:
+            pass
 
     def volume(self, name: str) -> Volume:
         """The attached volume `name`."""
@@ -309,6 +432,78 @@ class PreservationStore:
         if self.closed:
             raise Closed(what=f"preservation store {self.path}")
 
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Undo the RAM changes of the operation in the block if it fails before its commit.
+
+        Changes register their undo with `on_abort`; a successful `commit` makes everything
+        before it durable, so it forgets the undos registered so far. On an exception the undos
+        run newest first, then the exception goes on. A transaction inside another joins it.
+        Call with the exclusive lock held.
+        """
+        if self._undo is not None:
+            yield
+            return
+        self._undo = []
+        try:
+            yield
+        except BaseException:
+            undo, self._undo = self._undo, None
+            self._unsettled = True
+            for fn in reversed(undo):
+                fn()
+            raise
+        self._undo = None
+
+    def on_abort(self, fn: Callable[[], None]) -> None:
+        """Run `fn` if the operation in progress fails before its next commit (see `transaction`)."""
+        if self._undo is not None:
+            self._undo.append(fn)
+
+    def needs_commit(self) -> bool:
+        """Whether something written (or a failure's clean-up) still waits for a commit."""
+        return self.dirty or self.table_pending or bool(self.quarantine)
+
+    def unsettled(self) -> bool:
+        """Whether an operation failed since the last commit. Its undo left RAM as before, but the
+        file may hold what it wrote (a table naming a snapshot whose creation failed): commit before
+        changing an origin without preserving, so that no power loss can bring that back."""
+        return self._unsettled or self.table_pending or bool(self.quarantine)
+
+    def invalidate(self, snap: SnapshotRecord, reason: str) -> None:
+        """Mark `snap` invalid and free, at the next commit, what only it used.
+
+        Durable with the next commit, which tells `on_invalidated`; undone if the operation
+        fails before that commit.
+        """
+        chain = self.chains[snap.volume]
+        old = (snap.state, snap.reason, snap.preserved_blocks, snap.private)
+        saved = chain.arrays()
+        pending = len(self.pending_free)
+        notice = (self._volume_name(snap.volume), snap.name, reason)
+        snap.state = INVALID
+        snap.reason = reason
+        snap.preserved_blocks = 0
+        self.pending_free.extend(snap.private.arrays()[2].tolist())
+        snap.private = ChainIndex()
+        self.pending_free.extend(self.collect_garbage(snap.volume))
+        self._notices.append(notice)
+
+        def undo() -> None:
+            snap.state, snap.reason, snap.preserved_blocks, snap.private = old
+            chain.restore(saved)
+            del self.pending_free[pending:]
+            self._notices.remove(notice)
+
+        self.on_abort(undo)
+        self.write_table()
+
+    def _volume_name(self, vol_id: int) -> str:
+        for rec in self.volume_records.values():
+            if rec.id == vol_id:
+                return rec.name
+        return str(vol_id)
+
     def live_snapshots(self, vol_id: int) -> list[SnapshotRecord]:
         """Valid snapshots of a volume, oldest first."""
         live = [s for s in self.snapshots.values() if s.volume == vol_id and s.valid]
@@ -344,21 +539,145 @@ class PreservationStore:
             raise StoreError(path=self.path, detail="too many snapshots and volumes for the table") from None
 
     def commit(self) -> None:
-        """Make every write since the last commit durable with one sync; then reuse freed slots."""
-        if self.table_pending:
+        """Make every write since the last commit durable with one sync; then reuse freed slots.
+
+        Refuses (raising the write's error) while entries of a failed operation cannot be zeroed.
+        When it fails, nothing is declared durable: the table stays pending, the table copy it may
+        have written is made unreadable (it could describe changes the failed operation undoes),
+        and after a failed sync the writes RAM relies on are written again by the next commit.
+        """
+        if self.quarantine:
+            self._clear_entries(self.quarantine)
+            self._give_back(self.quarantine)
+            self.quarantine = []
+        if self._sync_failed:
+            self._rewrite_unsynced()
+        table_at: int | None = None
+        try:
+            if self.table_pending:
+                # Update n goes to copy n % 2: never the copy holding the last durable table (n - 1),
+                # however many times a failed commit is retried.
+                seq = self.table_seq + 1
+                table_at = layout.TABLE_OFFSETS[seq % 2]
+                self.raw.pwrite(self._pack_table(seq), table_at)
+                self.dirty = True
+            if self.dirty:
+                # The previous commit ended with a sync: say so, so that recovery checks only
+                # the entries of commits that may not have completed.
+                # Two records, alternately: a torn record never hides the previous one (recovery
+                # would otherwise check, and drop, entries of long-complete commits).
+                record_at = layout.COMMIT_RECORD_OFFSETS[self.commit_seq % 2]
+                self.raw.pwrite(layout.pack_commit_record(self.commit_seq - 1), record_at)
+                try:
+                    self.raw.sync()
+                except BaseException:
+                    self._sync_failed = True
+                    raise
+        except BaseException:
+            if table_at is not None:
+                with contextlib.suppress(StandbyError):
+                    self._zero_range(table_at, layout.TABLE_HEADER_SIZE)
+            raise
+        if table_at is not None:
             self.table_seq += 1
-            self.raw.pwrite(self._pack_table(self.table_seq), layout.TABLE_OFFSETS[self.table_seq % 2])
             self.table_pending = False
         if self.dirty:
-            # The previous commit ended with a sync: say so, so that recovery checks only
-            # the entries of commits that may not have completed.
-            self.raw.pwrite(layout.pack_commit_record(self.commit_seq - 1), layout.COMMIT_RECORD_OFFSET)
-            self.raw.sync()
             self.dirty = False
             self.commit_seq += 1
+            self._unsynced.clear()
+            self._sync_failed = False
+        self._unsettled = False
+        if self._undo is not None:
+            self._undo.clear()  # durable now: a later failure of the operation keeps it
         if self.pending_free:
             self.release(self.pending_free)
             self.pending_free = []
+        if self._notices:
+            notices, self._notices = self._notices, []
+            if self.on_invalidated is not None:
+                for volume, snapshot, reason in notices:
+                    with contextlib.suppress(Exception):
+                        self.on_invalidated(volume, snapshot, reason)
+
+    def note_written(self, offset: int, length: int) -> None:
+        """Remember a write that RAM will rely on once committed (see `_rewrite_unsynced`)."""
+        self.dirty = True
+        if self._unsynced and self._unsynced[-1][1] == offset:
+            self._unsynced[-1][1] = offset + length
+        else:
+            self._unsynced.append([offset, offset + length])
+
+    def _rewrite_unsynced(self) -> None:
+        """After a failed sync: write again everything written since the last good sync.
+
+        A failed fdatasync may have dropped those pages from the cache after failing to write them,
+        and a later fdatasync would then report success without them. Rewriting them as they read
+        now (RAM still has them, or they are on disk) makes them dirty again. Ranges that read as
+        zeros are zeroed with `_zero_range`, which needs no space where they are holes.
+        """
+        for start, end in list(self._unsynced):
+            for offset in range(start, end, 1 << 20):
+                n = min(1 << 20, end - offset)
+                data = self.raw.pread(n, offset)
+                if is_zero(data):
+                    self._zero_range(offset, n, note=False)  # already noted
+                else:
+                    self.raw.pwrite(data, offset)
+        self._sync_failed = False
+
+    def _zero_range(self, offset: int, length: int, *, note: bool = True) -> None:
+        """Make ``[offset, offset+length)`` read as zeros, allocating no space where possible.
+
+        Punching allocates nothing (a hole already reads as zeros; a range inside an allocated
+        block is zeroed in place), but some filesystems leave a sub-block range that starts on a
+        block boundary untouched: read back, and write zeros over what is still not zero (an
+        allocated block, so the write needs no new space). Raises what the write or read raised.
+        """
+        with contextlib.suppress(StandbyError):
+            self.raw.punch(offset, length)
+        if not is_zero(self.raw.pread(length, offset)):
+            self.raw.pwrite(bytes(length), offset)
+        if note:
+            self.note_written(offset, length)
+
+    def _clear_entries(self, slots: list[int]) -> None:
+        """Zero the entries of `slots` (one range per contiguous run). Raises when one cannot be."""
+        ordered = sorted(slots)
+        for i, j in self.slot_runs(ordered):
+            self._zero_range(self.entry_offset(ordered[i]), (j - i) * layout.ENTRY_SIZE)
+
+    def _abort_slots(self, slots: list[int]) -> None:
+        """Give back `slots`, taken by an operation that failed before its commit.
+
+        Their entries may be on disk, whole or torn, describing data that will never be
+        committed: they are zeroed first, so no later commit can declare them complete. When that
+        fails too, the slots wait in `quarantine` (out of the free lists: not reused, not counted)
+        and every commit first zeroes them. Never raises.
+        """
+        by_size: dict[int, int] = {}
+        for slot in slots:
+            size = self.area_slot_sizes[slot // _PER_AREA]
+            by_size[size] = by_size.get(size, 0) + 1
+        for size, n in by_size.items():
+            self.used_bytes -= n * size
+            self.live_slots -= n
+        try:
+            self._clear_entries(slots)
+        except StandbyError:
+            self.quarantine.extend(slots)
+            return
+        self._give_back(slots)
+
+    def _give_back(self, slots: list[int]) -> None:
+        """Put slots no longer counted as used back on their free lists, deallocating their data."""
+        by_size: dict[int, list[int]] = {}
+        for slot in slots:
+            by_size.setdefault(self.area_slot_sizes[slot // _PER_AREA], []).append(slot)
+        for size, group in by_size.items():
+            self._deallocate(sorted(group), size)
+            free = self.free.setdefault(size, [])
+            free.extend(group)
+            free.sort(reverse=True)
 
     def slot_offset(self, slot: int) -> int:
         area, i = divmod(slot, _PER_AREA)
@@ -382,7 +701,11 @@ class PreservationStore:
         return self.area_offsets[area] + layout.AREA_HEADER + i * layout.ENTRY_SIZE
 
     def allocate(self, slot_size: int, n: int) -> list[int]:
-        """Take `n` free slots of `slot_size`, lowest first, adding areas as needed."""
+        """Take `n` free slots of `slot_size`, lowest first, adding areas as needed.
+
+        If the operation in progress fails before its commit, the slots are given back
+        (`_abort_slots`): a failed write never keeps space.
+        """
         free = self.free.setdefault(slot_size, [])
         while len(free) < n:
             self._add_area(slot_size)
@@ -391,10 +714,11 @@ class PreservationStore:
         taken.reverse()
         self.used_bytes += n * slot_size
         self.live_slots += n
+        self.on_abort(lambda: self._abort_slots(taken))
         return taken
 
     def release(self, slots: Iterable[int]) -> None:
-        """Return slots to the free lists and deallocate their data (punch holes)."""
+        """Return slots to the free lists and deallocate their data (punch holes, best effort)."""
         by_size: dict[int, list[int]] = {}
         for slot in slots:
             by_size.setdefault(self.area_slot_sizes[slot // _PER_AREA], []).append(slot)
@@ -402,22 +726,25 @@ class PreservationStore:
             group.sort()
             self.used_bytes -= len(group) * size
             self.live_slots -= len(group)
-            start = prev = group[0]
-            for slot in [*group[1:], -1]:
-                if slot == prev + 1 and slot // _PER_AREA == start // _PER_AREA:
-                    prev = slot
-                    continue
+        self._give_back([s for group in by_size.values() for s in group])
+
+    def _deallocate(self, group: list[int], size: int) -> None:
+        """Punch holes in the data of the sorted slots `group`. Best effort: it only gives space back
+        to the filesystem (free slots are never read), so a failure is ignored."""
+        start = prev = group[0]
+        for slot in [*group[1:], -1]:
+            if slot == prev + 1 and slot // _PER_AREA == start // _PER_AREA:
+                prev = slot
+                continue
+            with contextlib.suppress(StandbyError):
                 self.raw.punch(self.slot_offset(start), (prev - start + 1) * size)
-                start = prev = slot
-            free = self.free.setdefault(size, [])
-            free.extend(group)
-            free.sort(reverse=True)
+            start = prev = slot
 
     def write_slots(self, slots: list[int], data: memoryview, slot_size: int) -> None:
         """Write consecutive `slot_size` pieces of `data` to `slots`, one pwrite per contiguous run."""
         for i, j in self.slot_runs(slots):
             self.raw.pwrite(data[i * slot_size : j * slot_size], self.slot_offset(slots[i]))
-        self.dirty = True
+            self.note_written(self.slot_offset(slots[i]), (j - i) * slot_size)
 
     def write_entries(
         self,
@@ -452,7 +779,7 @@ class PreservationStore:
         raw = entries.tobytes()
         for i, j in self.slot_runs(slots):
             self.raw.pwrite(raw[i * layout.ENTRY_SIZE : j * layout.ENTRY_SIZE], self.entry_offset(slots[i]))
-        self.dirty = True
+            self.note_written(self.entry_offset(slots[i]), (j - i) * layout.ENTRY_SIZE)
 
     @staticmethod
     def slot_runs(slots: list[int]) -> list[tuple[int, int]]:
@@ -505,8 +832,9 @@ class PreservationStore:
         offset = self.end
         # Only the header: the rest of the entry block is a hole (free entries), since
         # nothing is ever left past the last area (recovery truncates what a crash left there).
+        # An area added by an operation that fails later stays (empty, its header valid).
         self.raw.pwrite(layout.pack_area_header(area_no, slot_size), offset)
-        self.dirty = True
+        self.note_written(offset, layout.AREA_HEADER)
         self.area_offsets.append(offset)
         self.area_slot_sizes.append(slot_size)
         self.end = offset + layout.area_size(slot_size)
@@ -520,7 +848,7 @@ class PreservationStore:
         problem = layout.check_superblock(superblock)
         if problem:
             raise StoreCorrupt(path=self.path, detail=problem)
-        completed = layout.unpack_commit_record(superblock[layout.COMMIT_RECORD_OFFSET :])
+        completed = max(layout.unpack_commit_record(superblock[off:]) for off in layout.COMMIT_RECORD_OFFSETS)
         best: tuple[int, dict[str, Any]] | None = None
         for off in layout.TABLE_OFFSETS:
             found = layout.unpack_table(raw.pread(layout.TABLE_SIZE, off))

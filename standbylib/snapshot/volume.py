@@ -13,6 +13,14 @@
 A copy is tagged with the epoch of the newest snapshot at copy time, and serves
 every snapshot created since the previous copy of that block: N snapshots cost
 one copy per first write, not N.
+
+When steps 3-4 fail (no space on the filesystem, an I/O error), the batch is refused
+with that error (`DiskFull`, `DeviceError`) and nothing of it stays: the slots it
+took are given back and no snapshot is invalidated for it (only the store's
+capacity, or a snapshot's, invalidates or defers); the same batch can be retried.
+Only an invalidation made durable before the failure stays. When step 5 fails, the
+copies stay (they hold the blocks as they were, which is what the snapshots need)
+and the origin may be partly written, as after any failed device write: retry.
 """
 
 from __future__ import annotations
@@ -37,9 +45,8 @@ from standbylib.errors import (
 from standbylib.rawfile import Buffer, OsFile
 from standbylib.readplan import Bytes, FileRange, Hole, Piece, ReadPlan
 from standbylib.snapshot import layout
-from standbylib.snapshot.index import ChainIndex
 from standbylib.snapshot.layout import data_checksum as checksum
-from standbylib.snapshot.records import INVALID, SnapshotRecord, VolumeRecord, check_name
+from standbylib.snapshot.records import SnapshotRecord, VolumeRecord, check_name
 from standbylib.snapshot.store import PreservationStore
 
 #: Average copy run below which writing our buffer beats copy_file_range (one syscall per run).
@@ -148,11 +155,19 @@ class Volume:
         self.device.flush()
 
     def close(self) -> None:
-        """Detach from the store; the device stays open (the caller owns it)."""
-        with self.store.lock:
+        """Detach from the store; the device stays open (the caller owns it).
+
+        The origin is fsynced and stamped clean in the store (see `standbylib.snapshot.stamp`), so
+        that the next attach notices any change made to it meanwhile. Best effort: if that cannot
+        be done (a full disk), the next attach checks only the origin's identity and size.
+        """
+        store = self.store
+        with store.lock:
             if not self.closed:
                 self.closed = True
-                self.store.attached.pop(self.record.id, None)
+                store.attached.pop(self.record.id, None)
+                if not store.closed:
+                    store.stamp_clean(self)
 
     # -- origin writes -----------------------------------------------------------------
 
@@ -174,7 +189,12 @@ class Volume:
         with store.lock:
             self._check_open()
             if store.live_snapshots(self.record.id):
-                self._preserve(self._blocks_of(spans))
+                with store.transaction():
+                    self._preserve(self._blocks_of(spans))
+            elif store.unsettled():
+                # A failed operation may have left writes (a table naming a snapshot that its undo
+                # removed) that must not survive a crash once the origin changes unpreserved.
+                store.commit()
             for offset, data in ops:
                 if isinstance(data, int):
                     self.device.zero(offset, data)
@@ -267,12 +287,14 @@ class Volume:
             sums[start:end] = [checksum(view[start * bs : end * bs])] * (end - start)
         pieces = store.copy_pieces(segments, cand_list)
         src = self.device.raw if isinstance(self.device, Device) else None
-        if isinstance(src, OsFile) and isinstance(store.raw, OsFile) and n * bs >= len(pieces) * _CFR_MIN:
+        # A store file offering copy_from (`OsFile.copy_from`) copies from a file of its own kind.
+        copy_from = getattr(store.raw, "copy_from", None)
+        if copy_from is not None and type(src) is type(store.raw) and n * bs >= len(pieces) * _CFR_MIN:
             # Long runs: copy inside the kernel rather than writing our buffer back.
-            dst = store.raw
             for start, end in pieces:
-                dst.copy_from(src, cand_list[start] * bs, (end - start) * bs, store.slot_offset(slots[start]))
-            store.dirty = True
+                at = store.slot_offset(slots[start])
+                copy_from(src, cand_list[start] * bs, (end - start) * bs, at)
+                store.note_written(at, (end - start) * bs)
         else:
             store.write_slots(slots, view, bs)
         store.write_entries(slots, layout.COPY, self.record.id, [newest] * n, cand_list, sums, segments)
@@ -331,16 +353,8 @@ class Volume:
 
     def _invalidate(self, snap: SnapshotRecord, reason: str) -> None:
         """Mark `snap` invalid (durable with the next commit) and free what only it used."""
-        store = self.store
-        snap.state = INVALID
-        snap.reason = reason
-        snap.preserved_blocks = 0
         self.served_cache.pop(snap.id, None)
-        store.write_table()
-        _s, _g, private_slots = snap.private.arrays()
-        store.pending_free.extend(private_slots.tolist())
-        snap.private = ChainIndex()
-        store.pending_free.extend(store.collect_garbage(self.record.id))
+        self.store.invalidate(snap, reason)
 
     # -- snapshots -----------------------------------------------------------------------
 
@@ -378,11 +392,18 @@ class Volume:
                 capacity=capacity,
                 created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
             )
+            # Ids and epochs are never reused, not even those of a creation that failed.
             store.next_snapshot_id += 1
             store.next_epoch += 1
-            store.snapshots[snap.id] = snap
-            store.write_table()
-            store.commit()
+            with store.transaction():
+                store.snapshots[snap.id] = snap
+
+                def undo() -> None:
+                    del store.snapshots[snap.id]
+
+                store.on_abort(undo)
+                store.write_table()
+                store.commit()
             return Snapshot(self, snap)
 
     def snapshot(self, name: str) -> Snapshot:
@@ -410,11 +431,13 @@ class Volume:
             snap = self._find(name)
             if snap is None:
                 raise UnknownSnapshot(volume=self.name, snapshot=name)
-            del store.snapshots[snap.id]
+            with store.transaction():
+                del store.snapshots[snap.id]
+                store.on_abort(lambda: store.snapshots.__setitem__(snap.id, snap))
+                store.write_table()
+                store.commit()
             self.served_cache.pop(snap.id, None)
             self.stale_lookups.pop(snap.id, None)
-            store.write_table()
-            store.commit()
             freed = snap.private.arrays()[2].tolist() + store.collect_garbage(self.record.id)
             if freed:
                 store.release(freed)
@@ -753,10 +776,12 @@ class Snapshot:
             if rec.capacity is not None and (rec.preserved_blocks + gain) * bs > rec.capacity:
                 free = rec.capacity - rec.preserved_blocks * bs
                 raise PreservationFull(needed=gain * bs, free=max(0, free), capacity=rec.capacity)
-            slots = store.allocate(bs, n)
             sums = [checksum(view[k * bs : (k + 1) * bs]) for k in range(n)]
-            store.write_slots(slots, view, bs)
-            store.write_entries(slots, layout.PRIVATE, vol.record.id, [rec.id] * n, blocks, sums, None)
+            with store.transaction():  # a failed write gives its slots back (see `PreservationStore`)
+                slots = store.allocate(bs, n)
+                store.write_slots(slots, view, bs)
+                store.write_entries(slots, layout.PRIVATE, vol.record.id, [rec.id] * n, blocks, sums, None)
+            # Durable with the next commit (a flush, or the next origin batch).
             for b, slot in zip(blocks, slots, strict=True):
                 old = rec.private.replace(b, 0, slot)
                 if old is not None:

@@ -23,14 +23,22 @@ event `cut` (events ``0 .. cut-1`` happened, the rest did not):
 `Replay` does the same for many cut points in increasing order without replaying the whole trace
 each time. Reopening after a crash means wrapping the image in a new file:
 ``disk2.file("store", image)`` (a `FaultFile` over a `MemFile`, traced again), or `MemFile(image)`.
+
+`Disk.inject(Fault(...))` makes calls fail as a real file would (`Fault`): EIO, no space (ENOSPC),
+a short write that stores part of its data (up to a sector boundary) before running out of space,
+a sync whose failure loses the file's unsynced changes for good. Failed calls change nothing (a short
+write stores its prefix) and add no event, except that a losing sync marks the file's pending changes
+lost: crash images never hold them, whatever a later sync does (`Disk.lost`).
 """
 
 from __future__ import annotations
 
 import bisect
 import random
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
+from standbylib.errors import DeviceError, DiskFull
 from standbylib.rawfile import Buffer, MemFile
 
 SECTOR = 512
@@ -40,6 +48,63 @@ WRITE = "write"
 PUNCH = "punch"
 TRUNCATE = "truncate"
 SYNC = "sync"
+
+#: Calls a `Fault` can make fail (``pread`` covers ``preadinto`` and the source side of ``copy_from``).
+FAULT_OPS = ("pwrite", "copy_from", "sync", "punch", "truncate", "pread")
+FAULT_ERRORS = ("EIO", "ENOSPC", "short")
+
+
+@dataclass
+class Fault:
+    """Makes calls of a disk's files fail.
+
+    Of the calls matching `ops` (names from `FAULT_OPS`), `files` (None: any file of the disk) and
+    `where(file, op, offset, length)`, the one numbered `skip` (0: the first) and the `count - 1`
+    matching calls after it fail. `error`:
+
+    * ``"EIO"``: `DeviceError`, nothing changed;
+    * ``"ENOSPC"``: `DiskFull`, nothing changed;
+    * ``"short"``: a write (``pwrite``, ``copy_from``) stores its data up to the sector boundary
+      at or before its middle, then raises `DiskFull`, as a write that ran out of space half way;
+      other calls as ``"ENOSPC"``.
+
+    With `drop`, a failed ``sync`` also loses every change of its file since the file's last sync,
+    for good (as Linux may after a writeback error): crash images never hold them, even after a
+    later successful sync, unless they are written again. The errors are what `OsFile` raises.
+    """
+
+    ops: frozenset[str]
+    files: frozenset[str] | None = None
+    error: str = "EIO"
+    skip: int = 0
+    count: int = 1
+    where: Callable[[str, str, int, int], bool] | None = None
+    drop: bool = False
+    seen: int = 0  # matching calls so far
+    fired: list[str] = field(default_factory=list)  # the calls that failed, described
+
+    def __post_init__(self) -> None:
+        unknown = set(self.ops) - set(FAULT_OPS)
+        if unknown or self.error not in FAULT_ERRORS:
+            raise ValueError(f"bad fault: ops {sorted(unknown)} error {self.error!r}")
+
+    def trips(self, file: str, op: str, offset: int, length: int) -> bool:
+        """Count a call; whether it fails."""
+        if op not in self.ops or (self.files is not None and file not in self.files):
+            return False
+        if self.where is not None and not self.where(file, op, offset, length):
+            return False
+        n = self.seen
+        self.seen += 1
+        if self.skip <= n < self.skip + self.count:
+            self.fired.append(f"{op} of {file} at {offset} (+{length})")
+            return True
+        return False
+
+    def exception(self, path: str, op: str, offset: int) -> DeviceError:
+        if self.error == "EIO":
+            return DeviceError(path=path, detail=f"{op} at {offset}: Input/output error (injected)")
+        return DiskFull(path=path, detail=f"{op} at {offset}: No space left on device (injected)")
 
 
 @dataclass(frozen=True)
@@ -65,6 +130,34 @@ class Disk:
         self.events: list[Event] = []
         self.initial: dict[str, bytes] = {}
         self.files: dict[str, FaultFile] = {}
+        self.fault: Fault | None = None
+        self.lost: set[int] = set()  # events a losing sync dropped (see `Fault.drop`)
+
+    def inject(self, fault: Fault) -> Fault:
+        """Make calls fail from now on as `fault` says (replacing any fault injected before)."""
+        self.fault = fault
+        return fault
+
+    def heal(self) -> Fault | None:
+        """Stop injecting; return the fault that was injected."""
+        fault, self.fault = self.fault, None
+        return fault
+
+    def trip(self, file: str, op: str, offset: int = 0, length: int = 0) -> Fault | None:
+        """The injected fault if this call must fail, else None."""
+        fault = self.fault
+        if fault is not None and fault.trips(file, op, offset, length):
+            return fault
+        return None
+
+    def lose_pending(self, file: str) -> None:
+        """Mark the changes of `file` since its last sync lost for good."""
+        for ev in reversed(self.events):
+            if ev.file != file:
+                continue
+            if ev.kind == SYNC:
+                break
+            self.lost.add(ev.number)
 
     @property
     def now(self) -> int:
@@ -108,22 +201,64 @@ class FaultFile:
         """The live contents (what a reader sees now, durable or not)."""
         return self.mem.data
 
+    def _trip(self, op: str, offset: int = 0, length: int = 0) -> Fault | None:
+        return self.disk.trip(self.name, op, offset, length)
+
     def pread(self, length: int, offset: int) -> bytes:
+        fault = self._trip("pread", offset, length)
+        if fault is not None:
+            raise fault.exception(self.path, "read", offset)
         return self.mem.pread(length, offset)
 
     def preadinto(self, buf: memoryview, offset: int) -> None:
+        fault = self._trip("pread", offset, len(buf))
+        if fault is not None:
+            raise fault.exception(self.path, "read", offset)
         self.mem.preadinto(buf, offset)
 
     def pwrite(self, data: Buffer, offset: int) -> None:
         chunk = bytes(data)
+        fault = self._trip("pwrite", offset, len(chunk))
+        if fault is not None:
+            self._fail_write(fault, "write", chunk, offset)
+        self.disk.record(self.name, WRITE, offset, chunk)
+        self.mem.pwrite(chunk, offset)
+
+    def _fail_write(self, fault: Fault, op: str, chunk: bytes, offset: int) -> None:
+        # A write running out of space stops at a block boundary: here the sector boundary at or
+        # before its middle (nothing when the write lies within one sector).
+        stop = (offset + len(chunk) // 2) // SECTOR * SECTOR
+        if fault.error == "short" and stop > offset:
+            part = chunk[: stop - offset]
+            self.disk.record(self.name, WRITE, offset, part)
+            self.mem.pwrite(part, offset)
+        raise fault.exception(self.path, op, offset)
+
+    def copy_from(self, src: FaultFile, src_offset: int, length: int, offset: int) -> None:
+        """`OsFile.copy_from` between two files of one disk: a write of `src`'s bytes (traced as one)."""
+        fault = src._trip("pread", src_offset, length)
+        if fault is not None:
+            raise fault.exception(src.path, "read", src_offset)
+        chunk = src.mem.pread(length, src_offset)
+        fault = self._trip("copy_from", offset, length)
+        if fault is not None:
+            self._fail_write(fault, "copy", chunk, offset)
         self.disk.record(self.name, WRITE, offset, chunk)
         self.mem.pwrite(chunk, offset)
 
     def sync(self) -> None:
+        fault = self._trip("sync")
+        if fault is not None:
+            if fault.drop:
+                self.disk.lose_pending(self.name)
+            raise fault.exception(self.path, "fdatasync", 0)
         self.disk.record(self.name, SYNC)
         self.mem.sync()
 
     def punch(self, offset: int, length: int) -> None:
+        fault = self._trip("punch", offset, length)
+        if fault is not None:
+            raise fault.exception(self.path, "punch hole", offset)
         self.disk.record(self.name, PUNCH, offset, length=length)
         self.mem.punch(offset, length)
 
@@ -134,6 +269,9 @@ class FaultFile:
         return [(length, False)]
 
     def truncate(self, size: int) -> None:
+        fault = self._trip("truncate", size)
+        if fault is not None:
+            raise fault.exception(self.path, "resize", size)
         self.disk.record(self.name, TRUNCATE, size)
         self.mem.truncate(size)
 
@@ -178,6 +316,8 @@ class Replay:
         self.by_file: dict[str, list[int]] = {name: [] for name in disk.initial}
         self.syncs: dict[str, list[int]] = {name: [] for name in disk.initial}
         for ev in disk.events:
+            if ev.number in disk.lost:  # dropped by a failed sync: never durable
+                continue
             self.by_file[ev.file].append(ev.number)
             if ev.kind == SYNC:
                 self.syncs[ev.file].append(ev.number)
