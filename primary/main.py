@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry
 
 from primary.device import MirroredDevice
-from primary.generations import Generations
+from primary.generations import Generations, VolumeFile
 from primary.metrics import PrimaryMetrics
 from primary.mirror import MODES, Mirror
 from standbylib.bitmap import DEFAULT_GRANULARITY, DEFAULT_HOT_BYTES, WriteIntentBitmap, check_granularity
 from standbylib.blockdev import Device, check_block_size, open_file_device
-from standbylib.errors import InvalidArgument, StandbyError
+from standbylib.errors import DeviceBusy, InvalidArgument, StandbyError
 from standbylib.nbd.server import NbdServer
 from standbylib.runtime import config as cfg
 from standbylib.runtime import logs
@@ -114,7 +114,8 @@ class PrimaryConfig(NbdTlsSettings):
     )
     state_dir: str | None = cfg.setting(
         None,
-        "directory of the write-intent bitmaps (NAME.bitmap); default: beside each volume file, PATH.bitmap",
+        "directory of the write-intent bitmaps (NAME.bitmap) and data generations (NAME.generation); "
+        "default: beside each volume file, PATH.bitmap and PATH.generation",
         metavar="DIR",
     )
     connect_timeout: float = cfg.setting(
@@ -133,8 +134,9 @@ class PrimaryConfig(NbdTlsSettings):
     )
     discard_standby_data: bool = cfg.setting(
         False,
-        "overwrite the standby's replica with a full resync even if its history diverged (split brain); "
-        "applies to the first connection of this run",
+        "overwrite the standby's replica with a full resync even if its history diverged (split brain), "
+        "or when the volume file is not the one the recorded generations belong to (this file's data is "
+        "then kept); applies to the first connection of this run",
     )
     tls_ca: str | None = cfg.setting(
         None,
@@ -167,7 +169,11 @@ def open_volume(spec: VolumeSpec) -> Device:
         raise StandbyError(
             detail=f"volume {spec.name!r}: {spec.path} does not exist; give size= to create it"
         )
-    device = open_file_device(spec.path, spec.size)
+    try:
+        # Exclusive: another primary agent or a standby daemon (its replicas) holding the file is refused.
+        device = open_file_device(spec.path, spec.size, exclusive=True)
+    except DeviceBusy as e:
+        raise StandbyError(detail=f"volume {spec.name!r}: {e}") from e
     if device.size % spec.block_size:
         device.close()
         raise StandbyError(
@@ -186,6 +192,29 @@ def bitmap_path(spec: VolumeSpec, state_dir: str | None) -> str:
             detail=f"volume {spec.name!r}: {spec.path} is not a regular file; give --state-dir"
         )
     return spec.path + ".bitmap"
+
+
+def open_generations(spec: VolumeSpec, local: Device, state: str, discard: bool) -> Generations:
+    """The volume's data generations (STATE.generation beside its bitmap), bound to its file."""
+    fd = getattr(local.raw, "fd", None)
+    volume = VolumeFile(spec.path, fd) if isinstance(fd, int) else None
+    generations = Generations(
+        state.removesuffix(".bitmap") + ".generation", volume, name=spec.name, discard=discard
+    )
+    if generations.bind_reason:
+        log.info(
+            "volume_file_bound",
+            volume=spec.name,
+            path=os.path.abspath(spec.path),
+            generation=generations.current,
+            reason=generations.bind_reason,
+            xattr=generations.xattr,
+        )
+    return generations
+
+
+def bitmap_volume(bitmap: WriteIntentBitmap, devices: dict[str, MirroredDevice]) -> str:
+    return next((name for name, dev in devices.items() if dev.mirror.bitmap is bitmap), bitmap.path)
 
 
 def serve(conf: PrimaryConfig) -> int:
@@ -211,14 +240,17 @@ def serve(conf: PrimaryConfig) -> int:
     devices: dict[str, MirroredDevice] = {}
     nbd = metrics_server = None
     bitmaps: list[WriteIntentBitmap] = []
+    opened: list[Device] = []  # volumes opened (closed at the end, also when the start fails)
     try:
         for spec in conf.volume:
             local = open_volume(spec)
+            opened.append(local)
+            state = bitmap_path(spec, conf.state_dir)
+            generations = open_generations(spec, local, state, conf.discard_standby_data)
+            # A region resent by a resync must be whole blocks (the standby refuses anything else).
+            granularity = max(conf.bitmap_granularity, spec.block_size)
             bitmap = WriteIntentBitmap.open(
-                bitmap_path(spec, conf.state_dir),
-                local.size,
-                conf.bitmap_granularity,
-                hot=conf.activity_log // conf.bitmap_granularity,
+                state, local.size, granularity, hot=conf.activity_log // granularity
             )
             bitmaps.append(bitmap)
             if bitmap.dirty():
@@ -229,7 +261,7 @@ def serve(conf: PrimaryConfig) -> int:
                 local.size,
                 spec.block_size,
                 bitmap,
-                Generations(bitmap.path.removesuffix(".bitmap") + ".generation"),
+                generations,
                 mode=conf.mode,
                 discard_standby_data=conf.discard_standby_data,
                 metrics=metrics,
@@ -243,9 +275,11 @@ def serve(conf: PrimaryConfig) -> int:
         log.info("listening", service="metrics", address=cfg.format_address(metrics_server.address))
         deadline = time.monotonic() + conf.connect_timeout
         for name, dev in devices.items():
+            if dev.mirror.blocked:
+                continue  # (logged: volume_file_mismatch)
             while not dev.mirror.wait_connected(0.1) and time.monotonic() < deadline and not stop.wait(0):
                 pass
-            if not dev.mirror.connected:
+            if not dev.mirror.live:
                 log.warning(
                     "standby_unreachable",
                     volume=name,
@@ -263,12 +297,35 @@ def serve(conf: PrimaryConfig) -> int:
     finally:
         if nbd is not None:
             nbd.stop()
-        for dev in devices.values():
+        for name, dev in devices.items():
             dev.mirror.stop()
-            dev.device.flush()
-            dev.close()
+            try:
+                dev.device.flush()
+                dev.mirror.generations.clean_stop()
+            except StandbyError as e:
+                metrics.state_write_failed(name, "generation")
+                log.error(
+                    "state_write_failed",
+                    volume=name,
+                    file="generation",
+                    error=str(e),
+                    effect="the clean stop is not recorded: the next start checks the volume file's "
+                    "identity, size and generation attribute only",
+                )
+        for local in opened:
+            local.close()
         for bitmap in bitmaps:
-            bitmap.close()
+            try:
+                bitmap.close()
+            except StandbyError as e:
+                metrics.state_write_failed(bitmap_volume(bitmap, devices), "bitmap")
+                log.error(
+                    "state_write_failed",
+                    volume=bitmap_volume(bitmap, devices),
+                    file="bitmap",
+                    error=str(e),
+                    effect="regions the file still marks are resynced at the next start",
+                )
         if metrics_server is not None:
             metrics_server.stop()
     log.info("stopped")

@@ -6,7 +6,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from primary.mirror import Mirror
+from primary.mirror import STATES, Mirror
 from standbylib.runtime.metrics import LATENCY_BUCKETS
 
 
@@ -42,8 +42,31 @@ class PrimaryMetrics:
         )
         self.up = Gauge(
             "standby_replication_connected",
-            "1 while the Mirror stream to the standby is open.",
+            "1 while the standby acknowledges the Mirror stream's batches (a stream whose batches are "
+            "refused, or that is still resending after an outage, is not connected yet).",
             ["volume"],
+            registry=registry,
+        )
+        self.state = Gauge(
+            "standby_replication_state",
+            "1 for the replication state the volume is in: connecting, connected, disconnected (the link "
+            "or the standby is down), refused (the standby refuses its batches or its handshake), blocked "
+            "(the volume file is not the one its data generations belong to).",
+            ["volume", "state"],
+            registry=registry,
+        )
+        self.refusals = Counter(
+            "standby_mirror_refusals",
+            "Replication attempts the standby refused (a handshake, the stream or a batch answered with "
+            "an error status), by gRPC status: resource_exhausted, failed_precondition, ...",
+            ["volume", "reason"],
+            registry=registry,
+        )
+        self.state_write_failures = Counter(
+            "standby_state_write_failures",
+            "Failures to write the primary's own state, by file: bitmap (the write-intent bitmap: a "
+            "client write that cannot be marked fails) or generation (the data generations).",
+            ["volume", "file"],
             registry=registry,
         )
         self.resent = Counter(
@@ -80,6 +103,9 @@ class PrimaryMetrics:
         self.batches.labels(volume)
         self.resent.labels(volume)
         self.up.labels(volume).set(0)
+        self.set_state(volume, "connecting")
+        self.state_write_failures.labels(volume, "bitmap")
+        self.state_write_failures.labels(volume, "generation")
         self.in_flight.labels(volume).set_function(mirror.in_flight_bytes)
         self.out_of_sync.labels(volume).set_function(mirror.bitmap.out_of_sync_bytes)
         self.resync_remaining.labels(volume).set_function(
@@ -106,3 +132,13 @@ class PrimaryMetrics:
 
     def connected(self, volume: str, up: bool) -> None:
         self.up.labels(volume).set(1 if up else 0)
+
+    def set_state(self, volume: str, state: str) -> None:
+        for name in STATES:
+            self.state.labels(volume, name).set(1 if name == state else 0)
+
+    def refused(self, volume: str, reason: str) -> None:
+        self.refusals.labels(volume, reason).inc()
+
+    def state_write_failed(self, volume: str, file: str) -> None:
+        self.state_write_failures.labels(volume, file).inc()

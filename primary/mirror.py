@@ -15,10 +15,18 @@ primary for long:
 * the link breaks, the standby stops answering for `ack_timeout` seconds, or it refuses a batch: every
   unacknowledged op is dropped and its regions become dirty; waiting writers return (their data is on
   the local volume and tracked); new writes only mark their regions dirty;
-* reconnected (capped, jittered exponential backoff): the dirty regions are resent in the background
-  while new writes flow (the replica is `inconsistent` meanwhile), then a batch marked `uptodate` ends
-  the resync. A resync cut short resumes with what is still dirty; after a crash every bit left in the
-  bitmap file is dirty.
+* reconnected: the dirty regions are resent in the background while new writes flow (the replica is
+  `inconsistent` meanwhile), holes and zeroed ranges first (on a full standby disk they make the room
+  the data needs), then a batch marked `uptodate` ends the resync. A resync cut short resumes with what
+  is still dirty; after a crash every bit left in the bitmap file is dirty.
+
+Reconnects back off exponentially (jittered, 0.2 s growing threefold up to 30 s), and the backoff is
+reset only by a healthy stream: one whose batches the standby acknowledged and that either had nothing
+to resend, completed its resync, or stayed up acknowledging for `STABLE_SECONDS`. A standby that takes
+the handshake but refuses every batch (a full disk, ``--on-full defer``) thus gets a few attempts a
+minute, not several a second. `state` (and the `connected` metric) says ``connected`` only for such a
+healthy stream; the logs change once per state change: a repeated identical failure is logged once (and
+again, with the attempts so far and the next retry, when the error changes), the recovery once.
 
 Modes (DRBD protocols C/B/A): ``sync`` waits until the standby applied the write, ``received`` until it
 received it, ``async`` not at all. A flush barrier always waits for the standby's durability (or the
@@ -38,6 +46,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import random
+import re
 import threading
 import time
 import uuid
@@ -49,9 +58,9 @@ from typing import Any, Protocol
 
 import grpc
 
-from primary.generations import Generations
+from primary.generations import Generations, StateWriteError
 from standbylib.bitmap import WriteIntentBitmap
-from standbylib.errors import StandbyError
+from standbylib.errors import DeviceError, StandbyError
 from standbylib.rawfile import Buffer, is_zero
 from standbylib.rpc.v1 import replication_pb2, replication_pb2_grpc
 from standbylib.rpc.wire import Payload, Probe, Repair, block_digests, encode_batch, zero_digests
@@ -70,8 +79,18 @@ WINDOW_BATCHES = 4
 RESYNC_WINDOW = 8 << 20
 #: The Mirror method's full name (proto/v1/replication.proto).
 MIRROR_METHOD = "/standbyappliance.v1.Replication/Mirror"
-#: Reconnect backoff: first delay, cap.
-BACKOFF_FIRST, BACKOFF_CAP = 0.2, 10.0
+#: Reconnect backoff: first delay, growth factor, cap; each pause is drawn from [delay / 2, delay].
+BACKOFF_FIRST, BACKOFF_FACTOR, BACKOFF_CAP = 0.2, 3.0, 30.0
+#: Seconds a stream that is still resending must stay up, acknowledged, to count as healthy.
+STABLE_SECONDS = 30.0
+#: Replication states (`Mirror.state`): no healthy stream yet; a healthy stream; the link or the standby
+#: is down; the standby refuses (its batches or the handshake); the volume file is not the one its
+#: generations belong to (no attempt is made).
+STATES = ("connecting", "connected", "disconnected", "refused", "blocked")
+#: gRPC statuses that say the link or the standby is down rather than that the standby refused.
+_TRANSPORT = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+)
 #: Seconds between flush barriers that let acknowledged regions of the bitmap be cleared.
 CLEAN_INTERVAL = 1.0
 #: Bytes of volume one probe covers, and bytes of volume covered by probes in flight at most.
@@ -88,6 +107,9 @@ Finisher = Callable[[], None] | None
 class MirrorMetrics(Protocol):
     def batch_sent(self, volume: str, nbytes: int, writes: int) -> None: ...
     def connected(self, volume: str, up: bool) -> None: ...
+    def set_state(self, volume: str, state: str) -> None: ...
+    def refused(self, volume: str, reason: str) -> None: ...
+    def state_write_failed(self, volume: str, file: str) -> None: ...
     def resynced(self, volume: str, nbytes: int) -> None: ...
 
 
@@ -98,8 +120,63 @@ class NullMirrorMetrics:
     def connected(self, volume: str, up: bool) -> None:
         pass
 
+    def set_state(self, volume: str, state: str) -> None:
+        pass
+
+    def refused(self, volume: str, reason: str) -> None:
+        pass
+
+    def state_write_failed(self, volume: str, file: str) -> None:
+        pass
+
     def resynced(self, volume: str, nbytes: int) -> None:
         pass
+
+
+class BitmapWriteFailed(DeviceError):
+    """A client write was refused: its regions could not be marked durably in the write-intent bitmap."""
+
+    template = (
+        "volume {volume!r}: the write was not done: it could not be marked in the write-intent bitmap "
+        "{path} ({detail})"
+    )
+
+
+def describe(error: BaseException) -> str:
+    """`error` as a short line: a device error as ``PATH: DETAIL`` (without the advice of its template,
+    which speaks of the standby's data)."""
+    if isinstance(error, DeviceError) and "path" in error.fields and "detail" in error.fields:
+        return f"{error.fields['path']}: {error.fields['detail']}"
+    return str(error)
+
+
+class StateReport:
+    """Failures to write the primary's own state (`kind`: bitmap, generation), reported loudly but once:
+    `state_write_failed` (error) at the first failure and when the error changes, counted every time;
+    `state_write_recovered` at the next success."""
+
+    def __init__(self, volume: str, metrics: MirrorMetrics) -> None:
+        self.volume = volume
+        self.metrics = metrics
+        self.failing: dict[str, str] = {}  # kind -> the last error logged (digits masked)
+        self._lock = threading.Lock()
+
+    def failed(self, kind: str, error: BaseException, consequence: str) -> None:
+        self.metrics.state_write_failed(self.volume, kind)
+        message = describe(error)
+        key = _masked(message)
+        with self._lock:
+            known = self.failing.get(kind)
+            self.failing[kind] = key
+        if known != key:
+            log.error("state_write_failed", volume=self.volume, file=kind, error=message, effect=consequence)
+
+    def ok(self, kind: str) -> None:
+        if kind in self.failing:  # (checked without the lock first: the common case costs a lookup)
+            with self._lock:
+                gone = self.failing.pop(kind, None)
+            if gone is not None:
+                log.info("state_write_recovered", volume=self.volume, file=kind)
 
 
 @dataclass(slots=True)
@@ -208,11 +285,26 @@ class Mirror:
         self._running = True
         self._resync_bytes = 0  # resync bytes in flight
         self._responses: Any = None  # the call's response iterator, to cancel it
-        self.connected = False
+        # `_live`: a stream is open and writes are mirrored; `_confirmed`: it is healthy (see `_confirm`).
+        self._live = False
+        self._confirmed = False
+        self.state = "connecting"  # one of STATES
         self.resyncing = False
         self.handshakes = 0
         self.resent_bytes = 0
         self.last_error = ""
+        self.retry_in = 0.0  # seconds to the next attempt, drawn at the last failure
+        self.reports = StateReport(volume, self.metrics)
+        # Since the last healthy stream: failed attempts, the resync bytes announced by each stream
+        # opened, the failure last logged (code, masked details), whether a handshake was logged.
+        self._failures = 0
+        self._announced = 0
+        self._logged_failure: tuple[str, str] | None = None
+        self._handshake_logged: tuple[object, ...] | None = None
+        self._down_since = time.monotonic()
+        self._reset_backoff = False
+        self._opened_at = 0.0  # when the current stream opened
+        self._silenced_stream = 0  # the stream the tick loop cancelled for want of acknowledgements
         self._first_contact = threading.Event()
         self._lock: AbstractContextManager[object] = threading.Lock()
         self._read: Callable[[int, int], bytes] | None = None
@@ -261,14 +353,38 @@ class Mirror:
         """True once the stream was first opened (writes from then on are mirrored)."""
         return self._first_contact.wait(timeout)
 
+    @property
+    def live(self) -> bool:
+        """A stream is open: writes are mirrored (whether or not the standby acknowledges them yet)."""
+        return self._live
+
+    @property
+    def connected(self) -> bool:
+        """The standby acknowledges a healthy stream (the `connected` state)."""
+        return self._live and self._confirmed
+
+    @property
+    def blocked(self) -> bool:
+        """The volume file is not the one the generations belong to: no connection is attempted."""
+        return bool(self.generations.mismatch)
+
     # -- writers (under the device's order lock) ------------------------------------------------------
 
     def mark(self, offset: int, length: int) -> None:
         """Before a write to ``[offset, offset+length)``, outside the order lock: its regions are marked
         in flight in the bitmap, durably, when this returns (concurrent writers share the syncs).
 
-        Every `mark` is followed by one `begin` of the same range."""
-        self.bitmap.mark(offset, length)
+        Every `mark` is followed by one `begin` of the same range. Raises when the bitmap cannot be
+        written: then the write must fail (unmarked, it would not be resent after a crash)."""
+        try:
+            self.bitmap.mark(offset, length)
+        except DeviceError as e:
+            self.reports.failed("bitmap", e, "client writes fail until the bitmap can be written")
+            raise BitmapWriteFailed(
+                volume=self.volume, path=self.bitmap.path, detail=e.fields.get("detail", str(e))
+            ) from e
+        if self.reports.failing:
+            self.reports.ok("bitmap")
 
     def try_mark(self, offset: int, length: int) -> bool:
         """`mark` if that needs no bitmap sync (the regions are set and durable already); else False
@@ -282,7 +398,7 @@ class Mirror:
         standby is away and the region is only recorded as dirty.
         """
         with self._state_lock:
-            live = self.connected
+            live = self._live
             if not live:
                 self.bitmap.drop(offset, length)
         return live
@@ -314,7 +430,7 @@ class Mirror:
         with self._cond:
             op.number = self._next_op
             self._next_op += 1
-            if not self.connected or not self._running:
+            if not self._live or not self._running:
                 self._drop_op(op)
                 self._done_op = max(self._done_op, op.number)
                 self._received_op = max(self._received_op, op.number)
@@ -416,12 +532,31 @@ class Mirror:
             return self._pending_bytes + sum(b.nbytes for b in self._outstanding.values())
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop after what was submitted is acknowledged (or `timeout` passes), then close the stream."""
+        """Stop after what was submitted is acknowledged (or `timeout` passes), then close the stream.
+
+        A clean stop while the standby follows ends with a flush barrier; once it is acknowledged every
+        region acknowledged before it is cleared in the bitmap, so that the next start resends nothing
+        (the activity log is for crashes)."""
+        deadline = time.monotonic() + timeout
         with self._cond:
             target = self._next_op - 1
-            deadline = time.monotonic() + timeout
-            while self._done_op < target and self.connected and time.monotonic() < deadline:
+            while self._done_op < target and self._live and time.monotonic() < deadline:
                 self._cond.wait(0.1)
+            settle = self._live and self._running and not self.resyncing
+        if settle:
+            sent_at = time.monotonic()
+            barrier = self.submit_barrier()
+            try:
+                self.wait(barrier, mode="sync", timeout=max(0.1, deadline - time.monotonic()))
+                with self._cond:
+                    durable = self._live and self._done_op >= barrier
+                if durable:
+                    self.bitmap.clean(force=True, released_before=sent_at)
+            except TimeoutError:
+                pass
+            except DeviceError as e:
+                self.reports.failed("bitmap", e, "idle regions stay marked (resent at the next start)")
+        with self._cond:
             self._running = False
             self._stream_id += 1
             self._wake_all()
@@ -454,51 +589,112 @@ class Mirror:
     # -- the stream -----------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self.generations.mismatch:
+            self._block(self.generations.mismatch)
+            return
         delay = BACKOFF_FIRST
         channel = rpc.channel(self.target, self.tls)
         try:
             while self._running:
-                try:
-                    if self._handshake(channel):
-                        # A new, wiped or discarded replica: everything the primary holds must be sent.
-                        self.bitmap.mark_dirty(0, self.size)
-                        log.info("full_sync_needed", volume=self.volume, bytes=self.size)
-                    delay = BACKOFF_FIRST
-                    self._stream(channel)
-                except grpc.RpcError as e:
-                    self._disconnected(e.code().name if hasattr(e, "code") else "error", _details(e))
-                except StandbyError as e:
-                    self._disconnected("refused", str(e))
+                failure = self._attempt(channel)
                 if not self._running:
                     break
+                if self._reset_backoff:  # the stream was healthy: the first retry is fast again
+                    delay, self._reset_backoff = BACKOFF_FIRST, False
                 pause = random.uniform(delay / 2, delay)
-                delay = min(BACKOFF_CAP, delay * 2)
+                delay = min(BACKOFF_CAP, delay * BACKOFF_FACTOR)
+                self._disconnected(failure, pause)
                 with self._cond:
                     self._events.wait_for(lambda: not self._running, pause)
         finally:
             channel.close()
 
-    def _disconnected(self, code: str, details: str) -> None:
+    def _attempt(self, channel: grpc.Channel) -> tuple[str, str, str]:
+        """One connection: handshake, then the stream until it ends. How it ended: ``(code, details,
+        state)``, state ``refused`` when the standby answered with an error status, else
+        ``disconnected``."""
+        try:
+            try:
+                self.generations.flush()
+            except StateWriteError as e:
+                self.reports.failed("generation", e, "kept in memory; written at the next change")
+            if self._handshake(channel):
+                # A new, wiped or discarded replica: everything the primary holds must be sent.
+                try:
+                    self.bitmap.mark_dirty(0, self.size)
+                except DeviceError as e:
+                    self.reports.failed("bitmap", e, "the full sync waits until the bitmap can be written")
+                    detail = f"the full sync could not be marked in the bitmap: {describe(e)}"
+                    return ("BITMAP", detail, "disconnected")
+                log.info("full_sync_needed", volume=self.volume, bytes=self.size)
+            self._stream(channel)
+        except grpc.RpcError as e:
+            code = e.code() if hasattr(e, "code") else None
+            if code == grpc.StatusCode.CANCELLED and self._silenced_stream == self._stream_id:
+                return ("NOT_ANSWERING", f"no acknowledgement for {self.ack_timeout:g} s", "disconnected")
+            name = code.name if code is not None else "UNKNOWN"
+            if code in _TRANSPORT:
+                return (name, _details(e), "disconnected")
+            self.metrics.refused(self.volume, name.lower())
+            return (name, _details(e), "refused")
+        except StandbyError as e:
+            return ("ERROR", str(e), "disconnected")
+        return ("ERROR", "the stream ended", "disconnected")
+
+    def _block(self, message: str) -> None:
+        """The volume file is not the one the generations belong to: never connect (see generations)."""
+        with self._cond:
+            self.state = "blocked"
+            self.last_error = message
+        self.metrics.connected(self.volume, False)
+        self.metrics.set_state(self.volume, "blocked")
+        log.error("volume_file_mismatch", volume=self.volume, target=self.target, error=message)
+
+    def _disconnected(self, failure: tuple[str, str, str], pause: float) -> None:
+        code, details, state = failure
+        message = f"{code}: {details}"
         with self._state_lock, self._cond:
-            was = self.connected
-            self.connected = False
+            was_live, was_confirmed = self._live, self._confirmed
+            if was_confirmed:
+                self._down_since = time.monotonic()
+            self._live = self._confirmed = False
             self.resyncing = False
             self._stream_id += 1
             self._drop_all()
-            if was:
-                # From now on the standby may lack writes: a new generation of the primary's data.
-                self.generations.rotate()
+            self.state = state
+            self.last_error = message
+            self.retry_in = pause
         self.metrics.connected(self.volume, False)
-        message = f"{code}: {details}"
-        if was or message != self.last_error:
-            log.warning(
-                "mirror_disconnected",
-                volume=self.volume,
-                target=self.target,
-                error=message,
-                out_of_sync_bytes=self.bitmap.out_of_sync_bytes(),
-            )
-        self.last_error = message
+        self.metrics.set_state(self.volume, state)
+        if was_live:
+            # From now on the standby may lack writes: a new generation of the primary's data.
+            try:
+                self.generations.rotate()
+            except StateWriteError as e:
+                effect = (
+                    "the data generation stays the last one recorded"
+                    if e.fields.get("what") == "the data generations"
+                    else "the volume file carries the previous generation (accepted after a crash only)"
+                )
+                self.reports.failed("generation", e, effect)
+            else:
+                self.reports.ok("generation")
+        self._failures += 1
+        fields: dict[str, Any] = {
+            "volume": self.volume,
+            "target": self.target,
+            "error": message,
+            "state": state,
+            "attempts": self._failures,
+            "retry_in": round(pause, 1),
+            "out_of_sync_bytes": self.bitmap.out_of_sync_bytes(),
+        }
+        key = (code, _masked(details))
+        if was_confirmed or key != self._logged_failure:
+            log.warning("mirror_disconnected", **fields)
+        else:  # the same failure again: logged once, when it began
+            log.debug("mirror_disconnected", **fields)
+        self._logged_failure = key
 
     def _handshake(self, channel: grpc.Channel) -> bool:
         """Introduce the volume; True when the standby needs a full sync."""
@@ -519,15 +715,20 @@ class Mirror:
         self._discard = False  # once: a later reconnect must not throw the resynced data away again
         # A full sync of a replica that existed already: probe each region, resend what differs.
         self._probe_resync = bool(reply.full_sync and not reply.created)
-        log.info(
-            "handshake",
-            volume=self.volume,
-            target=self.target,
-            standby_id=reply.standby_id,
-            created=reply.created,
-            full_sync=reply.full_sync,
-            standby_generation=reply.generation,
-        )
+        fields = {
+            "volume": self.volume,
+            "target": self.target,
+            "standby_id": reply.standby_id,
+            "created": reply.created,
+            "full_sync": reply.full_sync,
+            "standby_generation": reply.generation,
+        }
+        summary = (reply.standby_id, reply.created, reply.full_sync, reply.generation)
+        if summary != self._handshake_logged:
+            log.info("handshake", **fields)
+            self._handshake_logged = summary
+        else:  # the same handshake again since the last healthy stream (a standby that keeps refusing)
+            log.debug("handshake", **fields)
         return bool(reply.full_sync)
 
     def _stream(self, channel: grpc.Channel) -> None:
@@ -544,28 +745,27 @@ class Mirror:
             first = self._next_sequence
             # From here on writes are mirrored; whatever is dirty now is resent first.
             # What is dirty now is what this connection resends (counted here: the resync thread starts
-            # clearing bits as soon as `connected` is set).
+            # clearing bits as soon as `_live` is set).
             dirty_bytes = self.bitmap.dirty() * self.bitmap.granularity
             resync = dirty_bytes > 0
-            self.connected = True
+            self._live = True
+            self._opened_at = time.monotonic()
+            self._announced += dirty_bytes
+            if self.state != "refused":  # (a standby that refused stays `refused` until it acknowledges)
+                self.state = "connecting"
             self.resyncing = resync
             self._stream_generation = self.generations.current
-            if not resync:
-                self.generations.agree(self._stream_generation)
             self._wake_all()
+        self.metrics.set_state(self.volume, self.state)
+        if not resync:
+            self._agree(self._stream_generation)
+            # Its acknowledgement makes the stream healthy at once (nothing to resend).
+            self._submit(_Op(0, 0, None, 0, heartbeat=True))
         self._first_contact.set()
         responses = mirror(self._requests(stream_id, first, resync))
         try:
             with self._cond:
                 self._responses = responses
-            self.metrics.connected(self.volume, True)
-            log.info(
-                "mirror_connected",
-                volume=self.volume,
-                target=self.target,
-                mode=self.mode,
-                resync_bytes=dirty_bytes,
-            )
             for reply in responses:
                 self._acknowledged(reply)
             if self._running:
@@ -574,6 +774,35 @@ class Mirror:
             with self._cond:
                 self._responses = None
             responses.cancel()
+
+    def _agree(self, generation: str) -> None:
+        """The standby holds `generation`: recorded, or reported when that cannot be written."""
+        try:
+            self.generations.agree(generation)
+        except StateWriteError as e:
+            self.reports.failed("generation", e, "kept in memory; written at the next change")
+        else:
+            self.reports.ok("generation")
+
+    def _confirm(self) -> None:
+        """Under the lock: the stream is healthy (acknowledged, and nothing left to resend or up for
+        `STABLE_SECONDS`): the `connected` state, and the backoff starts afresh."""
+        self._confirmed = True
+        self._reset_backoff = True
+        self.state = "connected"
+        log.info(
+            "mirror_connected",
+            volume=self.volume,
+            target=self.target,
+            mode=self.mode,
+            resync_bytes=self._announced,
+            attempts=self._failures,
+            down_seconds=round(time.monotonic() - self._down_since, 1),
+        )
+        self.metrics.connected(self.volume, True)
+        self.metrics.set_state(self.volume, "connected")
+        self._failures = self._announced = 0
+        self._logged_failure = self._handshake_logged = None
 
     def _acknowledged(self, reply: replication_pb2.MirrorReply) -> None:
         with self._cond:
@@ -597,12 +826,18 @@ class Mirror:
                         self.metrics.resynced(self.volume, op.length)
                     if op.uptodate:
                         self.resyncing = False
-                        self.generations.agree(self._stream_generation)
+                        self._agree(self._stream_generation)
                         log.info("resync_done", volume=self.volume, generation=self._stream_generation)
                 if batch.ops:
                     last = batch.ops[-1].number
                     self._done_op = max(self._done_op, last)
                     self._received_op = max(self._received_op, last)
+            if (
+                not self._confirmed
+                and self._live
+                and (not self.resyncing or time.monotonic() - self._opened_at >= STABLE_SECONDS)
+            ):
+                self._confirm()
             self._cond.notify_all()
             if self._sendable():
                 self._work.notify()
@@ -663,8 +898,8 @@ class Mirror:
         """Send the dirty regions while connected, then mark the replica up to date."""
         while self._running:
             with self._cond:
-                self._events.wait_for(lambda: not self._running or (self.connected and self.resyncing), 1.0)
-                if not self._running or not (self.connected and self.resyncing):
+                self._events.wait_for(lambda: not self._running or (self._live and self.resyncing), 1.0)
+                if not self._running or not (self._live and self.resyncing):
                     continue
                 stream_id = self._stream_id
             try:
@@ -672,10 +907,26 @@ class Mirror:
             except StandbyError as e:
                 log.warning("resync_interrupted", volume=self.volume, error=str(e))
 
+    def _resync_room(self, stream_id: int) -> bool:
+        """Wait until the resync window has room; False when the stream is gone."""
+        with self._cond:
+            self._cond.wait_for(
+                lambda: (
+                    self._stream_id != stream_id or not self._running or self._resync_bytes < RESYNC_WINDOW
+                )
+            )
+            return self._stream_id == stream_id and self._running and self._live
+
     def _resync_pass(self, stream_id: int) -> None:
+        """Send every dirty region, then the `uptodate` marker once they are applied.
+
+        Holes first, then the regions holding data, each of those as its runs of zero blocks (zeroed
+        ranges) before its runs of data: on a standby whose disk is full, the trims free the room the data
+        needs, which sending in offset order would never reach. A region's bit is released only by the
+        acknowledgement of its last op, as for a client write."""
         g = self.bitmap.granularity
         started = time.monotonic()
-        sent = 0
+        sent = zeroed = 0
         # A full sync of a replica that may hold old data sends probes of the regions that are not holes;
         # the blocks that differ come back on the acknowledgements and are resent (`_repair`), before the
         # `uptodate` marker.
@@ -688,53 +939,67 @@ class Mirror:
             regions = list(self.bitmap.dirty_regions())
             if not regions:
                 break
-            last = 0
+            # 1. The regions that are holes: one zeroed range each. The others wait for step 2.
+            data_regions: list[int] = []
             for region in regions:
+                if not self._resync_room(stream_id):
+                    return
+                with self._lock:
+                    with self._cond:
+                        if self._stream_id != stream_id or not self._live:
+                            return
+                    offset, length = self.bitmap.span(region)
+                    if not self._is_hole(offset, length):
+                        data_regions.append(region)
+                        continue
+                    self.bitmap.resync_begin(region)
+                    with self._cond:
+                        self._resync_bytes += length
+                    self._submit(_Op(0, offset, None, length, resync=True, release=(offset, length)))
+                sent += length
+                zeroed += length
+            # 2. The regions holding data (or probes of them).
+            last = 0
+            for region in data_regions:
                 while covered >= PROBE_WINDOW:
                     number, nbytes = probes.popleft()
                     self.wait(number, mode="sync")
                     covered -= nbytes
-                with self._cond:
-                    self._cond.wait_for(
-                        lambda: (
-                            self._stream_id != stream_id
-                            or not self._running
-                            or self._resync_bytes < RESYNC_WINDOW
-                        )
-                    )
-                    if self._stream_id != stream_id or not self._running:
-                        return
+                if not self._resync_room(stream_id):
+                    return
                 with self._lock:
                     with self._cond:
-                        if self._stream_id != stream_id or not self.connected:
+                        if self._stream_id != stream_id or not self._live:
                             return
                     offset, length = self.bitmap.resync_begin(region)
                     span = (offset, length)
-                    if self._is_hole(offset, length):
-                        op = _Op(0, offset, None, length, resync=True, release=span)
+                    ops: list[_Op]
+                    if self._is_hole(offset, length):  # trimmed since step 1
+                        ops = [_Op(0, offset, None, length, resync=True, release=span)]
                     else:
                         assert self._read is not None
                         data = self._read(offset, length)
-                        op = _Op(0, offset, data, 0, resync=True, release=span)
                         if probing:
                             digests = (
                                 zero_digests(length, self.block_size)
                                 if is_zero(data)
                                 else block_digests(data, self.block_size)
                             )
-                            op = _Op(0, offset, None, 0, release=span, probe=Probe(length, digests))
-                        elif is_zero(data):
-                            op = _Op(0, offset, None, length, resync=True, release=span)
-                    if op.probe is None:
-                        with self._cond:
-                            self._resync_bytes += length
-                    last = self._submit(op)
-                if op.probe is not None:
+                            ops = [_Op(0, offset, None, 0, release=span, probe=Probe(length, digests))]
+                        else:
+                            ops = self._resync_ops(offset, data, span)
+                    resent = sum(op.length for op in ops if op.probe is None)
+                    with self._cond:
+                        self._resync_bytes += resent
+                    for op in ops:
+                        last = self._submit(op)
+                if ops[0].probe is not None:
                     probes.append((last, length))
                     covered += length
                     probed += length
                 else:
                     sent += length
+                    zeroed += sum(op.length for op in ops if op.data is None)
                 if self._repairs:
                     self._repair()
             if probing and last:
@@ -749,6 +1014,8 @@ class Mirror:
             marker = self._submit(_Op(0, 0, None, 0, uptodate=True))
         self.wait(marker, mode="sync")
         with self._cond:
+            if self._stream_id != stream_id:
+                return  # dropped with its stream (`mirror_disconnected` says why); resumed at the next one
             self.resent_bytes += sent
         seconds = round(time.monotonic() - started, 3)
         if probing:
@@ -759,12 +1026,41 @@ class Mirror:
                 bytes=sent + repaired,
                 seconds=seconds,
                 granularity=g,
+                zeroed_bytes=zeroed,
                 checksummed_bytes=probed,
                 resent_after_checksum_bytes=repaired,
                 skipped_bytes=probed - repaired,
             )
         else:
-            log.info("resync_sent", volume=self.volume, bytes=sent, seconds=seconds, granularity=g)
+            log.info(
+                "resync_sent",
+                volume=self.volume,
+                bytes=sent,
+                seconds=seconds,
+                granularity=g,
+                zeroed_bytes=zeroed,
+            )
+
+    def _resync_ops(self, offset: int, data: bytes, span: tuple[int, int]) -> list[_Op]:
+        """The ops resending region `span` whose blocks read `data`: its runs of zero blocks as zeroed
+        ranges first, then its runs of data; the last op releases the region."""
+        bs = self.block_size
+        view = memoryview(data)
+        zero_runs: list[tuple[int, int]] = []
+        data_runs: list[tuple[int, int]] = []
+        start, kind = 0, is_zero(view[:bs])
+        for at in range(bs, len(data), bs):
+            z = is_zero(view[at : at + bs])
+            if z != kind:
+                (zero_runs if kind else data_runs).append((start, at))
+                start, kind = at, z
+        (zero_runs if kind else data_runs).append((start, len(data)))
+        ops = [_Op(0, offset + a, None, b - a, resync=True) for a, b in zero_runs]
+        for a, b in data_runs:
+            chunk = data if (a, b) == (0, len(data)) else bytes(view[a:b])
+            ops.append(_Op(0, offset + a, chunk, 0, resync=True))
+        ops[-1].release = span
+        return ops
 
     # -- verify and checksums -----------------------------------------------------------------------
 
@@ -821,7 +1117,7 @@ class Mirror:
         while True:
             with self._cond:
                 request, self._verify_next = self._verify_next, None
-                if request is None or not self._running or not self.connected:
+                if request is None or not self._running or not self._live:
                     self._verify_thread = None
                     return
                 stream_id = self._stream_id
@@ -852,7 +1148,7 @@ class Mirror:
                     stopped = (
                         self._stream_id != stream_id
                         or not self._running
-                        or not self.connected
+                        or not self._live
                         or self._verify_next is not None
                     )
                 if stopped:
@@ -904,11 +1200,19 @@ class Mirror:
             else:
                 runs.append((offset, bs))
         if item.hold is None:
+            marked: list[tuple[int, int]] = []
             for offset, length in runs:
-                self.bitmap.mark(offset, length)  # durable before the resend, like a client write
+                try:
+                    self.bitmap.mark(offset, length)  # durable before the resend, like a client write
+                except DeviceError as e:
+                    self.reports.failed("bitmap", e, "blocks found out of sync are not resent")
+                    for done in marked:  # never sent: resynced at the next connection
+                        self.bitmap.drop(*done)
+                    return
+                marked.append((offset, length))
         with self._cond:
             self._cond.wait_for(
-                lambda: not self.connected or not self._running or self._resync_bytes < RESYNC_WINDOW
+                lambda: not self._live or not self._running or self._resync_bytes < RESYNC_WINDOW
             )
         blocks = 0
         with self._lock:
@@ -945,9 +1249,15 @@ class Mirror:
                 oldest = next(iter(self._outstanding.values()), None)
                 silent = oldest is not None and time.monotonic() - oldest.sent > self.ack_timeout
                 responses = self._responses
-                connected = self.connected
+                connected = self._live
+                healthy = self._confirmed
+                stream_id = self._stream_id
             if silent and responses is not None:
-                log.warning("standby_not_answering", volume=self.volume, seconds=self.ack_timeout)
+                if healthy:
+                    log.warning("standby_not_answering", volume=self.volume, seconds=self.ack_timeout)
+                else:  # not answering again: `mirror_disconnected` says so once
+                    log.debug("standby_not_answering", volume=self.volume, seconds=self.ack_timeout)
+                self._silenced_stream = stream_id
                 responses.cancel()
                 continue
             if connected and self.bitmap.wants_clean():
@@ -958,9 +1268,14 @@ class Mirror:
                 except TimeoutError:
                     continue
                 with self._cond:
-                    still = self.connected
+                    still = self._live
                 if still:
-                    self.bitmap.clean(released_before=sent_at)
+                    try:
+                        self.bitmap.clean(released_before=sent_at)
+                    except DeviceError as e:
+                        self.reports.failed("bitmap", e, "idle regions stay marked (resent after a crash)")
+                    else:
+                        self.reports.ok("bitmap")
             self._heartbeat(connected)
 
     def _heartbeat(self, connected: bool) -> None:
@@ -975,7 +1290,7 @@ class Mirror:
                 and self._next_sequence == self._heartbeat_sequence
             )
             self._heartbeat_sequence = self._next_sequence
-            leftover = bool(self._repairs) and not self.connected
+            leftover = bool(self._repairs) and not self._live
         if idle:
             self._submit(_Op(0, 0, None, 0, heartbeat=True))
         if leftover and self._repair_lock.acquire(blocking=False):
@@ -985,6 +1300,11 @@ class Mirror:
 
 def _identity(message: bytes) -> bytes:
     return message
+
+
+def _masked(text: str) -> str:
+    """`text` with its numbers masked: two errors that differ only in counts are the same failure."""
+    return re.sub(r"\d+", "#", text)
 
 
 def _details(e: grpc.RpcError) -> str:

@@ -13,7 +13,7 @@ from standby_rig import start_rig
 from primary.device import MirroredDevice
 from primary.generations import Generations
 from primary.main import parse_volume
-from primary.mirror import Mirror
+from primary.mirror import Mirror, NullMirrorMetrics
 from standbylib.bitmap import WriteIntentBitmap
 from standbylib.blockdev import open_file_device
 from standbylib.errors import InvalidArgument, InvalidBlockSize
@@ -22,7 +22,7 @@ from standbylib.rawfile import is_zero
 MiB = 1 << 20
 
 
-class CountingMetrics:
+class CountingMetrics(NullMirrorMetrics):
     def __init__(self):
         self.batches = 0
         self.writes = 0
@@ -30,12 +30,6 @@ class CountingMetrics:
     def batch_sent(self, volume, nbytes, writes):
         self.batches += 1
         self.writes += writes
-
-    def connected(self, volume, up):
-        pass
-
-    def resynced(self, volume, nbytes):
-        pass
 
 
 def mirrored(tmp_path, target, size=4 * MiB, block_size=4096, metrics=None, mode="sync", **kw):

@@ -1,0 +1,87 @@
+"""A standby that takes the handshake and refuses every batch (`--on-full defer` with a snapshot whose
+room is smaller than the writes): the primary does not hammer it (a few attempts over many seconds, a
+few log lines on either side), reports itself disconnected with the refusal counted by reason, and
+replicates again promptly once the snapshot is deleted. Real daemons on loopback."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from e2e_support import Daemons, MiB, need, run
+from faults_support import sha
+
+pytestmark = pytest.mark.timeout(240)
+
+WINDOW = 12.0  # seconds of refusals watched
+
+
+def events(daemon, name: str) -> list[dict]:
+    return [e for e in list(daemon.events) if e.get("event") == name]
+
+
+def test_a_standby_refusing_every_batch_is_retried_with_backoff_and_recovers(
+    daemons: Daemons, tmp_path
+) -> None:
+    need("qemu-io")
+    standby = daemons.standby(None, "--on-full", "defer")
+    vol = tmp_path / "primary" / "vol0.img"
+    vol.parent.mkdir()
+    primary = daemons.primary(standby, {"vol0": f"{vol},size=32MiB"})
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x11 0 2M", "-c", "flush", primary.uri("vol0"))
+    primary.wait_in_sync()
+    m = primary.metrics()
+    assert m.get("standby_replication_connected", volume="vol0") == 1
+    assert m.get("standby_replication_state", volume="vol0", state="connected") == 1
+
+    standby.snapshot("vol0", "held", "--capacity", "64KiB")  # room for 16 preserved blocks
+    # Overwriting 1 MiB needs 256: the standby refuses (RESOURCE_EXHAUSTED) and holds the volume back.
+    # The client's writes are answered all the same (tracked in the primary's bitmap).
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x22 0 1M", "-c", "flush", primary.uri("vol0"), timeout=60)
+    first = primary.daemon.wait_for("mirror_disconnected", timeout=30)
+    assert first["error"].startswith("RESOURCE_EXHAUSTED"), first
+    assert first["state"] == "refused", first
+
+    # Watch the refusals for WINDOW seconds: each attempt is a handshake on the standby.
+    handshakes = len(events(standby.daemon, "handshake"))
+    primary_lines = len(primary.daemon.lines)
+    standby_lines = len(standby.daemon.lines)
+    started = time.monotonic()
+    checked = False
+    while time.monotonic() - started < WINDOW:
+        attempts = len(events(standby.daemon, "handshake")) - handshakes
+        assert attempts <= 5, f"{attempts} reconnects in {time.monotonic() - started:.1f} s"
+        if not checked and attempts >= 1:  # a scrape while it is refused, after a retry
+            m = primary.metrics()
+            assert m.get("standby_replication_connected", volume="vol0") == 0
+            assert m.get("standby_replication_state", volume="vol0", state="refused") == 1
+            assert m.get("standby_mirror_refusals_total", volume="vol0", reason="resource_exhausted") >= 1
+            checked = True
+        time.sleep(0.1)
+    attempts = len(events(standby.daemon, "handshake")) - handshakes
+    assert 1 <= attempts <= 5, attempts
+    assert checked
+    # Every attempt but maybe the one under way was refused and counted.
+    refusals = primary.metrics().get(
+        "standby_mirror_refusals_total", volume="vol0", reason="resource_exhausted"
+    )
+    assert refusals >= attempts, (refusals, attempts)
+    # Before: about 5 reconnects and 38 log lines a second. Now one line on the primary for the whole
+    # outage (its first `mirror_disconnected` came before the window), a handful per attempt on the
+    # standby (its own events, not the primary's to change).
+    assert len(primary.daemon.lines) - primary_lines <= 2, primary.daemon.tail(10)
+    assert len(standby.daemon.lines) - standby_lines <= 8 * attempts, standby.daemon.tail(20)
+    assert standby.status()["volumes"][0]["state"] == "deferred"
+
+    # The cause removed: the next attempt (at most the cap of the backoff away) catches up.
+    connected_before = len(events(primary.daemon, "mirror_connected"))
+    standby.ctl("snapshot", "delete", "vol0", "held")
+    deleted = time.monotonic()
+    primary.wait_in_sync(timeout=60)
+    assert time.monotonic() - deleted < 45, "replication did not recover promptly"
+    assert sha(standby.replica("vol0")) == sha(vol)
+    assert standby.status()["volumes"][0]["state"] == "uptodate"
+    back = primary.daemon.wait_for("mirror_connected", attempts=attempts + 1)
+    assert back["resync_bytes"] >= MiB, back
+    assert len(events(primary.daemon, "mirror_connected")) == connected_before + 1
+    assert primary.metrics().get("standby_replication_state", volume="vol0", state="connected") == 1
