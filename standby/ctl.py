@@ -145,6 +145,7 @@ def status_dict(reply: control_pb2.StatusReply) -> dict[str, Any]:
         "nbd": reply.nbd,
         "standby_id": reply.standby_id,
         "version": reply.version,
+        "problems": list(reply.problems),
         "store": {
             "path": reply.store.path,
             "capacity_bytes": reply.store.capacity_bytes,
@@ -160,6 +161,7 @@ def status_dict(reply: control_pb2.StatusReply) -> dict[str, Any]:
                 "connected": v.connected,
                 "applied_bytes": v.applied_bytes,
                 "cow_copies": v.cow_copies,
+                "last_error": v.last_error,
                 "snapshots": [snapshot_dict(s) for s in v.snapshots],
             }
             for v in reply.volumes
@@ -200,6 +202,8 @@ def print_status(st: dict[str, Any]) -> None:
         f"preservation store: {human_size(store['used_bytes'])} used of "
         f"{human_size(store['capacity_bytes'])} ({fill:.1%}), on full: {store['on_full']}"
     )
+    for problem in st["problems"]:
+        print(f"PROBLEM: {problem}")
     print()
     if not st["volumes"]:
         print("no volumes yet: they appear when a primary connects")
@@ -218,6 +222,9 @@ def print_status(st: dict[str, Any]) -> None:
             ]
         )
     print(table(rows))
+    for v in st["volumes"]:
+        if v["last_error"]:
+            print(f"{v['name']}: last refused: {v['last_error']}")
     snapshots = [s for v in st["volumes"] for s in v["snapshots"]]
     if snapshots:
         print()

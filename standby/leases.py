@@ -51,12 +51,25 @@ class Leases:
     def grant(self, volume: str, name: str, seconds: float, now: float | None = None) -> float:
         """Set (or renew) the lease of ``volume@name`` to end `seconds` from now; the deadline."""
         deadline = (time.time() if now is None else now) + check_lease(seconds)
+        key = f"{volume}@{name}"
         with self._lock:
-            self._deadlines[f"{volume}@{name}"] = deadline
-            self._save()
+            before = self._deadlines.get(key)
+            self._deadlines[key] = deadline
+            try:
+                self._save()
+            except BaseException:
+                # Not saved, not granted: memory and leases.json say the same.
+                if before is None:
+                    del self._deadlines[key]
+                else:
+                    self._deadlines[key] = before
+                raise
         return deadline
 
     def drop(self, volume: str, name: str) -> None:
+        """Forget the lease of ``volume@name`` (its snapshot is gone); raises when leases.json cannot be
+        saved, the lease being forgotten in memory all the same (an entry left in the file names no
+        snapshot and is dropped when it runs out)."""
         with self._lock:
             if self._deadlines.pop(f"{volume}@{name}", None) is not None:
                 self._save()

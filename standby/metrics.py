@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from standby.node import StandbyNode
+from standby.node import REFUSAL_REASONS, StandbyNode
 from standbylib.runtime.metrics import LATENCY_BUCKETS
 
 
@@ -97,6 +97,33 @@ class StateCollector(Collector):
             "the seconds since it last did: how stale the standby's image may be.",
             labels=["volume"],
         )
+        refusals = CounterMetricFamily(
+            "standby_replication_refusals",
+            "Handshakes, streams and batches of a primary that the standby refused, by reason: disk_full, "
+            "deferred, split_brain, promoted, busy, volume_mismatch, inconsistent, io_error, "
+            "invalid_request, error.",
+            labels=["volume", "reason"],
+        )
+        # Every reason of every volume from 0 (a counter that appears at 1 hides its first increase).
+        counts = dict(self.node.refusals)
+        for replica in self.node.replicas():
+            for _kind, reason in REFUSAL_REASONS:
+                counts.setdefault((replica.name, reason), 0)
+        for (volume, reason), n in sorted(counts.items()):
+            refusals.add_metric([volume, reason], n)
+        write_failures = CounterMetricFamily(
+            "standby_state_write_failures",
+            "Failed saves of a state file of the data directory (state.json, leases.json), by file.",
+            labels=["file"],
+        )
+        for file, n in sorted(self.node.state_write_failures.items()):
+            write_failures.add_metric([file], n)
+        problems = GaugeMetricFamily(
+            "standby_problems",
+            "Conditions an operator must act on now (standbyctl status lists them): state files that "
+            "could not be saved.",
+        )
+        problems.add_metric([], len(self.node.problems()))
         for replica in self.node.replicas():
             name = replica.name
             for snap in replica.volume.snapshots():
@@ -118,6 +145,7 @@ class StateCollector(Collector):
         capacity.add_metric(["", ""], stats.capacity_bytes)
         fill.add_metric(["", ""], stats.fill_ratio)
         yield from (used, capacity, fill, valid, snapshots_info, cow, applied, batches, connected, size, lag)
+        yield from (refusals, write_failures, problems)
 
 
 def _timestamp(created: str) -> float:

@@ -7,6 +7,8 @@ Layout of ``--data-dir``::
     state.json            per volume: whether its replica is inconsistent (a resync is under way)
     preservation.store    the preservation store (copies, index, snapshot table) of every volume
     replicas/NAME.img     one sparse replica file per volume, created at the volume's first handshake
+    leases.json           deadlines of snapshot leases (backups)
+    reserve.space         4 MiB kept allocated, given up to save a state file when the disk is full
 
 The node is thread-safe: gRPC threads call it concurrently. The engine serialises its own state; the
 node adds one lock for its tables and makes sure at most one Mirror stream applies to a volume.
@@ -18,6 +20,7 @@ point of the write sequence, so writes going on never cause a false mismatch (do
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -25,7 +28,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -34,6 +37,7 @@ from standbylib.blockdev import Device, check_block_size, open_file_device
 from standbylib.errors import (
     AlreadyExists,
     DeviceError,
+    DiskFull,
     InvalidArgument,
     NotFound,
     OutOfRange,
@@ -58,6 +62,9 @@ STORE_FILE = "preservation.store"
 REPLICA_DIR = "replicas"
 IDENTITY_FILE = "standby.json"
 STATE_FILE = "state.json"
+#: Space kept aside in the data directory, given up to save a state file on a full disk (see `_reserve`).
+RESERVE_FILE = "reserve.space"
+RESERVE_BYTES = 4 << 20
 
 UPTODATE, INCONSISTENT, DEFERRED, PROMOTED = "uptodate", "inconsistent", "deferred", "promoted"
 
@@ -98,6 +105,28 @@ class VerifyRefused(RequestError):
 
 class VerifyFailed(RequestError):
     template = "verify of volume {volume!r} failed: {detail}"
+
+
+#: The `reason` label of a refusal (standby_replication_refusals_total), by error class, most specific first.
+REFUSAL_REASONS: tuple[tuple[type[StandbyError], str], ...] = (
+    (DiskFull, "disk_full"),
+    (PreservationDeferred, "deferred"),
+    (SplitBrain, "split_brain"),
+    (Promoted, "promoted"),
+    (Busy, "busy"),
+    (VolumeMismatch, "volume_mismatch"),
+    (ReplicaInconsistent, "inconsistent"),
+    (DeviceError, "io_error"),
+    (RequestError, "invalid_request"),
+    (StandbyError, "error"),
+)
+
+
+def refusal_reason(exc: BaseException) -> str:
+    for kind, reason in REFUSAL_REASONS:
+        if isinstance(exc, kind):
+            return reason
+    return "error"
 
 
 @dataclass
@@ -162,6 +191,8 @@ class Replica:
     verify: VerifySession | None = None  # the latest verify session
     verify_command: tuple[int, bool] | None = None  # (id, repair) for the next Mirror reply
     promoted_at: str = ""  # when `standbyctl promote` made the replica the primary copy (RFC 3339)
+    last_error: str = ""  # why the last handshake, stream or batch was refused; "" once a batch is applied
+    last_reason: str = ""  # its `refusal_reason`
 
     def lag_seconds(self, now: float | None = None) -> float:
         """0 while the replica follows the primary; else how long since it last did (how stale it may be)."""
@@ -222,21 +253,33 @@ class StandbyNode:
         self.data_dir = os.path.abspath(data_dir)
         self.on_full = on_full
         self.metrics: NodeMetrics = metrics or NullMetrics()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered: state saves take it under callers that hold it
         self._replicas: dict[str, Replica] = {}
         self._exports: dict[str, Snapshot | Volume] = {}  # NBD exports: snapshots, promoted volumes
+        # Health: refusals by (volume, reason), failed state-file writes by file, and the conditions an
+        # operator must act on now (a state file that could not be saved), by file.
+        self.refusals: dict[tuple[str, str], int] = {}
+        self.state_write_failures: dict[str, int] = {}
+        self._problems: dict[str, str] = {}
         os.makedirs(os.path.join(self.data_dir, REPLICA_DIR), exist_ok=True)
         self.id = self._identity()
+        self._reserve()
         self._saved = self._load_state()
         self.leases = Leases(self.data_dir)
         self.capacity = parse_capacity(capacity, self.data_dir)
-        self.store = PreservationStore.open(self.store_path, self.capacity, on_full=on_full)
+        self.store = PreservationStore.open(
+            self.store_path, self.capacity, on_full=on_full, on_invalidated=self._invalidated
+        )
         try:
             for name in self.store.volume_names():
                 self._attach_existing(name)
         except BaseException:
             self.close()
             raise
+
+    def _invalidated(self, volume: str, snapshot: str, reason: str) -> None:
+        """The engine's notice that a snapshot lost its frozen image (called with the store's lock held)."""
+        log.error("snapshot_invalidated", volume=volume, snapshot=snapshot, reason=reason)
 
     @property
     def store_path(self) -> str:
@@ -279,18 +322,111 @@ class StandbyNode:
             }
             for r in self._replicas.values()
         }
-        replace_file(os.path.join(self.data_dir, STATE_FILE), json.dumps({"volumes": state}).encode())
+        path = os.path.join(self.data_dir, STATE_FILE)
+        self.write_state_file(path, lambda: replace_file(path, json.dumps({"volumes": state}).encode()))
+
+    def write_state_file(self, path: str, write: Callable[[], object]) -> None:
+        """Run `write`, which replaces the state file `path`; a failure is loud (logged at error, counted
+        in `state_write_failures`, listed in `problems` until a later write of that file succeeds) and
+        raised as `DiskFull` or `DeviceError`, so the caller can undo what it changed in memory."""
+        name = os.path.basename(path)
+        try:
+            try:
+                write()
+            except DiskFull:
+                # A full disk must not stop the state from moving on (a resync could then never start
+                # to send the trims that would free space): give up the reserve and try once more.
+                if not self._release_reserve():
+                    raise
+                write()
+        except (OSError, StandbyError) as e:
+            if isinstance(e, OSError):
+                kind = DiskFull if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else DeviceError
+                e = kind(path=path, detail=f"cannot save: {e.strerror or e}")
+            with self._lock:
+                self.state_write_failures[name] = self.state_write_failures.get(name, 0) + 1
+                first = name not in self._problems
+                self._problems[name] = f"{path} could not be saved: {e}"
+            log.error("state_write_failed", file=path, error=str(e), first=first)
+            raise e from None
+        if name in self._problems:
+            with self._lock:
+                self._problems.pop(name, None)
+            log.info("state_write_recovered", file=path)
+        self._reserve()
+
+    @property
+    def reserve_path(self) -> str:
+        return os.path.join(self.data_dir, RESERVE_FILE)
+
+    def _reserve(self) -> None:
+        """Keep `RESERVE_BYTES` allocated in the data directory (a file of real blocks), while the
+        filesystem has room to spare: state files are small, and this space lets them be saved once the
+        disk is full (`write_state_file`). Retaken only when four times its size is free, so that it
+        never competes with the writes that need the space."""
+        path = self.reserve_path
+        if os.path.exists(path):
+            return
+        try:
+            st = os.statvfs(self.data_dir)
+            if st.f_bavail * st.f_frsize < 4 * RESERVE_BYTES:
+                return
+            fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, RESERVE_BYTES)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(path + ".tmp", path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(path + ".tmp")
+
+    def _release_reserve(self) -> bool:
+        """Free the reserve (True), or False when there is none."""
+        try:
+            os.unlink(self.reserve_path)
+        except OSError:
+            return False
+        log.warning("space_reserve_released", file=self.reserve_path, bytes=RESERVE_BYTES)
+        return True
+
+    def problems(self) -> list[str]:
+        """Conditions an operator must act on now (state files that could not be saved)."""
+        with self._lock:
+            return sorted(self._problems.values())
 
     def _set_state(self, replica: Replica, state: str, generation: str | None = None) -> None:
+        """Change the replica's state (and generation) durably; on a failure to save it, nothing changes
+        (in memory either) and the error is raised."""
         if replica.state == state and (generation is None or generation == replica.generation):
             return
         with self._lock:
-            old = replica.state
+            old, old_generation = replica.state, replica.generation
             replica.state = state
             if generation is not None:
                 replica.generation = generation
-            self._save_state()
+            try:
+                self._save_state()
+            except StandbyError:
+                replica.state, replica.generation = old, old_generation
+                raise
         log.info("replica_state", volume=replica.name, old=old, new=state, generation=replica.generation)
+
+    def refused(self, volume: str, exc: BaseException) -> bool:
+        """Count a refusal of a primary's handshake, stream or batch for `volume` and remember why; True
+        when the reason differs from the previous refusal's (callers log state changes, not attempts)."""
+        reason = refusal_reason(exc)
+        with self._lock:
+            replica = self._replicas.get(volume)
+            # A name no replica has is counted under "": any client can make up names.
+            key = (volume if replica is not None else "", reason)
+            self.refusals[key] = self.refusals.get(key, 0) + 1
+            if replica is None:
+                return True
+            new = replica.last_reason != reason
+            replica.last_error, replica.last_reason = str(exc), reason
+            return new
 
     def _attach_existing(self, name: str) -> None:
         path = self.replica_path(name)
@@ -298,7 +434,7 @@ class StandbyNode:
             raise StandbyError(
                 detail=f"the preservation store knows volume {name!r} but its replica {path} is missing"
             )
-        device = open_file_device(path)
+        device = open_file_device(path, exclusive=True)
         block_size = self.store.volume_records[name].block_size
         volume = self.store.attach(name, device, block_size=block_size)
         replica = Replica(name=name, path=path, device=device, volume=volume)
@@ -385,7 +521,7 @@ class StandbyNode:
                 # A replica file the store does not know (a crash between creating it and registering it).
                 os.unlink(path)
             _create_sparse(volume, path, size)
-            device = open_file_device(path, size)
+            device = open_file_device(path, size, exclusive=True)
             try:
                 vol = self.store.attach(volume, device, block_size=block_size)
             except BaseException:
@@ -414,16 +550,22 @@ class StandbyNode:
         replica = self.replica(volume)
         if not replica.stream_lock.acquire(timeout=5):
             raise Busy(volume=volume, primary=replica.primary_id or "unknown")
-        # Each stream numbers its batches afresh from `first_sequence`: what a broken stream did not
-        # deliver, the primary resends from its write-intent bitmap, not by batch number.
+        try:
+            # Each stream numbers its batches afresh from `first_sequence`: what a broken stream did not
+            # deliver, the primary resends from its write-intent bitmap, not by batch number.
+            if resync:
+                self._set_state(replica, INCONSISTENT)
+                replica.pending_generation = generation
+            elif generation and replica.state != INCONSISTENT:
+                self._set_state(replica, replica.state, generation=generation)
+        except BaseException:
+            # The state could not be saved (a full disk, say): refuse this stream and hold nothing, so
+            # the primary's next attempt, once space is back, finds the volume free.
+            replica.stream_lock.release()
+            raise
         replica.applied_sequence = first_sequence - 1
         replica.primary_id = primary_id
         replica.connected = True
-        if resync:
-            replica.pending_generation = generation
-            self._set_state(replica, INCONSISTENT)
-        elif generation and replica.state != INCONSISTENT:
-            self._set_state(replica, replica.state, generation=generation)
         log.info("mirror_connected", volume=volume, primary=primary_id, first_sequence=first_sequence)
         return replica
 
@@ -516,6 +658,7 @@ class StandbyNode:
         if uptodate:
             self._set_state(replica, UPTODATE, generation=replica.pending_generation or replica.generation)
         replica.applied_sequence = sequence
+        replica.last_error = replica.last_reason = ""
         if replica.state == UPTODATE:
             replica.in_sync_at = time.time()
         replica.applied_bytes += nbytes
@@ -716,10 +859,17 @@ class StandbyNode:
         if lease is not None:
             check_lease(lease)
         snap = replica.volume.create_snapshot(name or None, writable=writable, capacity=capacity)
+        if lease is not None:
+            # The lease is taken with the snapshot or not at all: a snapshot left without the lease its
+            # backup asked for would pin preserved blocks forever once that backup is gone.
+            try:
+                self.write_state_file(self.leases.path, lambda: self.leases.grant(volume, snap.name, lease))
+            except BaseException:
+                replica.volume.delete_snapshot(snap.name)
+                log.warning("snapshot_deleted", volume=volume, snapshot=snap.name, reason="lease not saved")
+                raise
         with self._lock:
             self._exports[f"{volume}@{snap.name}"] = snap
-        if lease is not None:
-            self.leases.grant(volume, snap.name, lease)
         info = snap.info()
         log.info(
             "snapshot_created",
@@ -734,7 +884,7 @@ class StandbyNode:
     def renew_lease(self, volume: str, name: str, seconds: float) -> SnapshotInfo:
         """Extend (or give) the lease of an existing snapshot to `seconds` from now."""
         snap = self.snapshot(volume, name)
-        self.leases.grant(volume, name, seconds)
+        self.write_state_file(self.leases.path, lambda: self.leases.grant(volume, name, seconds))
         return snap.info()
 
     def expire_leases(self, now: float | None = None) -> list[str]:
@@ -753,10 +903,13 @@ class StandbyNode:
     def delete_snapshot(self, volume: str, name: str) -> None:
         replica = self.replica(volume)
         replica.volume.delete_snapshot(name)
-        self.leases.drop(volume, name)
         with self._lock:
             self._exports.pop(f"{volume}@{name}", None)
         log.info("snapshot_deleted", volume=volume, snapshot=name)
+        # The snapshot is gone whatever happens to its lease entry: one left in leases.json (the file
+        # could not be saved) names no snapshot, and is dropped when it runs out.
+        with contextlib.suppress(StandbyError):
+            self.write_state_file(self.leases.path, lambda: self.leases.drop(volume, name))
 
     def snapshots(self, volume: str | None = None) -> list[SnapshotInfo]:
         if volume:
@@ -803,7 +956,7 @@ class StandbyNode:
         work = target + ".adopting"
         copied = _sparse_copy(path, work)
         os.replace(work, target)
-        device = open_file_device(target)
+        device = open_file_device(target, exclusive=True)
         try:
             vol = self.store.attach(volume, device, block_size=block_size)
         except BaseException:
@@ -839,11 +992,16 @@ class StandbyNode:
                 "uptodate (or give --force to promote it as it is)",
             )
         with self._lock:
+            before = (replica.promoted_at, replica.generation, replica.state)
             replica.promoted_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             base = replica.generation
             replica.generation = str(uuid.uuid4())
             replica.state = UPTODATE
-            self._save_state()
+            try:
+                self._save_state()
+            except StandbyError:
+                replica.promoted_at, replica.generation, replica.state = before
+                raise
             self._exports[volume] = replica.volume
         log.warning(
             "volume_promoted", volume=volume, generation=replica.generation, base_generation=base, force=force

@@ -55,14 +55,18 @@ class ReplicationService(replication_pb2_grpc.ReplicationServicer):
     def Handshake(
         self, request: replication_pb2.HandshakeRequest, context: grpc.ServicerContext
     ) -> replication_pb2.HandshakeReply:
-        replica, created, full = self.node.handshake(
-            request.volume,
-            request.size,
-            request.block_size,
-            generation=request.generation,
-            base_generation=request.base_generation,
-            discard=request.discard_standby_data,
-        )
+        try:
+            replica, created, full = self.node.handshake(
+                request.volume,
+                request.size,
+                request.block_size,
+                generation=request.generation,
+                base_generation=request.base_generation,
+                discard=request.discard_standby_data,
+            )
+        except StandbyError as e:
+            self.node.refused(request.volume, e)
+            raise
         log.info(
             "handshake",
             volume=request.volume,
@@ -102,6 +106,8 @@ class ReplicationService(replication_pb2_grpc.ReplicationServicer):
                 generation=opened.generation,
             )
         except StandbyError as e:
+            if self.node.refused(opened.volume, e):
+                log.warning("stream_refused", volume=opened.volume, primary=opened.primary_id, error=str(e))
             abort(context, e)
         try:
             if opened.received_acks:
@@ -220,7 +226,8 @@ class ReplicationService(replication_pb2_grpc.ReplicationServicer):
         try:
             self.node.apply(replica, batch.sequence, ops, batch.flush, batch.uptodate, mismatched)
         except StandbyError as e:
-            log.warning("batch_refused", volume=replica.name, sequence=batch.sequence, error=str(e))
+            if self.node.refused(replica.name, e):  # logged once per cause, not per retried batch
+                log.warning("batch_refused", volume=replica.name, sequence=batch.sequence, error=str(e))
             raise
         return mismatched
 
@@ -248,6 +255,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
             ),
             standby_id=node.id,
             version=_version(),
+            problems=node.problems(),
         )
 
     def _volume_status(self, r: Replica) -> control_pb2.VolumeStatus:
@@ -262,6 +270,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
             applied_batches=r.applied_batches,
             cow_copies=r.volume.cow_copies,
             primary_id=r.primary_id,
+            last_error=r.last_error,
         )
 
     @guarded

@@ -27,10 +27,17 @@ little-endian within each byte, region ``i`` at byte ``i // 8``, bit ``i % 8``. 
 changed bits are written.
 
 Thread-safe: one lock for the bits and counters, a second one that serialises the syncs.
+
+Failures to write the file (a full or failing disk) never leave a bit believed durable that is not: a
+`mark` whose page write or sync fails raises (its hold undone: the caller must not issue the write), and
+every page is rewritten before the next sync (after a failed fsync the kernel may have dropped the dirty
+pages, so retrying the sync alone would prove nothing). The file is allocated in full when created, so
+marking needs no new disk space on filesystems that overwrite in place.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -41,7 +48,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from standbylib.errors import InvalidArgument, StandbyError
+from standbylib.errors import DeviceError, DiskFull, InvalidArgument, StandbyError
 from standbylib.rawfile import OsFile, RawFile, fsync_directory
 
 MAGIC = b"STBYBMAP"
@@ -94,6 +101,9 @@ class WriteIntentBitmap:
         self._sync_lock = threading.Lock()
         self._written = 0  # generation of bit pages written (bumped under _lock) ...
         self._synced = 0  # ... and the generation the last completed sync covers
+        # A page write or a sync failed: the file may lack set bits; every page is rewritten before the
+        # next sync (under _lock).
+        self._stale = False
         nbytes = -(-self.nbits // 8)
         self._bits = np.zeros(-(-nbytes // PAGE) * PAGE, dtype=np.uint8)  # what the file holds (or will)
         self._inflight = np.zeros(self.nbits, dtype=np.uint32)  # mirrored writes not yet acknowledged
@@ -137,6 +147,7 @@ class WriteIntentBitmap:
             try:
                 raw.truncate(0)
                 bitmap = cls(raw, size, granularity, ahead=ahead, linger=linger, hot=hot, new=True)
+                _allocate(raw, HEADER + len(bitmap._bits), required=True)
                 os.rename(work, path)
                 raw.path = bitmap.path = path
                 fsync_directory(path)
@@ -146,17 +157,21 @@ class WriteIntentBitmap:
                 raise
         raw = OsFile(path)
         try:
-            return cls(raw, size, granularity, ahead=ahead, linger=linger, hot=hot, new=False)
+            bitmap = cls(raw, size, granularity, ahead=ahead, linger=linger, hot=hot, new=False)
+            _allocate(raw, HEADER + len(bitmap._bits), required=False)  # older, sparse files
+            return bitmap
         except BaseException:
             raw.close()
             raise
 
     def close(self) -> None:
-        """Write pending clears and close."""
+        """Write pending clears and close (the file is closed even when the writes fail)."""
         with self._lock:
-            self._write_pages(np.arange(len(self._bits) // PAGE))
-            self.raw.sync()
-            self.raw.close()
+            try:
+                self._write_pages(np.arange(len(self._bits) // PAGE))
+                self.raw.sync()
+            finally:
+                self.raw.close()
 
     # -- format ---------------------------------------------------------------------------------------
 
@@ -231,13 +246,35 @@ class WriteIntentBitmap:
             inflight[r] += 1
             idle.pop(r, None)
 
+    def _unhold(self, regions: range) -> None:
+        """Under the lock: undo a `_hold` whose write will not be issued."""
+        inflight, dirty, idle = self._inflight_at, self._dirty_at, self._idle_since
+        now = time.monotonic()
+        for r in regions:
+            if inflight[r]:  # (an `abandon` may have zeroed it meanwhile)
+                inflight[r] -= 1
+            if not inflight[r] and not dirty[r] and self._is_set(r):
+                idle.setdefault(r, now)
+
     def mark(self, offset: int, length: int) -> None:
-        """A mirrored write to the range is about to be issued: its bits are durable when this returns."""
+        """A mirrored write to the range is about to be issued: its bits are durable when this returns.
+
+        Raises `DeviceError` (`DiskFull`) when the bitmap cannot be written or synced: then nothing is
+        held and the caller must not issue the write (it would be untracked)."""
         regions = self.regions(offset, length)
         with self._lock:
             self._hold(regions)
-            need = self._set_ahead(regions)
-        self._sync_to(need)
+            try:
+                need = self._set_ahead(regions)
+            except BaseException:
+                self._unhold(regions)
+                raise
+        try:
+            self._sync_to(need)
+        except BaseException:
+            with self._lock:
+                self._unhold(regions)
+            raise
 
     def try_mark(self, offset: int, length: int) -> bool:
         """`mark` when it needs no sync (every bit set and durable already); False, changing nothing,
@@ -267,7 +304,14 @@ class WriteIntentBitmap:
             return self._written if self._synced < self._written else 0
         stop = min(self.nbits, regions.stop + self.ahead)
         self._last_mark = time.monotonic()
-        self._set(np.arange(regions.start, stop, dtype=np.int64))
+        try:
+            self._set(np.arange(regions.start, stop, dtype=np.int64))
+        except BaseException:
+            # The bits are set in memory but maybe not in the file: whoever relies on them next must
+            # sync, and the sync rewrites every page first.
+            self._stale = True
+            self._written += 1
+            raise
         now = time.monotonic()
         for r in range(regions.stop, stop):  # marked ahead, not written yet: clear candidates
             if not self._inflight[r] and not self._dirty[r]:
@@ -284,7 +328,16 @@ class WriteIntentBitmap:
                 return  # another marker's sync covered our pages
             with self._lock:
                 covers = self._written
-            self.raw.sync()
+                if self._stale:
+                    self._write_pages(np.arange(len(self._bits) // PAGE))
+                    self._stale = False
+            try:
+                self.raw.sync()
+            except BaseException:
+                # After a failed fsync the kernel may have dropped the dirty pages: write them again.
+                with self._lock:
+                    self._stale = True
+                raise
             self.syncs += 1
             self._synced = covers
 
@@ -342,6 +395,10 @@ class WriteIntentBitmap:
             self._dirty[region] = False
             self._inflight[region] += 1
             self._idle_since.pop(region, None)
+        return self.span(region)
+
+    def span(self, region: int) -> tuple[int, int]:
+        """``(offset, length)`` of region `region` (the last one of an odd-sized volume is short)."""
         offset = region << self.shift
         return offset, min(self.granularity, self.size - offset)
 
@@ -371,7 +428,14 @@ class WriteIntentBitmap:
             byte = regions >> 3
             masks = np.left_shift(np.uint8(1), (regions & 7).astype(np.uint8))
             np.bitwise_and.at(self._bits, byte, ~masks)
-            self._write_pages(byte // PAGE)
+            try:
+                self._write_pages(byte // PAGE)
+            except BaseException:
+                # A lost clear costs a resync only, but a failed page write may have left the page in any
+                # state: the next sync rewrites every page first.
+                self._stale = True
+                self._written += 1
+                raise
             return len(ready)
 
     def _cleanable(self, now: float, limit: float, force: bool) -> list[int]:
@@ -413,6 +477,19 @@ class WriteIntentBitmap:
         return np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")[: self.nbits].astype(
             bool
         )
+
+
+def _allocate(raw: RawFile, size: int, *, required: bool) -> None:
+    """Allocate the file's blocks, so that writing bits later needs no new space (a full disk then fails
+    the start, not a client's write). `required`: a failure raises, else it is ignored."""
+    if not isinstance(raw, OsFile):
+        return
+    try:
+        os.posix_fallocate(raw.fd, 0, size)
+    except OSError as e:
+        if required and e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            kind = DiskFull if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else DeviceError
+            raise kind(path=raw.path, detail=f"allocate {size} bytes: {e.strerror}") from e
 
 
 def check_granularity(granularity: int) -> int:

@@ -1,4 +1,4 @@
-"""NBD export of block devices (see ARCHITECTURE.md section 4).
+"""NBD export of block devices (docs/NBD.md).
 
 Modules: `protocol` (wire constants and structs), `handshake` (option negotiation), `transmission`
 (the requests of a connection), `replies` (reply parts), `server` (listening socket and threads),

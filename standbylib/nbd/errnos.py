@@ -1,8 +1,9 @@
-"""Library exceptions -> NBD errno values, in one table (the edge translation of STYLE.md)."""
+"""Library exceptions -> NBD errno values, in one table (errors are translated once, at the edge)."""
 
 from __future__ import annotations
 
 from standbylib.errors import (
+    DiskFull,
     InvalidArgument,
     InvalidLength,
     OutOfRange,
@@ -20,6 +21,7 @@ ERRNO_TABLE: tuple[tuple[type[BaseException], int], ...] = (
     (InvalidLength, p.EINVAL),
     (InvalidArgument, p.EINVAL),
     (PreservationFull, p.ENOSPC),
+    (DiskFull, p.ENOSPC),
     (RequestError, p.EIO),
     (StandbyError, p.EIO),
 )

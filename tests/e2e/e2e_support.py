@@ -1,9 +1,9 @@
 """Support of the end-to-end suite: the real daemons as subprocesses on loopback, driven by real clients.
 
-Everything here goes through the command-line contract of ARCHITECTURE.md section 6 and nothing else:
-daemons are started with port 0 and found through their `listening` log lines, the standby is driven with
-`standbyctl`, data is written and read with qemu-io, qemu-img, nbdcopy, nbdinfo and fio. The expected image
-of a volume is kept in a `Model` that mirrors every write a test sends.
+Everything here goes through the documented command-line contract (README.md, docs/OPERATIONS.md) and
+nothing else: daemons are started with port 0 and found through their `listening` log lines, the standby
+is driven with `standbyctl`, data is written and read with qemu-io, qemu-img, nbdcopy, nbdinfo and fio.
+The expected image of a volume is kept in a `Model` that mirrors every write a test sends.
 
 A daemon that does not start, does not stop on SIGTERM with exit code 0, or leaves a process behind fails
 the test that started it; nothing is skipped: a missing client tool is a failure that names its package.

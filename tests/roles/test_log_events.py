@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,3 +40,53 @@ def test_every_emitted_event_is_documented():
     doc = (ROOT / "docs" / "LOGS.md").read_text()
     missing = sorted(f"{name} ({where})" for name, where in events.items() if f"`{name}`" not in doc)
     assert not missing, f"log events missing from docs/LOGS.md: {', '.join(missing)}"
+
+
+def documented_events() -> dict[str, str]:
+    """Event name -> the document naming it: the first column of docs/LOGS.md's tables, and the events
+    (`name` (role)) docs/TROUBLESHOOTING.md tells operators to look for."""
+    found: dict[str, str] = {}
+    logs = (ROOT / "docs" / "LOGS.md").read_text()
+    for line in logs.splitlines():
+        if not line.startswith("| `"):
+            continue
+        first = line.split("|")[1]
+        for name in re.findall(r"`([a-z_]+)`", first):
+            found.setdefault(name, "docs/LOGS.md")
+    trouble = (ROOT / "docs" / "TROUBLESHOOTING.md").read_text()
+    for name in re.findall(r"^\| `([a-z]+_[a-z_]+)` \((?:standby|primary|backup)", trouble, re.M):
+        found.setdefault(name, "docs/TROUBLESHOOTING.md")
+    return found
+
+
+def dynamic_suffixes() -> set[str]:
+    """Constant endings of events named by an f-string (``log.info(f"{self.what}_progress", ...)``)."""
+    suffixes = set()
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if (
+                    isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in LEVELS
+                    and isinstance(node.func.value, ast.Name)
+                    and node.func.value.id == "log"
+                    and node.args
+                    and isinstance(node.args[0], ast.JoinedStr)
+                    and isinstance(node.args[0].values[-1], ast.Constant)
+                ):
+                    suffixes.add(str(node.args[0].values[-1].value))
+    return suffixes
+
+
+def test_every_documented_event_is_emitted():
+    documented = documented_events()
+    assert {"listening", "snapshot_invalidated", "backup_done"} <= set(documented)
+    events = emitted_events()
+    suffixes = dynamic_suffixes()
+    never = sorted(
+        f"{name} ({where})"
+        for name, where in documented.items()
+        if name not in events and not any(name.endswith(s) for s in suffixes)
+    )
+    assert not never, f"documented log events that no code emits: {', '.join(never)}"

@@ -9,7 +9,6 @@ import os
 import subprocess
 
 import pytest
-from standby_rig import start_rig
 from primary_support import (
     BS,
     MiB,
@@ -21,6 +20,7 @@ from primary_support import (
     start_wrapped_rig,
     wait_until,
 )
+from standby_rig import start_rig
 
 import primary.generations as generations_module
 from primary.mirror import BitmapWriteFailed

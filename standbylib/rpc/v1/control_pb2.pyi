@@ -35,7 +35,7 @@ class SnapshotInfo(_message.Message):
     def __init__(self, volume: _Optional[str] = ..., name: _Optional[str] = ..., valid: _Optional[bool] = ..., writable: _Optional[bool] = ..., created: _Optional[str] = ..., preserved_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., export: _Optional[str] = ..., reason: _Optional[str] = ..., lease_remaining_seconds: _Optional[float] = ...) -> None: ...
 
 class VolumeStatus(_message.Message):
-    __slots__ = ("name", "size", "block_size", "state", "connected", "snapshots", "applied_bytes", "applied_batches", "cow_copies", "primary_id")
+    __slots__ = ("name", "size", "block_size", "state", "connected", "snapshots", "applied_bytes", "applied_batches", "cow_copies", "primary_id", "last_error")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,7 @@ class VolumeStatus(_message.Message):
     APPLIED_BATCHES_FIELD_NUMBER: _ClassVar[int]
     COW_COPIES_FIELD_NUMBER: _ClassVar[int]
     PRIMARY_ID_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     name: str
     size: int
     block_size: int
@@ -56,7 +57,8 @@ class VolumeStatus(_message.Message):
     applied_batches: int
     cow_copies: int
     primary_id: str
-    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., block_size: _Optional[int] = ..., state: _Optional[str] = ..., connected: _Optional[bool] = ..., snapshots: _Optional[_Iterable[_Union[SnapshotInfo, _Mapping]]] = ..., applied_bytes: _Optional[int] = ..., applied_batches: _Optional[int] = ..., cow_copies: _Optional[int] = ..., primary_id: _Optional[str] = ...) -> None: ...
+    last_error: str
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., block_size: _Optional[int] = ..., state: _Optional[str] = ..., connected: _Optional[bool] = ..., snapshots: _Optional[_Iterable[_Union[SnapshotInfo, _Mapping]]] = ..., applied_bytes: _Optional[int] = ..., applied_batches: _Optional[int] = ..., cow_copies: _Optional[int] = ..., primary_id: _Optional[str] = ..., last_error: _Optional[str] = ...) -> None: ...
 
 class StoreStatus(_message.Message):
     __slots__ = ("path", "capacity_bytes", "used_bytes", "on_full")
@@ -71,18 +73,20 @@ class StoreStatus(_message.Message):
     def __init__(self, path: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., on_full: _Optional[str] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("nbd", "volumes", "store", "standby_id", "version")
+    __slots__ = ("nbd", "volumes", "store", "standby_id", "version", "problems")
     NBD_FIELD_NUMBER: _ClassVar[int]
     VOLUMES_FIELD_NUMBER: _ClassVar[int]
     STORE_FIELD_NUMBER: _ClassVar[int]
     STANDBY_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    PROBLEMS_FIELD_NUMBER: _ClassVar[int]
     nbd: str
     volumes: _containers.RepeatedCompositeFieldContainer[VolumeStatus]
     store: StoreStatus
     standby_id: str
     version: str
-    def __init__(self, nbd: _Optional[str] = ..., volumes: _Optional[_Iterable[_Union[VolumeStatus, _Mapping]]] = ..., store: _Optional[_Union[StoreStatus, _Mapping]] = ..., standby_id: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+    problems: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, nbd: _Optional[str] = ..., volumes: _Optional[_Iterable[_Union[VolumeStatus, _Mapping]]] = ..., store: _Optional[_Union[StoreStatus, _Mapping]] = ..., standby_id: _Optional[str] = ..., version: _Optional[str] = ..., problems: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateSnapshotRequest(_message.Message):
     __slots__ = ("volume", "name", "writable", "capacity_bytes", "lease_seconds")
