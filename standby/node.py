@@ -444,6 +444,11 @@ class StandbyNode:
             replica.state = INCONSISTENT
         replica.promoted_at = str(saved.get("promoted") or "")
         self._replicas[name] = replica
+        if volume.changed_outside:
+            # Its data is no longer what the primary sent: no generation describes it. The next
+            # primary's handshake gets a full sync, which compares checksums and resends what differs.
+            log.warning("replica_changed_outside", volume=name, reason=volume.changed_outside)
+            self._set_state(replica, INCONSISTENT, generation="")
         if replica.promoted_at:
             self._exports[name] = volume
         for snap in volume.snapshots():
@@ -486,7 +491,13 @@ class StandbyNode:
             raise Promoted(volume=volume, when=replica.promoted_at)
         held = replica.generation
         if created or discard or not held:
-            reason = "new replica" if created else "discarded" if discard else "never completed a sync"
+            reason = (
+                "new replica"
+                if created
+                else "discarded"
+                if discard
+                else "changed outside the daemon, or never completed a sync"
+            )
             if held or not created:
                 log.warning("full_sync", volume=volume, reason=reason, generation=held)
             self._set_state(replica, INCONSISTENT, generation="")

@@ -319,6 +319,7 @@ class PreservationStore:
             # Taken before anything is written through the engine; durable before attach returns, so
             # that a clean stamp of a previous close never outlives the first write of this attach.
             in_use = stamp.take(device, clean=False)
+            changed = ""
             with self.transaction():
                 if rec is None:
                     rec = VolumeRecord(self.next_volume_id, name, block_size, size, in_use)
@@ -326,7 +327,7 @@ class PreservationStore:
                     self._register(rec)
                     self.write_table()
                 else:
-                    self._check_stamp(rec, device)
+                    changed = self._check_stamp(rec, device)
                     if size > rec.size:
                         self._set_volume(rec, size=size)
                     if in_use != rec.stamp:
@@ -334,6 +335,7 @@ class PreservationStore:
                 if self.table_pending:
                     self.commit()
             vol = Volume(self, rec, device)
+            vol.changed_outside = changed
             self.attached[rec.id] = vol
             return vol
 
@@ -360,16 +362,18 @@ class PreservationStore:
         self.on_abort(undo)
         self.write_table()
 
-    def _check_stamp(self, rec: VolumeRecord, device: BlockDevice) -> None:
-        """Invalidate every valid snapshot of `rec` if its origin changed since it was last stamped."""
+    def _check_stamp(self, rec: VolumeRecord, device: BlockDevice) -> str:
+        """Invalidate every valid snapshot of `rec` if its origin changed since it was last stamped;
+        why it changed, or "" when it did not."""
         if rec.stamp is None:
-            return
+            return ""
         found = stamp.differences(rec.stamp, device)
         if not found:
-            return
+            return ""
         reason = stamp.mismatch_reason(getattr(device, "path", rec.name), found)
         for snap in self.live_snapshots(rec.id):
             self.invalidate(snap, reason)
+        return reason
 
     def stamp_clean(self, vol: Volume, *, commit: bool = True) -> None:
         """Record that `vol`'s origin is closed cleanly, as it is now (see `stamp`). Best effort:

@@ -109,6 +109,9 @@ class Volume:
         self.shift = record.block_size.bit_length() - 1
         self.cow_copies = 0
         self.closed = False
+        #: Set by `PreservationStore.attach` when the origin changed since the store last stamped it
+        #: (why, as a sentence): its data is not what the engine wrote, so a replica needs a full sync.
+        self.changed_outside = ""
         self._buffer = bytearray()
         # Per snapshot id: the runs it reads from the store, for the whole volume (see `Snapshot._served`).
         self.served_cache: dict[int, _ServedRuns] = {}

@@ -73,9 +73,15 @@ def assert_in_sync(standby: Standby, primary: Primary) -> None:
 
 
 def start_pair(
-    daemons: Daemons, tmp: Path, *extra: str, standby_extra: tuple[str, ...] = ()
+    daemons: Daemons,
+    tmp: Path,
+    *extra: str,
+    standby_extra: tuple[str, ...] = (),
+    data_dir: Path | None = None,
 ) -> tuple[Standby, Primary, LinkProxy]:
-    standby = daemons.standby(None, *standby_extra)
+    """A standby (its --data-dir `data_dir`, by default tmp/standby) and a primary in front of it through
+    a `LinkProxy`."""
+    standby = daemons.standby(data_dir, *standby_extra)
     proxy = LinkProxy(standby.grpc)
     vol = tmp / "primary" / "vol0.img"
     vol.parent.mkdir(exist_ok=True)

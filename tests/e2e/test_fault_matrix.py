@@ -5,6 +5,12 @@ reads its frozen image, and nothing is left out of sync.
 
 Each run prints its seed; ``FAULT_SEED=N`` repeats one run exactly (same faults, same order, same
 timing draws). `make test` runs two short runs; `make soak` runs many long ones.
+
+The full-filesystem runs put the standby's --data-dir on a small ext4 image mounted with fuse2fs
+(fullfs_support.py) and add the fault `fill_disk`: a filler file takes every block (or every inode) the
+filesystem still gives out for a while, then is deleted; the file-size limit of `disk_full` emulates the
+same from outside, this one is the real thing (ENOSPC from the filesystem, on every file of the standby).
+`make test` runs one short such run, `make soak` several long ones.
 """
 
 from __future__ import annotations
@@ -12,16 +18,19 @@ from __future__ import annotations
 import os
 import random
 import resource
+import select
 import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from e2e_support import VOLUME_SIZE, Daemons, Primary, Standby, backup_argv, need, rand
+from e2e_support import VOLUME_SIZE, Daemons, MiB, Primary, Standby, backup_argv, need, rand
 from faults_support import assert_in_sync, assert_snapshot, frozen_snapshot, start_pair
+from fullfs_support import FullFs, mounted_fullfs
 from linkproxy import LinkProxy
 
 FAULTS = (
@@ -29,6 +38,11 @@ FAULTS = (
     "kill_backup",
 )  # fmt: skip
 BLOCK = 64 * 1024
+#: The full-filesystem runs: the chance that a fault is `fill_disk`, the image's size (room for the 32 MiB
+#: replica and the preservation capacity below, so that only the filler fills it) and that capacity.
+FILL_DISK_CHANCE = 0.4
+FULLFS_SIZE = 256 * MiB
+FULLFS_CAPACITY = "160MiB"
 
 
 @dataclass
@@ -87,22 +101,49 @@ class AckedWriter:
         return checked
 
 
-def run_matrix(daemons: Daemons, tmp: Path, seed: int, events: int) -> list[str]:
-    """One seeded run of `events` random faults; the faults done, in order."""
+def run_matrix(
+    daemons: Daemons, tmp: Path, seed: int, events: int, fullfs: FullFs | None = None
+) -> list[str]:
+    """One seeded run of `events` random faults; the faults done, in order. With `fullfs` the standby's
+    data directory is on that filesystem and `fill_disk` faults fill it (at least one per run)."""
     rng = random.Random(seed)
     policy = rng.choice(("invalidate", "defer"))
-    standby_extra = ("--on-full", policy)
-    standby, primary, proxy = start_pair(daemons, tmp, standby_extra=standby_extra)
+    standby_extra: tuple[str, ...] = ("--on-full", policy)
+    data_dir = None
+    if fullfs is not None:
+        data_dir = fullfs.mnt / "standby"
+        standby_extra += ("--preservation-capacity", FULLFS_CAPACITY)
+    standby, primary, proxy = start_pair(daemons, tmp, standby_extra=standby_extra, data_dir=data_dir)
     done: list[str] = [f"on-full {policy}"]
+    fills = 0
     try:
         name, expected = frozen_snapshot(standby, primary, tmp)
         writer = AckedWriter(primary.uri("vol0"), tmp, seed)
         writer.start()
         churn = 0
         kept: dict[str, Path] = {}  # snapshots left in place -> the image each must keep
-        for _ in range(events):
-            fault = rng.choice(FAULTS)
+        for event in range(events):
+            if fullfs is not None and (
+                rng.random() < FILL_DISK_CHANCE or (event == events - 1 and not fills)
+            ):
+                fault = "fill_disk"
+            else:
+                fault = rng.choice(FAULTS)
             time.sleep(rng.uniform(0.3, 1.5))
+            if fault == "fill_disk":
+                # the standby's filesystem really runs out of blocks (or inodes) for a while: its writes
+                # fail with ENOSPC, the primary tracks them until the filler is deleted
+                assert fullfs is not None
+                mode = rng.choice(("blocks", "blocks", "inodes", "both"))
+                refused = _refusals(standby)
+                fullfs.fill(mode)
+                try:
+                    time.sleep(rng.uniform(0.5, 3.0))
+                finally:
+                    fullfs.free()
+                fills += 1
+                done.append(f"fill_disk({mode}, {_refusals(standby) - refused} batches refused)")
+                continue
             if fault == "cut_link":
                 proxy.cut()
                 time.sleep(rng.uniform(0.5, 2.0))
@@ -176,33 +217,71 @@ def run_matrix(daemons: Daemons, tmp: Path, seed: int, events: int) -> list[str]
         assert primary.metrics().get("standby_out_of_sync_bytes", volume="vol0") == 0
         names = {s["name"] for s in standby.snapshots("vol0") if s["valid"]}
         assert name in names, f"seed {seed}: the snapshot taken before the faults is gone or invalid"
-        checked = [snap for snap in kept if snap in names]
-        for snap in checked:  # every snapshot still valid reads its frozen image
+        still_valid = [snap for snap in kept if snap in names]
+        for snap in still_valid:  # every snapshot still valid reads its frozen image
             assert_snapshot(standby, snap, kept[snap], tmp)
-        done.append(f"{len(checked) + 1} valid snapshots checked")
+        done.append(f"{len(still_valid) + 1} valid snapshots checked")
         assert writer.writes > 0, "the writer never got a write acknowledged"
     finally:
         proxy.close()
     return done
 
 
+def _refusals(standby: Standby) -> int:
+    """Batches the standby refused so far (a full disk shows as refusals with ENOSPC)."""
+    return sum(1 for e in list(standby.daemon.events) if e.get("event") == "batch_refused")
+
+
 def kill_a_backup(standby: Standby, fifo: Path) -> None:
-    """A backup node killed (-9) mid-run: the lease (2 s) of the snapshot it made frees it."""
+    """A backup node killed (-9) mid-run: the lease (2 s) of the snapshot it made frees it.
+
+    A backup that ends before writing anything (refused: e.g. a resync after a link fault makes the
+    replica inconsistent for a moment) is started again, up to 10 times, instead of leaving the reader
+    of the FIFO blocked forever."""
     os.mkfifo(fifo)
     before = {s["name"] for s in standby.snapshots("vol0")}
-    proc = subprocess.Popen(
-        backup_argv("run", "vol0", "--standby", standby.grpc, "--output", str(fifo), "--lease", "2",
-                    "--metrics-listen", "off"),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    with open(fifo, "rb") as reader:
-        reader.read(1024)  # it made its snapshot and writes
-        proc.kill()
+    errors: list[str] = []
+    for _attempt in range(10):
+        err = fifo.with_suffix(".stderr")
+        with open(err, "wb") as err_file:
+            proc = subprocess.Popen(
+                backup_argv("run", "vol0", "--standby", standby.grpc, "--output", str(fifo), "--lease", "2",
+                            "--metrics-listen", "off"),
+                stdout=subprocess.DEVNULL, stderr=err_file,
+            )  # fmt: skip
+        if _first_bytes(fifo, proc):  # it made its snapshot and writes
+            proc.kill()
+            proc.wait()
+            break
         proc.wait()
+        errors.append(err.read_text().strip())
+        time.sleep(1.0)
+    else:
+        pytest.fail(f"the backup never started writing: {errors}", pytrace=False)
     deadline = time.monotonic() + 20
     while {s["name"] for s in standby.snapshots("vol0")} - before:
         assert time.monotonic() < deadline, "the lease did not free a dead backup's snapshot"
         time.sleep(0.2)
+
+
+def _first_bytes(fifo: Path, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> bool:
+    """True once `proc` wrote into `fifo`; False when it ended without writing."""
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # never blocks, whether a writer comes or not
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            readable, _, _ = select.select([fd], [], [], 0.2)
+            if readable:
+                try:
+                    if os.read(fd, 1024):
+                        return True
+                except BlockingIOError:
+                    pass
+            if proc.poll() is not None:
+                return False
+        pytest.fail(f"the backup wrote nothing to {fifo} within {timeout:.0f} s", pytrace=False)
+    finally:
+        os.close(fd)
 
 
 def restart_primary(daemons: Daemons, old: Primary, proxy: LinkProxy) -> Primary:
@@ -235,3 +314,32 @@ def test_fault_matrix_long(daemons: Daemons, tmp_path: Path, seed: int) -> None:
     need("qemu-io", "nbdcopy")
     print(f"fault matrix seed {seed} (repeat: FAULT_SEED={seed})")
     report(seed, run_matrix(daemons, tmp_path, seed, events=12))
+
+
+@pytest.fixture
+def matrix_fs(tmp_path: Path) -> Iterator[FullFs]:
+    """The standby's filesystem of a full-filesystem run; requested before `daemons`, so it is unmounted
+    only after every daemon stopped."""
+    with mounted_fullfs(tmp_path / "fullfs", size=FULLFS_SIZE) as fs:
+        yield fs
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("seed", seeds(1))
+def test_fault_matrix_full_filesystem_short(
+    matrix_fs: FullFs, daemons: Daemons, tmp_path: Path, seed: int
+) -> None:
+    need("qemu-io", "nbdcopy", "fuse2fs")
+    print(f"fault matrix (full filesystem) seed {seed} (repeat: FAULT_SEED={seed} -k full_filesystem)")
+    report(seed, run_matrix(daemons, tmp_path, seed, events=4, fullfs=matrix_fs))
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("seed", seeds(8))
+def test_fault_matrix_full_filesystem_long(
+    matrix_fs: FullFs, daemons: Daemons, tmp_path: Path, seed: int
+) -> None:
+    need("qemu-io", "nbdcopy", "fuse2fs")
+    print(f"fault matrix (full filesystem) seed {seed} (repeat: FAULT_SEED={seed} -k full_filesystem)")
+    report(seed, run_matrix(daemons, tmp_path, seed, events=12, fullfs=matrix_fs))
