@@ -10,7 +10,7 @@ The full-filesystem runs put the standby's --data-dir on a small ext4 image moun
 (fullfs_support.py) and add the fault `fill_disk`: a filler file takes every block (or every inode) the
 filesystem still gives out for a while, then is deleted; the file-size limit of `disk_full` emulates the
 same from outside, this one is the real thing (ENOSPC from the filesystem, on every file of the standby).
-`make test` runs one short such run, `make soak` several long ones.
+`make test` runs one short such run, `make soak` 20 long ones.
 """
 
 from __future__ import annotations
@@ -336,7 +336,7 @@ def test_fault_matrix_full_filesystem_short(
 
 @pytest.mark.soak
 @pytest.mark.timeout(1800)
-@pytest.mark.parametrize("seed", seeds(8))
+@pytest.mark.parametrize("seed", seeds(20))
 def test_fault_matrix_full_filesystem_long(
     matrix_fs: FullFs, daemons: Daemons, tmp_path: Path, seed: int
 ) -> None:
