@@ -188,7 +188,7 @@ def run_matrix(
                 # a snapshot with room for 64 blocks fills up: invalidated, or (defer) the volume's
                 # writes held back until it is deleted
                 churn += 1
-                made = standby.snapshot("vol0", f"small{churn}", "--capacity", "256KiB")
+                made = snapshot_when_uptodate(standby, f"small{churn}", "--capacity", "256KiB")
                 time.sleep(rng.uniform(0.5, 2.5))
                 standby.ctl("snapshot", "delete", "vol0", made)
             elif fault == "kill_backup":
@@ -232,6 +232,32 @@ def _refusals(standby: Standby) -> int:
     return sum(1 for e in list(standby.daemon.events) if e.get("event") == "batch_refused")
 
 
+#: How long a fault waits for the replica to be up to date before it takes a snapshot: a standby whose
+#: disk was full catches up at the primary's next retry, which backs off up to 30 s, then resyncs.
+UPTODATE_TIMEOUT = 120.0
+
+
+def wait_uptodate(standby: Standby, timeout: float = UPTODATE_TIMEOUT) -> None:
+    """Wait until vol0 is `uptodate` (snapshots are refused while a resync is under way), as an operator
+    is told to (`standbyctl status`)."""
+    deadline = time.monotonic() + timeout
+    while standby.status()["volumes"][0]["state"] != "uptodate":
+        assert time.monotonic() < deadline, f"vol0 not uptodate within {timeout:.0f} s"
+        time.sleep(0.3)
+
+
+def snapshot_when_uptodate(standby: Standby, name: str, *extra: str) -> str:
+    """`standbyctl snapshot create` once vol0 is uptodate, again if a fault made it inconsistent between
+    the check and the creation."""
+    for _attempt in range(10):
+        wait_uptodate(standby)
+        made = standby.ctl("snapshot", "create", "vol0", name, *extra, check=False)
+        if made.returncode == 0:
+            return made.stdout.strip()
+        assert "inconsistent" in made.stderr, made.stderr
+    pytest.fail(f"snapshot {name} refused 10 times: {made.stderr.strip()}", pytrace=False)
+
+
 def kill_a_backup(standby: Standby, fifo: Path) -> None:
     """A backup node killed (-9) mid-run: the lease (2 s) of the snapshot it made frees it.
 
@@ -242,6 +268,7 @@ def kill_a_backup(standby: Standby, fifo: Path) -> None:
     before = {s["name"] for s in standby.snapshots("vol0")}
     errors: list[str] = []
     for _attempt in range(10):
+        wait_uptodate(standby)
         err = fifo.with_suffix(".stderr")
         with open(err, "wb") as err_file:
             proc = subprocess.Popen(
