@@ -148,14 +148,7 @@ class OsFile:
     def pwrite(self, data: Buffer, offset: int) -> None:
         self.counters.writes += 1
         self.counters.bytes_written += len(data)
-        view = memoryview(data)
-        while view:
-            try:
-                n = os.pwrite(self.fd, view, offset)
-            except OSError as e:
-                raise io_error(self.path, f"write at {offset}", e) from e
-            view = view[n:]
-            offset += n
+        self._write_all(data, offset)
 
     def copy_from(self, src: OsFile, src_offset: int, length: int, offset: int) -> None:
         """Copy `length` bytes of `src` at `src_offset` to `offset`, inside the kernel
