@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -11,9 +12,8 @@ PACKAGES = ("standby", "primary", "backupnode", "standbylib")
 LEVELS = {"debug", "info", "warning", "error", "exception"}
 
 
-def emitted_events() -> dict[str, str]:
-    """Event name -> a source file emitting it: every ``log.LEVEL("name", ...)`` call."""
-    events: dict[str, str] = {}
+def log_calls() -> Iterator[tuple[ast.expr, Path]]:
+    """The first argument (the event name) of every ``log.LEVEL(...)`` call in the programs, and its file."""
     for package in PACKAGES:
         for path in (ROOT / package).rglob("*.py"):
             if "rpc/v1" in str(path):
@@ -26,11 +26,16 @@ def emitted_events() -> dict[str, str]:
                     and isinstance(node.func.value, ast.Name)
                     and node.func.value.id == "log"
                     and node.args
-                    and isinstance(node.args[0], ast.Constant)
-                    and isinstance(node.args[0].value, str)
-                    and node.args[0].value.isidentifier()
                 ):
-                    events.setdefault(node.args[0].value, str(path.relative_to(ROOT)))
+                    yield node.args[0], path
+
+
+def emitted_events() -> dict[str, str]:
+    """Event name -> a source file emitting it: every ``log.LEVEL("name", ...)`` call."""
+    events: dict[str, str] = {}
+    for name, path in log_calls():
+        if isinstance(name, ast.Constant) and isinstance(name.value, str) and name.value.isidentifier():
+            events.setdefault(name.value, str(path.relative_to(ROOT)))
     return events
 
 
@@ -61,22 +66,11 @@ def documented_events() -> dict[str, str]:
 
 def dynamic_suffixes() -> set[str]:
     """Constant endings of events named by an f-string (``log.info(f"{self.what}_progress", ...)``)."""
-    suffixes = set()
-    for package in PACKAGES:
-        for path in (ROOT / package).rglob("*.py"):
-            for node in ast.walk(ast.parse(path.read_text())):
-                if (
-                    isinstance(node, ast.Call)
-                    and isinstance(node.func, ast.Attribute)
-                    and node.func.attr in LEVELS
-                    and isinstance(node.func.value, ast.Name)
-                    and node.func.value.id == "log"
-                    and node.args
-                    and isinstance(node.args[0], ast.JoinedStr)
-                    and isinstance(node.args[0].values[-1], ast.Constant)
-                ):
-                    suffixes.add(str(node.args[0].values[-1].value))
-    return suffixes
+    return {
+        str(name.values[-1].value)
+        for name, _path in log_calls()
+        if isinstance(name, ast.JoinedStr) and isinstance(name.values[-1], ast.Constant)
+    }
 
 
 def test_every_documented_event_is_emitted():
