@@ -1,7 +1,7 @@
 """`standby-primary`: export protected volumes read-write over NBD and mirror every write to the standby.
 
 standby-primary --volume NAME=PATH[,size=SIZE][,block-size=SIZE] (repeatable) --standby H:P
-                [--nbd-listen H:P] [--metrics-listen H:P] [--mode sync]
+                [--nbd-listen H:P] [--metrics-listen H:P] [--mode sync] [--transport auto]
                 [--tls-ca FILE [--tls-cert FILE --tls-key FILE] [--tls-server-name NAME]]
                 [--nbd-tls off|optional|require [--nbd-tls-cert FILE --nbd-tls-key FILE]
                  [--nbd-tls-ca FILE] [--require-client-cert]]
@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from primary.device import MirroredDevice
 from primary.generations import Generations, VolumeFile
 from primary.metrics import PrimaryMetrics
-from primary.mirror import MODES, Mirror
+from primary.mirror import MODES, TRANSPORTS, Mirror
 from standbylib.bitmap import DEFAULT_GRANULARITY, DEFAULT_HOT_BYTES, WriteIntentBitmap, check_granularity
 from standbylib.blockdev import Device, check_block_size, open_file_device
 from standbylib.errors import DeviceBusy, InvalidArgument, StandbyError
@@ -98,6 +98,13 @@ class PrimaryConfig(NbdTlsSettings):
         "when a client's write is answered: sync = after the standby applied it, received = after it "
         "received it, async = after the local write (FLUSH always waits for the standby's durability)",
         choices=MODES,
+    )
+    transport: str = cfg.setting(
+        "auto",
+        "how batches travel to the standby: channel = on its data channel (a TCP connection opened "
+        "through gRPC, under the same TLS; much cheaper per batch), grpc = on the gRPC stream, auto = "
+        "the data channel when the standby offers one and it can be reached, else gRPC",
+        choices=TRANSPORTS,
     )
     bitmap_granularity: int = cfg.setting(
         DEFAULT_GRANULARITY,
@@ -267,6 +274,7 @@ def serve(conf: PrimaryConfig) -> int:
                 metrics=metrics,
                 ack_timeout=conf.ack_timeout,
                 tls=tls if tls.enabled else None,
+                transport=conf.transport,
             )
             metrics.add_volume(spec.name, mirror)
             devices[spec.name] = MirroredDevice(spec.name, local, mirror, metrics=metrics)

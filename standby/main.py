@@ -1,6 +1,6 @@
 """`standby-daemon`: keep replicas of the primary's volumes, snapshot them, export snapshots over NBD.
 
-standby-daemon --data-dir DIR [--listen H:P] [--nbd-listen H:P] [--metrics-listen H:P]
+standby-daemon --data-dir DIR [--listen H:P] [--data-listen H:P|off] [--nbd-listen H:P] [--metrics-listen H:P]
                [--preservation-capacity SIZE|PCT%] [--on-full invalidate|defer]
                [--tls-cert FILE --tls-key FILE [--tls-ca FILE] [--require-client-cert]]
                [--nbd-tls off|optional|require [--nbd-tls-cert FILE --nbd-tls-key FILE --nbd-tls-ca FILE]]
@@ -11,12 +11,14 @@ TLS: docs/SECURITY.md.
 from __future__ import annotations
 
 import os
+import ssl
 import sys
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
 from standby import services
+from standby.datachannel import DataChannelServer
 from standby.metrics import StandbyMetrics
 from standby.node import StandbyNode, check_capacity
 from standbylib.nbd.server import NbdServer
@@ -31,6 +33,11 @@ from standbylib.units import parse_size
 log = logs.get("standby.main")
 
 
+def parse_data_listen(text: str) -> tuple[str, int] | None:
+    """``HOST:PORT``, or ``off`` (no data channel)."""
+    return None if str(text).strip().lower() in ("off", "none", "") else cfg.parse_address(text)
+
+
 @dataclass
 class StandbyConfig(NbdTlsSettings):
     data_dir: str | None = cfg.setting(
@@ -38,6 +45,13 @@ class StandbyConfig(NbdTlsSettings):
     )
     listen: tuple[str, int] = cfg.setting(
         ("127.0.0.1", 7700), "gRPC address (replication and control)", parse=cfg.parse_address, metavar="H:P"
+    )
+    data_listen: tuple[str, int] | None = cfg.setting(
+        ("127.0.0.1", 7701),
+        "data channel address: primaries send their batches there, on a plain TCP (or TLS) connection "
+        "opened through gRPC; 'off': batches travel on the gRPC stream only (slower)",
+        parse=parse_data_listen,
+        metavar="H:P|off",
     )
     nbd_listen: tuple[str, int] = cfg.setting(
         ("127.0.0.1", 10809), "NBD address of the snapshot exports", parse=cfg.parse_address, metavar="H:P"
@@ -113,6 +127,15 @@ def grpc_tls(conf: StandbyConfig) -> TlsFiles:
     return tls
 
 
+def data_channel_tls(tls: TlsFiles) -> ssl.SSLContext | None:
+    """The data channel's TLS: the gRPC server's certificate, key and client-certificate rule."""
+    return tls.server_context() if tls.enabled else None
+
+
+def tls_mode(tls: TlsFiles) -> str:
+    return "mutual" if tls.require_client_cert else "on" if tls.enabled else "off"
+
+
 #: Seconds between checks for snapshot leases that ran out.
 LEASE_CHECK = 1.0
 
@@ -128,7 +151,7 @@ def serve(conf: StandbyConfig) -> int:
     node = StandbyNode(
         conf.data_dir, capacity=conf.preservation_capacity, on_full=conf.on_full, metrics=metrics
     )
-    nbd = grpc_server = metrics_server = None
+    nbd = grpc_server = metrics_server = channels = None
     try:
         for spec in conf.adopt:
             name, path, block_size = parse_adopt(spec)
@@ -138,14 +161,21 @@ def serve(conf: StandbyConfig) -> int:
         nbd = NbdServer(node.export, conf.nbd_listen, list_exports=node.export_names, tls=nbd_security)
         nbd_address = cfg.format_address(nbd.start())
         log.info("listening", service="nbd", address=nbd_address, tls=conf.nbd_tls)
+        if conf.data_listen is not None:
+            channels = DataChannelServer(node, conf.data_listen, tls=data_channel_tls(tls), metrics=metrics)
+            data_address = cfg.format_address(channels.start())
+            log.info("listening", service="data", address=data_address, tls=tls_mode(tls))
         grpc_server, bound, _health = create_server(
-            conf.listen, lambda server: services.register(server, node, nbd_address), tls=tls
+            conf.listen,
+            lambda server: services.register(server, node, nbd_address, channels, metrics),
+            workers=services.GRPC_WORKERS,
+            tls=tls,
         )
         log.info(
             "listening",
             service="grpc",
             address=cfg.format_address(bound),
-            tls="mutual" if tls.require_client_cert else "on" if tls.enabled else "off",
+            tls=tls_mode(tls),
         )
         metrics_server = MetricsServer(registry, conf.metrics_listen)
         log.info("listening", service="metrics", address=cfg.format_address(metrics_server.address))
@@ -164,6 +194,8 @@ def serve(conf: StandbyConfig) -> int:
     finally:
         if grpc_server is not None:
             grpc_server.stop(grace=2).wait()
+        if channels is not None:
+            channels.stop()
         if nbd is not None:
             nbd.stop()
         if metrics_server is not None:

@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from standby.datachannel import REFUSAL_REASONS as CHANNEL_REFUSALS
 from standby.node import REFUSAL_REASONS, StandbyNode
 from standbylib.runtime.metrics import LATENCY_BUCKETS
 
@@ -31,6 +32,32 @@ class StandbyMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+
+        self.channel_refusals = Counter(
+            "standby_data_channel_refusals_total",
+            "Connections to the data channel refused, by reason: tls (no TLS handshake), hello (no "
+            "valid hello), token (unknown, used or expired), certificate (not the one of the gRPC "
+            "call), protocol (a malformed frame), timeout, limit (too many connections).",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in CHANNEL_REFUSALS:
+            self.channel_refusals.labels(reason)
+        self.limits = Counter(
+            "standby_limit_reached_total",
+            "Times the standby refused work at a limit of its own: grpc_mirror_streams (Mirror streams "
+            "on gRPC, each holding a worker thread), data_channel_connections.",
+            ["limit"],
+            registry=registry,
+        )
+        for limit in ("grpc_mirror_streams", "data_channel_connections"):
+            self.limits.labels(limit)
+
+    def channel_refused(self, reason: str) -> None:
+        self.channel_refusals.labels(reason).inc()
+
+    def limit_reached(self, limit: str) -> None:
+        self.limits.labels(limit).inc()
 
     def observe_apply(self, volume: str, seconds: float, nbytes: int) -> None:
         self.apply_latency.labels(volume).observe(seconds)

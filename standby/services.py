@@ -7,21 +7,28 @@ Thin adapters: they translate messages to `StandbyNode` calls and library errors
 from __future__ import annotations
 
 import queue
+import ssl
 import threading
 from collections.abc import Iterator
+from typing import Protocol
 
 import grpc
 
+from standby.batches import applied_reply, apply_batch, ops_of
+from standby.datachannel import DataChannelServer
 from standby.node import Replica, StandbyNode, VerifyFailed, VerifySession
-from standbylib.errors import InvalidArgument, StandbyError
+from standbylib.errors import InvalidArgument, Overloaded, StandbyError
 from standbylib.rpc.v1 import control_pb2, control_pb2_grpc, replication_pb2, replication_pb2_grpc
-from standbylib.rpc.wire import Payload, Probe, Repair
 from standbylib.runtime import logs
 from standbylib.runtime.rpc import abort, add_service, guarded
 from standbylib.snapshot.volume import SnapshotInfo
 
 #: Batches received and not yet applied, per stream, in `received` mode (each up to a few MiB).
 RECEIVE_QUEUE = 8
+#: Mirror streams over gRPC (each holds one of the server's worker threads for its lifetime) at most;
+#: the server has `GRPC_WORKERS`, so control calls always find a free worker.
+GRPC_STREAM_LIMIT = 64
+GRPC_WORKERS = GRPC_STREAM_LIMIT + 16
 #: Seconds between two progress messages of a verify.
 VERIFY_PROGRESS_INTERVAL = 0.5
 
@@ -47,9 +54,33 @@ def snapshot_message(info: SnapshotInfo) -> control_pb2.SnapshotInfo:
     )
 
 
+class Limits(Protocol):
+    def limit_reached(self, limit: str) -> None: ...
+
+
+class NullLimits:
+    def limit_reached(self, limit: str) -> None:
+        pass
+
+
 class ReplicationService(replication_pb2_grpc.ReplicationServicer):
-    def __init__(self, node: StandbyNode) -> None:
+    """`channels`: the data channel's listener (None: batches travel on the Mirror stream only).
+    `grpc_stream_limit`: Mirror streams that may hold a worker thread at once (the gRPC transport)."""
+
+    def __init__(
+        self,
+        node: StandbyNode,
+        channels: DataChannelServer | None = None,
+        *,
+        grpc_stream_limit: int = GRPC_STREAM_LIMIT,
+        limits: Limits | None = None,
+    ) -> None:
         self.node = node
+        self.channels = channels
+        self.grpc_stream_limit = grpc_stream_limit
+        self.limits: Limits = limits or NullLimits()
+        self._grpc_streams = 0
+        self._streams_lock = threading.Lock()
 
     @guarded
     def Handshake(
@@ -91,6 +122,8 @@ class ReplicationService(replication_pb2_grpc.ReplicationServicer):
     def Mirror(
         self, requests: Iterator[replication_pb2.MirrorRequest], context: grpc.ServicerContext
     ) -> Iterator[replication_pb2.MirrorReply]:
+        opened = replication_pb2.MirrorOpen()
+        claimed = False  # this call holds a worker for the stream's lifetime (counted)
         try:
             first = next(requests, None)
             if first is None:
@@ -98,6 +131,12 @@ class ReplicationService(replication_pb2_grpc.ReplicationServicer):
             if first.WhichOneof("kind") != "open":
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first Mirror message must be `open`")
             opened = first.open
+            if self.channels is not None:
+                # A stream of this volume whose data channel never came: its claim goes, for this one.
+                self.channels.revoke(opened.volume)
+            if not opened.data_channel or self.channels is None:
+                self._claim_worker(opened.volume)
+                claimed = True
             replica = self.node.open_stream(
                 opened.volume,
                 opened.primary_id,
@@ -106,19 +145,55 @@ class ReplicationService(replication_pb2_grpc.ReplicationServicer):
                 generation=opened.generation,
             )
         except StandbyError as e:
+            self._release_worker(claimed)
             if self.node.refused(opened.volume, e):
                 log.warning("stream_refused", volume=opened.volume, primary=opened.primary_id, error=str(e))
             abort(context, e)
+        handed_over = False
         try:
+            if opened.data_channel:
+                if self.channels is not None:
+                    # The session moves to the data channel: this call (and its worker thread) ends.
+                    offer = self.channels.offer(replica, opened, peer_certificate(context))
+                    handed_over = True
+                    yield replication_pb2.MirrorReply(channel=offer)
+                    return
+                yield replication_pb2.MirrorReply()  # no data channel here: batches follow on this stream
             if opened.received_acks:
                 yield from self._pipelined(replica, requests, context)
                 return
             for request in requests:
                 batch = self._batch(request, context)
                 mismatched = self._apply(replica, batch, context)
-                yield self._applied_reply(replica, batch, mismatched)
+                yield applied_reply(self.node, replica, batch.sequence, batch.flush, mismatched)
         finally:
-            self.node.close_stream(replica)
+            if not handed_over:
+                self.node.close_stream(replica)
+            self._release_worker(claimed)
+
+    def _release_worker(self, claimed: bool) -> None:
+        if claimed:
+            with self._streams_lock:
+                self._grpc_streams -= 1
+
+    def _claim_worker(self, volume: str) -> None:
+        """Count a Mirror stream that will hold a worker thread; refuse it at `grpc_stream_limit` (the
+        workers beyond it stay free for control calls)."""
+        with self._streams_lock:
+            if self._grpc_streams >= self.grpc_stream_limit:
+                self.limits.limit_reached("grpc_mirror_streams")
+                log.warning(
+                    "limit_reached",
+                    limit="grpc_mirror_streams",
+                    value=self.grpc_stream_limit,
+                    volume=volume,
+                    effect="the stream is refused; primaries using the data channel are not limited by it",
+                )
+                raise Overloaded(
+                    detail=f"the standby serves {self.grpc_stream_limit} Mirror streams over gRPC, its "
+                    "limit; a primary using the data channel (--transport auto or channel) needs none"
+                )
+            self._grpc_streams += 1
 
     @staticmethod
     def _batch(
@@ -132,22 +207,9 @@ class ReplicationService(replication_pb2_grpc.ReplicationServicer):
         self, replica: Replica, batch: replication_pb2.Batch, context: grpc.ServicerContext
     ) -> list[int]:
         try:
-            return self._apply_or_raise(replica, batch)
+            return apply_batch(self.node, replica, batch.sequence, ops_of(batch), batch.flush, batch.uptodate)
         except StandbyError as e:
             abort(context, e)
-
-    def _applied_reply(
-        self, replica: Replica, batch: replication_pb2.Batch, mismatched: list[int]
-    ) -> replication_pb2.MirrorReply:
-        """The acknowledgement of an applied batch: its probes' mismatches, and a verify command when an
-        operator asked for one."""
-        reply = replication_pb2.MirrorReply(
-            sequence=batch.sequence, durable=batch.flush, mismatched=mismatched
-        )
-        command = self.node.take_verify_command(replica)
-        if command is not None:
-            reply.verify.id, reply.verify.repair = command
-        return reply
 
     def _pipelined(
         self,
@@ -186,8 +248,10 @@ class ReplicationService(replication_pb2_grpc.ReplicationServicer):
                     if isinstance(item, BaseException):
                         replies.put(item)
                         return
-                    mismatched = self._apply_or_raise(replica, item)
-                    replies.put(self._applied_reply(replica, item, mismatched))
+                    mismatched = apply_batch(
+                        self.node, replica, item.sequence, ops_of(item), item.flush, item.uptodate
+                    )
+                    replies.put(applied_reply(self.node, replica, item.sequence, item.flush, mismatched))
                 replies.put(None)
             except BaseException as e:
                 replies.put(e)
@@ -211,25 +275,14 @@ class ReplicationService(replication_pb2_grpc.ReplicationServicer):
             # The next stream of this volume may start once this one applies nothing more.
             applier.join(30)
 
-    def _apply_or_raise(self, replica: Replica, batch: replication_pb2.Batch) -> list[int]:
-        """Apply `batch`; the offsets of the blocks its probes found out of sync."""
-        ops: list[tuple[int, Payload]] = []
-        for w in batch.writes:
-            data: bytes | int = w.zero_length if w.zero_length else w.data
-            payload: Payload = data
-            if w.checksum_length:
-                payload = Probe(w.checksum_length, w.digests, w.verify_id)
-            elif w.verify_id:
-                payload = Repair(data, w.verify_id)
-            ops.append((w.offset, payload))
-        mismatched: list[int] = []
-        try:
-            self.node.apply(replica, batch.sequence, ops, batch.flush, batch.uptodate, mismatched)
-        except StandbyError as e:
-            if self.node.refused(replica.name, e):  # logged once per cause, not per retried batch
-                log.warning("batch_refused", volume=replica.name, sequence=batch.sequence, error=str(e))
-            raise
-        return mismatched
+
+def peer_certificate(context: grpc.ServicerContext) -> bytes | None:
+    """The DER certificate the client presented on this call (mutual TLS), else None."""
+    pems = list(context.auth_context().get("x509_pem_cert") or [])
+    if not pems:
+        return None
+    pem = pems[0]
+    return ssl.PEM_cert_to_DER_cert(pem.decode("ascii") if isinstance(pem, bytes) else str(pem))
 
 
 class ControlService(control_pb2_grpc.ControlServicer):
@@ -362,6 +415,13 @@ def _version() -> str:
         return "unknown"
 
 
-def register(server: grpc.Server, node: StandbyNode, nbd_address: str) -> None:
-    add_service(server, replication_pb2.DESCRIPTOR.services_by_name["Replication"], ReplicationService(node))
+def register(
+    server: grpc.Server,
+    node: StandbyNode,
+    nbd_address: str,
+    channels: DataChannelServer | None = None,
+    limits: Limits | None = None,
+) -> None:
+    replication = ReplicationService(node, channels, limits=limits)
+    add_service(server, replication_pb2.DESCRIPTOR.services_by_name["Replication"], replication)
     add_service(server, control_pb2.DESCRIPTOR.services_by_name["Control"], ControlService(node, nbd_address))

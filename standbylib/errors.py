@@ -49,6 +49,16 @@ class InvalidBlockSize(InvalidArgument):
     template = "invalid block size {block_size}: must be a power of two from 512 B to 1 MiB"
 
 
+class PermissionDenied(RequestError):
+    template = "permission denied: {detail}"
+
+
+class Overloaded(RequestError):
+    """A limit of the server's own (connections, streams) is reached; try again later."""
+
+    template = "the server is at a limit: {detail}"
+
+
 class ReadOnly(RequestError):
     template = "{what} is read-only"
 

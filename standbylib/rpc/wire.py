@@ -4,8 +4,12 @@ protobuf's Python runtime copies each write's data into the message and again wh
 builds the message slowly (measured 0.3 GB/s for 4 MiB batches of 1 MiB writes, against 16 GB/s for one
 `bytes.join`): that alone held mirrored throughput to a fraction of the disk's. This encoder emits the
 same wire format (proto/v1/replication.proto) with one join, and `tests/standbylib/test_wire.py` checks
-that protobuf parses it into the message it would have built itself. Decoding stays with protobuf (it
-is fast).
+that protobuf parses it into the message it would have built itself.
+
+On the gRPC stream decoding stays with protobuf (grpcio hands over a fresh message anyway). On the data
+channel a frame is received into a reused buffer, and `decode_request` reads a batch straight out of it:
+each write's data is a `memoryview` of that buffer, not a copy (protobuf would copy every payload into a
+new ``bytes``). Its views are valid until the buffer is reused: the caller applies the batch first.
 
 It also defines the probes of the verify and of the checksum-based full sync (`Probe`, `block_digests`):
 per block, the 8-byte little-endian xxh3_64 digest (docs/REPLICATION.md, Verify).
@@ -19,6 +23,7 @@ from typing import NamedTuple
 
 import xxhash
 
+from standbylib.errors import InvalidArgument
 from standbylib.rawfile import Buffer
 
 #: Bytes of one block's digest in `Write.digests`.
@@ -141,3 +146,135 @@ def encode_batch(
     end = (_BATCH_FLUSH if flush else b"") + (_BATCH_UPTODATE if uptodate else b"")
     body += len(start) + len(end)
     return [_REQUEST_BATCH + varint(body) + start, *pieces, end]
+
+
+# -- decoding (the data channel) ------------------------------------------------------------------------
+
+
+class Decoded(NamedTuple):
+    """A `MirrorRequest` holding a `Batch`, as `decode_request` reads it."""
+
+    sequence: int
+    ops: list[tuple[int, Payload]]
+    flush: bool
+    uptodate: bool
+
+
+class MalformedMessage(InvalidArgument):
+    """A message that is not a valid `MirrorRequest` (truncated, a bad varint, an impossible length)."""
+
+
+def _read_varint(view: memoryview, pos: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= end:
+            raise MalformedMessage(detail="message truncated inside a varint")
+        byte = view[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift >= 64:
+            raise MalformedMessage(detail="varint longer than 10 bytes")
+
+
+def _skip(view: memoryview, pos: int, end: int, wire: int) -> int:
+    """Past an unknown field's value of wire type `wire` (protobuf skips unknown fields; so do we)."""
+    if wire == 0:
+        return _read_varint(view, pos, end)[1]
+    if wire == 1:
+        pos += 8
+    elif wire == 2:
+        n, pos = _read_varint(view, pos, end)
+        pos += n
+    elif wire == 5:
+        pos += 4
+    else:
+        raise MalformedMessage(detail=f"unsupported wire type {wire}")
+    if pos > end:
+        raise MalformedMessage(detail="message truncated inside a field")
+    return pos
+
+
+def _length(view: memoryview, pos: int, end: int) -> tuple[int, int]:
+    """A length-delimited field's (start, stop) of its value."""
+    n, pos = _read_varint(view, pos, end)
+    if n > end - pos:
+        raise MalformedMessage(detail=f"field of {n} bytes runs past the end of the message")
+    return pos, pos + n
+
+
+def _decode_write(view: memoryview, pos: int, end: int) -> tuple[int, Payload]:
+    offset = zero = checksum_length = verify_id = 0
+    data: memoryview | None = None
+    digests = b""
+    while pos < end:
+        tag, pos = _read_varint(view, pos, end)
+        field, wire = tag >> 3, tag & 7
+        if field == 1 and wire == 0:
+            offset, pos = _read_varint(view, pos, end)
+        elif field == 2 and wire == 2:
+            start, pos = _length(view, pos, end)
+            data = view[start:pos]
+        elif field == 3 and wire == 0:
+            zero, pos = _read_varint(view, pos, end)
+        elif field == 4 and wire == 0:
+            checksum_length, pos = _read_varint(view, pos, end)
+        elif field == 5 and wire == 2:
+            start, pos = _length(view, pos, end)
+            digests = bytes(view[start:pos])
+        elif field == 6 and wire == 0:
+            verify_id, pos = _read_varint(view, pos, end)
+        else:
+            pos = _skip(view, pos, end, wire)
+    # As the standby reads protobuf's `Write` (standby.services): a probe, else zeros, else data.
+    if checksum_length:
+        return offset, Probe(checksum_length, digests, verify_id)
+    payload: Buffer | int = zero if zero else (data if data is not None else b"")
+    return offset, Repair(payload, verify_id) if verify_id else payload
+
+
+def decode_batch(view: memoryview) -> Decoded:
+    """A serialised `Batch` (the value of `MirrorRequest.batch`)."""
+    pos, end = 0, len(view)
+    sequence = 0
+    flush = uptodate = False
+    ops: list[tuple[int, Payload]] = []
+    while pos < end:
+        tag, pos = _read_varint(view, pos, end)
+        field, wire = tag >> 3, tag & 7
+        if field == 1 and wire == 0:
+            sequence, pos = _read_varint(view, pos, end)
+        elif field == 2 and wire == 2:
+            start, pos = _length(view, pos, end)
+            ops.append(_decode_write(view, start, pos))
+        elif field == 3 and wire == 0:
+            value, pos = _read_varint(view, pos, end)
+            flush = bool(value)
+        elif field == 4 and wire == 0:
+            value, pos = _read_varint(view, pos, end)
+            uptodate = bool(value)
+        else:
+            pos = _skip(view, pos, end, wire)
+    return Decoded(sequence, ops, flush, uptodate)
+
+
+def batch_view(message: Buffer) -> memoryview | None:
+    """The serialised `Batch` inside a serialised `MirrorRequest`, or None when the message holds no
+    batch (an `open` or a `hello`: small, for protobuf to parse). A message with the batch field more
+    than once is refused (protobuf would merge them; no sender of ours writes that)."""
+    view = memoryview(message).cast("B")
+    pos, end = 0, len(view)
+    found: memoryview | None = None
+    while pos < end:
+        tag, pos = _read_varint(view, pos, end)
+        field, wire = tag >> 3, tag & 7
+        if field == 2 and wire == 2:
+            start, pos = _length(view, pos, end)
+            if found is not None:
+                raise MalformedMessage(detail="a MirrorRequest with two batches")
+            found = view[start:pos]
+        else:
+            pos = _skip(view, pos, end, wire)
+    return found

@@ -27,9 +27,22 @@ def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked `both_transports` run once with the primaries' batches on the data channel and
+    once on the gRPC stream."""
+    if metafunc.definition.get_closest_marker("both_transports") and "transport" in metafunc.fixturenames:
+        metafunc.parametrize("transport", ["channel", "grpc"], indirect=True)
+
+
 @pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Daemons]:
-    with running_daemons(tmp_path) as ds:
+def transport(request: pytest.FixtureRequest) -> str | None:
+    """The primaries' --transport (None: their default, auto)."""
+    return getattr(request, "param", None)
+
+
+@pytest.fixture
+def daemons(tmp_path: Path, transport: str | None) -> Iterator[Daemons]:
+    with running_daemons(tmp_path, transport) as ds:
         yield ds
 
 

@@ -354,9 +354,10 @@ class Primary:
 
 
 @contextlib.contextmanager
-def running_daemons(tmp: Path) -> Iterator[Daemons]:
-    """The daemons of one test: each must still be running at the end and stop cleanly on SIGTERM."""
-    ds = Daemons(tmp)
+def running_daemons(tmp: Path, transport: str | None = None) -> Iterator[Daemons]:
+    """The daemons of one test: each must still be running at the end and stop cleanly on SIGTERM.
+    `transport`: the primaries' --transport (None: their default)."""
+    ds = Daemons(tmp, transport)
     try:
         yield ds
     finally:
@@ -368,8 +369,9 @@ def running_daemons(tmp: Path) -> Iterator[Daemons]:
 class Daemons:
     """Starts daemons for one test and makes sure none outlives it."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, transport: str | None = None) -> None:
         self.tmp = tmp
+        self.transport = transport
         self.started: list[Daemon] = []
         self._n = 0
 
@@ -385,6 +387,7 @@ class Daemons:
             *_console(*STANDBY_CMD),
             "--data-dir", str(data_dir),
             "--listen", "127.0.0.1:0",
+            "--data-listen", "127.0.0.1:0",
             "--nbd-listen", "127.0.0.1:0",
             "--metrics-listen", "127.0.0.1:0",
             *extra,
@@ -408,6 +411,8 @@ class Daemons:
             "--metrics-listen", "127.0.0.1:0",
             *extra,
         ]  # fmt: skip
+        if self.transport and "--transport" not in extra:
+            argv += ["--transport", self.transport]
         d = self._start("primary", argv)
         d.wait_for("ready")
         paths = {name: Path(spec.split(",", 1)[0]) for name, spec in volumes.items()}

@@ -45,20 +45,38 @@ class HandshakeReply(_message.Message):
     def __init__(self, volume: _Optional[str] = ..., size: _Optional[int] = ..., block_size: _Optional[int] = ..., created: _Optional[bool] = ..., standby_id: _Optional[str] = ..., applied_sequence: _Optional[int] = ..., generation: _Optional[str] = ..., full_sync: _Optional[bool] = ...) -> None: ...
 
 class MirrorOpen(_message.Message):
-    __slots__ = ("volume", "first_sequence", "primary_id", "received_acks", "resync", "generation")
+    __slots__ = ("volume", "first_sequence", "primary_id", "received_acks", "resync", "generation", "data_channel")
     VOLUME_FIELD_NUMBER: _ClassVar[int]
     FIRST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     PRIMARY_ID_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_ACKS_FIELD_NUMBER: _ClassVar[int]
     RESYNC_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
+    DATA_CHANNEL_FIELD_NUMBER: _ClassVar[int]
     volume: str
     first_sequence: int
     primary_id: str
     received_acks: bool
     resync: bool
     generation: str
-    def __init__(self, volume: _Optional[str] = ..., first_sequence: _Optional[int] = ..., primary_id: _Optional[str] = ..., received_acks: _Optional[bool] = ..., resync: _Optional[bool] = ..., generation: _Optional[str] = ...) -> None: ...
+    data_channel: bool
+    def __init__(self, volume: _Optional[str] = ..., first_sequence: _Optional[int] = ..., primary_id: _Optional[str] = ..., received_acks: _Optional[bool] = ..., resync: _Optional[bool] = ..., generation: _Optional[str] = ..., data_channel: _Optional[bool] = ...) -> None: ...
+
+class DataChannelOffer(_message.Message):
+    __slots__ = ("token", "host", "port")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    token: bytes
+    host: str
+    port: int
+    def __init__(self, token: _Optional[bytes] = ..., host: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
+
+class DataChannelHello(_message.Message):
+    __slots__ = ("token",)
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    token: bytes
+    def __init__(self, token: _Optional[bytes] = ...) -> None: ...
 
 class Write(_message.Message):
     __slots__ = ("offset", "data", "zero_length", "checksum_length", "digests", "verify_id")
@@ -89,12 +107,14 @@ class Batch(_message.Message):
     def __init__(self, sequence: _Optional[int] = ..., writes: _Optional[_Iterable[_Union[Write, _Mapping]]] = ..., flush: _Optional[bool] = ..., uptodate: _Optional[bool] = ...) -> None: ...
 
 class MirrorRequest(_message.Message):
-    __slots__ = ("open", "batch")
+    __slots__ = ("open", "batch", "hello")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
+    HELLO_FIELD_NUMBER: _ClassVar[int]
     open: MirrorOpen
     batch: Batch
-    def __init__(self, open: _Optional[_Union[MirrorOpen, _Mapping]] = ..., batch: _Optional[_Union[Batch, _Mapping]] = ...) -> None: ...
+    hello: DataChannelHello
+    def __init__(self, open: _Optional[_Union[MirrorOpen, _Mapping]] = ..., batch: _Optional[_Union[Batch, _Mapping]] = ..., hello: _Optional[_Union[DataChannelHello, _Mapping]] = ...) -> None: ...
 
 class VerifyCommand(_message.Message):
     __slots__ = ("id", "repair")
@@ -105,15 +125,21 @@ class VerifyCommand(_message.Message):
     def __init__(self, id: _Optional[int] = ..., repair: _Optional[bool] = ...) -> None: ...
 
 class MirrorReply(_message.Message):
-    __slots__ = ("sequence", "durable", "received", "mismatched", "verify")
+    __slots__ = ("sequence", "durable", "received", "mismatched", "verify", "channel", "error_code", "error")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     DURABLE_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_FIELD_NUMBER: _ClassVar[int]
     MISMATCHED_FIELD_NUMBER: _ClassVar[int]
     VERIFY_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     durable: bool
     received: bool
     mismatched: _containers.RepeatedScalarFieldContainer[int]
     verify: VerifyCommand
-    def __init__(self, sequence: _Optional[int] = ..., durable: _Optional[bool] = ..., received: _Optional[bool] = ..., mismatched: _Optional[_Iterable[int]] = ..., verify: _Optional[_Union[VerifyCommand, _Mapping]] = ...) -> None: ...
+    channel: DataChannelOffer
+    error_code: str
+    error: str
+    def __init__(self, sequence: _Optional[int] = ..., durable: _Optional[bool] = ..., received: _Optional[bool] = ..., mismatched: _Optional[_Iterable[int]] = ..., verify: _Optional[_Union[VerifyCommand, _Mapping]] = ..., channel: _Optional[_Union[DataChannelOffer, _Mapping]] = ..., error_code: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...

@@ -59,7 +59,8 @@ class ReplicationServicer:
 
     def Mirror(self, request_iterator, context):
         """Ordered write batches up, acknowledgements down. The first message must carry `open`; every
-        later one a `batch`. A batch that is out of range or misaligned for the volume ends the stream
+        later one a `batch`. (With `MirrorOpen.data_channel`, batches and replies may travel instead on a
+        TCP connection as frames: a 4-byte big-endian length, then a MirrorRequest or MirrorReply.) A batch that is out of range or misaligned for the volume ends the stream
         with INVALID_ARGUMENT or OUT_OF_RANGE and nothing of that batch is applied.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

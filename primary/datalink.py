@@ -1,0 +1,118 @@
+"""The primary's end of a data channel (docs/REPLICATION.md, Data channel).
+
+The Mirror stream's opening on gRPC returns a `DataChannelOffer`; `DataLink.connect` opens the TCP
+connection it names (TLS, and a client certificate, exactly as the gRPC channel has them), presents the
+token, and from then on batches go out as frames (`send`) and replies come back as frames (`replies`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+from collections.abc import Iterator, Sequence
+
+from standbylib.errors import StandbyError
+from standbylib.rawfile import Buffer
+from standbylib.rpc.frames import FrameReader, PeerClosed, send_frame
+from standbylib.rpc.v1 import replication_pb2
+from standbylib.runtime.tls import TlsFiles
+
+#: Seconds to connect and present the token.
+CONNECT_SECONDS = 10.0
+_WILDCARDS = ("", "0.0.0.0", "::", "[::]")
+
+
+class ChannelError(StandbyError):
+    """The data channel ended: `code` is the gRPC status name the same failure has on the stream
+    (UNAVAILABLE when the connection broke, else the standby's `MirrorReply.error_code`)."""
+
+    template = "{detail}"
+
+    @property
+    def code(self) -> str:
+        return str(self.fields.get("code", "UNAVAILABLE"))
+
+
+def channel_address(offer: replication_pb2.DataChannelOffer, target_host: str) -> tuple[str, int]:
+    """Where to connect: the offer's host, unless it is a wildcard address (then the gRPC target's)."""
+    host = offer.host if offer.host not in _WILDCARDS else target_host
+    return host.strip("[]"), offer.port
+
+
+class DataLink:
+    def __init__(self, sock: socket.socket, where: str) -> None:
+        self.sock = sock
+        self.where = where
+        self._reader = FrameReader(sock, initial=64 << 10)
+
+    @classmethod
+    def connect(
+        cls, offer: replication_pb2.DataChannelOffer, target_host: str, tls: TlsFiles | None
+    ) -> DataLink:
+        host, port = channel_address(offer, target_host)
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            raw = socket.create_connection((host, port), timeout=CONNECT_SECONDS)
+        except OSError as e:
+            raise ChannelError(
+                code="UNAVAILABLE",
+                detail=f"cannot connect to the standby's data channel at {where}: {e.strerror or e} "
+                "(is its --data-listen reachable from here? --transport grpc avoids the data channel)",
+            ) from None
+        sock: socket.socket = raw
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if tls is not None and tls.enabled:
+                sock = tls.client_context().wrap_socket(raw, server_hostname=tls.server_name or target_host)
+            link = cls(sock, where)
+            link.send([replication_pb2.MirrorRequest(hello={"token": offer.token}).SerializeToString()])
+        except (OSError, ssl.SSLError) as e:
+            _close(sock)
+            raise ChannelError(code="UNAVAILABLE", detail=f"data channel {where}: {_reason(e)}") from None
+        except BaseException:
+            _close(sock)
+            raise
+        sock.settimeout(None)
+        return link
+
+    def send(self, pieces: Sequence[Buffer]) -> None:
+        send_frame(self.sock, pieces)
+
+    def replies(self) -> Iterator[replication_pb2.MirrorReply]:
+        """The standby's replies until the channel ends, which raises `ChannelError`."""
+        reader = self._reader
+        while True:
+            try:
+                frame = reader.read()
+            except PeerClosed as e:
+                raise ChannelError(code="UNAVAILABLE", detail=f"data channel {self.where}: {e}") from None
+            except (OSError, ssl.SSLError) as e:
+                detail = f"data channel {self.where}: {_reason(e)}"
+                raise ChannelError(code="UNAVAILABLE", detail=detail) from None
+            reply = replication_pb2.MirrorReply.FromString(bytes(frame))
+            if reply.error_code:
+                raise ChannelError(code=reply.error_code, detail=reply.error or reply.error_code)
+            yield reply
+
+    def cancel(self) -> None:
+        """End the channel from any thread: a blocked send or read returns with an error."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        _close(self.sock)
+
+
+def _close(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, ssl.SSLError) and e.reason:
+        return f"TLS: {e.reason.replace('_', ' ').lower()}"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e) or type(e).__name__
