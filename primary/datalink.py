@@ -12,6 +12,8 @@ import socket
 import ssl
 from collections.abc import Iterator, Sequence
 
+from google.protobuf.message import DecodeError
+
 from standbylib.errors import StandbyError
 from standbylib.rawfile import Buffer
 from standbylib.rpc.frames import FrameReader, PeerClosed, send_frame
@@ -20,24 +22,26 @@ from standbylib.runtime.tls import TlsFiles
 
 #: Seconds to connect and present the token.
 CONNECT_SECONDS = 10.0
-_WILDCARDS = ("", "0.0.0.0", "::", "[::]")
 
 
 class ChannelError(StandbyError):
-    """The data channel ended: `code` is the gRPC status name the same failure has on the stream
+    """The data channel ended: `status` is the gRPC status name the same failure has on the stream
     (UNAVAILABLE when the connection broke, else the standby's `MirrorReply.error_code`)."""
 
     template = "{detail}"
 
-    @property
-    def code(self) -> str:
-        return str(self.fields.get("code", "UNAVAILABLE"))
+    status: str = "UNAVAILABLE"
 
 
-def channel_address(offer: replication_pb2.DataChannelOffer, target_host: str) -> tuple[str, int]:
-    """Where to connect: the offer's host, unless it is a wildcard address (then the gRPC target's)."""
-    host = offer.host if offer.host not in _WILDCARDS else target_host
-    return host.strip("[]"), offer.port
+def channel_address(
+    offer: replication_pb2.DataChannelOffer, target_host: str, override: tuple[str, int] | None = None
+) -> tuple[str, int]:
+    """Where to connect: `override` (``--standby-data``) when given, else the offered port on the host
+    the gRPC target names (the address the operator gave, valid through NAT or a proxy, and the name
+    the standby's certificate is checked against)."""
+    if override is not None:
+        return override
+    return target_host.strip("[]"), offer.port
 
 
 class DataLink:
@@ -48,15 +52,19 @@ class DataLink:
 
     @classmethod
     def connect(
-        cls, offer: replication_pb2.DataChannelOffer, target_host: str, tls: TlsFiles | None
+        cls,
+        offer: replication_pb2.DataChannelOffer,
+        target_host: str,
+        tls: TlsFiles | None,
+        override: tuple[str, int] | None = None,
     ) -> DataLink:
-        host, port = channel_address(offer, target_host)
+        host, port = channel_address(offer, target_host, override)
         where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
             raw = socket.create_connection((host, port), timeout=CONNECT_SECONDS)
         except OSError as e:
             raise ChannelError(
-                code="UNAVAILABLE",
+                status="UNAVAILABLE",
                 detail=f"cannot connect to the standby's data channel at {where}: {e.strerror or e} "
                 "(is its --data-listen reachable from here? --transport grpc avoids the data channel)",
             ) from None
@@ -69,7 +77,7 @@ class DataLink:
             link.send([replication_pb2.MirrorRequest(hello={"token": offer.token}).SerializeToString()])
         except (OSError, ssl.SSLError) as e:
             _close(sock)
-            raise ChannelError(code="UNAVAILABLE", detail=f"data channel {where}: {_reason(e)}") from None
+            raise ChannelError(status="UNAVAILABLE", detail=f"data channel {where}: {_reason(e)}") from None
         except BaseException:
             _close(sock)
             raise
@@ -86,13 +94,17 @@ class DataLink:
             try:
                 frame = reader.read()
             except PeerClosed as e:
-                raise ChannelError(code="UNAVAILABLE", detail=f"data channel {self.where}: {e}") from None
+                raise ChannelError(status="UNAVAILABLE", detail=f"data channel {self.where}: {e}") from None
             except (OSError, ssl.SSLError) as e:
                 detail = f"data channel {self.where}: {_reason(e)}"
-                raise ChannelError(code="UNAVAILABLE", detail=detail) from None
-            reply = replication_pb2.MirrorReply.FromString(bytes(frame))
+                raise ChannelError(status="UNAVAILABLE", detail=detail) from None
+            try:
+                reply = replication_pb2.MirrorReply.FromString(bytes(frame))
+            except DecodeError:
+                detail = f"data channel {self.where}: a frame from the standby is not a MirrorReply"
+                raise ChannelError(status="INTERNAL", detail=detail) from None
             if reply.error_code:
-                raise ChannelError(code=reply.error_code, detail=reply.error or reply.error_code)
+                raise ChannelError(status=reply.error_code, detail=reply.error or reply.error_code)
             yield reply
 
     def cancel(self) -> None:

@@ -106,6 +106,13 @@ class PrimaryConfig(NbdTlsSettings):
         "the data channel when the standby offers one and it can be reached, else gRPC",
         choices=TRANSPORTS,
     )
+    standby_data: tuple[str, int] | None = cfg.setting(
+        None,
+        "the standby's data channel, when it is not at the port the standby offers on the host of "
+        "--standby (a NAT or a proxy in between)",
+        parse=cfg.parse_address,
+        metavar="H:P",
+    )
     bitmap_granularity: int = cfg.setting(
         DEFAULT_GRANULARITY,
         "bytes per bit of the write-intent bitmap: the unit of resync after an outage or a crash",
@@ -275,6 +282,7 @@ def serve(conf: PrimaryConfig) -> int:
                 ack_timeout=conf.ack_timeout,
                 tls=tls if tls.enabled else None,
                 transport=conf.transport,
+                data_address=conf.standby_data,
             )
             metrics.add_volume(spec.name, mirror)
             devices[spec.name] = MirroredDevice(spec.name, local, mirror, metrics=metrics)

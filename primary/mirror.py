@@ -257,12 +257,14 @@ class Mirror:
         ack_timeout: float = 10.0,
         tls: TlsFiles | None = None,
         transport: str = "auto",
+        data_address: tuple[str, int] | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
         if transport not in TRANSPORTS:
             raise ValueError(f"transport {transport!r} is not one of {', '.join(TRANSPORTS)}")
         self.transport = transport
+        self.data_address = data_address  # where the data channel is, if not at the offered port
         # The data channel of the current stream (None: batches go on the gRPC stream); `_send_lock`
         # keeps batches in order on it: they are formed and sent under it, by whichever thread made
         # them sendable (a writer, the acknowledging thread), not handed to a sender thread.
@@ -700,7 +702,7 @@ class Mirror:
                 log.info("full_sync_needed", volume=self.volume, bytes=self.size)
             self._stream(channel)
         except ChannelError as e:
-            name = e.code
+            name = e.status
             if name == "UNAVAILABLE" and self._silenced_stream == self._stream_id:
                 return ("NOT_ANSWERING", f"no acknowledgement for {self.ack_timeout:g} s", "disconnected")
             if name in _TRANSPORT_NAMES:
@@ -718,6 +720,9 @@ class Mirror:
             return (name, _details(e), "refused")
         except StandbyError as e:
             return ("ERROR", str(e), "disconnected")
+        except Exception as e:  # a bug: logged with its traceback, and the mirror goes on retrying
+            log.exception("mirror_stream_failed", volume=self.volume, error=repr(e))
+            return ("INTERNAL", repr(e), "disconnected")
         return ("ERROR", "the stream ended", "disconnected")
 
     def _block(self, message: str) -> None:
@@ -873,13 +878,13 @@ class Mirror:
         if not answer.HasField("channel"):
             if self.transport == "channel":
                 raise ChannelError(
-                    code="FAILED_PRECONDITION",
+                    status="FAILED_PRECONDITION",
                     detail="the standby offers no data channel (started with --data-listen off?); "
                     "--transport auto falls back to gRPC",
                 )
             return False
         try:
-            link = DataLink.connect(answer.channel, channel_target(self.target), self.tls)
+            link = DataLink.connect(answer.channel, channel_target(self.target), self.tls, self.data_address)
         except ChannelError:
             if self.transport == "auto":
                 self._channel_unreachable = True  # the next attempt goes by gRPC

@@ -73,7 +73,17 @@ def start_standby(data_dir: Path, *extra: str, log_path: Path | None = None) -> 
     """`standby-daemon` on `data_dir`, every listener on a free loopback port."""
     data_dir.mkdir(parents=True, exist_ok=True)
     argv = [str(BIN / "standby-daemon"), "--data-dir", str(data_dir), "--listen", "127.0.0.1:0"]
-    argv += ["--data-listen", "127.0.0.1:0", "--nbd-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--log-format", "json", *extra]
+    argv += [
+        "--data-listen",
+        "127.0.0.1:0",
+        "--nbd-listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--log-format",
+        "json",
+        *extra,
+    ]
     return Daemon("standby-daemon", argv, log_path or data_dir.parent / f"{data_dir.name}.log")
 
 

@@ -224,7 +224,16 @@ class Daemons:
     def standby(self, data_dir: Path, *extra: str) -> launch.Daemon:
         data_dir.mkdir(parents=True, exist_ok=True)
         argv = [str(BIN / "standby-daemon"), "--data-dir", str(data_dir), "--listen", "127.0.0.1:0"]
-        argv += ["--data-listen", "127.0.0.1:0", "--nbd-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--log-format", "json"]
+        argv += [
+            "--data-listen",
+            "127.0.0.1:0",
+            "--nbd-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ]
         return self.start("standby-daemon", [*argv, *extra])
 
     def primary(self, volumes: list[str], standby: str, *extra: str) -> launch.Daemon:

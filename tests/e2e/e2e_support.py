@@ -17,6 +17,9 @@ import json
 import os
 import shlex
 import signal
+import socket
+import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -27,8 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from linkproxy import LinkProxy
 from prometheus_client.parser import text_string_to_metric_families
+
+from standbylib.rpc.v1 import replication_pb2, replication_pb2_grpc
 
 MiB = 1 << 20
 BS = 4096
@@ -289,6 +296,7 @@ class Standby:
     grpc: str
     nbd: str
     metrics_address: str
+    data: str = ""  # the data channel's address
 
     def uri(self, export: str = "") -> str:
         return f"nbd://{self.nbd}/{export}" if export else f"nbd://{self.nbd}"
@@ -394,14 +402,24 @@ class Daemons:
         ]  # fmt: skip
         d = self._start("standby", argv)
         d.wait_for("ready")
-        return Standby(d, data_dir, d.address("grpc"), d.address("nbd"), d.address("metrics"))
+        data = d.address("data") if any(e.get("service") == "data" for e in d.events) else ""
+        return Standby(d, data_dir, d.address("grpc"), d.address("nbd"), d.address("metrics"), data)
 
     def primary(
-        self, standby: Standby | str, volumes: dict[str, str], *extra: str, in_sync: bool = True
+        self,
+        standby: Standby | LinkProxy | str,
+        volumes: dict[str, str],
+        *extra: str,
+        in_sync: bool = True,
     ) -> Primary:
         """`volumes`: NAME -> the part after `NAME=` of --volume (PATH[,size=..][,block-size=..]); waits
-        until it is in sync with the standby unless `in_sync` is False."""
-        target = standby.grpc if isinstance(standby, Standby) else standby
+        until it is in sync with the standby unless `in_sync` is False. Through a `LinkProxy`, both the
+        gRPC and the data channel connections go through it."""
+        if isinstance(standby, LinkProxy):
+            target = standby.address
+            extra = (*extra, "--standby-data", standby.data_address)
+        else:
+            target = standby.grpc if isinstance(standby, Standby) else standby
         argv = _console(*PRIMARY_CMD)
         for name, spec in volumes.items():
             argv += ["--volume", f"{name}={spec}"]
@@ -583,3 +601,153 @@ class Appliance:
         data = out.read_bytes()
         out.unlink()
         return data
+
+
+# ------------------------------------------------------------------------------------------ data channel
+# The hostile and fuzz tests of the standby's data channel speak its wire protocol by hand
+# (proto/v1/replication.proto): a Handshake and a Mirror call on gRPC for a token, then frames (a 4-byte
+# big-endian length and a serialised MirrorRequest / MirrorReply) on a TCP or TLS connection.
+
+
+def data_address(standby: Standby) -> str:
+    """The standby's data channel address, from its `listening` log line with service=data."""
+    return standby.daemon.address("data")
+
+
+class RawReplication:
+    """A primary's gRPC calls made by hand: handshakes, and Mirror calls that ask for the data channel."""
+
+    def __init__(
+        self,
+        target: str,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: list[tuple[str, Any]] | None = None,
+    ) -> None:
+        opts = [*(options or []), ("grpc.max_send_message_length", 80 << 20)]
+        if credentials is None:
+            self.channel = grpc.insecure_channel(target, options=opts)
+        else:
+            self.channel = grpc.secure_channel(target, credentials, options=opts)
+        self.stub = replication_pb2_grpc.ReplicationStub(self.channel)
+
+    def handshake(
+        self, volume: str, size: int, block_size: int = BS, primary_id: str = "raw-primary"
+    ) -> replication_pb2.HandshakeReply:
+        request = replication_pb2.HandshakeRequest(
+            volume=volume, size=size, block_size=block_size, primary_id=primary_id
+        )
+        reply: replication_pb2.HandshakeReply = self.stub.Handshake(request, timeout=30)
+        return reply
+
+    def offer(
+        self,
+        volume: str,
+        first_sequence: int = 1,
+        primary_id: str = "raw-primary",
+        received_acks: bool = False,
+    ) -> replication_pb2.DataChannelOffer:
+        """A Mirror call whose `open` asks for the data channel: the offer (token, host, port) it
+        answers; the call then ends. Raises `grpc.RpcError` when the stream is refused."""
+        opening = replication_pb2.MirrorOpen(
+            volume=volume,
+            first_sequence=first_sequence,
+            primary_id=primary_id,
+            received_acks=received_acks,
+            data_channel=True,
+        )
+        replies: list[replication_pb2.MirrorReply] = list(
+            self.stub.Mirror(iter([replication_pb2.MirrorRequest(open=opening)]), timeout=30)
+        )
+        assert replies and replies[0].HasField("channel"), f"no data channel offered: {replies}"
+        return replies[0].channel
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+FRAME_HEADER = struct.Struct(">I")
+
+
+def frame(message: bytes) -> bytes:
+    return FRAME_HEADER.pack(len(message)) + message
+
+
+def hello(token: bytes) -> bytes:
+    """The frame of a `DataChannelHello`."""
+    return frame(
+        replication_pb2.MirrorRequest(hello=replication_pb2.DataChannelHello(token=token)).SerializeToString()
+    )
+
+
+def batch_frame(sequence: int, writes: list[tuple[int, bytes]], flush: bool = False) -> bytes:
+    """The frame of a batch of data writes, serialised by protobuf."""
+    batch = replication_pb2.Batch(
+        sequence=sequence,
+        writes=[replication_pb2.Write(offset=o, data=d) for o, d in writes],
+        flush=flush,
+    )
+    return frame(replication_pb2.MirrorRequest(batch=batch).SerializeToString())
+
+
+class DataConnection:
+    """One raw connection to the data listener: bytes out, reply frames in, nothing assumed."""
+
+    def __init__(
+        self,
+        address: str | tuple[str, int],
+        tls: ssl.SSLContext | None = None,
+        server_name: str | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        host, port = address.rsplit(":", 1) if isinstance(address, str) else address
+        raw = socket.create_connection((host, int(port)), timeout=timeout)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock: socket.socket = raw
+        if tls is not None:
+            self.sock = tls.wrap_socket(raw, server_hostname=server_name or host)
+
+    def send(self, data: bytes) -> bool:
+        """False when the standby closed the connection already."""
+        try:
+            self.sock.sendall(data)
+        except OSError:
+            return False
+        return True
+
+    def _recv_exact(self, n: int) -> bytes | None:
+        out = bytearray()
+        while len(out) < n:
+            try:
+                chunk = self.sock.recv(n - len(out))
+            except (ConnectionResetError, ssl.SSLError):
+                return None
+            if not chunk:
+                return None
+            out += chunk
+        return bytes(out)
+
+    def reply(self, timeout: float = 30.0) -> replication_pb2.MirrorReply | None:
+        """The next reply frame; None when the standby closed the connection (a timeout fails)."""
+        self.sock.settimeout(timeout)
+        try:
+            header = self._recv_exact(FRAME_HEADER.size)
+            if header is None:
+                return None
+            body = self._recv_exact(FRAME_HEADER.unpack(header)[0])
+        except TimeoutError:
+            pytest.fail(f"the data channel sent nothing and stayed open for {timeout:.0f} s", pytrace=False)
+        if body is None:
+            return None
+        return replication_pb2.MirrorReply.FromString(body)
+
+    def replies_until_closed(self, timeout: float = 30.0) -> list[replication_pb2.MirrorReply]:
+        """Every reply until the standby closes the connection (which it must within `timeout`)."""
+        out: list[replication_pb2.MirrorReply] = []
+        deadline = time.monotonic() + timeout
+        while (r := self.reply(max(0.1, deadline - time.monotonic()))) is not None:
+            out.append(r)
+        return out
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()

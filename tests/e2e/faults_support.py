@@ -82,8 +82,8 @@ def start_pair(
     """A standby (its --data-dir `data_dir`, by default tmp/standby) and a primary in front of it through
     a `LinkProxy`."""
     standby = daemons.standby(data_dir, *standby_extra)
-    proxy = LinkProxy(standby.grpc)
+    proxy = LinkProxy(standby)
     vol = tmp / "primary" / "vol0.img"
     vol.parent.mkdir(exist_ok=True)
-    primary = daemons.primary(proxy.address, {"vol0": f"{vol},size=32MiB"}, "--ack-timeout", "3", *extra)
+    primary = daemons.primary(proxy, {"vol0": f"{vol},size=32MiB"}, "--ack-timeout", "3", *extra)
     return standby, primary, proxy

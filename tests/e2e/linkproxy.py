@@ -5,39 +5,62 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+from typing import Protocol
+
+
+class Peer(Protocol):
+    """A standby as the proxy sees it: its gRPC address and its data channel's ("" for none)."""
+
+    grpc: str
+    data: str
 
 
 class LinkProxy:
-    """Forwards connections from `address` to `target` (``H:P``) until `cut`; `restore` lets them in again.
+    """Forwards connections to a standby's gRPC address, and to its data channel when it has one,
+    until `cut`; `restore` lets them in again. A primary started through the proxy
+    (`Daemons.primary(proxy, ...)`) reaches both through it: `address` is the gRPC side, `data_address`
+    the data channel's (``--standby-data``).
 
     While cut, every open connection is torn down and new ones are accepted and closed at once, as a
     broken link or a rebooting peer looks to a client. While stalled (`stall`), connections stay open
-    but no byte moves, as a hung peer or a black-holed route looks. `target` may be changed (a
-    restarted peer on a new port).
+    but no byte moves, as a hung peer or a black-holed route looks. The targets may be changed (a
+    restarted peer on new ports).
     """
 
-    def __init__(self, target: str) -> None:
-        self.target = target
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+    def __init__(self, target: str | Peer) -> None:
+        grpc, data = _targets(target)
         self._up = True
         self._flowing = threading.Event()
         self._flowing.set()
         self._lock = threading.Lock()
         self._conns: list[socket.socket] = []
         self.cuts = 0
-        self._thread = threading.Thread(target=self._accept, name="linkproxy", daemon=True)
-        self._thread.start()
+        self._targets = {"grpc": grpc, "data": data}
+        self._listeners: list[socket.socket] = []
+        self.address = self._listen("grpc")
+        self.data_address = self._listen("data")
 
-    def _accept(self) -> None:
+    @property
+    def target(self) -> str:
+        return self._targets["grpc"]
+
+    def _listen(self, route: str) -> str:
+        listener = socket.create_server(("127.0.0.1", 0))
+        self._listeners.append(listener)
+        threading.Thread(
+            target=self._accept, args=(listener, route), name=f"linkproxy-{route}", daemon=True
+        ).start()
+        return f"127.0.0.1:{listener.getsockname()[1]}"
+
+    def _accept(self, listener: socket.socket, route: str) -> None:
         while True:
             try:
-                client, _ = self._listener.accept()
+                client, _ = listener.accept()
             except OSError:
                 return
             with self._lock:
-                up, target = self._up, self.target
-            if not up:
+                up, target = self._up, self._targets[route]
+            if not up or not target:
                 client.close()
                 continue
             host, port = target.rsplit(":", 1)
@@ -80,13 +103,21 @@ class LinkProxy:
     def unstall(self) -> None:
         self._flowing.set()
 
-    def restore(self, target: str | None = None) -> None:
+    def restore(self, target: str | Peer | None = None) -> None:
         with self._lock:
             if target is not None:
-                self.target = target
+                grpc, data = _targets(target)
+                self._targets = {"grpc": grpc, "data": data or self._targets["data"]}
             self._up = True
 
     def close(self) -> None:
         self.unstall()
         self.cut()
-        self._listener.close()
+        for listener in self._listeners:
+            listener.close()
+
+
+def _targets(target: str | Peer) -> tuple[str, str]:
+    if isinstance(target, str):
+        return target, ""
+    return target.grpc, target.data

@@ -33,6 +33,8 @@ from faults_support import assert_in_sync, assert_snapshot, frozen_snapshot, sta
 from fullfs_support import FullFs, mounted_fullfs
 from linkproxy import LinkProxy
 
+pytestmark = pytest.mark.both_transports
+
 FAULTS = (
     "cut_link", "stall_link", "kill_standby", "kill_primary", "snapshot_churn", "disk_full", "small_snapshot",
     "kill_backup",
@@ -157,7 +159,7 @@ def run_matrix(
                 standby.daemon.kill()
                 time.sleep(rng.uniform(0.2, 1.0))
                 standby = daemons.standby(standby.data_dir, *standby_extra)
-                proxy.restore(standby.grpc)
+                proxy.restore(standby)
             elif fault == "kill_primary":
                 # Sync mode guarantees acknowledged writes on the standby while connected and in sync
                 # (during an outage the primary acknowledges local writes and tracks them, as DRBD does).
@@ -210,7 +212,7 @@ def run_matrix(
                     kept[made] = image
             done.append(fault)
         writer.stop()
-        proxy.restore(standby.grpc)
+        proxy.restore(standby)
         assert_in_sync(standby, primary)
         writer.check(standby.replica("vol0"), f"seed {seed}: the replica at the end")
         assert_snapshot(standby, name, expected, tmp)
@@ -313,7 +315,7 @@ def _first_bytes(fifo: Path, proc: subprocess.Popen[bytes], timeout: float = 60.
 
 def restart_primary(daemons: Daemons, old: Primary, proxy: LinkProxy) -> Primary:
     vol = old.volumes["vol0"]
-    return daemons.primary(proxy.address, {"vol0": f"{vol},size=32MiB"}, "--ack-timeout", "3")
+    return daemons.primary(proxy, {"vol0": f"{vol},size=32MiB"}, "--ack-timeout", "3")
 
 
 def seeds(count: int) -> list[int]:

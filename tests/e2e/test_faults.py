@@ -24,7 +24,7 @@ from faults_support import (
     start_pair,
 )
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.both_transports]
 
 
 def test_link_cut_several_times_during_fio_writes(daemons: Daemons, tmp_path: Path) -> None:
@@ -60,7 +60,7 @@ def test_standby_killed_mid_storm_and_restarted(daemons: Daemons, tmp_path: Path
         standby.daemon.kill()  # kill -9 while writes flow
         time.sleep(1.5)
         again = daemons.standby(standby.data_dir)
-        proxy.restore(again.grpc)
+        proxy.restore(again)
         finish(storm)
         assert_in_sync(again, primary)
         assert_snapshot(again, name, expected, tmp_path)
@@ -83,7 +83,7 @@ def test_primary_killed_mid_storm_resyncs_marked_regions_on_restart(daemons: Dae
         storm.communicate(timeout=60)
         vol = primary.volumes["vol0"]
         assert vol.with_name("vol0.img.bitmap").exists()
-        again = daemons.primary(proxy.address, {"vol0": f"{vol},size=32MiB"})
+        again = daemons.primary(proxy, {"vol0": f"{vol},size=32MiB"})
         dirty = [e for e in again.daemon.events if e.get("event") == "bitmap_dirty"]
         assert dirty, "the restarted primary found no marked regions in its bitmap"
         assert dirty[0]["bytes"] <= VOLUME_SIZE // 4 + 4 * MiB, "a crash must resync only the marked regions"

@@ -179,7 +179,7 @@ class Rig:
 
     def start_standby(self) -> None:
         self.standby = self.env.daemons.standby(self.data_dir, *self.extra)
-        self.proxy.restore(self.standby.grpc)
+        self.proxy.restore(self.standby)
 
     def save(self, name: str, image: bytes) -> Path:
         return self.model.save(self.tmp / f"{name}.expected.img", image)
@@ -196,12 +196,12 @@ class Rig:
 def start_rig(env: Env, policy: str = "invalidate", capacity: str = CAPACITY) -> Rig:
     extra = ("--on-full", policy, "--preservation-capacity", capacity)
     standby = env.daemons.standby(env.fs.mnt / "standby", *extra)
-    proxy = LinkProxy(standby.grpc)
+    proxy = LinkProxy(standby)
     env.proxies.append(proxy)
     vol = env.tmp / "primary" / "vol0.img"
     vol.parent.mkdir(exist_ok=True)
     primary = env.daemons.primary(
-        proxy.address,
+        proxy,
         {"vol0": f"{vol},size=32MiB,block-size=4096"},
         "--mode", "sync", "--ack-timeout", "5",
     )  # fmt: skip

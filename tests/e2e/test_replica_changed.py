@@ -44,7 +44,7 @@ class Pair:
 
     def start_standby(self) -> Standby:
         self.standby = self.daemons.standby(self.standby.data_dir)
-        self.proxy.restore(self.standby.grpc)
+        self.proxy.restore(self.standby)
         return self.standby
 
     def write_outside(self, tmp: Path, seed: int) -> None:

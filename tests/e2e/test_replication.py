@@ -23,7 +23,7 @@ from e2e_support import (
     run,
 )
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.both_transports]
 
 
 def test_qemu_io_writes_are_on_the_replica_as_soon_as_they_are_answered(appliance: Appliance) -> None:
@@ -181,3 +181,12 @@ def test_two_volumes_with_their_own_block_sizes_replicate_independently(
     run("nbdcopy", standby.uri(f"vol1@{s1}"), out)
     assert out.read_bytes() == frozen1, "the snapshot of vol1 moved"
     assert [s["name"] for s in standby.snapshots("vol0")] == [], "a snapshot of vol1 showed up under vol0"
+
+
+def test_batches_travel_on_the_transport_asked_for(appliance: Appliance, transport: str | None) -> None:
+    """`--transport channel` uses the standby's data channel, `grpc` the Mirror stream; the default
+    (auto) takes the data channel this standby offers."""
+    connected = appliance.primary.daemon.wait_for("mirror_connected")
+    assert connected["transport"] == (transport or "channel"), connected
+    opened = [e for e in appliance.standby.daemon.events if e.get("event") == "data_channel_opened"]
+    assert bool(opened) == (connected["transport"] == "channel"), opened

@@ -273,4 +273,4 @@ def test_every_daemon_listens_on_loopback_only_by_default(tmp_path: Path) -> Non
         for key, value in listeners.items():
             assert value.startswith("127.0.0.1:"), f"{role}: {key} = {value} by default, not loopback"
             seen += 1
-    assert seen == 6, f"expected 3 + 2 + 1 listening settings, saw {seen}"
+    assert seen == 7, f"expected 4 + 2 + 1 listening settings, saw {seen}"
