@@ -14,8 +14,10 @@ import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -146,3 +148,177 @@ def paired(
         "ratio": round(median([r["ratio"] for r in runs]), 3),
         "pairs": runs,
     }
+
+
+# ---------------------------------------------------------------------------- peers, flags, CPU time
+
+
+def start_nbdkit(port: int, *plugin_args: str) -> subprocess.Popen[bytes]:
+    """`nbdkit PLUGIN [KEY=VALUE...]` on 127.0.0.1:PORT in the foreground, once it accepts connections."""
+    import socket
+
+    proc = subprocess.Popen(
+        ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), *plugin_args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"nbdkit {plugin_args[0]} exited with {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    raise RuntimeError(f"nbdkit {plugin_args[0]} did not start")
+
+
+def help_lists(argv: Sequence[str], option: str) -> bool:
+    """Whether `argv --help` lists `option` (for flags a program gains in a later revision)."""
+    try:
+        out = subprocess.run([*argv, "--help"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return re.search(rf"(^|[\s\[,]){re.escape(option)}([\s=\],]|$)", out.stdout, re.MULTILINE) is not None
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_ticks(stat_path: str) -> int | None:
+    """utime + stime of a /proc/.../stat file, in clock ticks (None when the task is gone)."""
+    try:
+        with open(stat_path) as f:
+            text = f.read()
+    except OSError:
+        return None
+    fields = text.rpartition(")")[2].split()  # fields from the 3rd on; the name may hold spaces
+    return int(fields[11]) + int(fields[12])
+
+
+def _thread_file(pid: int, tid: int, name: str) -> str:
+    """/proc/PID/task/TID/NAME stripped ("?" when the thread is gone)."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/{name}") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+class CpuMeter:
+    """CPU time (utime + stime, from /proc) of named processes over a timed run, in total and per thread.
+
+    `start()` reads every process and its threads; a sampler then re-reads the threads every `interval`
+    seconds, so a thread that exits before `stop()` (a connection's thread) is counted up to its last
+    sample. The process totals are exact (the kernel keeps exited threads' time in the process's stat);
+    per thread, ``unsampled_s`` is the total's remainder (exited threads since their last sample). Each
+    sample also notes where each thread waits in the kernel (``wchan``; ``running`` when it is on a CPU,
+    ``wait_woken`` a socket read, ``futex_do_wait`` a lock or condition, Python's interpreter lock
+    included), which tells apart threads that share a name."""
+
+    def __init__(self, processes: dict[str, int], interval: float = 0.25) -> None:
+        self.processes = processes
+        self.interval = interval
+        self._total0: dict[str, int] = {}
+        self._first: dict[tuple[str, int], int] = {}
+        self._last: dict[tuple[str, int], int] = {}
+        self._names: dict[tuple[str, int], str] = {}
+        self._waits: dict[tuple[str, int], Counter[str]] = defaultdict(Counter)
+        self._stop = threading.Event()
+        self._sampler: threading.Thread | None = None
+
+    def _sample(self, first: bool) -> None:
+        for label, pid in self.processes.items():
+            try:
+                tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+            except OSError:
+                continue
+            for tid in tids:
+                ticks = _cpu_ticks(f"/proc/{pid}/task/{tid}/stat")
+                if ticks is None:
+                    continue
+                key = (label, tid)
+                if key not in self._names:
+                    self._names[key] = _thread_file(pid, tid, "comm")
+                    if first:
+                        self._first[key] = ticks
+                self._last[key] = ticks
+                wchan = _thread_file(pid, tid, "wchan")
+                self._waits[key]["running" if wchan == "0" else wchan] += 1
+
+    def start(self) -> CpuMeter:
+        for label, pid in self.processes.items():
+            self._total0[label] = _cpu_ticks(f"/proc/{pid}/stat") or 0
+        self._sample(first=True)
+        self._sampler = threading.Thread(target=self._run, name="cpu-meter", daemon=True)
+        self._sampler.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample(first=False)
+
+    def stop(self) -> dict[str, dict[str, Any]]:
+        """Per process: ``cpu_s`` and ``threads`` [{tid, name, main, new, cpu_s, waits}] (threads that used
+        CPU; ``waits``: the kernel functions it was seen waiting in, by share of the samples)."""
+        self._stop.set()
+        if self._sampler is not None:
+            self._sampler.join()
+        self._sample(first=False)
+        out: dict[str, dict[str, Any]] = {}
+        for label, pid in self.processes.items():
+            total = ((_cpu_ticks(f"/proc/{pid}/stat") or 0) - self._total0.get(label, 0)) / CLOCK_TICKS
+            threads: list[dict[str, Any]] = []
+            for (who, tid), ticks in self._last.items():
+                if who != label:
+                    continue
+                used = (ticks - self._first.get((who, tid), 0)) / CLOCK_TICKS
+                if used > 0:
+                    waits = self._waits[(who, tid)]
+                    samples = sum(waits.values())
+                    threads.append({
+                        "tid": tid,
+                        "name": self._names[(who, tid)],
+                        "main": tid == pid,
+                        "new": (who, tid) not in self._first,
+                        "cpu_s": used,
+                        "waits": {w: round(n / samples, 2) for w, n in waits.most_common(2)},
+                    })  # fmt: skip
+            threads.sort(key=lambda t: -float(t["cpu_s"]))
+            seen = sum(float(t["cpu_s"]) for t in threads)
+            out[label] = {"cpu_s": total, "threads": threads, "unsampled_s": round(max(total - seen, 0.0), 3)}
+        return out
+
+
+def rotated(
+    label: str,
+    rounds: int,
+    runners: dict[str, Callable[[], dict[str, Any]]],
+    key: str,
+    higher_is_better: bool,
+    ours: str = "ours",
+) -> list[dict[str, Any]]:
+    """`rounds` rounds in which each of `runners` runs once (each returns a dict holding `key`), the
+    order rotating every round, so each party runs first, middle and last in turn. Each round is
+    ``{"order": [...], NAME: result, ..., "ratio_" + PEER: ours relative to PEER}``, the ratio being ours
+    over the peer's (the peer's over ours when lower is better): above 1, ours did better."""
+    parties = list(runners)
+    out: list[dict[str, Any]] = []
+    for i in range(rounds):
+        k = i % len(parties)
+        order = parties[k:] + parties[:k]
+        result: dict[str, Any] = {"order": order}
+        for who in order:
+            result[who] = runners[who]()
+        mine = result[ours][key]
+        for who in parties:
+            if who != ours:
+                theirs = result[who][key]
+                ratio = mine / theirs if higher_is_better else theirs / mine
+                result[f"ratio_{who}"] = round(ratio, 3)
+        values = ", ".join(f"{who} {result[who][key]}" for who in parties)
+        log(f"{label} round {i + 1}/{rounds} ({key}): {values}")
+        out.append(result)
+    return out

@@ -9,6 +9,9 @@ tools=(qemu-img:qemu-utils qemu-io:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-
        nbdkit:nbdkit fio:fio fuse2fs:fuse2fs mkfs.ext4:e2fsprogs e2fsck:e2fsprogs zstd:zstd tar:tar
        prometheus:prometheus promtool:prometheus systemd-analyze:systemd openssl:openssl)
 
+# header:package pairs (bench/replication_bench.py --c-mirror builds an nbdkit plugin)
+headers=(nbdkit-plugin.h:nbdkit-plugin-dev)
+
 missing=()
 for pair in "${tools[@]}"; do
   cmd=${pair%%:*}
@@ -16,6 +19,9 @@ for pair in "${tools[@]}"; do
   if ! command -v "$cmd" >/dev/null 2>&1; then
     [[ " ${missing[*]-} " == *" $pkg "* ]] || missing+=("$pkg")
   fi
+done
+for pair in "${headers[@]}"; do
+  [ -e "/usr/include/${pair%%:*}" ] || missing+=("${pair##*:}")
 done
 
 if [ ${#missing[@]} -eq 0 ]; then
