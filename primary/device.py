@@ -20,6 +20,7 @@ from typing import Protocol
 from primary.mirror import Finisher, Mirror
 from standbylib.blockdev import Device, check_range
 from standbylib.rawfile import Buffer, is_zero
+from standbylib.readplan import ReadPlan
 
 
 class WriteMetrics(Protocol):
@@ -61,6 +62,16 @@ class MirroredDevice:
 
     def extents(self, offset: int, length: int) -> list[tuple[int, bool]]:
         return self.device.extents(offset, length)
+
+    def read_plan(self, offset: int, length: int) -> ReadPlan:
+        """The local volume's read plan (`standbylib.readplan`): the NBD server serves READs from it on
+        the connection's thread, sent from the page cache (``zero_copy``).
+
+        No lock: a read that races a write of the same range may return the old data, the new, or a
+        mix of both, as on any disk; a client that depends on a read waits for its reply before
+        writing, so sending the file's pages by reference is safe (readplan's docstring). Writes
+        only come from this device's `write` and `zero`."""
+        return self.device.read_plan(offset, length)
 
     def _is_hole(self, offset: int, length: int) -> bool:
         runs = self.device.extents(offset, length)

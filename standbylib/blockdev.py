@@ -29,6 +29,8 @@ from standbylib.readplan import Bytes, FileRange, Hole, Piece, ReadPlan
 MIN_BLOCK_SIZE = 512
 MAX_BLOCK_SIZE = 1 << 20
 DEFAULT_BLOCK_SIZE = 4096
+#: Shortest range whose read plan (`Device.read_plan`) reports the file's holes.
+PLAN_HOLES_MIN = 64 << 10
 
 
 def check_block_size(block_size: int) -> int:
@@ -132,16 +134,24 @@ class Device:
 
         Zero copy is safe here because the bytes only change when someone writes this device, and
         an NBD client depending on a read waits for its reply before writing. Nothing is locked.
+
+        A range shorter than `PLAN_HOLES_MIN` is one file range: asking the filesystem where its
+        holes are (``lseek``) costs as much as reading it (4 KiB reads from the page cache), and
+        sending a small hole as zeros costs little.
         """
         check_range(offset, length, self._size)
         raw = self.raw
         if not isinstance(raw, OsFile):
             return ReadPlan([Bytes(raw.pread(length, offset))])
-        pieces: list[Piece] = []
-        pos = offset
-        for run, hole in raw.extents(offset, length):
-            pieces.append(Hole(run) if hole else FileRange(raw.fd, pos, run))
-            pos += run
+        pieces: list[Piece]
+        if length < PLAN_HOLES_MIN:
+            pieces = [FileRange(raw.fd, offset, length)]
+        else:
+            pieces = []
+            pos = offset
+            for run, hole in raw.extents(offset, length):
+                pieces.append(Hole(run) if hole else FileRange(raw.fd, pos, run))
+                pos += run
         raw.counters.reads += 1
         raw.counters.bytes_read += length
         return ReadPlan(pieces, zero_copy=True)

@@ -24,8 +24,10 @@ from standbylib.nbd.protocol import ProtocolError
 from standbylib.nbd.sockio import SocketReader, SocketWriter
 from standbylib.nbd.tls import ServerTls, TlsConnection
 
-#: Largest READ/WRITE payload served; larger requests get EINVAL (a WRITE's payload is still consumed).
-MAX_REQUEST = 32 << 20
+#: Largest READ/WRITE payload served, advertised as the maximum block size (NBD_INFO_BLOCK_SIZE); larger
+#: requests get EINVAL (a WRITE's payload is consumed and dropped) and the connection goes on. 64 MiB as
+#: nbdkit: qemu and libnbd clients never send more than the advertised maximum.
+MAX_REQUEST = 64 << 20
 #: Largest option payload accepted during the handshake; larger ones end the connection.
 MAX_OPTION = 64 << 10
 #: Preferred block size advertised in NBD_INFO_BLOCK_SIZE.
@@ -65,26 +67,50 @@ class Session:
     meta_allocation: bool = False
     name: str = ""
     device: BlockDevice | None = None
+    flags: int = 0  # transmission flags sent for the export
 
     def select(self, name: str, device: BlockDevice) -> None:
         self.name = name
         self.device = device
+        self.flags = transmission_flags(device, structured=self.structured)
         if self.meta_export != name:
             self.meta_allocation = False
 
 
-def transmission_flags(device: BlockDevice) -> int:
-    flags = (
-        p.FLAG_HAS_FLAGS
-        | p.FLAG_SEND_FLUSH
-        | p.FLAG_SEND_FUA
-        | p.FLAG_CAN_MULTI_CONN
-        | p.FLAG_SEND_TRIM
-        | p.FLAG_SEND_WRITE_ZEROES
-    )
+def transmission_flags(device: BlockDevice, *, structured: bool) -> int:
+    """The transmission flags of `device`'s export.
+
+    A read-only export advertises no command that writes or makes writes durable (FLUSH, FUA, TRIM,
+    WRITE_ZEROES), as ``nbdkit -r`` does: clients then never send them (if they do, writes get EPERM
+    and FUA EINVAL). DF (a READ answered with one data chunk) needs structured replies, so it is
+    advertised only once they are negotiated. FAST_ZERO is not offered."""
+    flags = p.FLAG_HAS_FLAGS | p.FLAG_CAN_MULTI_CONN
     if device.readonly:
         flags |= p.FLAG_READ_ONLY
+    else:
+        flags |= p.FLAG_SEND_FLUSH | p.FLAG_SEND_FUA | p.FLAG_SEND_TRIM | p.FLAG_SEND_WRITE_ZEROES
+    if structured:
+        flags |= p.FLAG_SEND_DF
     return flags
+
+
+def command_flags(transmission: int) -> dict[int, int]:
+    """Command -> the command flags a request of it may carry on an export with these transmission
+    flags (doc/proto.md, "Command flags"); a request with any other flag gets EINVAL.
+
+    FUA is valid on every command once SEND_FUA is advertised (the spec says servers MUST accept it,
+    "even by ignoring the bit"; it only matters on writes); NO_HOLE only on WRITE_ZEROES; DF only on
+    READ with SEND_DF; REQ_ONE only on BLOCK_STATUS; FAST_ZERO never (not advertised)."""
+    fua = p.CMD_FLAG_FUA if transmission & p.FLAG_SEND_FUA else 0
+    df = p.CMD_FLAG_DF if transmission & p.FLAG_SEND_DF else 0
+    return {
+        p.CMD_READ: fua | df,
+        p.CMD_WRITE: fua,
+        p.CMD_FLUSH: fua,
+        p.CMD_TRIM: fua,
+        p.CMD_WRITE_ZEROES: fua | p.CMD_FLAG_NO_HOLE,
+        p.CMD_BLOCK_STATUS: fua | p.CMD_FLAG_REQ_ONE,
+    }
 
 
 def negotiate(
@@ -151,7 +177,7 @@ def negotiate(
             if device is None:
                 raise ProtocolError(detail=f"unknown export {name!r} in NBD_OPT_EXPORT_NAME")
             session.select(name, device)
-            out.append(p.EXPORT_NAME_REPLY.pack(device.size, transmission_flags(device)))
+            out.append(p.EXPORT_NAME_REPLY.pack(device.size, session.flags))
             if not session.no_zeroes:
                 out.append(p.ZERO_PAD)
             writer.send(out)
@@ -202,7 +228,8 @@ def _info(
         reply(p.REP_ERR_UNKNOWN, f"unknown export {name!r}".encode())
         return False
     del requests  # block sizes are sent whether asked or not, as the spec allows
-    export = p.INFO_EXPORT_STRUCT.pack(p.INFO_EXPORT, device.size, transmission_flags(device))
+    flags = transmission_flags(device, structured=session.structured)
+    export = p.INFO_EXPORT_STRUCT.pack(p.INFO_EXPORT, device.size, flags)
     sizes = p.INFO_BLOCK_SIZE_STRUCT.pack(
         p.INFO_BLOCK_SIZE, min_block, max(min_block, PREFERRED_BLOCK_SIZE), MAX_REQUEST
     )

@@ -30,8 +30,11 @@ def data_header(cookie: int, offset: int, length: int) -> bytes:
     return _DATA_CHUNK.pack(*_DATA_START, cookie, 8 + length, offset)
 
 
-def read_reply(cookie: int, offset: int, segments: list[Segment], *, structured: bool) -> list[Part]:
-    """The parts of a successful READ reply carrying `segments` from `offset`."""
+def read_reply(
+    cookie: int, offset: int, segments: list[Segment], *, structured: bool, one_chunk: bool = False
+) -> list[Part]:
+    """The parts of a successful READ reply carrying `segments` from `offset`; with `one_chunk`
+    (NBD_CMD_FLAG_DF) a structured reply is a single OFFSET_DATA chunk, holes sent as zeros."""
     if len(segments) == 1 and not isinstance(segments[0], int):
         # The common case, one piece of data: one header.
         data = segments[0]
@@ -39,8 +42,9 @@ def read_reply(cookie: int, offset: int, segments: list[Segment], *, structured:
             return [p.simple_reply(cookie), data]
         return [data_header(cookie, offset, length_of(data)), data]
     out: list[Part] = []
-    if not structured:
-        out.append(p.simple_reply(cookie))
+    if not structured or one_chunk:
+        total = sum(length_of(seg) for seg in segments)
+        out.append(data_header(cookie, offset, total) if structured else p.simple_reply(cookie))
         for seg in segments:
             if isinstance(seg, int):
                 out.extend(zero_parts(seg))

@@ -24,6 +24,8 @@ from standbylib.rawfile import Buffer
 from standbylib.readplan import FileRange
 
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
+#: Largest piece of a long payload allocated at once (`SocketReader.read`).
+READ_PIECE = 8 << 20
 _ZEROS = bytes(1 << 20)
 
 
@@ -87,23 +89,34 @@ class SocketReader:
         self._start += n
 
     def read(self, n: int) -> bytes | bytearray:
-        """Read exactly `n` bytes."""
+        """Read exactly `n` bytes.
+
+        More than a buffer's worth is received straight into pieces of at most `READ_PIECE` bytes,
+        each allocated when the data reaches it, then joined: a peer announcing 64 MiB and sending
+        little makes the server hold little, and a write up to `READ_PIECE` costs no extra copy."""
         if n <= len(self._buf):
             self._fill(n)
             data = bytes(self._view[self._start : self._start + n])
             self._start += n
             return data
-        out = bytearray(n)
-        view = memoryview(out)
         have = self._end - self._start
-        view[:have] = self._view[self._start : self._end]
-        self._start = self._end = 0
-        while have < n:
-            got = self._sock.recv_into(view[have:])
-            if not got:
-                raise PeerClosed(f"connection closed with {have} of {n} bytes")
-            have += got
-        return out
+        pieces: list[bytearray] = []
+        left = n
+        while left:
+            piece = bytearray(max(min(left, READ_PIECE), have))
+            view = memoryview(piece)
+            if have:
+                view[:have] = self._view[self._start : self._end]
+                self._start = self._end = 0
+            got, have = have, 0
+            while got < len(piece):
+                k = self._sock.recv_into(view[got:])
+                if not k:
+                    raise PeerClosed(f"connection closed with {n - left + got} of {n} bytes")
+                got += k
+            pieces.append(piece)
+            left -= len(piece)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def discard(self, n: int) -> None:
         """Consume `n` bytes we will not use, a buffer at a time."""

@@ -24,6 +24,18 @@ from standbylib.runtime.config import ConfigError
 NBD_TLS_MODES = ("off", "optional", "require")
 
 
+def parse_yes_no(value: object) -> bool:
+    """A boolean setting given as a flag value (yes/no, true/false, on/off, 1/0) or a TOML boolean."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("yes", "true", "on", "1"):
+        return True
+    if text in ("no", "false", "off", "0"):
+        return False
+    raise ConfigError(detail=f"{value!r} is not yes or no")
+
+
 @dataclass
 class NbdTlsSettings:
     """The NBD server's TLS settings, shared by the daemons that export NBD (their configurations
@@ -45,6 +57,14 @@ class NbdTlsSettings:
         None,
         "PEM CA certificates that NBD client certificates must chain to, if not --tls-ca",
         metavar="FILE",
+    )
+    nbd_require_client_cert: bool | None = cfg.setting(
+        None,
+        "NBD over TLS: yes = NBD clients must present a certificate signed by --nbd-tls-ca (or "
+        "--tls-ca); no = a client certificate is checked only when presented; not set = as "
+        "--require-client-cert",
+        parse=parse_yes_no,
+        metavar="yes|no",
     )
 
 
@@ -183,14 +203,23 @@ def nbd_server_tls(
 ) -> ServerTls | None:
     """An NBD server's TLS for ``--nbd-tls MODE`` (None when off). Its files are ``--nbd-tls-cert``,
     ``--nbd-tls-key`` and ``--nbd-tls-ca`` when any is given, else `fallback` (``--tls-cert``,
-    ``--tls-key``, ``--tls-ca``)."""
+    ``--tls-key``, ``--tls-ca``). With `require_client_cert` every client must present a certificate
+    that chains to the CA: ``--nbd-tls-ca``, else ``--tls-ca``."""
     if mode not in NBD_TLS_MODES:
         raise ConfigError(detail=f"--nbd-tls {mode!r} is not one of {', '.join(NBD_TLS_MODES)}")
     if mode == "off":
         return None
     own = bool(cert or key or ca)
+    chosen = (cert, key, ca) if own else fallback
+    if require_client_cert and not chosen[2]:
+        if not fallback[2]:
+            raise ConfigError(
+                detail="NBD client certificates (--nbd-require-client-cert, --require-client-cert) need "
+                "--nbd-tls-ca or --tls-ca: the CA that client certificates must chain to"
+            )
+        chosen = (chosen[0], chosen[1], fallback[2])
     files = TlsFiles(
-        *((cert, key, ca) if own else fallback),
+        *chosen,
         require_client_cert=require_client_cert,
         flags="--nbd-tls" if own else "--tls",
     )
@@ -224,14 +253,23 @@ def _reason(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
+def nbd_requires_client_cert(conf: Any) -> bool:
+    """Whether NBD clients must present a certificate: ``--nbd-require-client-cert`` when set, else
+    ``--require-client-cert`` (the standby's gRPC setting, the primary's NBD one)."""
+    own: bool | None = conf.nbd_require_client_cert
+    return bool(conf.require_client_cert) if own is None else own
+
+
 def nbd_tls_of(conf: Any) -> ServerTls | None:
     """`nbd_server_tls` of a daemon's configuration (an `NbdTlsSettings` that also has the gRPC
     ``tls_cert``, ``tls_key``, ``tls_ca`` and ``require_client_cert`` settings)."""
+    if conf.nbd_require_client_cert and conf.nbd_tls == "off":
+        raise ConfigError(detail="--nbd-require-client-cert applies to NBD over TLS: give --nbd-tls")
     return nbd_server_tls(
         conf.nbd_tls,
         conf.nbd_tls_cert,
         conf.nbd_tls_key,
         conf.nbd_tls_ca,
-        conf.require_client_cert,
+        nbd_requires_client_cert(conf),
         (conf.tls_cert, conf.tls_key, conf.tls_ca),
     )

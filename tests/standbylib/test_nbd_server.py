@@ -17,6 +17,7 @@ import pytest
 from standbylib.blockdev import BlockDevice, Device, open_file_device, ram_device
 from standbylib.nbd import NbdServer
 from standbylib.nbd import protocol as p
+from standbylib.nbd.handshake import MAX_REQUEST
 from standbylib.snapshot import PreservationStore
 
 SIZE = 1 << 20
@@ -133,7 +134,7 @@ def test_nbdinfo_reports_size_read_only_and_block_sizes(env: Env) -> None:
     assert (rw["block_size_minimum"], rw["block_size_preferred"], rw["block_size_maximum"]) == (
         1,
         4096,
-        32 << 20,
+        MAX_REQUEST,
     )
     assert "base:allocation" in rw["contexts"]
 
@@ -300,7 +301,7 @@ def test_request_errors_leave_the_connection_usable(env: Env) -> None:
     raw.go("rw")
     assert raw.request(p.CMD_READ, SIZE - 4, 8) == p.EINVAL
     assert raw.request(p.CMD_WRITE, SIZE - 4, 8, b"x" * 8) == p.ENOSPC
-    big = (32 << 20) + 1
+    big = MAX_REQUEST + 1
     raw.sock.sendall(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.CMD_WRITE, 7, 0, big))
     raw.sock.sendall(bytes(big))  # the payload is consumed, not mistaken for requests
     assert raw.reply(7) == p.EINVAL
