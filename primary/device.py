@@ -90,11 +90,16 @@ class MirroredDevice:
         self.mirror.wait(op)
         self.metrics.write_done(self.name, time.perf_counter() - start, len(data))
 
-    def write_async(self, offset: int, data: Buffer, done: Callable[[], Finisher]) -> bool:
+    def write_async(
+        self, offset: int, data: Buffer, done: Callable[[], Finisher], more: bool = False
+    ) -> bool:
         """`write` without blocking the caller: `done` is called once the write is acknowledged as the
         mode asks (maybe before this returns); what it returns is a `Mirror.when_done` finisher. False,
         with nothing done, when the write would have to wait for a bitmap sync: then the caller uses
         `write` (in a thread that may block).
+
+        With `more` (the caller has further requests at hand) the mirrored write is queued but not
+        sent: the burst's writes share a batch, sent by `send_pending` (or the next acknowledgement).
 
         The local write itself happens before this returns, under the order lock; errors raise."""
         check_range(offset, len(data), self.size)
@@ -104,9 +109,12 @@ class MirroredDevice:
             return False
         with self._order:
             tracked = self.mirror.begin(first, end - first)
-            with self.mirror.failing(first, end - first, tracked):
+            try:
                 self.device.write(offset, data)
-            op = self._mirror_range(offset, len(data), data, tracked)
+            except BaseException:
+                self.mirror.failed(first, end - first, tracked)
+                raise
+            op = self._mirror_range(offset, len(data), data, tracked, send=not more)
         nbytes = len(data)
 
         def finished() -> Finisher:
@@ -143,7 +151,13 @@ class MirroredDevice:
         bs = self.block_size
         return offset - offset % bs, -(-(offset + length) // bs) * bs
 
-    def _mirror_range(self, offset: int, length: int, data: Buffer | None, tracked: bool) -> int:
+    def send_pending(self) -> None:
+        """Send the mirrored writes `write_async` held back for a burst."""
+        self.mirror.send_pending()
+
+    def _mirror_range(
+        self, offset: int, length: int, data: Buffer | None, tracked: bool, *, send: bool = True
+    ) -> int:
         """Queue the change of ``[offset, offset+length)`` (already applied locally); the last op number.
 
         Called under the order lock, so reading back partial blocks sees exactly this write's result.
@@ -161,19 +175,21 @@ class MirroredDevice:
             inner_end = (offset + length) // bs * bs
             if inner_end > inner_first:
                 if inner_first > first:
-                    m.submit_write(first, self.device.read(first, inner_first - first))
+                    m.submit_write(first, self.device.read(first, inner_first - first), send=send)
                 if end > inner_end:
-                    m.submit_zero(inner_first, inner_end - inner_first)
-                    return m.submit_write(inner_end, self.device.read(inner_end, end - inner_end), span)
-                return m.submit_zero(inner_first, inner_end - inner_first, span)
+                    m.submit_zero(inner_first, inner_end - inner_first, send=send)
+                    return m.submit_write(
+                        inner_end, self.device.read(inner_end, end - inner_end), span, send=send
+                    )
+                return m.submit_zero(inner_first, inner_end - inner_first, span, send=send)
             payload: Buffer = self.device.read(first, end - first)
         elif first == offset and end == offset + length:
             payload = data
         else:
             payload = self.device.read(first, end - first)
         if is_zero(payload):
-            return m.submit_zero(first, end - first, span)
+            return m.submit_zero(first, end - first, span, send=send)
         # A bytes or bytearray payload is the caller's own (the NBD server hands it over): no copy.
         if not isinstance(payload, (bytes, bytearray)):
             payload = bytes(payload)
-        return m.submit_write(first, payload, span)
+        return m.submit_write(first, payload, span, send=send)

@@ -84,9 +84,18 @@ class AsyncWriter(Protocol):
     (possibly before it returns) and returns True; or returns False, having done nothing, when it
     would block, and the server runs a plain `write` in its pool instead. Errors raise. ``done``
     queues the reply and returns a function that sends what is queued: a device completing many
-    writes at once calls each ``done``, then each distinct function it got once."""
+    writes at once calls each ``done``, then each distinct function it got once.
 
-    def write_async(self, offset: int, data: Buffer, done: Callable[[], Sender]) -> bool: ...
+    ``more`` says further requests are already buffered on the connection: the device may hold back
+    work it would start for this write alone (the primary's mirror: sending a batch), so that the
+    writes of a burst share it; the server calls ``send_pending()`` before it waits for the next
+    request."""
+
+    def write_async(
+        self, offset: int, data: Buffer, done: Callable[[], Sender], more: bool = False
+    ) -> bool: ...
+
+    def send_pending(self) -> None: ...
 
 
 @runtime_checkable
@@ -131,6 +140,7 @@ class Transmission:
         self.async_writer = self.device if isinstance(self.device, AsyncWriter) else None
         self._thread_id = 0
         self._async_writes = 0  # started with write_async, not replied yet (under _in_flight_lock)
+        self._deferring = False  # a write_async was told more requests follow: call send_pending
         self._outbox: list[Part] = []  # their replies completed on other threads, not sent yet
         self._outbox_count = 0
         self._outbox_lock = threading.Lock()
@@ -154,6 +164,8 @@ class Transmission:
             self._loop()
         finally:
             try:
+                if self._deferring:
+                    self._send_deferred()  # the writes below complete only once it is sent
                 self._flush()
             finally:
                 self._release_held()
@@ -167,8 +179,12 @@ class Transmission:
         header_size = p.REQUEST.size
         inline, size, read_flags, mask = self.inline, self._size, self._read_flags, self._mask
         while True:
-            if self._pending and reader.buffered() < header_size:
-                self._flush()  # no further request at hand: never wait for one with replies unsent
+            if reader.buffered() < header_size:
+                # No further request at hand: never wait for one with work held back or replies unsent.
+                if self._deferring:
+                    self._send_deferred()
+                if self._pending:
+                    self._flush()
             magic, flags, command, cookie, offset, length = reader.unpack(p.REQUEST)
             if magic != p.REQUEST_MAGIC:
                 raise ProtocolError(detail=f"bad request magic {magic:#x}")
@@ -192,6 +208,8 @@ class Transmission:
             error = self._validate(command, flags, offset, length)
             if command == p.CMD_WRITE:
                 if reader.buffered() < length:
+                    if self._deferring:
+                        self._send_deferred()
                     self._flush()
                 if error is not None:  # refused: its payload is consumed, never held
                     reader.discard(length)
@@ -448,6 +466,8 @@ class Transmission:
         self, command: int, flags: int, cookie: int, offset: int, length: int, payload: Buffer | None
     ) -> None:
         if not self._slots.acquire(blocking=False):
+            if self._deferring:
+                self._send_deferred()  # the slots come back as those writes complete
             self._flush()
             self._slots.acquire()
         try:
@@ -473,6 +493,8 @@ class Transmission:
         would block, and nothing was done."""
         assert self.async_writer is not None
         if not self._slots.acquire(blocking=False):
+            if self._deferring:
+                self._send_deferred()  # the slots come back as those writes complete
             self._flush()
             self._slots.acquire()
         with self._all_done:
@@ -481,8 +503,10 @@ class Transmission:
         def done() -> Sender:
             return self._finish_async([p.simple_reply(cookie)])
 
+        more = self.reader.buffered() >= p.REQUEST.size
         try:
-            started = self.async_writer.write_async(offset, payload, done)
+            started = self.async_writer.write_async(offset, payload, done, more)
+            self._deferring = self._deferring or (started and more)
         except Exception as e:
             self._queue(self._failure(p.CMD_WRITE, cookie, e))
             self._async_done(1)
@@ -490,6 +514,12 @@ class Transmission:
         if not started:
             self._async_done(1)
         return started
+
+    def _send_deferred(self) -> None:
+        """Let the device start what `write_async` held back for a burst (see `AsyncWriter`)."""
+        self._deferring = False
+        assert self.async_writer is not None
+        self.async_writer.send_pending()
 
     def _finish_async(self, parts: list[Part]) -> Sender:
         """The reply of an asynchronous write: batched when on the connection's thread; else queued
