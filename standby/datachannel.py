@@ -15,7 +15,8 @@ The listener is exposed to anything that can reach it, so it trusts nothing befo
   frames at most `MAX_FRAME` (whatever length is announced) and each within `FRAME_SECONDS` once
   begun; a session silent for `IDLE_SECONDS` ends (a primary sends a heartbeat every second);
 * a TLS listener refuses a client that does not start TLS; at most `max_connections` connections are
-  served (the rest are closed at once, logged once, counted: ``standby_limit_reached_total``);
+  served, of which at most `MAX_HELLOS` from one address before their hello (the rest are closed at
+  once, logged once, counted: ``standby_limit_reached_total``);
 * a refusal sends an error frame when it can (`MirrorReply.error_code`, `error`), is logged
   (``data_channel_refused``) and counted (``standby_data_channel_refusals_total{reason}``), applies
   nothing, and leaves the daemon serving.
@@ -26,6 +27,7 @@ In ``received`` mode a second thread applies while the first acknowledges arriva
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hmac
 import queue
@@ -35,7 +37,6 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -43,10 +44,10 @@ from google.protobuf.message import DecodeError
 
 from standby.batches import applied_reply, apply_batch
 from standby.node import Replica, StandbyNode
-from standbylib.errors import InvalidArgument, StandbyError
+from standbylib.errors import StandbyError
 from standbylib.rpc.frames import MAX_FRAME, FrameReader, FrameTooBig, PeerClosed, send_frame
 from standbylib.rpc.v1 import replication_pb2
-from standbylib.rpc.wire import Decoded, batch_view, decode_batch
+from standbylib.rpc.wire import Decoded, MalformedMessage, batch_view, decode_batch
 from standbylib.runtime import logs
 from standbylib.runtime.rpc import status_for
 
@@ -60,8 +61,11 @@ HELLO_LIMIT = 4096
 #: Seconds a frame may take once its first byte arrived, and a session may stay silent.
 FRAME_SECONDS = 60.0
 IDLE_SECONDS = 60.0
-#: Connections served at once (sessions and connections still in their hello).
+#: Connections served at once (sessions and connections still in their hello), and connections from
+#: one address still in their hello at most (so that clients that never present a token cannot keep
+#: the primaries of other hosts out).
 MAX_CONNECTIONS = 256
+MAX_HELLOS = 16
 #: Batches acknowledged by one cumulative reply at most (see `DataChannelServer._session`).
 COALESCE = 16
 #: Batches received and not yet applied, per session, in `received` mode.
@@ -119,6 +123,7 @@ class DataChannelServer:
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
         self._sessions = 0
+        self._hellos: collections.Counter[str] = collections.Counter()  # before their hello, by address
         self._at_limit = False
         self._running = False
         self._sock: socket.socket | None = None
@@ -225,46 +230,63 @@ class DataChannelServer:
                     time.sleep(0.1)
                 continue
             with self._lock:
-                full = len(self._connections) >= self.max_connections
-                if not full:
+                if len(self._connections) >= self.max_connections:
+                    full = "data_channel_connections"
+                elif self._hellos[peer[0]] >= MAX_HELLOS:
+                    full = "data_channel_hellos"
+                else:
+                    full = ""
                     self._connections.add(conn)
+                    self._hellos[peer[0]] += 1
                     self._at_limit = False
             if full:
-                self._over_limit(conn, peer)
+                self._over_limit(conn, peer, full)
                 continue
             threading.Thread(
                 target=self._serve, args=(conn, peer), name=f"data-{peer[0]}:{peer[1]}", daemon=True
             ).start()
 
-    def _over_limit(self, conn: socket.socket, peer: tuple[str, int]) -> None:
-        self.metrics.limit_reached("data_channel_connections")
+    def _over_limit(self, conn: socket.socket, peer: tuple[str, int], limit: str) -> None:
+        self.metrics.limit_reached(limit)
         self.metrics.channel_refused("limit")
         if not self._at_limit:  # once per episode, not once per connection
             self._at_limit = True
             log.warning(
                 "limit_reached",
-                limit="data_channel_connections",
-                value=self.max_connections,
+                limit=limit,
+                value=self.max_connections if limit == "data_channel_connections" else MAX_HELLOS,
                 peer=f"{peer[0]}:{peer[1]}",
-                effect="new data channel connections are closed until one ends",
+                effect="new data channel connections are closed until one ends (connections that "
+                "have presented their token are not limited by data_channel_hellos)",
             )
         conn.close()
 
     def _serve(self, conn: socket.socket, peer: tuple[str, int]) -> None:
         where = f"{peer[0]}:{peer[1]}"
         sock = conn
+        authenticated = False
         try:
             try:
-                sock, reader, offer = self._hello(conn)
+                conn.settimeout(HELLO_SECONDS)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # replies are small
+                if self.tls is not None:
+                    try:
+                        sock = self.tls.wrap_socket(conn, server_side=True)
+                    except (ssl.SSLError, OSError) as e:
+                        detail = f"no TLS handshake: {describe_error(e)}"
+                        raise _Refused("tls", "UNAVAILABLE", detail) from None
+                reader, offer = self._hello(sock)
             except _Refused as e:
-                self._refuse(sock, where, e)
+                self._refuse(sock, where, e, send=e.reason != "tls")
                 return
             except (OSError, ssl.SSLError) as e:
                 reason = "timeout" if isinstance(e, TimeoutError) else "hello"
                 self._refuse(sock, where, _Refused(reason, "UNAVAILABLE", describe_error(e)), send=False)
                 return
             with self._lock:
+                self._hello_done(peer[0])
                 self._sessions += 1
+            authenticated = True
             try:
                 log.info(
                     "data_channel_opened", volume=offer.replica.name, peer=where, tls=self.tls is not None
@@ -277,18 +299,18 @@ class DataChannelServer:
         finally:
             with self._lock:
                 self._connections.discard(conn)
+                if not authenticated:
+                    self._hello_done(peer[0])
             _shutdown(sock)
 
-    def _hello(self, conn: socket.socket) -> tuple[socket.socket, FrameReader, _Offer]:
+    def _hello_done(self, host: str) -> None:
+        """Under the lock: a connection from `host` is past its hello (or gone)."""
+        self._hellos[host] -= 1
+        if self._hellos[host] <= 0:
+            del self._hellos[host]
+
+    def _hello(self, sock: socket.socket) -> tuple[FrameReader, _Offer]:
         deadline = time.monotonic() + HELLO_SECONDS
-        conn.settimeout(HELLO_SECONDS)
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # replies are small: never held back
-        sock = conn
-        if self.tls is not None:
-            try:
-                sock = self.tls.wrap_socket(conn, server_side=True)
-            except (ssl.SSLError, OSError) as e:
-                raise _Refused("tls", "UNAVAILABLE", f"no TLS handshake: {describe_error(e)}") from None
         reader = FrameReader(sock, limit=HELLO_LIMIT, initial=HELLO_LIMIT)
         try:
             frame = reader.read(deadline)
@@ -322,7 +344,7 @@ class DataChannelServer:
                 )
         reader.limit = MAX_FRAME
         sock.settimeout(IDLE_SECONDS)
-        return sock, reader, offer
+        return reader, offer
 
     def _refuse(self, sock: socket.socket, where: str, e: _Refused, *, send: bool = True) -> None:
         self.metrics.channel_refused(e.reason)
@@ -334,41 +356,13 @@ class DataChannelServer:
 
     def _session(self, sock: socket.socket, reader: FrameReader, offer: _Offer, where: str) -> None:
         replica = offer.replica
-        send_lock = threading.Lock()
-
-        def send(reply: replication_pb2.MirrorReply) -> None:
-            with send_lock:
-                send_frame(sock, [reply.SerializeToString()])
-
-        apply: Callable[[Decoded], None]
-        applier: _Applier | None = None
-        if offer.received_acks:
-            applier = _Applier(self.node, replica, send, sock)
-            apply = applier.put
-        else:
-            # Acknowledgements are cumulative: while the next frame is already arriving, the reply
-            # of a plain batch waits for the next one's (up to `COALESCE` batches), which saves a
-            # message and a wake-up on both sides. Replies that carry something (mismatches, a verify
-            # command) go at once.
-            coalesced = 0
-
-            def apply(decoded: Decoded) -> None:
-                nonlocal coalesced
-                mismatched = apply_batch(
-                    self.node, replica, decoded.sequence, decoded.ops, decoded.flush, decoded.uptodate
-                )
-                reply = applied_reply(self.node, replica, decoded.sequence, decoded.flush, mismatched)
-                if (
-                    coalesced < COALESCE
-                    and not mismatched
-                    and not reply.HasField("verify")
-                    and _readable(sock)
-                ):
-                    coalesced += 1
-                    return
-                coalesced = 0
-                send(reply)
-
+        out = _Replies(sock)
+        applier = _Applier(self.node, replica, out) if offer.received_acks else None
+        # Acknowledgements are cumulative: while the next frame is already arriving, the reply of a
+        # plain batch waits for the next one's (up to `COALESCE` batches), which saves a message and a
+        # wake-up on both sides. Replies that carry something (mismatches, a verify command) go at once;
+        # a held reply goes before an error and when the primary closes.
+        coalesced = 0
         ended = "the primary closed the data channel"
         try:
             while True:
@@ -382,39 +376,94 @@ class DataChannelServer:
                     frame = memoryview(bytes(frame))  # queued: its own copy, the buffer is reused
                 view = batch_view(frame)
                 if view is None:
-                    raise InvalidArgument(detail="only batches may follow the hello")
+                    raise MalformedMessage(detail="only batches may follow the hello")
                 decoded = decode_batch(view)
                 if applier is not None:
-                    send(replication_pb2.MirrorReply(sequence=decoded.sequence, received=True))
-                apply(decoded)
+                    out.send(replication_pb2.MirrorReply(sequence=decoded.sequence, received=True))
+                    applier.put(decoded)
+                    continue
+                mismatched = apply_batch(
+                    self.node, replica, decoded.sequence, decoded.ops, decoded.flush, decoded.uptodate
+                )
+                reply = applied_reply(self.node, replica, decoded.sequence, decoded.flush, mismatched)
+                if (
+                    coalesced < COALESCE
+                    and not mismatched
+                    and not reply.HasField("verify")
+                    and _readable(sock)
+                ):
+                    out.hold(reply)
+                    coalesced += 1
+                    continue
+                coalesced = 0
+                out.send(reply)
         except StandbyError as e:
             code = status_for(e).name
             ended = f"{code}: {e}"
-            if isinstance(e, InvalidArgument | FrameTooBig):
+            if isinstance(e, MalformedMessage | FrameTooBig):
                 self.metrics.channel_refused("protocol")
                 log.warning("data_channel_refused", peer=where, reason="protocol", error=str(e))
-            with send_lock:
-                _send_error(sock, code, str(e))
+            if applier is not None:
+                applier.close()  # what arrived before the bad frame is applied and acknowledged first
+                applier = None
+            out.error(code, str(e))
         except (OSError, ssl.SSLError) as e:
             ended = describe_error(e)
+        except Exception as e:  # a bug: the primary gets INTERNAL, the daemon goes on
+            log.exception("internal_error", error=repr(e), volume=replica.name)
+            ended = "INTERNAL: an unexpected error (see internal_error)"
+            out.error("INTERNAL", "internal error in the daemon; its log has the details")
         finally:
             if applier is not None:
                 applier.close()
+            out.release()
             log.info("data_channel_closed", volume=replica.name, peer=where, reason=ended)
+
+
+class _Replies:
+    """A session's replies: sent under one lock, at most one held back (cumulative acknowledgement),
+    nothing after the error frame, which is the last."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._lock = threading.Lock()
+        self._held: replication_pb2.MirrorReply | None = None
+        self._closed = False
+
+    def hold(self, reply: replication_pb2.MirrorReply) -> None:
+        with self._lock:
+            self._held = reply
+
+    def send(self, reply: replication_pb2.MirrorReply) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._held = None
+            send_frame(self.sock, [reply.SerializeToString()])
+
+    def release(self) -> None:
+        """Send the reply held back (the session ends)."""
+        with self._lock:
+            held, self._held = self._held, None
+            if held is not None and not self._closed:
+                with contextlib.suppress(OSError, ValueError):
+                    send_frame(self.sock, [held.SerializeToString()])
+
+    def error(self, code: str, message: str) -> None:
+        self.release()
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            _send_error(self.sock, code, message)
 
 
 class _Applier:
     """`received` mode: applies the queued batches in order and acknowledges each once applied; the
     first failure sends the error frame and shuts the connection."""
 
-    def __init__(
-        self,
-        node: StandbyNode,
-        replica: Replica,
-        send: Callable[[replication_pb2.MirrorReply], None],
-        sock: socket.socket,
-    ) -> None:
-        self.node, self.replica, self.send, self.sock = node, replica, send, sock
+    def __init__(self, node: StandbyNode, replica: Replica, out: _Replies) -> None:
+        self.node, self.replica, self.out = node, replica, out
         self.queue: queue.Queue[Decoded | None] = queue.Queue(maxsize=RECEIVE_QUEUE)
         self.failed: StandbyError | None = None
         self.thread = threading.Thread(target=self._run, name=f"apply-{replica.name}", daemon=True)
@@ -436,14 +485,19 @@ class _Applier:
             try:
                 node, replica = self.node, self.replica
                 mismatched = apply_batch(node, replica, item.sequence, item.ops, item.flush, item.uptodate)
-                self.send(applied_reply(node, replica, item.sequence, item.flush, mismatched))
+                self.out.send(applied_reply(node, replica, item.sequence, item.flush, mismatched))
             except StandbyError as e:
                 self.failed = e
-                _send_error(self.sock, status_for(e).name, str(e))
-                _shutdown(self.sock)
+                self.out.error(status_for(e).name, str(e))
+                _shutdown_only(self.out.sock)
             except OSError:
-                _shutdown(self.sock)
                 self.failed = StandbyError(detail="the data channel broke")
+                _shutdown_only(self.out.sock)
+            except Exception as e:
+                log.exception("internal_error", error=repr(e), volume=self.replica.name)
+                self.failed = StandbyError(detail="internal error")
+                self.out.error("INTERNAL", "internal error in the daemon; its log has the details")
+                _shutdown_only(self.out.sock)
 
 
 def _readable(sock: socket.socket) -> bool:
@@ -457,6 +511,12 @@ def _send_error(sock: socket.socket, code: str, message: str) -> None:
     reply = replication_pb2.MirrorReply(error_code=code, error=message[:4000])
     with contextlib.suppress(OSError, ValueError):  # the peer is gone already
         send_frame(sock, [reply.SerializeToString()])
+
+
+def _shutdown_only(sock: socket.socket) -> None:
+    """Wake the session's reader (it closes the socket)."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 def _shutdown(sock: socket.socket) -> None:

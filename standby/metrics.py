@@ -46,11 +46,12 @@ class StandbyMetrics:
         self.limits = Counter(
             "standby_limit_reached_total",
             "Times the standby refused work at a limit of its own: grpc_mirror_streams (Mirror streams "
-            "on gRPC, each holding a worker thread), data_channel_connections.",
+            "on gRPC, each holding a worker thread), data_channel_connections, data_channel_hellos "
+            "(connections from one address that have not presented a token yet).",
             ["limit"],
             registry=registry,
         )
-        for limit in ("grpc_mirror_streams", "data_channel_connections"):
+        for limit in ("grpc_mirror_streams", "data_channel_connections", "data_channel_hellos"):
             self.limits.labels(limit)
 
     def channel_refused(self, reason: str) -> None:

@@ -173,10 +173,21 @@ def _read_varint(view: memoryview, pos: int, end: int) -> tuple[int, int]:
         pos += 1
         value |= (byte & 0x7F) << shift
         if byte < 0x80:
-            return value, pos
+            return value & _U64, pos  # as protobuf: the low 64 bits
         shift += 7
-        if shift >= 64:
+        if shift >= 70:
             raise MalformedMessage(detail="varint longer than 10 bytes")
+
+
+_U64 = (1 << 64) - 1
+
+
+def _tag(view: memoryview, pos: int, end: int) -> tuple[int, int, int]:
+    """A field's (number, wire type, position after the tag); refuses what protobuf refuses."""
+    tag, pos = _read_varint(view, pos, end)
+    if tag > 0xFFFFFFFF or tag >> 3 == 0:
+        raise MalformedMessage(detail=f"invalid field tag {tag}")
+    return tag >> 3, tag & 7, pos
 
 
 def _skip(view: memoryview, pos: int, end: int, wire: int) -> int:
@@ -210,8 +221,7 @@ def _decode_write(view: memoryview, pos: int, end: int) -> tuple[int, Payload]:
     data: memoryview | None = None
     digests = b""
     while pos < end:
-        tag, pos = _read_varint(view, pos, end)
-        field, wire = tag >> 3, tag & 7
+        field, wire, pos = _tag(view, pos, end)
         if field == 1 and wire == 0:
             offset, pos = _read_varint(view, pos, end)
         elif field == 2 and wire == 2:
@@ -242,8 +252,7 @@ def decode_batch(view: memoryview) -> Decoded:
     flush = uptodate = False
     ops: list[tuple[int, Payload]] = []
     while pos < end:
-        tag, pos = _read_varint(view, pos, end)
-        field, wire = tag >> 3, tag & 7
+        field, wire, pos = _tag(view, pos, end)
         if field == 1 and wire == 0:
             sequence, pos = _read_varint(view, pos, end)
         elif field == 2 and wire == 2:
@@ -263,18 +272,26 @@ def decode_batch(view: memoryview) -> Decoded:
 def batch_view(message: Buffer) -> memoryview | None:
     """The serialised `Batch` inside a serialised `MirrorRequest`, or None when the message holds no
     batch (an `open` or a `hello`: small, for protobuf to parse). A message with the batch field more
-    than once is refused (protobuf would merge them; no sender of ours writes that)."""
+    than once, or a batch beside another kind, is refused (protobuf would merge them or keep the last
+    kind; no sender of ours writes that)."""
     view = memoryview(message).cast("B")
     pos, end = 0, len(view)
     found: memoryview | None = None
+    other = False
     while pos < end:
-        tag, pos = _read_varint(view, pos, end)
-        field, wire = tag >> 3, tag & 7
+        field, wire, pos = _tag(view, pos, end)
         if field == 2 and wire == 2:
             start, pos = _length(view, pos, end)
             if found is not None:
                 raise MalformedMessage(detail="a MirrorRequest with two batches")
             found = view[start:pos]
+        elif field in (1, 3):
+            if found is not None or other:
+                raise MalformedMessage(detail="a MirrorRequest of more than one kind")
+            other = True
+            pos = _skip(view, pos, end, wire)
         else:
             pos = _skip(view, pos, end, wire)
+    if found is not None and other:
+        raise MalformedMessage(detail="a MirrorRequest of more than one kind")
     return found

@@ -698,9 +698,12 @@ class DataConnection:
         tls: ssl.SSLContext | None = None,
         server_name: str | None = None,
         timeout: float = 30.0,
+        source: str | None = None,
     ) -> None:
+        """`source`: the local address to connect from (another loopback address: another host)."""
         host, port = address.rsplit(":", 1) if isinstance(address, str) else address
-        raw = socket.create_connection((host, int(port)), timeout=timeout)
+        bind = (source, 0) if source else None
+        raw = socket.create_connection((host, int(port)), timeout=timeout, source_address=bind)
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock: socket.socket = raw
         if tls is not None:
