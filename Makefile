@@ -47,6 +47,7 @@ bench: venv system-deps
 	$(BIN)/python bench/nbd_bench.py --output bench/results/nbd.json
 	$(BIN)/python bench/replication_bench.py --output bench/results/replication.json $(if $(C_MIRROR),--c-mirror $(C_MIRROR))
 	$(BIN)/python bench/backup_bench.py --output bench/results/backup.json
+	$(BIN)/python bench/writable_bench.py --output bench/results/writable.json
 
 demo: venv system-deps
 	$(BIN)/python scripts/demo.py

@@ -31,6 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import (
+    emit,
     filesystem_of,
     free_port,
     log,
@@ -41,7 +42,6 @@ from benchlib import (
     start_nbdkit_file,
     start_primary,
     start_standby,
-    to_json,
     tool_version,
 )
 
@@ -161,11 +161,7 @@ def main() -> int:
         ),
         "figures": [figure],
     }
-    text = to_json(doc)
-    print(text)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text + "\n")
+    emit(doc, args.output)
     return 0
 
 

@@ -84,6 +84,15 @@ def to_json(doc: dict[str, Any]) -> str:
     return flat.sub(lambda m: "[" + " ".join(m.group(1).split()) + "]", json.dumps(doc, indent=2))
 
 
+def emit(doc: dict[str, Any], output: str | None) -> None:
+    """The benchmark's JSON document to stdout, and to `output` when given."""
+    text = to_json(doc)
+    print(text)
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(text + "\n")
+
+
 def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

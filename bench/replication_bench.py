@@ -68,6 +68,7 @@ import c_mirror
 from benchlib import (
     CpuMeter,
     Daemon,
+    emit,
     filesystem_of,
     free_port,
     help_lists,
@@ -80,7 +81,6 @@ from benchlib import (
     start_nbdkit_file,
     start_primary,
     start_standby,
-    to_json,
     tool_version,
 )
 
@@ -815,11 +815,7 @@ def main() -> int:
         ),
         "figures": figures,
     }
-    text = to_json(doc)
-    print(text)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text + "\n")
+    emit(doc, args.output)
     return 1 if failed else 0
 
 

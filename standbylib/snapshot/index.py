@@ -89,7 +89,7 @@ class ChainIndex:
         out = np.zeros(len(blocks), bool)
         for lb, _lg, _ls in self._levels():
             if len(lb):
-                pos = np.minimum(np.searchsorted(lb, blocks, "left"), len(lb) - 1)
+                pos = np.minimum(lb.searchsorted(blocks, "left"), len(lb) - 1)
                 out |= lb[pos] == blocks
         return out
 
@@ -168,6 +168,49 @@ class ChainIndex:
                     return old
         self.add_many([block], gen, [slot])
         return None
+
+    def replace_many(self, blocks: U64, gen: int, slots: Sequence[int]) -> list[int]:
+        """`replace` for each of the sorted, distinct `blocks`, pointing it at the slot of `slots` at
+        the same position; return the slots they had (for those that had one), in block order per
+        level. One vectorised lookup per level instead of one per block (a 1 MiB write to a writable
+        snapshot is 256 blocks)."""
+        n = len(blocks)
+        if not n:
+            return []
+        new_slots = np.asarray(slots, np.uint32)
+        found = np.zeros(n, bool)
+        old: list[int] = []
+        g = np.uint32(gen)
+        for lb, lg, ls in self._levels():
+            if not len(lb):
+                continue
+            lo = lb.searchsorted(blocks, "left")
+            hi = lb.searchsorted(blocks, "right")
+            present = (hi > lo) & ~found
+            if not present.any():
+                continue
+            # One entry for the block in this level (always, in a writable snapshot's own index).
+            single = np.nonzero(present & (hi - lo == 1))[0]
+            at = lo[single]
+            hit = lg[at] == g
+            single, at = single[hit], at[hit]
+            old.extend(ls[at].tolist())
+            ls[at] = new_slots[single]
+            found[single] = True
+            # Several generations of the block: look for `gen` among them.
+            for i in np.nonzero(present & (hi - lo > 1))[0].tolist():
+                for j in range(int(lo[i]), int(hi[i])):
+                    if int(lg[j]) == gen:
+                        old.append(int(ls[j]))
+                        ls[j] = new_slots[i]
+                        found[i] = True
+                        break
+        if found.any():
+            self.version += 1
+        missing = ~found
+        if missing.any():
+            self.add_many(blocks[missing].tolist(), gen, new_slots[missing].tolist())
+        return old
 
     def merge(self) -> None:
         """Fold every run into one sorted base."""

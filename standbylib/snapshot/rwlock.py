@@ -2,7 +2,8 @@
 
 Snapshot reads (and read plans, until their bytes are copied) take the *shared* side, so reads of
 several NBD connections run in parallel; anything that changes the origin, the store or the index
-(origin writes, snapshot writes, create/delete/invalidate, commit, close) takes the *exclusive* side.
+(origin writes, snapshot writes, create/delete/invalidate, commit, close) takes the *exclusive* side,
+except the sync of a group commit, which runs without the lock (`PreservationStore.flush`).
 ``with lock:`` means the exclusive side, so code written for the store's former `threading.RLock`
 keeps its meaning.
 
@@ -101,6 +102,10 @@ class RWLock:
                 self._admit_readers()
             elif self._waiting_writers:
                 self._writer_ok.notify()
+
+    def owned(self) -> bool:
+        """Whether the calling thread holds the exclusive side."""
+        return self._writer == threading.get_ident()
 
     def _admit_readers(self) -> None:
         self._readers += self._waiting_readers

@@ -10,7 +10,12 @@ with any number of snapshots (claim 19). It owns:
 * one `ChainIndex` per volume and one per writable snapshot, rebuilt on open;
 * the commit protocol: every write since the last commit becomes durable with
   a single ``sync`` of the store file, and slots freed meanwhile are reused only
-  after that sync.
+  after that sync;
+* group commit (`flush`): callers that want their writes durable share commits.
+  One of them (the leader) commits for all, running the sync without the lock so
+  that writes go on meanwhile; those wait for the next commit, which covers them
+  all. A caller returns only once a commit prepared after its call began has
+  synced; when that commit fails, every caller it covered gets the error.
 
 Crash safety: each commit records, just before its sync, that the commit
 before it completed. On open, only the entries of commits after the recorded
@@ -30,13 +35,17 @@ Threading: the store's `lock` is a reader-writer lock (`RWLock`). Everything tha
 store, an index or an origin takes its exclusive side (``with store.lock:``); snapshot reads and
 queries that only look take its shared side (``with store.lock.shared():``), so they run in parallel
 with each other but never see a change half made. Volumes and snapshots use the same lock. The
-`on_invalidated` listener is called with the exclusive side held.
+`on_invalidated` listener is called with the exclusive side held. Only the sync of a group commit
+runs without the lock; at most one commit is between its preparation and its end at any time
+(`_syncing`), and a commit made under the lock (`commit`) first waits for that one to end.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -66,6 +75,8 @@ if TYPE_CHECKING:
     from standbylib.snapshot.volume import Volume
 
 ON_FULL_POLICIES = ("invalidate", "defer")
+#: Longest a group commit's leader waits for the callers of the previous commit (`PreservationStore.flush`).
+_GATHER_MAX = 0.005
 _PER_AREA = layout.ENTRIES_PER_AREA
 
 #: ``on_invalidated(volume, snapshot, reason)``: a snapshot became invalid, durably.
@@ -92,6 +103,28 @@ class StoreStats:
     @property
     def fill_ratio(self) -> float:
         return self.used_bytes / self.capacity_bytes if self.capacity_bytes else 0.0
+
+
+@dataclass(eq=False)
+class _Commit:
+    """One commit from its preparation (`PreservationStore._prepare`) to its end (`_finish`).
+
+    What it took from the store when it was prepared goes back if its sync fails: the write ranges
+    its sync covers (`covered`), the slots freed before it (`freed`, reused only once it synced), the
+    invalidations to tell (`notices`), whether an operation had failed before it (`unsettled`).
+    """
+
+    seq: int  # its commit number: the entries written before its preparation carry it (or less)
+    synced: bool  # it syncs (something was written since the previous commit)
+    table_at: int | None  # the table copy it wrote
+    covered: list[list[int]]
+    freed: list[int]
+    notices: list[tuple[str, str, str]]
+    unsettled: bool
+    flushers: int = 0  # `flush` callers waiting when it was prepared (it covers them)
+    done: bool = False  # its sync returned (set under `_commit_cv`)
+    error: BaseException | None = None  # what its sync (or preparation) raised
+    finished: bool = False  # `_finish` ran
 
 
 class PreservationStore:
@@ -132,10 +165,28 @@ class PreservationStore:
         self.end = layout.AREAS_OFFSET
         self.free: dict[int, list[int]] = {}  # slot size -> free slots, sorted descending
         self.pending_free: list[int] = []
+        # Slots freed because a writable snapshot rewrote their block are not deallocated (`free_rewritten`).
+        self.rewritten: set[int] = set()  # such slots, waiting in `pending_free` (or a commit's `freed`)
+        self.allocated_free: set[int] = set()  # free slots whose data was not deallocated
         self.used_bytes = 0
         self.live_slots = 0
-        # Commit state.
+        # Commit state. `commit_seq` numbers the open commit, the one new writes join;
+        # `_durable_seq` is the last one whose sync succeeded (what the next commit record names).
         self.commit_seq = 1
+        self._durable_seq = 0
+        self._record_parity = 1  # which commit record the next commit writes; flips when one syncs
+        # Group commit (`flush`): the commit between its preparation and its end, the leader elected
+        # among `flush` callers, and the failures they may have to report, under `_commit_cv`.
+        commit_lock = threading.Lock()
+        self._commit_cv = threading.Condition(commit_lock)
+        self._gather_cv = threading.Condition(commit_lock)  # a caller arrived (for the leader)
+        self._syncing: _Commit | None = None
+        self._leader = False
+        self._flushers: dict[int, int] = {}  # target commit -> `flush` callers waiting for it
+        self._last_batch = 0  # callers the last group commit covered
+        self._last_sync = 0.0  # seconds the last sync took
+        self._failures = 0
+        self._failed: tuple[int, BaseException] | None = None  # (commit number, error) of the last
         self.private_ver = 0
         self.dirty = False
         self.table_pending = False
@@ -269,6 +320,7 @@ class PreservationStore:
             if self.closed:
                 return
             try:
+                self._settle()  # a group commit's sync in progress ends before the file closes
                 for vol in list(self.attached.values()):
                     self.stamp_clean(vol, commit=False)
                 if self.needs_commit():
@@ -276,6 +328,9 @@ class PreservationStore:
             finally:
                 self.closed = True
                 self.raw.close()
+                with self._commit_cv:
+                    self._commit_cv.notify_all()  # `flush` callers waiting get `Closed`
+                    self._gather_cv.notify_all()
 
     def __enter__(self) -> PreservationStore:
         return self
@@ -545,10 +600,141 @@ class PreservationStore:
     def commit(self) -> None:
         """Make every write since the last commit durable with one sync; then reuse freed slots.
 
-        Refuses (raising the write's error) while entries of a failed operation cannot be zeroed.
-        When it fails, nothing is declared durable: the table stays pending, the table copy it may
-        have written is made unreadable (it could describe changes the failed operation undoes),
-        and after a failed sync the writes RAM relies on are written again by the next commit.
+        Call with the exclusive lock held: the sync runs under it. A group commit in progress
+        (`flush`) ends first. Refuses (raising the write's error) while entries of a failed operation
+        cannot be zeroed. When it fails, nothing is declared durable: the table stays pending, the
+        table copy it may have written is made unreadable (it could describe changes the failed
+        operation undoes), and after a failed sync the writes RAM relies on are written again by the
+        next commit.
+        """
+        self._settle()
+        c = self._prepare()
+        self._sync(c)
+        self._finish(c)
+        if c.error is not None:
+            raise c.error
+        if self._undo is not None:
+            self._undo.clear()  # durable now: a later failure of the operation keeps it
+
+    def flush(self) -> None:
+        """Make every write made so far to the store durable, sharing the commit with other callers.
+
+        Group commit: while a commit's sync is in progress, callers wait for it to end, then one of
+        them (the leader) commits for all of them, with its sync outside the lock so that writes go
+        on meanwhile. A caller returns once a commit prepared after its call began has synced. When
+        that commit fails, every caller it covered raises the error, and nothing is reported durable
+        (the next commit writes again what the failed sync may have lost). Called with the exclusive
+        lock held, it commits under it (`commit`). Raises `Closed` once the store is closed.
+
+        Before preparing, the leader waits a little (`_GATHER_MAX` at most, and half the duration of
+        the last sync) for as many callers as the previous group commit covered: callers that it
+        released come back with their next request within a millisecond or so, and would otherwise
+        just miss the next commit and wait for two syncs instead of one. The next leader is elected
+        as soon as a sync returns; it ends that commit itself (`_settle`) if its leader has not yet.
+        """
+        if self.lock.owned():
+            with self.lock:
+                self.check_open()
+                self.commit()
+            return
+        cv = self._commit_cv
+        with cv:
+            # Everything written so far carries at most `commit_seq`, which only `_prepare` moves on
+            # (under this condition's lock): the commits after the one syncing cover it.
+            target = self.commit_seq
+            failures = self._failures
+            self._flushers[target] = self._flushers.get(target, 0) + 1
+            self._gather_cv.notify()
+        try:
+            while True:
+                with cv:
+                    while True:
+                        if self._durable_seq >= target:
+                            return
+                        failed = self._failed
+                        if self._failures != failures and failed is not None and failed[0] >= target:
+                            raise _copy_error(failed[1], self.path)
+                        if self.closed:
+                            raise Closed(what=f"preservation store {self.path}")
+                        syncing = self._syncing
+                        if not self._leader and (syncing is None or syncing.done):
+                            self._leader = True
+                            break
+                        cv.wait()
+                    self._gather()
+                self._lead(target)
+        finally:
+            with cv:
+                left = self._flushers[target] - 1
+                if left:
+                    self._flushers[target] = left
+                else:
+                    del self._flushers[target]
+
+    def _waiting_flushers(self) -> int:
+        """`flush` callers not covered by a synced commit yet (under `_commit_cv`)."""
+        return sum(n for t, n in self._flushers.items() if t > self._durable_seq)
+
+    def _gather(self) -> None:
+        """The elected leader, under `_commit_cv`: wait a little for the previous batch to come back."""
+        if self._last_batch <= 1:
+            return
+        deadline = time.monotonic() + min(self._last_sync / 2, _GATHER_MAX)
+        while self._waiting_flushers() < self._last_batch and not self.closed:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._gather_cv.wait(left)
+
+    def _lead(self, target: int) -> None:
+        """Commit for every `flush` caller: prepare under the lock, sync without it, finish under it.
+        The leadership ends once the sync returned (or nothing was to be synced)."""
+        try:
+            with self.lock:
+                self.check_open()
+                self._settle()
+                if self._durable_seq >= target:
+                    c = None  # a commit made meanwhile under the lock covered it
+                else:
+                    try:
+                        c = self._prepare()
+                    except BaseException as e:
+                        self._fail(self.commit_seq, e)
+                        raise
+        except BaseException:
+            self._resign()
+            raise
+        if c is None:
+            self._resign()
+            return
+        self._sync(c, leader=True)
+        with self.lock:
+            self._finish(c)  # unless the next leader (`_settle`) or `close` finished it already
+        if c.error is not None:
+            raise c.error
+
+    def _resign(self) -> None:
+        with self._commit_cv:
+            self._leader = False
+            self._commit_cv.notify_all()
+
+    def _settle(self) -> None:
+        """With the exclusive lock held: wait for the sync of a group commit in progress, and end it."""
+        c = self._syncing
+        if c is None:
+            return
+        with self._commit_cv:
+            while not c.done:
+                self._commit_cv.wait()
+        self._finish(c)
+
+    def _prepare(self) -> _Commit:
+        """First half of a commit, with the exclusive lock held and no commit in progress.
+
+        Writes what the next sync must make durable (writes lost by a failed sync, the table, the
+        commit record naming the last commit known synced) and takes the lists that wait for that
+        sync; from here on new writes carry the next commit number. Raises, with nothing taken,
+        when a write fails.
         """
         if self.quarantine:
             self._clear_entries(self.quarantine)
@@ -566,42 +752,100 @@ class PreservationStore:
                 self.raw.pwrite(self._pack_table(seq), table_at)
                 self.dirty = True
             if self.dirty:
-                # The previous commit ended with a sync: say so, so that recovery checks only
-                # the entries of commits that may not have completed.
-                # Two records, alternately: a torn record never hides the previous one (recovery
-                # would otherwise check, and drop, entries of long-complete commits).
-                record_at = layout.COMMIT_RECORD_OFFSETS[self.commit_seq % 2]
-                self.raw.pwrite(layout.pack_commit_record(self.commit_seq - 1), record_at)
-                try:
-                    self.raw.sync()
-                except BaseException:
-                    self._sync_failed = True
-                    raise
+                # Say which commit is known to have ended with a sync, so that recovery checks only
+                # the entries of commits that may not have completed. Two records, alternately (the
+                # alternation moves on only when a commit syncs): a torn record never hides the
+                # previous one (recovery would otherwise check, and drop, entries of long-complete
+                # commits).
+                record_at = layout.COMMIT_RECORD_OFFSETS[self._record_parity]
+                self.raw.pwrite(layout.pack_commit_record(self._durable_seq), record_at)
         except BaseException:
             if table_at is not None:
                 with contextlib.suppress(StandbyError):
                     self._zero_range(table_at, layout.TABLE_HEADER_SIZE)
             raise
-        if table_at is not None:
-            self.table_seq += 1
-            self.table_pending = False
-        if self.dirty:
-            self.dirty = False
-            self.commit_seq += 1
-            self._unsynced.clear()
-            self._sync_failed = False
+        c = _Commit(
+            seq=self.commit_seq,
+            synced=self.dirty,
+            table_at=table_at,
+            covered=self._unsynced,
+            freed=self.pending_free,
+            notices=self._notices,
+            unsettled=self._unsettled,
+        )
+        self._unsynced, self.pending_free, self._notices = [], [], []
+        self.table_pending = False
         self._unsettled = False
-        if self._undo is not None:
-            self._undo.clear()  # durable now: a later failure of the operation keeps it
-        if self.pending_free:
-            self.release(self.pending_free)
-            self.pending_free = []
-        if self._notices:
-            notices, self._notices = self._notices, []
-            if self.on_invalidated is not None:
-                for volume, snapshot, reason in notices:
+        self.dirty = False
+        with self._commit_cv:
+            c.flushers = self._waiting_flushers()
+            self.commit_seq += 1  # writes made from now on (during the sync) belong to the next commit
+        self._syncing = c
+        return c
+
+    def _sync(self, c: _Commit, *, leader: bool = False) -> None:
+        """The sync of commit `c` (with or without the lock); its outcome is published at once, so
+        that `flush` callers it covers return without waiting for `_finish` (and, from a group
+        commit's `leader`, the next leader may be elected)."""
+        error: BaseException | None = None
+        if c.synced:
+            start = time.monotonic()
+            try:
+                self.raw.sync()
+            except BaseException as e:
+                error = e
+            self._last_sync = time.monotonic() - start
+        with self._commit_cv:
+            c.error = error
+            c.done = True
+            if leader:
+                self._leader = False
+                self._last_batch = c.flushers
+            if error is None:
+                self._durable_seq = c.seq  # every write before its preparation is durable
+            else:
+                self._failures += 1
+                self._failed = (c.seq, error)
+            self._commit_cv.notify_all()
+
+    def _fail(self, seq: int, error: BaseException) -> None:
+        """A commit covering the writes up to commit `seq` failed before its sync: tell `flush` callers."""
+        with self._commit_cv:
+            self._failures += 1
+            self._failed = (seq, error)
+            self._commit_cv.notify_all()
+
+    def _finish(self, c: _Commit) -> None:
+        """End commit `c`, with the exclusive lock held: reuse the slots freed before it and tell the
+        invalidations once it synced; otherwise give back what it took, so that the next commit
+        writes again what the failed sync may have lost and the slots wait for that one."""
+        if c.finished:
+            return
+        c.finished = True
+        self._syncing = None
+        if c.error is None:
+            if c.table_at is not None:
+                self.table_seq += 1
+            if c.synced:
+                self._record_parity ^= 1
+            if c.freed:
+                self.release(c.freed)
+            if c.notices and self.on_invalidated is not None:
+                for volume, snapshot, reason in c.notices:
                     with contextlib.suppress(Exception):
                         self.on_invalidated(volume, snapshot, reason)
+        else:
+            self._sync_failed = True
+            self.dirty = True
+            if c.table_at is not None:
+                self.table_pending = True
+                with contextlib.suppress(StandbyError):
+                    self._zero_range(c.table_at, layout.TABLE_HEADER_SIZE)
+            self._unsynced[:0] = c.covered
+            self.pending_free[:0] = c.freed
+            self._notices[:0] = c.notices
+            self._unsettled = self._unsettled or c.unsettled
+        # No one to wake: `_sync` published the outcome (`flush` callers and `_settle` wait for that).
 
     def note_written(self, offset: int, length: int) -> None:
         """Remember a write that RAM will rely on once committed (see `_rewrite_unsynced`)."""
@@ -673,12 +917,22 @@ class PreservationStore:
         self._give_back(slots)
 
     def _give_back(self, slots: list[int]) -> None:
-        """Put slots no longer counted as used back on their free lists, deallocating their data."""
+        """Put slots no longer counted as used back on their free lists, deallocating their data
+        (except slots of rewritten blocks, see `free_rewritten`)."""
         by_size: dict[int, list[int]] = {}
         for slot in slots:
             by_size.setdefault(self.area_slot_sizes[slot // _PER_AREA], []).append(slot)
+        rewritten = self.rewritten
         for size, group in by_size.items():
-            self._deallocate(sorted(group), size)
+            punch = group
+            if rewritten:
+                kept = rewritten.intersection(group)
+                if kept:
+                    rewritten.difference_update(kept)
+                    self.allocated_free.update(kept)
+                    punch = [s for s in group if s not in kept]
+            if punch:
+                self._deallocate(sorted(punch), size)
             free = self.free.setdefault(size, [])
             free.extend(group)
             free.sort(reverse=True)
@@ -716,6 +970,8 @@ class PreservationStore:
         taken = free[-n:]
         del free[-n:]
         taken.reverse()
+        if self.allocated_free:
+            self.allocated_free.difference_update(taken)
         self.used_bytes += n * slot_size
         self.live_slots += n
         self.on_abort(lambda: self._abort_slots(taken))
@@ -731,6 +987,25 @@ class PreservationStore:
             self.used_bytes -= len(group) * size
             self.live_slots -= len(group)
         self._give_back([s for group in by_size.values() for s in group])
+
+    def free_rewritten(self, slots: list[int]) -> None:
+        """Free `slots`, whose blocks a writable snapshot rewrote, once the next commit synced, without
+        deallocating their data: writes reuse such slots soon, and punching a hole that the next
+        write allocates again costs more than the write (a fallocate, then block allocation that
+        the next sync must commit). `deallocate_free` punches them when space matters."""
+        self.pending_free.extend(slots)
+        self.rewritten.update(slots)
+
+    def deallocate_free(self) -> None:
+        """Punch holes in the free slots `free_rewritten` left allocated (when a snapshot is deleted)."""
+        if not self.allocated_free:
+            return
+        by_size: dict[int, list[int]] = {}
+        for slot in self.allocated_free:
+            by_size.setdefault(self.area_slot_sizes[slot // _PER_AREA], []).append(slot)
+        self.allocated_free.clear()
+        for size, group in by_size.items():
+            self._deallocate(sorted(group), size)
 
     def _deallocate(self, group: list[int], size: int) -> None:
         """Punch holes in the data of the sorted slots `group`. Best effort: it only gives space back
@@ -980,6 +1255,8 @@ class PreservationStore:
         for slot in dropped:
             raw.pwrite(bytes(layout.ENTRY_SIZE), self.entry_offset(slot))
         raw.sync()
+        self._durable_seq = self.commit_seq - 1
+        self._record_parity = self.commit_seq % 2
         self.dirty = True
         self.commit()
 
@@ -997,6 +1274,14 @@ class PreservationStore:
                 pblocks = snap.private.arrays()[0]
                 extra = int((chain.max_gens(pblocks) < snap.epoch).sum()) if len(pblocks) else 0
                 snap.preserved_blocks = covered + extra
+
+
+def _copy_error(error: BaseException, path: str) -> BaseException:
+    """The error of a failed commit, for one more `flush` caller it covered (each raises its own)."""
+    if isinstance(error, StandbyError):
+        with contextlib.suppress(Exception):
+            return type(error)(**error.fields)
+    return StoreError(path=path, detail=f"a commit failed: {error}")
 
 
 def _unformatted(raw: RawFile) -> bool:

@@ -427,7 +427,10 @@ class Volume:
             return [Snapshot(self, s) for s in recs]
 
     def delete_snapshot(self, name: str) -> None:
-        """Delete a snapshot and free the store space only it used (no merge, no copy)."""
+        """Delete a snapshot and free the store space only it used (no merge, no copy).
+
+        Holes are punched in its slots, and in the free slots that rewrites left allocated for reuse
+        (`PreservationStore.free_rewritten`), so the filesystem gets that space back."""
         store = self.store
         with store.lock:
             self._check_open()
@@ -444,6 +447,7 @@ class Volume:
             freed = snap.private.arrays()[2].tolist() + store.collect_garbage(self.record.id)
             if freed:
                 store.release(freed)
+            store.deallocate_free()  # and the slots freed by rewrites, left allocated for reuse
 
     def _find(self, name: str) -> SnapshotRecord | None:
         for s in self.store.snapshots.values():
@@ -753,19 +757,23 @@ class Snapshot:
         bs = vol.block_size
         first = offset >> vol.shift
         end = ((offset + len(data) - 1) >> vol.shift) + 1
+        n = end - first
+        start = offset - first * bs
+        whole = not start and len(data) == n * bs
+        sums: list[int] = []
+        if whole:
+            # Whole blocks: their checksums need no lock (the store's lock is what FUA writes queue on).
+            view = memoryview(data).cast("B")
+            sums = [checksum(view[k * bs : (k + 1) * bs]) for k in range(n)]
         with store.lock:
             self._check_usable()
             if not self.record.writable:
                 raise ReadOnly(what=f"snapshot {vol.name}@{self.name}")
             rec = self.record
-            n = end - first
-            start = offset - first * bs
-            if start or len(data) != n * bs:
+            if not whole:
                 buf = self._read_blocks(first, end)
                 buf[start : start + len(data)] = data
                 view = memoryview(buf)
-            else:
-                view = memoryview(data).cast("B")
             blocks = list(range(first, end))
             block_arr = np.arange(first, end, dtype=np.uint64)
             new_private = block_arr[~rec.private.contains(block_arr)]
@@ -779,16 +787,15 @@ class Snapshot:
             if rec.capacity is not None and (rec.preserved_blocks + gain) * bs > rec.capacity:
                 free = rec.capacity - rec.preserved_blocks * bs
                 raise PreservationFull(needed=gain * bs, free=max(0, free), capacity=rec.capacity)
-            sums = [checksum(view[k * bs : (k + 1) * bs]) for k in range(n)]
+            if not whole:
+                sums = [checksum(view[k * bs : (k + 1) * bs]) for k in range(n)]
             with store.transaction():  # a failed write gives its slots back (see `PreservationStore`)
                 slots = store.allocate(bs, n)
                 store.write_slots(slots, view, bs)
                 store.write_entries(slots, layout.PRIVATE, vol.record.id, [rec.id] * n, blocks, sums, None)
-            # Durable with the next commit (a flush, or the next origin batch).
-            for b, slot in zip(blocks, slots, strict=True):
-                old = rec.private.replace(b, 0, slot)
-                if old is not None:
-                    store.pending_free.append(old)
+            # Durable with the next commit (a flush, or the next origin batch); the blocks they replace
+            # are freed once that commit synced.
+            store.free_rewritten(rec.private.replace_many(block_arr, 0, slots))
             rec.preserved_blocks += gain
 
     def zero(self, offset: int, length: int) -> None:
@@ -798,11 +805,11 @@ class Snapshot:
         self.write(offset, bytes(length))
 
     def flush(self) -> None:
-        """Make writes to this snapshot durable."""
-        store = self.volume.store
-        with store.lock:
-            store.check_open()
-            store.commit()
+        """Make writes to this snapshot durable (and every other write made so far to the store).
+
+        Concurrent flushes share commits (`PreservationStore.flush`, group commit): a FUA write is a
+        `write` then a `flush`, and the FUA writes of several NBD requests in flight cost one sync."""
+        self.volume.store.flush()
 
     def close(self) -> None:
         pass
