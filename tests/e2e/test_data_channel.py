@@ -65,6 +65,11 @@ EVIL = b"\xee" * BS
 JUNK = rand(4096, seed=66)
 
 
+def few(cases: Any, keep: int = 3) -> list[Any]:
+    """The cases of a family in order: the first `keep` in `make test`, all of them in `make soak`."""
+    return [c if i < keep else pytest.param(c, marks=pytest.mark.soak) for i, c in enumerate(sorted(cases))]
+
+
 def varint(value: int) -> bytes:
     out = bytearray()
     while value >= 0x80:
@@ -361,7 +366,7 @@ BEFORE_HELLO = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(BEFORE_HELLO))
+@pytest.mark.parametrize("case", few(BEFORE_HELLO))
 def test_garbage_instead_of_a_hello_is_refused(rig: Rig, case: str) -> None:
     data, code = BEFORE_HELLO[case]
     before = rig.before()
@@ -522,7 +527,7 @@ def _malformed() -> dict[str, bytes]:
 MALFORMED = _malformed()
 
 
-@pytest.mark.parametrize("case", sorted(MALFORMED))
+@pytest.mark.parametrize("case", few(MALFORMED))
 def test_a_malformed_batch_is_refused_whole(rig: Rig, case: str) -> None:
     before = rig.before()
     offer = rig.raw.offer(VOL)
@@ -541,7 +546,7 @@ NOT_BATCHES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(NOT_BATCHES))
+@pytest.mark.parametrize("case", few(NOT_BATCHES))
 def test_a_frame_that_is_not_a_batch_after_the_hello_is_refused(rig: Rig, case: str) -> None:
     before = rig.before()
     offer = rig.raw.offer(VOL)
@@ -562,7 +567,7 @@ INVALID_BATCHES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(INVALID_BATCHES))
+@pytest.mark.parametrize("case", few(INVALID_BATCHES))
 def test_an_invalid_batch_gets_the_code_it_gets_on_grpc(rig: Rig, case: str) -> None:
     sequence, writes, code = INVALID_BATCHES[case]
     # The gRPC stream's answer to the same batch.

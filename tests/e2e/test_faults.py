@@ -24,9 +24,10 @@ from faults_support import (
     start_pair,
 )
 
-pytestmark = [pytest.mark.timeout(240), pytest.mark.both_transports]
+pytestmark = pytest.mark.timeout(240)
 
 
+@pytest.mark.both_transports
 def test_link_cut_several_times_during_fio_writes(daemons: Daemons, tmp_path: Path) -> None:
     need("fio", "qemu-io", "nbdcopy")
     standby, primary, proxy = start_pair(daemons, tmp_path)
@@ -50,6 +51,7 @@ def test_link_cut_several_times_during_fio_writes(daemons: Daemons, tmp_path: Pa
         proxy.close()
 
 
+@pytest.mark.both_transports
 def test_standby_killed_mid_storm_and_restarted(daemons: Daemons, tmp_path: Path) -> None:
     need("fio", "qemu-io", "nbdcopy")
     standby, primary, proxy = start_pair(daemons, tmp_path)
@@ -112,6 +114,7 @@ def test_a_standby_started_empty_against_a_full_primary(daemons: Daemons, tmp_pa
     assert_in_sync(standby, primary)
 
 
+@pytest.mark.both_transports
 def test_writes_are_not_stalled_while_the_link_is_down(daemons: Daemons, tmp_path: Path) -> None:
     need("qemu-io")
     standby, primary, proxy = start_pair(daemons, tmp_path)
