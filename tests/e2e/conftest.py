@@ -29,9 +29,13 @@ def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Tests marked `both_transports` run once with the primaries' batches on the data channel and
-    once on the gRPC stream."""
-    if metafunc.definition.get_closest_marker("both_transports") and "transport" in metafunc.fixturenames:
-        metafunc.parametrize("transport", ["channel", "grpc"], indirect=True)
+    once on the gRPC stream (``both_transports(grpc_soak=True)``: the gRPC run under `make soak` only)."""
+    marker = metafunc.definition.get_closest_marker("both_transports")
+    if marker and "transport" in metafunc.fixturenames:
+        grpc: Any = "grpc"
+        if marker.kwargs.get("grpc_soak"):
+            grpc = pytest.param("grpc", marks=pytest.mark.soak)
+        metafunc.parametrize("transport", ["channel", grpc], indirect=True)
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ from faults_support import assert_in_sync, assert_snapshot, frozen_snapshot, sta
 from fullfs_support import FullFs, mounted_fullfs
 from linkproxy import LinkProxy
 
-pytestmark = pytest.mark.both_transports
+pytestmark = pytest.mark.both_transports(grpc_soak=True)
 
 FAULTS = (
     "cut_link", "stall_link", "kill_standby", "kill_primary", "snapshot_churn", "disk_full", "small_snapshot",
