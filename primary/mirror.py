@@ -812,12 +812,17 @@ class Mirror:
                 primary_id=self.primary_id,
                 generation=self.generations.current,
                 base_generation=self.generations.base,
+                previous_generation=self.generations.previous,
                 discard_standby_data=self._discard,
             ),
             timeout=30,
         )
         self.handshakes += 1
         self._discard = False  # once: a later reconnect must not throw the resynced data away again
+        if not reply.full_sync and reply.generation and reply.generation == self.generations.previous:
+            # The standby completed the last stream's resync but its acknowledgement was lost with the
+            # link: it holds that generation completely (the base from now on, should more be lost).
+            self._agree(reply.generation)
         # A full sync of a replica that existed already: probe each region, resend what differs.
         self._probe_resync = bool(reply.full_sync and not reply.created)
         fields = {

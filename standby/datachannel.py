@@ -360,8 +360,9 @@ class DataChannelServer:
         applier = _Applier(self.node, replica, out) if offer.received_acks else None
         # Acknowledgements are cumulative: while the next frame is already arriving, the reply of a
         # plain batch waits for the next one's (up to `COALESCE` batches), which saves a message and a
-        # wake-up on both sides. Replies that carry something (mismatches, a verify command) go at once;
-        # a held reply goes before an error and when the primary closes.
+        # wake-up on both sides. Replies that matter on their own go at once (a flush barrier's, which a
+        # client's FLUSH waits for; the end of a resync's; mismatches; a verify command); a held reply
+        # goes before an error and when the primary closes.
         coalesced = 0
         ended = "the primary closed the data channel"
         try:
@@ -388,7 +389,7 @@ class DataChannelServer:
                 reply = applied_reply(self.node, replica, decoded.sequence, decoded.flush, mismatched)
                 if (
                     coalesced < COALESCE
-                    and not mismatched
+                    and not (decoded.flush or decoded.uptodate or mismatched)
                     and not reply.HasField("verify")
                     and _readable(sock)
                 ):

@@ -478,13 +478,15 @@ class StandbyNode:
         generation: str = "",
         base_generation: str = "",
         discard: bool = False,
+        previous_generation: str = "",
     ) -> tuple[Replica, bool, bool]:
         """The replica of `volume` (created, sparse, at first contact), whether it was created, and
         whether it needs a full sync.
 
         Generations tell whose data is newer: the replica may hold the primary's current generation
-        (in sync) or its base (older: the primary resyncs what its bitmap marked). Anything else means
-        the histories diverged: refused as a split brain unless `discard` (then a full sync).
+        (in sync), its base or its previous one (older: the primary resyncs what its bitmap marked; the
+        previous one when the acknowledgement of a completed resync was lost with the link). Anything
+        else means the histories diverged: refused as a split brain unless `discard` (then a full sync).
         """
         replica, created = self._handshake(volume, size, block_size)
         if replica.promoted_at:
@@ -502,7 +504,7 @@ class StandbyNode:
                 log.warning("full_sync", volume=volume, reason=reason, generation=held)
             self._set_state(replica, INCONSISTENT, generation="")
             return replica, created, True
-        if held in (generation, base_generation):
+        if held in (generation, base_generation) or (previous_generation and held == previous_generation):
             return replica, False, False
         raise SplitBrain(
             volume=volume, standby=held, primary=generation or "none", base=base_generation or "none"

@@ -94,6 +94,7 @@ class ReplicationService(replication_pb2_grpc.ReplicationServicer):
                 generation=request.generation,
                 base_generation=request.base_generation,
                 discard=request.discard_standby_data,
+                previous_generation=request.previous_generation,
             )
         except StandbyError as e:
             self.node.refused(request.volume, e)

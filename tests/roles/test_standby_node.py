@@ -176,6 +176,25 @@ def complete_sync(node, generation):
     return replica
 
 
+def test_a_replica_holding_the_primarys_previous_generation_is_older_not_diverged(node):
+    """The standby completed a resync (generation g2) but the link broke before the primary read the
+    acknowledgement: the primary, which moved on to g3 with g2 as its previous generation and g1 as its
+    base, must be taken back with a bitmap resync, not refused as a split brain."""
+    node.handshake("vol0", MiB, 4096, generation="g1")
+    complete_sync(node, "g1")
+    node.handshake("vol0", MiB, 4096, generation="g2", base_generation="g1")
+    replica = complete_sync(node, "g2")
+    assert replica.generation == "g2"
+    with pytest.raises(SplitBrain):  # what an older primary, which does not send it, ran into
+        node.handshake("vol0", MiB, 4096, generation="g3", base_generation="g1")
+    accepted = node.handshake(
+        "vol0", MiB, 4096, generation="g3", base_generation="g1", previous_generation="g2"
+    )
+    assert accepted[2] is False and replica.generation == "g2"
+    with pytest.raises(SplitBrain):  # a previous generation the replica does not hold proves nothing
+        node.handshake("vol0", MiB, 4096, generation="x3", base_generation="x1", previous_generation="x2")
+
+
 def test_generations_tell_older_from_diverged(node):
     node.handshake("vol0", MiB, 4096, generation="g1")
     replica = complete_sync(node, "g1")

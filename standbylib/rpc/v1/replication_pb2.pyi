@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class HandshakeRequest(_message.Message):
-    __slots__ = ("volume", "size", "block_size", "primary_id", "generation", "base_generation", "discard_standby_data")
+    __slots__ = ("volume", "size", "block_size", "primary_id", "generation", "base_generation", "discard_standby_data", "previous_generation")
     VOLUME_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -15,6 +15,7 @@ class HandshakeRequest(_message.Message):
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     BASE_GENERATION_FIELD_NUMBER: _ClassVar[int]
     DISCARD_STANDBY_DATA_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_GENERATION_FIELD_NUMBER: _ClassVar[int]
     volume: str
     size: int
     block_size: int
@@ -22,7 +23,8 @@ class HandshakeRequest(_message.Message):
     generation: str
     base_generation: str
     discard_standby_data: bool
-    def __init__(self, volume: _Optional[str] = ..., size: _Optional[int] = ..., block_size: _Optional[int] = ..., primary_id: _Optional[str] = ..., generation: _Optional[str] = ..., base_generation: _Optional[str] = ..., discard_standby_data: _Optional[bool] = ...) -> None: ...
+    previous_generation: str
+    def __init__(self, volume: _Optional[str] = ..., size: _Optional[int] = ..., block_size: _Optional[int] = ..., primary_id: _Optional[str] = ..., generation: _Optional[str] = ..., base_generation: _Optional[str] = ..., discard_standby_data: _Optional[bool] = ..., previous_generation: _Optional[str] = ...) -> None: ...
 
 class HandshakeReply(_message.Message):
     __slots__ = ("volume", "size", "block_size", "created", "standby_id", "applied_sequence", "generation", "full_sync")
