@@ -1192,14 +1192,16 @@ class Mirror:
                     if self._stream_id != stream_id or not self._running:
                         return
                 self._repair()
-        # Everything dirty was sent: once it is applied the replica is up to date.
+        # Everything dirty was sent: once it is applied the replica is up to date. (Counted before the
+        # marker goes: its acknowledgement ends `resyncing`, and whoever sees that sees the count.)
+        with self._cond:
+            self.resent_bytes += sent
         with self._lock:
             marker = self._submit(_Op(0, 0, None, 0, uptodate=True))
         self.wait(marker, mode="sync")
         with self._cond:
             if self._stream_id != stream_id:
                 return  # dropped with its stream (`mirror_disconnected` says why); resumed at the next one
-            self.resent_bytes += sent
         seconds = round(time.monotonic() - started, 3)
         if probing:
             repaired = (self._verify_counts[0][1] - repaired_before) * self.block_size
