@@ -16,7 +16,7 @@ from google.protobuf.message import DecodeError
 
 from standbylib.errors import StandbyError
 from standbylib.rawfile import Buffer
-from standbylib.rpc.frames import FrameReader, PeerClosed, send_frame
+from standbylib.rpc.frames import FrameReader, PeerClosed, close_socket, describe_error, send_frame
 from standbylib.rpc.v1 import replication_pb2
 from standbylib.runtime.tls import TlsFiles
 
@@ -76,10 +76,12 @@ class DataLink:
             link = cls(sock, where)
             link.send([replication_pb2.MirrorRequest(hello={"token": offer.token}).SerializeToString()])
         except (OSError, ssl.SSLError) as e:
-            _close(sock)
-            raise ChannelError(status="UNAVAILABLE", detail=f"data channel {where}: {_reason(e)}") from None
+            close_socket(sock)
+            raise ChannelError(
+                status="UNAVAILABLE", detail=f"data channel {where}: {describe_error(e)}"
+            ) from None
         except BaseException:
-            _close(sock)
+            close_socket(sock)
             raise
         sock.settimeout(None)
         return link
@@ -96,7 +98,7 @@ class DataLink:
             except PeerClosed as e:
                 raise ChannelError(status="UNAVAILABLE", detail=f"data channel {self.where}: {e}") from None
             except (OSError, ssl.SSLError) as e:
-                detail = f"data channel {self.where}: {_reason(e)}"
+                detail = f"data channel {self.where}: {describe_error(e)}"
                 raise ChannelError(status="UNAVAILABLE", detail=detail) from None
             try:
                 reply = replication_pb2.MirrorReply.FromString(bytes(frame))
@@ -113,18 +115,4 @@ class DataLink:
             self.sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
-        _close(self.sock)
-
-
-def _close(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
-    sock.close()
-
-
-def _reason(e: BaseException) -> str:
-    if isinstance(e, ssl.SSLError) and e.reason:
-        return f"TLS: {e.reason.replace('_', ' ').lower()}"
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    return str(e) or type(e).__name__
+        close_socket(self.sock)

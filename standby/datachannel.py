@@ -45,7 +45,15 @@ from google.protobuf.message import DecodeError
 from standby.batches import applied_reply, apply_batch
 from standby.node import Replica, StandbyNode
 from standbylib.errors import StandbyError
-from standbylib.rpc.frames import MAX_FRAME, FrameReader, FrameTooBig, PeerClosed, send_frame
+from standbylib.rpc.frames import (
+    MAX_FRAME,
+    FrameReader,
+    FrameTooBig,
+    PeerClosed,
+    close_socket,
+    describe_error,
+    send_frame,
+)
 from standbylib.rpc.v1 import replication_pb2
 from standbylib.rpc.wire import Decoded, MalformedMessage, batch_view, decode_batch
 from standbylib.runtime import logs
@@ -164,7 +172,7 @@ class DataChannelServer:
         for offer in offers:
             self.node.close_stream(offer.replica)
         for conn in connections:
-            _shutdown(conn)
+            close_socket(conn)
 
     @property
     def sessions(self) -> int:
@@ -301,7 +309,7 @@ class DataChannelServer:
                 self._connections.discard(conn)
                 if not authenticated:
                     self._hello_done(peer[0])
-            _shutdown(sock)
+            close_socket(sock)
 
     def _hello_done(self, host: str) -> None:
         """Under the lock: a connection from `host` is past its hello (or gone)."""
@@ -518,19 +526,3 @@ def _shutdown_only(sock: socket.socket) -> None:
     """Wake the session's reader (it closes the socket)."""
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
-
-
-def _shutdown(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
-    sock.close()
-
-
-def describe_error(e: BaseException) -> str:
-    if isinstance(e, ssl.SSLError) and e.reason:
-        return f"TLS: {e.reason.replace('_', ' ').lower()}"
-    if isinstance(e, TimeoutError):
-        return "timed out"
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    return str(e) or type(e).__name__

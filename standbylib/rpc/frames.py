@@ -12,6 +12,7 @@ by piece.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import struct
@@ -111,3 +112,21 @@ class FrameReader:
             if k == 0:
                 raise PeerClosed(clean=first and got == 0)
             got += k
+
+
+def close_socket(sock: socket.socket) -> None:
+    """Shut `sock` down both ways (a thread blocked on it wakes up) and close it."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+
+
+def describe_error(e: BaseException) -> str:
+    """A socket or TLS error as a short phrase for a log line or an error message."""
+    if isinstance(e, ssl.SSLError) and e.reason:
+        return f"TLS: {e.reason.replace('_', ' ').lower()}"
+    if isinstance(e, TimeoutError):
+        return "timed out"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e) or type(e).__name__
