@@ -1,4 +1,5 @@
-"""Stand-in for ``standby-daemon``'s NBD export, used by ``bench/nbd_bench.py`` until the daemon exists.
+"""The snapshot engine's NBD export without the rest of ``standby-daemon``, for ``bench/nbd_bench.py``
+(which can also measure the daemon itself): the export's speed apart from the daemon's other work.
 
 Opens a standby data directory as the daemon does (``DIR/preservation.store``, one replica per volume in
 ``DIR/replicas/VOLUME.img``, 4 KiB blocks) and exports every snapshot as ``VOLUME@SNAPSHOT`` with

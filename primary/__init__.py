@@ -1,2 +1,2 @@
 """Primary agent (`standby-primary`): exports the protected volume over NBD and mirrors every write,
-in order, to the standby. Built on `standbylib`; see docs/ and ARCHITECTURE section 1."""
+in order, to the standby. Built on `standbylib`; see docs/ARCHITECTURE.md."""

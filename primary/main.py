@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
 
+from primary.bitmap import DEFAULT_GRANULARITY, DEFAULT_HOT_BYTES, WriteIntentBitmap, check_granularity
 from primary.device import MirroredDevice
 from primary.generations import Generations, VolumeFile
 from primary.metrics import PrimaryMetrics
 from primary.mirror import MODES, TRANSPORTS, Mirror
-from standbylib.bitmap import DEFAULT_GRANULARITY, DEFAULT_HOT_BYTES, WriteIntentBitmap, check_granularity
 from standbylib.blockdev import Device, check_block_size, open_file_device
 from standbylib.errors import DeviceBusy, InvalidArgument, StandbyError
 from standbylib.nbd.server import NbdServer

@@ -1,4 +1,4 @@
-"""The primary's Prometheus metrics (ARCHITECTURE section 7)."""
+"""The primary's Prometheus metrics (docs/MONITORING.md)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ acknowledgement their mode asks for. The parts, one module each:
 * this module: the mirror writers see, and the connection's life (handshake, reconnects, backoff,
   health, the periodic flush barrier and heartbeat).
 
-The write-intent bitmap (`standbylib.bitmap`) keeps the standby recoverable without ever stalling the
+The write-intent bitmap (`primary.bitmap`) keeps the standby recoverable without ever stalling the
 primary for long:
 
 * connected: `mark` marks the regions (durably) as in flight; the standby's acknowledgement releases
@@ -48,6 +48,7 @@ from typing import Any, Protocol
 
 import grpc
 
+from primary.bitmap import WriteIntentBitmap
 from primary.datalink import ChannelError
 from primary.generations import Generations, StateWriteError
 from primary.local import LocalVolume
@@ -55,7 +56,6 @@ from primary.oplog import BATCH_BYTES, WINDOW_BATCHES, Finisher, Op, OpLog
 from primary.resync import Resync
 from primary.stream import TRANSPORT_CODE_NAMES, TRANSPORT_CODES, TRANSPORTS, Transport, details
 from primary.verify import Checksums
-from standbylib.bitmap import WriteIntentBitmap
 from standbylib.errors import DeviceError, StandbyError
 from standbylib.rawfile import Buffer
 from standbylib.rpc.v1 import replication_pb2, replication_pb2_grpc

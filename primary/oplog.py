@@ -30,10 +30,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from primary.bitmap import WriteIntentBitmap
 from primary.datalink import DataLink
-from standbylib.bitmap import WriteIntentBitmap
+from standbylib.checksums import Payload, Probe, Repair
 from standbylib.rawfile import Buffer
-from standbylib.rpc.wire import Payload, Probe, Repair, encode_batch
+from standbylib.rpc.wire import encode_batch
 from standbylib.runtime import logs
 
 log = logs.get(__name__)

@@ -13,10 +13,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from primary.bitmap import WriteIntentBitmap
 from primary.local import LocalVolume
 from primary.oplog import Op, OpLog
 from primary.verify import Checksums, ProbeWindow
-from standbylib.bitmap import WriteIntentBitmap
 from standbylib.errors import StandbyError
 from standbylib.rawfile import is_zero
 from standbylib.runtime import logs

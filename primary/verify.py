@@ -18,13 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from primary.bitmap import WriteIntentBitmap
 from primary.local import LocalVolume
 from primary.oplog import Op, OpLog
-from standbylib.bitmap import WriteIntentBitmap
+from standbylib.checksums import Probe, block_digests, zero_digests
 from standbylib.errors import DeviceError
 from standbylib.rawfile import is_zero
 from standbylib.rpc.v1 import replication_pb2
-from standbylib.rpc.wire import Probe, block_digests, zero_digests
 from standbylib.runtime import logs
 
 log = logs.get(__name__)

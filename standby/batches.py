@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from standby.node import Replica, StandbyNode
+from standbylib.checksums import Payload, Probe, Repair
 from standbylib.errors import StandbyError
 from standbylib.rpc.v1 import replication_pb2
-from standbylib.rpc.wire import Payload, Probe, Repair
 from standbylib.runtime import logs
 
 log = logs.get(__name__)

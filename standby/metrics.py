@@ -1,4 +1,4 @@
-"""The standby's Prometheus metrics (ARCHITECTURE section 7).
+"""The standby's Prometheus metrics (docs/MONITORING.md).
 
 Gauges and counters that describe state are read from the node at scrape time (a custom collector),
 so they can never drift from the truth: a snapshot's used bytes are its distinct preserved blocks x

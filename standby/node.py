@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 from standby.leases import Leases, check_lease
 from standbylib.blockdev import Device, check_block_size, open_file_device
+from standbylib.checksums import DIGEST_SIZE, Payload, Probe, Repair, block_digests, zero_digests
 from standbylib.errors import (
     AlreadyExists,
     DeviceError,
@@ -49,7 +50,6 @@ from standbylib.errors import (
     VolumeMismatch,
 )
 from standbylib.rawfile import replace_file
-from standbylib.rpc.wire import DIGEST_SIZE, Payload, Probe, Repair, block_digests, zero_digests
 from standbylib.runtime import logs
 from standbylib.snapshot import PreservationStore
 from standbylib.snapshot.records import check_name

@@ -7,66 +7,22 @@ same wire format (proto/v1/replication.proto) with one join, and `tests/standbyl
 that protobuf parses it into the message it would have built itself.
 
 On the gRPC stream decoding stays with protobuf (grpcio hands over a fresh message anyway). On the data
-channel a frame is received into a reused buffer, and `decode_request` reads a batch straight out of it:
-each write's data is a `memoryview` of that buffer, not a copy (protobuf would copy every payload into a
-new ``bytes``). Its views are valid until the buffer is reused: the caller applies the batch first.
+channel a frame is received into a reused buffer, and `batch_view` and `decode_batch` read a batch
+straight out of it: each write's data is a `memoryview` of that buffer, not a copy (protobuf would copy
+every payload into a new ``bytes``). Its views are valid until the buffer is reused: the caller applies
+the batch first.
 
-It also defines the probes of the verify and of the checksum-based full sync (`Probe`, `block_digests`):
-per block, the 8-byte little-endian xxh3_64 digest (docs/REPLICATION.md, Verify).
+What an op carries (data, a zeroed length, a probe, a repair) is defined in `standbylib.checksums`.
 """
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 from typing import NamedTuple
 
-import xxhash
-
+from standbylib.checksums import Payload, Probe, Repair
 from standbylib.errors import InvalidArgument
 from standbylib.rawfile import Buffer
-
-#: Bytes of one block's digest in `Write.digests`.
-DIGEST_SIZE = 8
-
-
-class Probe(NamedTuple):
-    """A probe op: the digests of the blocks of ``[offset, offset+length)`` (the offset is the op's)."""
-
-    length: int
-    digests: bytes
-    verify_id: int = 0  # 0: a probe of the checksum-based full sync
-
-
-class Repair(NamedTuple):
-    """A write (data or zero length) that resends blocks verify session `verify_id` found out of sync."""
-
-    data: Buffer | int
-    verify_id: int
-
-
-#: What an op of `encode_batch` carries: data, a zeroed length, a probe or a repair.
-Payload = Buffer | int | Probe | Repair
-
-
-def block_digests(data: Buffer, block_size: int) -> bytes:
-    """The digests of each `block_size` block of `data` (a whole number of blocks), concatenated."""
-    view = memoryview(data).cast("B")
-    digest = xxhash.xxh3_64_intdigest
-    values = [digest(view[i : i + block_size]) for i in range(0, len(view), block_size)]
-    return struct.pack(f"<{len(values)}Q", *values)
-
-
-_zero_digests: dict[int, bytes] = {}
-
-
-def zero_digests(length: int, block_size: int) -> bytes:
-    """`block_digests` of `length` bytes of zeros (a hole), without reading or hashing them."""
-    one = _zero_digests.get(block_size)
-    if one is None:
-        one = _zero_digests[block_size] = block_digests(bytes(block_size), block_size)
-    return one * (length // block_size)
-
 
 # Field tags: (number << 3) | wire type (0 varint, 2 length-delimited).
 _REQUEST_BATCH = b"\x12"  # MirrorRequest.batch = 2
@@ -152,7 +108,7 @@ def encode_batch(
 
 
 class Decoded(NamedTuple):
-    """A `MirrorRequest` holding a `Batch`, as `decode_request` reads it."""
+    """A `MirrorRequest` holding a `Batch`, as `decode_batch` reads it."""
 
     sequence: int
     ops: list[tuple[int, Payload]]

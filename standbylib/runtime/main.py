@@ -17,7 +17,7 @@ from standbylib.runtime.config import ConfigError
 
 C = TypeVar("C")
 
-#: Exit codes of every command (ARCHITECTURE section 6).
+#: Exit codes of every command (docs/ARCHITECTURE.md, The contracts).
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 

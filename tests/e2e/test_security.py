@@ -1,4 +1,4 @@
-"""Security (ARCHITECTURE section 8): gRPC over TLS and mutual TLS, NBD over TLS (NBD_OPT_STARTTLS),
+"""Security (docs/SECURITY.md): gRPC over TLS and mutual TLS, NBD over TLS (NBD_OPT_STARTTLS),
 and nothing but loopback listening unless asked.
 
 Certificates come from `tls_support.make_pki` (the openssl tool): the appliance's CA with a server

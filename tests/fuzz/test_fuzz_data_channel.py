@@ -42,9 +42,10 @@ from fuzz_support import (
 )
 from google.protobuf.message import DecodeError
 
+from standbylib.checksums import Probe, Repair, block_digests
 from standbylib.rpc.frames import MAX_FRAME
 from standbylib.rpc.v1 import replication_pb2
-from standbylib.rpc.wire import Probe, Repair, block_digests, encode_batch, varint
+from standbylib.rpc.wire import encode_batch, varint
 
 pytestmark = pytest.mark.timeout(1800)
 

@@ -41,8 +41,8 @@ from fuzz_support import (
 )
 from google.protobuf.message import DecodeError, Message
 
+from standbylib.checksums import block_digests
 from standbylib.rpc.v1 import control_pb2, replication_pb2
-from standbylib.rpc.wire import block_digests
 
 pytestmark = pytest.mark.timeout(1800)
 

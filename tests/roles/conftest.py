@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 from standby_rig import start_rig
+
+# The library tests' injectable faulty disk (`faultfile`) serves the primary's bitmap tests too.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "standbylib"))
 
 
 @pytest.fixture

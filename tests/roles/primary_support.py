@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 
 from standby_rig import StandbyRig
 
+from primary.bitmap import WriteIntentBitmap
 from primary.device import MirroredDevice
 from primary.generations import Generations
 from primary.mirror import Mirror, NullMirrorMetrics
 from standby import services
 from standby.node import StandbyNode
-from standbylib.bitmap import WriteIntentBitmap
 from standbylib.blockdev import open_file_device
 from standbylib.runtime.rpc import create_server
 

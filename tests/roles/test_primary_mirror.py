@@ -10,11 +10,11 @@ import time
 import pytest
 from standby_rig import start_rig
 
+from primary.bitmap import WriteIntentBitmap
 from primary.device import MirroredDevice
 from primary.generations import Generations
 from primary.main import parse_volume
 from primary.mirror import Mirror, NullMirrorMetrics
-from standbylib.bitmap import WriteIntentBitmap
 from standbylib.blockdev import open_file_device
 from standbylib.errors import InvalidArgument, InvalidBlockSize
 from standbylib.rawfile import is_zero

@@ -23,8 +23,8 @@ from primary_support import (
 from standby_rig import start_rig
 
 import primary.generations as generations_module
+from primary.bitmap import WriteIntentBitmap
 from primary.mirror import BitmapWriteFailed
-from standbylib.bitmap import WriteIntentBitmap
 from standbylib.errors import DeviceError, DiskFull
 from standbylib.nbd.server import NbdServer
 from standbylib.rawfile import MemFile

@@ -13,9 +13,9 @@ from standby_rig import start_rig
 from test_primary_mirror import files_equal, mirrored, wait_until
 
 from standby.node import StandbyNode, VerifyRefused
+from standbylib.checksums import Probe, Repair, block_digests, zero_digests
 from standbylib.errors import InvalidArgument, OutOfRange, UnknownVolume
 from standbylib.rpc.v1 import control_pb2, control_pb2_grpc, replication_pb2, replication_pb2_grpc
-from standbylib.rpc.wire import Probe, Repair, block_digests, zero_digests
 
 MiB = 1 << 20
 BS = 4096

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
+from primary.bitmap import WriteIntentBitmap
 from primary.device import MirroredDevice
 from primary.generations import Generations
 from primary.mirror import Mirror
-from standbylib.bitmap import WriteIntentBitmap
 from standbylib.blockdev import PLAN_HOLES_MIN, open_file_device
 from standbylib.nbd import NbdServer
 from standbylib.nbd.client import NbdClient

@@ -5,8 +5,9 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from standbylib.checksums import Probe, Repair, block_digests, zero_digests
 from standbylib.rpc.v1 import replication_pb2
-from standbylib.rpc.wire import Probe, Repair, block_digests, encode_batch, varint, zero_digests
+from standbylib.rpc.wire import encode_batch, varint
 
 u64 = st.integers(min_value=0, max_value=2**64 - 1)
 plain = st.one_of(st.binary(max_size=300), st.integers(min_value=0, max_value=2**63))

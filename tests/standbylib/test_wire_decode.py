@@ -15,11 +15,10 @@ from google.protobuf.message import DecodeError
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from standbylib.checksums import Probe, Repair
 from standbylib.rpc.v1 import replication_pb2
 from standbylib.rpc.wire import (
     MalformedMessage,
-    Probe,
-    Repair,
     batch_view,
     decode_batch,
     encode_batch,

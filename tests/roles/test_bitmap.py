@@ -13,7 +13,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from standbylib.bitmap import BitmapError, WriteIntentBitmap
+from primary.bitmap import BitmapError, WriteIntentBitmap
 from standbylib.errors import InvalidArgument
 from standbylib.rawfile import MemFile
 
