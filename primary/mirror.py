@@ -8,8 +8,11 @@ acknowledgement their mode asks for. The parts, one module each:
 * `primary.stream`: how a stream travels (the gRPC call, the data channel);
 * `primary.resync`: resending what the write-intent bitmap marks dirty after a reconnect;
 * `primary.verify`: verify passes, full-sync probes, and the repair of what they find;
+* `primary.reports`: the metrics a mirror feeds, and failures to write the primary's own state;
 * this module: the mirror writers see, and the connection's life (handshake, reconnects, backoff,
-  health, the periodic flush barrier and heartbeat).
+  health, the periodic flush barrier and heartbeat). It is longer than the others because the two share
+  one state machine: whether writes are mirrored (`begin`) changes in the same step as the stream opens
+  or ends, under one lock, and a split would spread that step over two classes.
 
 The write-intent bitmap (`primary.bitmap`) keeps the standby recoverable without ever stalling the
 primary for long:
@@ -38,13 +41,12 @@ standby can answer (with a verify request, say) and a silent one is noticed.
 from __future__ import annotations
 
 import random
-import re
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 
@@ -53,6 +55,14 @@ from primary.datalink import ChannelError
 from primary.generations import Generations, StateWriteError
 from primary.local import LocalVolume
 from primary.oplog import BATCH_BYTES, WINDOW_BATCHES, Finisher, Op, OpLog
+from primary.reports import (
+    BitmapWriteFailed,
+    MirrorMetrics,
+    NullMirrorMetrics,
+    StateReport,
+    describe,
+    masked,
+)
 from primary.resync import Resync
 from primary.stream import TRANSPORT_CODE_NAMES, TRANSPORT_CODES, TRANSPORTS, Transport, details
 from primary.verify import Checksums
@@ -77,81 +87,6 @@ STABLE_SECONDS = 30.0
 STATES = ("connecting", "connected", "disconnected", "refused", "blocked")
 #: Seconds between flush barriers that let acknowledged regions of the bitmap be cleared.
 CLEAN_INTERVAL = 1.0
-
-
-class MirrorMetrics(Protocol):
-    def batch_sent(self, volume: str, nbytes: int, writes: int) -> None: ...
-    def connected(self, volume: str, up: bool) -> None: ...
-    def set_state(self, volume: str, state: str) -> None: ...
-    def refused(self, volume: str, reason: str) -> None: ...
-    def state_write_failed(self, volume: str, file: str) -> None: ...
-    def resynced(self, volume: str, nbytes: int) -> None: ...
-
-
-class NullMirrorMetrics:
-    def batch_sent(self, volume: str, nbytes: int, writes: int) -> None:
-        pass
-
-    def connected(self, volume: str, up: bool) -> None:
-        pass
-
-    def set_state(self, volume: str, state: str) -> None:
-        pass
-
-    def refused(self, volume: str, reason: str) -> None:
-        pass
-
-    def state_write_failed(self, volume: str, file: str) -> None:
-        pass
-
-    def resynced(self, volume: str, nbytes: int) -> None:
-        pass
-
-
-class BitmapWriteFailed(DeviceError):
-    """A client write was refused: its regions could not be marked durably in the write-intent bitmap."""
-
-    template = (
-        "volume {volume!r}: the write was not done: it could not be marked in the write-intent bitmap "
-        "{path} ({detail})"
-    )
-
-
-def describe(error: BaseException) -> str:
-    """`error` as a short line: a device error as ``PATH: DETAIL`` (without the advice of its template,
-    which speaks of the standby's data)."""
-    if isinstance(error, DeviceError) and "path" in error.fields and "detail" in error.fields:
-        return f"{error.fields['path']}: {error.fields['detail']}"
-    return str(error)
-
-
-class StateReport:
-    """Failures to write the primary's own state (`kind`: bitmap, generation), reported loudly but once:
-    `state_write_failed` (error) at the first failure and when the error changes, counted every time;
-    `state_write_recovered` at the next success."""
-
-    def __init__(self, volume: str, metrics: MirrorMetrics) -> None:
-        self.volume = volume
-        self.metrics = metrics
-        self.failing: dict[str, str] = {}  # kind -> the last error logged (digits masked)
-        self._lock = threading.Lock()
-
-    def failed(self, kind: str, error: BaseException, consequence: str) -> None:
-        self.metrics.state_write_failed(self.volume, kind)
-        message = describe(error)
-        key = _masked(message)
-        with self._lock:
-            known = self.failing.get(kind)
-            self.failing[kind] = key
-        if known != key:
-            log.error("state_write_failed", volume=self.volume, file=kind, error=message, effect=consequence)
-
-    def ok(self, kind: str) -> None:
-        if kind in self.failing:  # (checked without the lock first: the common case costs a lookup)
-            with self._lock:
-                gone = self.failing.pop(kind, None)
-            if gone is not None:
-                log.info("state_write_recovered", volume=self.volume, file=kind)
 
 
 class Mirror:
@@ -530,7 +465,7 @@ class Mirror:
             "retry_in": round(pause, 1),
             "out_of_sync_bytes": self.bitmap.out_of_sync_bytes(),
         }
-        key = (code, _masked(text))
+        key = (code, masked(text))
         if was_confirmed or key != self._logged_failure:
             log.warning("mirror_disconnected", **fields)
         else:  # the same failure again: logged once, when it began
@@ -719,8 +654,3 @@ class Mirror:
         if idle:
             self.log.submit(Op(0, 0, None, 0, heartbeat=True))
         self.checksums.leftovers()
-
-
-def _masked(text: str) -> str:
-    """`text` with its numbers masked: two errors that differ only in counts are the same failure."""
-    return re.sub(r"\d+", "#", text)
