@@ -217,7 +217,7 @@ def open_output(path: str, force: bool) -> tuple[IO[bytes], bool]:
 
 def tls_files(conf: RunConfig) -> TlsFiles:
     """The TLS files of the run, checked (a `ConfigError` when unusable)."""
-    tls = TlsFiles(conf.tls_cert, conf.tls_key, conf.tls_ca, server_name=conf.tls_server_name)
+    tls = conf.client_files()
     if conf.nbd_tls and not tls.enabled:
         raise cfg.ConfigError(detail="--nbd-tls needs --tls-ca (and --tls-cert/--tls-key for mutual TLS)")
     if tls.enabled:

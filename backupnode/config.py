@@ -6,7 +6,8 @@ import os
 from dataclasses import dataclass
 
 from standbylib.runtime import config as cfg
-from standbylib.runtime import logs
+from standbylib.runtime.logs import LogSettings
+from standbylib.runtime.tls import ClientTlsSettings
 from standbylib.units import parse_size
 
 DEFAULT_STANDBY = os.environ.get("STANDBY_ADDRESS", "127.0.0.1:7700")
@@ -19,7 +20,7 @@ def address(text: str) -> str:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(ClientTlsSettings, LogSettings):
     standby: str = cfg.setting(
         DEFAULT_STANDBY, "gRPC address of the standby daemon ($STANDBY_ADDRESS)", parse=address, metavar="H:P"
     )
@@ -71,28 +72,8 @@ class RunConfig:
     metrics_textfile: str = cfg.setting(
         "", "at the end, write the metrics to this file (node_exporter's textfile collector)", metavar="FILE"
     )
-    tls_ca: str | None = cfg.setting(
-        None,
-        "PEM CA certificates the standby's certificate must chain to: gRPC to the standby uses TLS",
-        metavar="FILE",
-    )
-    tls_cert: str | None = cfg.setting(
-        None, "PEM client certificate chain presented to the standby (mutual TLS; NBD too)", metavar="FILE"
-    )
-    tls_key: str | None = cfg.setting(None, "PEM private key of --tls-cert", metavar="FILE")
-    tls_server_name: str | None = cfg.setting(
-        None,
-        "the name the standby's certificates must carry, when it is not the host connected to",
-        metavar="NAME",
-    )
     nbd_tls: bool = cfg.setting(
         False,
         "start TLS on the NBD connections (NBD_OPT_STARTTLS), with the files of --tls-ca, --tls-cert "
         "and --tls-key; fails when the server does not offer TLS",
-    )
-    log_level: str = cfg.setting("info", "log level", choices=logs.LEVELS)
-    log_format: str = cfg.setting(
-        "auto",
-        "log lines: json, console, or auto (console on a terminal)",
-        choices=("auto", "json", "console"),
     )

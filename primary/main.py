@@ -28,9 +28,10 @@ from standbylib.errors import DeviceBusy, InvalidArgument, StandbyError
 from standbylib.nbd.server import NbdServer
 from standbylib.runtime import config as cfg
 from standbylib.runtime import logs
+from standbylib.runtime.logs import LogSettings
 from standbylib.runtime.main import EXIT_OK, StopSignal, daemon_main
 from standbylib.runtime.metrics import MetricsServer
-from standbylib.runtime.tls import NbdTlsSettings, TlsFiles, nbd_tls_of
+from standbylib.runtime.tls import ClientTlsSettings, NbdTlsSettings, nbd_tls_of
 from standbylib.snapshot.records import check_name
 from standbylib.units import parse_size
 
@@ -74,7 +75,7 @@ def parse_volume(text: str) -> VolumeSpec:
 
 
 @dataclass
-class PrimaryConfig(NbdTlsSettings):
+class PrimaryConfig(NbdTlsSettings, ClientTlsSettings, LogSettings):
     volume: list[VolumeSpec] = cfg.setting(  # noqa: RUF009 (a dataclass field with a default factory)
         [],
         "a protected volume, NAME=PATH[,size=SIZE][,block-size=SIZE]; repeatable. A missing PATH is "
@@ -152,29 +153,8 @@ class PrimaryConfig(NbdTlsSettings):
         "or when the volume file is not the one the recorded generations belong to (this file's data is "
         "then kept); applies to the first connection of this run",
     )
-    tls_ca: str | None = cfg.setting(
-        None,
-        "PEM CA certificates the standby's certificate must chain to: the gRPC channel to the standby "
-        "uses TLS",
-        metavar="FILE",
-    )
-    tls_cert: str | None = cfg.setting(
-        None, "PEM client certificate chain presented to the standby (mutual TLS)", metavar="FILE"
-    )
-    tls_key: str | None = cfg.setting(None, "PEM private key of --tls-cert", metavar="FILE")
-    tls_server_name: str | None = cfg.setting(
-        None,
-        "the name the standby's certificate must carry, when it is not the host of --standby",
-        metavar="NAME",
-    )
     require_client_cert: bool = cfg.setting(
         False, "NBD over TLS: refuse clients without a certificate signed by --nbd-tls-ca (or --tls-ca)"
-    )
-    log_level: str = cfg.setting("info", "log level", choices=logs.LEVELS)
-    log_format: str = cfg.setting(
-        "auto",
-        "log format (auto: console on a terminal, else JSON lines)",
-        choices=("auto", "json", "console"),
     )
 
 
@@ -240,7 +220,7 @@ def serve(conf: PrimaryConfig) -> int:
     names = [v.name for v in conf.volume]
     if len(set(names)) != len(names):
         raise cfg.ConfigError(detail=f"volume names must be unique: {', '.join(names)}")
-    tls = TlsFiles(conf.tls_cert, conf.tls_key, conf.tls_ca, server_name=conf.tls_server_name)
+    tls = conf.client_files()
     if tls.enabled:
         tls.channel_credentials()  # every file readable and matching, before anything starts
     else:

@@ -28,11 +28,12 @@ import sys
 from typing import Any, TextIO
 
 from standbylib.rpc.v1 import control_pb2, control_pb2_grpc
+from standbylib.runtime import config as cfg
 from standbylib.runtime import rpc
 from standbylib.runtime.config import ConfigError, parse_address
 from standbylib.runtime.main import EXIT_FAILED, EXIT_OK, run
 from standbylib.runtime.rpc import RemoteError
-from standbylib.runtime.tls import TlsFiles
+from standbylib.runtime.tls import ClientTlsSettings
 from standbylib.units import human_size, parse_size
 
 DEFAULT_STANDBY = os.environ.get("STANDBY_ADDRESS", "127.0.0.1:7700")
@@ -60,20 +61,7 @@ def parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="per call (default: 30; a verify's stream has none, it takes as long as the volume needs)",
     )
-    p.add_argument(
-        "--tls-ca",
-        metavar="FILE",
-        help="PEM CA certificates the standby's certificate must chain to: connect with TLS",
-    )
-    p.add_argument(
-        "--tls-cert", metavar="FILE", help="PEM client certificate chain, for a standby that requires one"
-    )
-    p.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
-    p.add_argument(
-        "--tls-server-name",
-        metavar="NAME",
-        help="the name the standby's certificate must carry, when it is not the host of --standby",
-    )
+    cfg.add_options(p, ClientTlsSettings, files=False, title="TLS (docs/SECURITY.md)")
     p.add_argument("--debug", action="store_true", help="print tracebacks with errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -288,7 +276,7 @@ def execute(args: argparse.Namespace) -> int:
         parse_address(args.standby)
     except Exception as e:
         raise ConfigError(detail=f"--standby: {e}") from e
-    tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_ca, server_name=args.tls_server_name)
+    tls = cfg.resolve(ClientTlsSettings, args).client_files()
     tls.check_client()
     with rpc.channel(args.standby, tls) as channel:
         stub = control_pb2_grpc.ControlStub(channel)

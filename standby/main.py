@@ -24,6 +24,7 @@ from standby.node import StandbyNode, check_capacity
 from standbylib.nbd.server import NbdServer
 from standbylib.runtime import config as cfg
 from standbylib.runtime import logs
+from standbylib.runtime.logs import LogSettings
 from standbylib.runtime.main import EXIT_OK, StopSignal, daemon_main
 from standbylib.runtime.metrics import MetricsServer
 from standbylib.runtime.rpc import create_server
@@ -39,7 +40,7 @@ def parse_data_listen(text: str) -> tuple[str, int] | None:
 
 
 @dataclass
-class StandbyConfig(NbdTlsSettings):
+class StandbyConfig(NbdTlsSettings, LogSettings):
     data_dir: str | None = cfg.setting(
         None, "directory of the replicas, the preservation store and the standby's identity", metavar="DIR"
     )
@@ -93,12 +94,6 @@ class StandbyConfig(NbdTlsSettings):
         False,
         "mutual TLS: refuse gRPC clients (and NBD clients over TLS) without a certificate signed by "
         "--tls-ca (--nbd-tls-ca for NBD)",
-    )
-    log_level: str = cfg.setting("info", "log level", choices=logs.LEVELS)
-    log_format: str = cfg.setting(
-        "auto",
-        "log format (auto: console on a terminal, else JSON lines)",
-        choices=("auto", "json", "console"),
     )
 
 

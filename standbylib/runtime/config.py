@@ -1,18 +1,24 @@
 """Typed configuration from defaults, a TOML file and command-line flags, in that order of precedence.
 
 Each role describes its settings once, as a dataclass whose fields carry their flag, help text and
-parser in `setting(...)` metadata. `build_parser` turns that into argparse options (so ``--help`` shows
-every default), and `resolve` merges ``--config FILE`` and the flags into an instance. TOML keys are the
-field names (``data_dir = "/var/lib/standby"``); `show` renders the effective configuration as TOML,
-which `--show-config` prints and `--config` accepts back.
+parser in `setting(...)` metadata; settings several programs share (logs, TLS) are dataclasses the
+roles' configurations inherit (`logs.LogSettings`, `tls.ClientTlsSettings`, `tls.NbdTlsSettings`).
+`add_options` turns that into argparse options (so ``--help`` shows every default), and `resolve`
+merges ``--config FILE`` and the flags into an instance, checking each value against the field's type
+(``data_dir = 5`` in a file is a usage error, not a surprise later). TOML keys are the field names
+(``data_dir = "/var/lib/standby"``); `show` renders the effective configuration as TOML, which
+`--show-config` prints and `--config` accepts back.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import tomllib
+import types
+import typing
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -58,10 +64,29 @@ def _flag(f: dataclasses.Field[Any]) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
-def add_options(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
-    """Add one option per field of the dataclass `cls`, plus ``--config`` and ``--show-config``."""
-    group = parser.add_argument_group("settings (also accepted as keys of the --config TOML file)")
-    for f in dataclasses.fields(cls):
+def settings_of(cls: type[Any]) -> list[dataclasses.Field[Any]]:
+    """The fields of the dataclass `cls`: its own first, then those of each base it inherits, nearest
+    first (the order of ``--help`` and ``--show-config``)."""
+    by_name = {f.name: f for f in dataclasses.fields(cls)}
+    ordered: dict[str, dataclasses.Field[Any]] = {}
+    for klass in cls.__mro__:
+        for name in inspect.get_annotations(klass):
+            if name in by_name:
+                ordered.setdefault(name, by_name[name])
+    return list(ordered.values())
+
+
+def add_options(
+    parser: argparse.ArgumentParser,
+    cls: type[Any],
+    *,
+    files: bool = True,
+    title: str = "settings (also accepted as keys of the --config TOML file)",
+) -> None:
+    """Add one option per field of the dataclass `cls`, plus ``--config`` and ``--show-config`` unless
+    `files` is False (a program that takes its settings from flags only)."""
+    group = parser.add_argument_group(title)
+    for f in settings_of(cls):
         meta = f.metadata
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         shown = "none" if default in (None, [], "") else default
@@ -83,6 +108,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
             if meta.get("repeat"):
                 kwargs["action"] = "append"
         group.add_argument(_flag(f), **kwargs)
+    if not files:
+        return
     parser.add_argument("--config", metavar="FILE", help="read settings from this TOML file; flags win")
     parser.add_argument(
         "--show-config", action="store_true", help="print the effective configuration as TOML and exit"
@@ -124,13 +151,57 @@ def resolve(cls: type[T], args: argparse.Namespace) -> T:
             raise ConfigError(detail=f"{_flag(names[name])}: {e}") from e
         except ValueError as e:
             raise ConfigError(detail=f"{_flag(names[name])}: {e}") from e
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        if not _conforms(value, hints.get(name, Any)):
+            source = f" (in --config {args.config})" if getattr(args, "config", None) else ""
+            raise ConfigError(detail=f"{_flag(names[name])}: {value!r} is not {_kind(hints[name])}{source}")
     return cls(**values)
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    """Whether `value` (after its field's parser) is of the type `hint` of the field."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        return isinstance(value, list) and all(_conforms(v, args[0]) for v in value)
+    if origin is tuple:
+        return (
+            isinstance(value, tuple)
+            and len(value) == len(args)
+            and all(_conforms(v, a) for v, a in zip(value, args, strict=True))
+        )
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _kind(hint: Any) -> str:
+    """`hint` in words, for an error message."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_kind(a) for a in args if a is not type(None))
+    if origin is list:
+        return f"a list of {_kind(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    if origin is tuple:
+        return "an address HOST:PORT"
+    words = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+    return words.get(hint, f"a {getattr(hint, '__name__', hint)}")
 
 
 def show(config: Any) -> str:
     """The configuration as TOML (strings, numbers, booleans and lists of them)."""
     lines = []
-    for f in dataclasses.fields(config):
+    for f in settings_of(type(config)):
         value = getattr(config, f.name)
         if value is None:
             lines.append(f"# {f.name} is not set")

@@ -8,11 +8,25 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
+from standbylib.runtime import config as cfg
+
 LEVELS = ("debug", "info", "warning", "error")
+FORMATS = ("auto", "json", "console")
+
+
+@dataclass
+class LogSettings:
+    """The log settings of every daemon (their configurations inherit them)."""
+
+    log_level: str = cfg.setting("info", "log level", choices=LEVELS)
+    log_format: str = cfg.setting(
+        "auto", "log format (auto: console on a terminal, else JSON lines)", choices=FORMATS
+    )
 
 
 def configure(role: str, *, level: str = "info", fmt: str = "auto") -> None:

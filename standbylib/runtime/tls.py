@@ -37,6 +37,31 @@ def parse_yes_no(value: object) -> bool:
 
 
 @dataclass
+class ClientTlsSettings:
+    """TLS of the programs that call the standby's gRPC services (the primary, the backup node,
+    standbyctl): their configurations inherit these settings."""
+
+    tls_ca: str | None = cfg.setting(
+        None,
+        "PEM CA certificates the standby's certificate must chain to: gRPC to the standby uses TLS",
+        metavar="FILE",
+    )
+    tls_cert: str | None = cfg.setting(
+        None, "PEM client certificate chain presented to the standby (mutual TLS)", metavar="FILE"
+    )
+    tls_key: str | None = cfg.setting(None, "PEM private key of --tls-cert", metavar="FILE")
+    tls_server_name: str | None = cfg.setting(
+        None,
+        "the name the standby's certificate must carry, when it is not the host connected to",
+        metavar="NAME",
+    )
+
+    def client_files(self) -> TlsFiles:
+        """The files as a client presents and checks them."""
+        return TlsFiles(self.tls_cert, self.tls_key, self.tls_ca, server_name=self.tls_server_name)
+
+
+@dataclass
 class NbdTlsSettings:
     """The NBD server's TLS settings, shared by the daemons that export NBD (their configurations
     inherit them)."""

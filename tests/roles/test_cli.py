@@ -86,12 +86,35 @@ def test_bad_config_files_are_usage_errors(tmp_path):
         ('data_dir = "d"\nbogus = 1\n', "unknown setting 'bogus'"),
         ('data_dir = "d"\non_full = "panic"\n', "not one of invalidate, defer"),
         ("data_dir = [\n", "not valid TOML"),
+        # Every value is checked against its setting's type, --show-config included.
+        ("data_dir = 5\n", "--data-dir: 5 is not a string (in --config"),
+        ('data_dir = "d"\nrequire_client_cert = "yes"\n', "--require-client-cert: 'yes' is not true or false"),
+        ('data_dir = "d"\nadopt = "vol0=/x"\n', "--adopt: 'vol0=/x' is not a list of"),
     ]:
         bad.write_text(text)
-        out = run("standby-daemon", "--config", str(bad))
-        assert out.returncode == 2 and message in out.stderr, out.stderr
+        for extra in ([], ["--show-config"]):
+            out = run("standby-daemon", "--config", str(bad), *extra)
+            assert out.returncode == 2 and message in out.stderr, out.stderr
+            assert "Traceback" not in out.stderr
     out = run("standby-daemon", "--config", str(tmp_path / "missing.toml"))
     assert out.returncode == 2 and "cannot read" in out.stderr
+
+
+def test_the_shared_settings_are_typed_the_same_in_every_program(tmp_path):
+    """Logs and client TLS are declared once; each program checks them the same way."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text('standby = "127.0.0.1:1"\nvolume = ["v=/x"]\nlog_format = 1\ntls_ca = 2\n')
+    out = run("standby-primary", "--config", str(bad), "--show-config")
+    assert out.returncode == 2 and "--log-format: 1 is not one of auto, json, console" in out.stderr
+    bad.write_text('standby = "127.0.0.1:1"\nvolume = ["v=/x"]\ntls_ca = 2\n')
+    out = run("standby-primary", "--config", str(bad), "--show-config")
+    assert out.returncode == 2 and "--tls-ca: 2 is not a string" in out.stderr, out.stderr
+    bad.write_text('output = "a"\ntls_server_name = ["x"]\n')
+    out = run("standby-backup", "run", "vol0", "--config", str(bad), "--show-config")
+    assert out.returncode == 2 and "--tls-server-name: ['x'] is not a string" in out.stderr, out.stderr
+    # standbyctl takes the same TLS settings, from flags: a certificate without its key is refused.
+    out = run("standbyctl", "--tls-ca", str(bad), "--tls-cert", str(bad), "status")
+    assert out.returncode == 2 and "--tls-key" in out.stderr, out.stderr
 
 
 def test_backup_run_help_answers_the_operator_questions():
