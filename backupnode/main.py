@@ -18,14 +18,9 @@ import time
 from contextlib import ExitStack, suppress
 from typing import IO, Any
 
-from backupnode.archive import (
-    Manifest,
-    ReadResult,
-    image_offset,
-    read_archive,
-    read_manifest,
-)
+from backupnode.archive import Manifest
 from backupnode.progress import Progress
+from backupnode.reader import ReadResult, image_offset, read_archive, read_manifest
 from standbylib.errors import StandbyError
 from standbylib.runtime import config as cfg
 from standbylib.runtime import logs

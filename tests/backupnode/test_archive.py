@@ -14,15 +14,9 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from backupnode.archive import (
-    ArchiveWriter,
-    CorruptArchive,
-    IncompleteArchive,
-    Manifest,
-    data_pieces,
-    read_archive,
-)
+from backupnode.archive import ArchiveWriter, CorruptArchive, IncompleteArchive, Manifest, data_pieces
 from backupnode.main import main
+from backupnode.reader import read_archive
 
 KiB, MiB = 1 << 10, 1 << 20
 
