@@ -23,6 +23,9 @@ The listener is exposed to anything that can reach it, so it trusts nothing befo
 
 One thread per connection: it receives a frame into a reused buffer, applies it, sends the reply.
 In ``received`` mode a second thread applies while the first acknowledges arrivals.
+
+It is a little over the other modules' size because the defences listed above are one piece: the
+tokens, the limits and the session loop decide together what a connection may do next.
 """
 
 from __future__ import annotations
