@@ -665,25 +665,24 @@ class Snapshot:
         return blocks[starts], counts, offsets[starts]
 
     def _read_blocks(self, first: int, end: int) -> bytearray:
+        """Blocks [first, end) as this snapshot reads them (under the store's lock): where `_served`
+        says, from the store, else from the origin."""
         vol = self.volume
-        store = vol.store
         bs = vol.block_size
-        from_store = self._store_slots(first, end)
         buf = bytearray((end - first) * bs)
         view = memoryview(buf)
-        b = first
-        raw = store.raw
-        while b < end:
-            hit = from_store.get(b)
-            if hit is not None:
-                raw.preadinto(view[(b - first) * bs : (b - first + 1) * bs], store.slot_offset(hit))
-                b += 1
+        raw = vol.store.raw
+        pos = first
+        for b, n, at in zip(*self._served(first, end), strict=True):
+            start, stop = max(b, first), min(b + n, end)  # (a run may reach outside [first, end))
+            if start >= stop:
                 continue
-            run_end = b + 1
-            while run_end < end and run_end not in from_store:
-                run_end += 1
-            vol.device_readinto(b * bs, view[(b - first) * bs : (run_end - first) * bs])
-            b = run_end
+            if pos < start:
+                vol.device_readinto(pos * bs, view[(pos - first) * bs : (start - first) * bs])
+            raw.preadinto(view[(start - first) * bs : (stop - first) * bs], at + (start - b) * bs)
+            pos = stop
+        if pos < end:
+            vol.device_readinto(pos * bs, view[(pos - first) * bs :])
         return buf
 
     def extents(self, offset: int, length: int) -> list[tuple[int, bool]]:
@@ -728,22 +727,6 @@ class Snapshot:
                 add(n, False)
             pos = stop
         return runs
-
-    def _store_slots(self, first: int, end: int) -> dict[int, int]:
-        """Blocks in [first, end) that this snapshot reads from the store, with their slots:
-        its own written block, else the oldest copy made since it was created."""
-        vol = self.volume
-        epoch = self.record.epoch
-        found: dict[int, int] = {}
-        for b, entries in vol.store.chains[vol.record.id].range(first, end).items():
-            for gen, slot in entries:
-                if gen >= epoch:
-                    found[b] = slot
-                    break
-        if len(self.record.private):
-            for b, entries in self.record.private.range(first, end).items():
-                found[b] = entries[0][1]
-        return found
 
     def write(self, offset: int, data: Buffer) -> None:
         """Claim 8 (E): store or replace the written blocks in the preservation store.
