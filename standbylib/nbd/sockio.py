@@ -8,6 +8,10 @@ Both also work on a `TlsConnection` (after NBD_OPT_STARTTLS; `SocketReader.start
 `SocketWriter.start_tls` switch them over). ``sendmsg`` and ``sendfile`` do not exist there: the
 writer then joins the parts of each call into one ``sendall``, and reads file ranges before sending
 them. The plain path only pays one attribute test per call.
+
+The NBD client (`standbylib.nbd.client`) reads its replies with the same reader: `peek_blocking` shows
+a reply's magic before it is parsed, and `readinto` receives a READ's data straight into the caller's
+buffer.
 """
 
 from __future__ import annotations
@@ -30,7 +34,15 @@ _ZEROS = bytes(1 << 20)
 
 
 class PeerClosed(EOFError):
-    """The peer closed the connection (mid-frame or between frames)."""
+    """The peer closed the connection (mid-frame or between frames).
+
+    `have` of the `want` bytes being read had arrived: 0 means between frames, so a caller can tell a
+    clean end from a cut-off frame without parsing the message."""
+
+    def __init__(self, message: str, *, have: int = 0, want: int = 0) -> None:
+        super().__init__(message)
+        self.have = have
+        self.want = want
 
 
 class SocketReader:
@@ -67,7 +79,8 @@ class SocketReader:
         while self._end - self._start < n:
             got = self._sock.recv_into(self._view[self._end :])
             if not got:
-                raise PeerClosed(f"connection closed with {self._end - self._start} of {n} bytes")
+                have = self._end - self._start
+                raise PeerClosed(f"connection closed with {have} of {n} bytes", have=have, want=n)
             self._end += got
 
     def unpack(self, frame: struct.Struct) -> tuple[Any, ...]:
@@ -81,6 +94,14 @@ class SocketReader:
         """The next frame if it is buffered already (without consuming it), else None; never blocks."""
         if self._end - self._start < frame.size:
             return None
+        return frame.unpack_from(self._buf, self._start)
+
+    def peek_blocking(self, frame: struct.Struct) -> tuple[Any, ...]:
+        """The next frame without consuming it, waiting for it if it is not buffered yet.
+
+        For a reader that must see a frame's first field to know which frame follows (the NBD client:
+        a simple reply or a structured reply chunk)."""
+        self._fill(frame.size)
         return frame.unpack_from(self._buf, self._start)
 
     def skip(self, n: int) -> None:
@@ -112,11 +133,29 @@ class SocketReader:
             while got < len(piece):
                 k = self._sock.recv_into(view[got:])
                 if not k:
-                    raise PeerClosed(f"connection closed with {n - left + got} of {n} bytes")
+                    have = n - left + got
+                    raise PeerClosed(f"connection closed with {have} of {n} bytes", have=have, want=n)
                 got += k
             pieces.append(piece)
             left -= len(piece)
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def readinto(self, view: memoryview) -> None:
+        """Fill `view` exactly: first from the buffer, then with ``recv_into`` straight into it.
+
+        For a reader that knows where the bytes go (the NBD client's reads land in the caller's
+        buffer): a payload of any size costs no copy beyond the buffered part."""
+        want = len(view)
+        pos = min(self._end - self._start, want)
+        if pos:
+            view[:pos] = self._view[self._start : self._start + pos]
+            self._start += pos
+        recv_into = self._sock.recv_into
+        while pos < want:
+            got = recv_into(view[pos:])
+            if not got:
+                raise PeerClosed(f"connection closed with {pos} of {want} bytes", have=pos, want=want)
+            pos += got
 
     def discard(self, n: int) -> None:
         """Consume `n` bytes we will not use, a buffer at a time."""
