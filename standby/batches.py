@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from standby.node import Replica, StandbyNode
+from standby.node import StandbyNode
+from standby.replica import Replica
 from standbylib.checksums import Payload, Probe, Repair
 from standbylib.errors import StandbyError
 from standbylib.rpc.v1 import replication_pb2

@@ -46,7 +46,8 @@ from typing import Protocol
 from google.protobuf.message import DecodeError
 
 from standby.batches import applied_reply, apply_batch
-from standby.node import Replica, StandbyNode
+from standby.node import StandbyNode
+from standby.replica import Replica
 from standbylib.errors import StandbyError
 from standbylib.rpc.frames import (
     MAX_FRAME,

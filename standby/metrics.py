@@ -15,7 +15,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from standby.datachannel import REFUSAL_REASONS as CHANNEL_REFUSALS
-from standby.node import REFUSAL_REASONS, StandbyNode
+from standby.node import StandbyNode
+from standby.refusals import REFUSAL_REASONS
 from standbylib.runtime.metrics import LATENCY_BUCKETS
 
 

@@ -16,7 +16,9 @@ import grpc
 
 from standby.batches import applied_reply, apply_batch, ops_of
 from standby.datachannel import DataChannelServer
-from standby.node import Replica, StandbyNode, VerifyFailed, VerifySession
+from standby.node import StandbyNode
+from standby.replica import Replica
+from standby.verify import VerifyFailed, VerifySession
 from standbylib.errors import InvalidArgument, Overloaded, StandbyError
 from standbylib.rpc.v1 import control_pb2, control_pb2_grpc, replication_pb2, replication_pb2_grpc
 from standbylib.runtime import logs

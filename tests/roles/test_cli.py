@@ -88,7 +88,10 @@ def test_bad_config_files_are_usage_errors(tmp_path):
         ("data_dir = [\n", "not valid TOML"),
         # Every value is checked against its setting's type, --show-config included.
         ("data_dir = 5\n", "--data-dir: 5 is not a string (in --config"),
-        ('data_dir = "d"\nrequire_client_cert = "yes"\n', "--require-client-cert: 'yes' is not true or false"),
+        (
+            'data_dir = "d"\nrequire_client_cert = "yes"\n',
+            "--require-client-cert: 'yes' is not true or false",
+        ),
         ('data_dir = "d"\nadopt = "vol0=/x"\n', "--adopt: 'vol0=/x' is not a list of"),
     ]:
         bad.write_text(text)

@@ -227,3 +227,34 @@ def test_the_generation_survives_a_restart(tmp_path):
             node.handshake("vol0", MiB, 4096, generation="other")
     finally:
         node.close()
+
+
+def test_a_save_while_starting_keeps_the_state_of_the_volumes_not_opened_yet(tmp_path):
+    """At start a replica changed outside the daemon is saved inconsistent at once; the volumes the node
+    has not opened yet keep what state.json said of them (here: inconsistent), through the next start."""
+    data = str(tmp_path / "data")
+    node = StandbyNode(data, capacity="64MiB")
+    node.handshake("a", MiB, 4096, generation="g1")
+    complete_sync_of(node, "a", "g1")
+    node.handshake("b", MiB, 4096, generation="g1")
+    node.open_stream("b", "p1", 1, resync=True, generation="g2")  # b is resyncing: inconsistent
+    node.close_stream(node.replica("b"))
+    assert node.replica("b").state == "inconsistent"
+    node.close()
+    with open(os.path.join(data, "replicas", "a.img"), "r+b") as f:  # changed while the daemon is down
+        f.write(b"x" * 4096)
+    for _ in range(2):  # the start that notices, and the one after it
+        node = StandbyNode(data, capacity="64MiB")
+        try:
+            assert node.replica("a").state == "inconsistent"
+            assert node.replica("b").state == "inconsistent", "b's state was lost by a's save"
+        finally:
+            node.close()
+
+
+def complete_sync_of(node, volume, generation):
+    replica = node.replica(volume)
+    node.open_stream(volume, "p1", 1, resync=True, generation=generation)
+    node.apply(replica, 1, [(0, b"g" * 4096)], False, uptodate=True)
+    node.close_stream(replica)
+    return replica
