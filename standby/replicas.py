@@ -88,7 +88,7 @@ class Replicas:
                 detail=f"the preservation store knows volume {name!r} but its replica {path} is missing"
             )
         device = open_file_device(path, exclusive=True)
-        block_size = self._store.volume_records[name].block_size
+        block_size = self._store.volume_block_size(name)
         volume = self._store.attach(name, device, block_size=block_size)
         replica = Replica(name=name, path=path, device=device, volume=volume)
         self._files.restore(replica)

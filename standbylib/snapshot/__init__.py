@@ -16,8 +16,10 @@ Quick tour::
 See docs/ENGINE.md for the full API and docs/STORE-FORMAT.md for the on-disk format.
 """
 
-from standbylib.snapshot.store import ON_FULL_POLICIES, PreservationStore, StoreStats
-from standbylib.snapshot.volume import Snapshot, SnapshotInfo, Volume, WriteOp
+from standbylib.snapshot.engine import PreservationStore
+from standbylib.snapshot.snapshot import Snapshot, SnapshotInfo
+from standbylib.snapshot.store import ON_FULL_POLICIES, StoreStats
+from standbylib.snapshot.volume import Volume, WriteOp
 
 __all__ = [
     "ON_FULL_POLICIES",

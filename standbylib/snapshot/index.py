@@ -5,12 +5,14 @@ tagged with a generation, sorted by generation. It is a small log-structured
 merge tree of sorted numpy runs (16 bytes per entry: block u64, generation u32,
 slot u32): a batch of copies is appended as one sorted run, runs are merged in
 bulk, and every lookup is a vectorised binary search per run. RAM grows with
-preserved blocks and never with volume size.
+preserved blocks and never with volume size. `referenced` says which copies of
+an index the valid snapshots still read (the others can be freed).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -237,3 +239,22 @@ class ChainIndex:
         self._base = (blocks[mask], gens[mask], slots[mask])
         self._len = len(self._base[0])
         self.version += 1
+
+
+def referenced(
+    blocks: npt.NDArray[Any], gens: npt.NDArray[Any], epochs: npt.NDArray[np.int64]
+) -> npt.NDArray[np.bool_]:
+    """Which copies some snapshot still reads.
+
+    `blocks`/`gens` are sorted by (block, gen). A copy of generation g whose
+    previous copy of the same block has generation p serves the snapshots with
+    epoch in (p, g]; it is referenced when one of `epochs` (sorted) falls there.
+    """
+    g = gens.astype(np.int64)
+    prev = np.zeros(len(g), np.int64)
+    if len(g) > 1:
+        same = blocks[1:] == blocks[:-1]
+        prev[1:] = np.where(same, g[:-1], 0)
+    hits = np.searchsorted(epochs, g, "right") - np.searchsorted(epochs, prev, "right")
+    result: npt.NDArray[np.bool_] = hits > 0
+    return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,3 +107,10 @@ class SnapshotRecord:
             state=str(d.get("state", VALID)),
             reason=str(d.get("reason", "")),
         )
+
+
+def live_snapshots(records: Iterable[SnapshotRecord], volume_id: int) -> list[SnapshotRecord]:
+    """The valid snapshots of volume `volume_id` among `records`, oldest first."""
+    live = [s for s in records if s.volume == volume_id and s.valid]
+    live.sort(key=lambda s: s.epoch)
+    return live

@@ -1,4 +1,4 @@
-"""Volumes (origins) and snapshots (the patent's virtual devices).
+"""Volumes: the origins of claim 1, attached to a preservation store, and their snapshots' lifecycle.
 
 `Volume.write_batch` is the origin write of claim 1 (C), with group commit:
 
@@ -21,12 +21,16 @@ capacity, or a snapshot's, invalidates or defers); the same batch can be retried
 Only an invalidation made durable before the failure stays. When step 5 fails, the
 copies stay (they hold the blocks as they were, which is what the snapshots need)
 and the origin may be partly written, as after any failed device write: retry.
+
+`Volume` creates, lists and deletes the volume's snapshots (`Snapshot`, the patent's virtual devices,
+live in `standbylib.snapshot.snapshot`; they are re-exported here). It changes the store only through
+the store's methods (`standbylib.snapshot.store.Store`), and the store does not depend on it: the store
+that hands out `Volume` objects is `standbylib.snapshot.engine.PreservationStore`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
@@ -36,59 +40,23 @@ from standbylib.errors import (
     Closed,
     InvalidArgument,
     PreservationDeferred,
-    PreservationFull,
-    ReadOnly,
     SnapshotExists,
-    SnapshotInvalid,
     UnknownSnapshot,
 )
-from standbylib.rawfile import Buffer, OsFile
-from standbylib.readplan import Bytes, FileRange, Hole, Piece, ReadPlan
+from standbylib.rawfile import Buffer
 from standbylib.snapshot import layout
 from standbylib.snapshot.layout import data_checksum as checksum
 from standbylib.snapshot.records import SnapshotRecord, VolumeRecord, check_name
-from standbylib.snapshot.store import PreservationStore
+from standbylib.snapshot.snapshot import ServedRuns, Snapshot, SnapshotInfo
+from standbylib.snapshot.store import Store
+
+__all__ = ["Snapshot", "SnapshotInfo", "Volume", "WriteOp"]
 
 #: Average copy run below which writing our buffer beats copy_file_range (one syscall per run).
 _CFR_MIN = 64 << 10
 
 #: One request of a batch: ``(offset, data)`` writes `data`; ``(offset, n)`` with an int zeroes `n` bytes.
 WriteOp = tuple[int, Buffer | int]
-
-
-#: Index entries one uncached `Snapshot._served` lookup is worth, for deciding when to rebuild its cache.
-_LOOKUP_COST = 256
-#: Larger indexes are not cached (the cache takes up to 24 bytes per entry).
-_MAX_CACHED_ENTRIES = 1 << 20
-
-
-@dataclass(frozen=True)
-class _ServedRuns:
-    """The runs a snapshot reads from the store (`Snapshot._served`), for the whole volume."""
-
-    versions: tuple[int, int]  # of the volume's index and the snapshot's own index when built
-    firsts: np.ndarray  # first block of each run, ascending
-    ends: np.ndarray  # block after each run
-    offsets: np.ndarray  # store offset of each run's first block
-
-
-@dataclass(frozen=True)
-class SnapshotInfo:
-    """A snapshot's state and counters at one moment."""
-
-    volume: str
-    name: str
-    valid: bool
-    writable: bool
-    created: str
-    reason: str
-    preserved_blocks: int
-    preserved_bytes: int
-    capacity_bytes: int
-
-    @property
-    def fill_ratio(self) -> float:
-        return self.preserved_bytes / self.capacity_bytes if self.capacity_bytes else 0.0
 
 
 class Volume:
@@ -101,7 +69,7 @@ class Volume:
     an origin block before its preserved copy is durable.
     """
 
-    def __init__(self, store: PreservationStore, record: VolumeRecord, device: BlockDevice) -> None:
+    def __init__(self, store: Store[Volume], record: VolumeRecord, device: BlockDevice) -> None:
         self.store = store
         self.record = record
         self.device = device
@@ -114,7 +82,7 @@ class Volume:
         self.changed_outside = ""
         self._buffer = bytearray()
         # Per snapshot id: the runs it reads from the store, for the whole volume (see `Snapshot._served`).
-        self.served_cache: dict[int, _ServedRuns] = {}
+        self.served_cache: dict[int, ServedRuns] = {}
         self.stale_lookups: dict[int, int] = {}
 
     # -- BlockDevice ----------------------------------------------------------------
@@ -133,7 +101,7 @@ class Volume:
 
     def read(self, offset: int, length: int) -> bytes:
         """Origin read (claim 9): the current data, whatever the snapshots."""
-        self._check_open()
+        self.check_open()
         check_range(offset, length, self.size)
         return self.device.read(offset, length)
 
@@ -154,7 +122,7 @@ class Volume:
 
     def flush(self) -> None:
         """Make the origin durable (the store is durable after every batch already)."""
-        self._check_open()
+        self.check_open()
         self.device.flush()
 
     def close(self) -> None:
@@ -168,9 +136,7 @@ class Volume:
         with store.lock:
             if not self.closed:
                 self.closed = True
-                store.attached.pop(self.record.id, None)
-                if not store.closed:
-                    store.stamp_clean(self)
+                store.detach(self)
 
     # -- origin writes -----------------------------------------------------------------
 
@@ -190,7 +156,7 @@ class Volume:
             return
         store = self.store
         with store.lock:
-            self._check_open()
+            self.check_open()
             if store.live_snapshots(self.record.id):
                 with store.transaction():
                     self._preserve(self._blocks_of(spans))
@@ -228,7 +194,7 @@ class Volume:
     def _preserve(self, blocks: np.ndarray) -> None:
         """Copy to the store every block of `blocks` that a valid snapshot still needs."""
         store = self.store
-        chain = store.chains[self.record.id]
+        chain = store.chain(self.record.id)
         bs = self.block_size
         while True:
             live = store.live_snapshots(self.record.id)
@@ -305,7 +271,7 @@ class Volume:
         chain.add_many(cand_list, newest, slots)
         for snap in live:
             snap.preserved_blocks += gains[snap.id]
-        store.cow_copies += n
+        store.count_cow_copies(n)
         self.cow_copies += n
 
     def _copy_buffer(self, size: int) -> memoryview:
@@ -376,36 +342,28 @@ class Volume:
             raise InvalidArgument(detail=f"snapshot capacity {capacity} must be greater than 0")
         store = self.store
         with store.lock:
-            self._check_open()
+            self.check_open()
             if name is None:
-                name = f"snap-{store.next_snapshot_id}"
+                name = f"snap-{store.upcoming_snapshot_id()}"
                 n = 1
                 while self._find(name) is not None:  # a user took that name already
                     n += 1
-                    name = f"snap-{store.next_snapshot_id}-{n}"
+                    name = f"snap-{store.upcoming_snapshot_id()}-{n}"
             if self._find(name) is not None:
                 raise SnapshotExists(volume=self.name, snapshot=name)
             self.device.flush()
+            # Ids and epochs are never reused, not even those of a creation that failed.
             snap = SnapshotRecord(
-                id=store.next_snapshot_id,
+                id=store.new_snapshot_id(),
                 volume=self.record.id,
                 name=name,
-                epoch=store.next_epoch,
+                epoch=store.new_epoch(),
                 writable=writable,
                 capacity=capacity,
                 created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
             )
-            # Ids and epochs are never reused, not even those of a creation that failed.
-            store.next_snapshot_id += 1
-            store.next_epoch += 1
             with store.transaction():
-                store.snapshots[snap.id] = snap
-
-                def undo() -> None:
-                    del store.snapshots[snap.id]
-
-                store.on_abort(undo)
-                store.write_table()
+                store.register_snapshot(snap)
                 store.commit()
             return Snapshot(self, snap)
 
@@ -420,10 +378,7 @@ class Volume:
     def snapshots(self) -> list[Snapshot]:
         """Every snapshot of this volume, oldest first."""
         with self.store.lock.shared():
-            recs = sorted(
-                (s for s in self.store.snapshots.values() if s.volume == self.record.id),
-                key=lambda s: s.epoch,
-            )
+            recs = sorted(self.store.snapshots_of(self.record.id), key=lambda s: s.epoch)
             return [Snapshot(self, s) for s in recs]
 
     def delete_snapshot(self, name: str) -> None:
@@ -433,14 +388,12 @@ class Volume:
         (`PreservationStore.free_rewritten`), so the filesystem gets that space back."""
         store = self.store
         with store.lock:
-            self._check_open()
+            self.check_open()
             snap = self._find(name)
             if snap is None:
                 raise UnknownSnapshot(volume=self.name, snapshot=name)
             with store.transaction():
-                del store.snapshots[snap.id]
-                store.on_abort(lambda: store.snapshots.__setitem__(snap.id, snap))
-                store.write_table()
+                store.remove_snapshot(snap)
                 store.commit()
             self.served_cache.pop(snap.id, None)
             self.stale_lookups.pop(snap.id, None)
@@ -450,357 +403,13 @@ class Volume:
             store.deallocate_free()  # and the slots freed by rewrites, left allocated for reuse
 
     def _find(self, name: str) -> SnapshotRecord | None:
-        for s in self.store.snapshots.values():
-            if s.volume == self.record.id and s.name == name:
+        for s in self.store.snapshots_of(self.record.id):
+            if s.name == name:
                 return s
         return None
 
-    def _check_open(self) -> None:
+    def check_open(self) -> None:
+        """Raise `Closed` once the store or this volume is closed."""
         self.store.check_open()
         if self.closed:
             raise Closed(what=f"volume {self.name}")
-
-
-class Snapshot:
-    """A snapshot seen as a block device (the patent's virtual device).
-
-    Reads return the image frozen at creation, plus, for a writable snapshot,
-    what was written to it. Thread-safe: reads, extents and read plans hold the
-    store's lock shared (reads of any number of threads run in parallel, origin
-    writes wait for them), writes hold it exclusively.
-    """
-
-    def __init__(self, volume: Volume, record: SnapshotRecord) -> None:
-        self.volume = volume
-        self.record = record
-
-    @property
-    def name(self) -> str:
-        return self.record.name
-
-    @property
-    def size(self) -> int:
-        return self.volume.size
-
-    @property
-    def readonly(self) -> bool:
-        return not self.record.writable
-
-    @property
-    def valid(self) -> bool:
-        return self.record.valid
-
-    def info(self) -> SnapshotInfo:
-        rec = self.record
-        store = self.volume.store
-        with store.lock.shared():
-            bs = self.volume.block_size
-            return SnapshotInfo(
-                volume=self.volume.name,
-                name=rec.name,
-                valid=rec.valid,
-                writable=rec.writable,
-                created=rec.created,
-                reason=rec.reason,
-                preserved_blocks=rec.preserved_blocks,
-                preserved_bytes=rec.preserved_blocks * bs,
-                capacity_bytes=rec.capacity if rec.capacity is not None else store.capacity,
-            )
-
-    def read(self, offset: int, length: int) -> bytes:
-        """Claim 1 (D): the preserved copy where there is one, else the origin block."""
-        with self.read_plan(offset, length) as plan:
-            buf = bytearray(length)
-            plan.readinto(memoryview(buf))
-        return bytes(buf)
-
-    def read_plan(self, offset: int, length: int) -> ReadPlan:
-        """Where the frozen image of ``[offset, offset+length)`` is (`standbylib.readplan`).
-
-        Pieces: the store's slots for preserved (or, writable snapshot, written) blocks, the origin
-        for the others, holes where the origin has a hole that no copy serves; file ranges when the
-        origin or store is a file, else the bytes themselves. The plan holds the store's lock shared
-        until it is closed, so no origin write, snapshot write or deletion changes those bytes while
-        it is open; close it as soon as its bytes are copied. ``zero_copy`` is never set: the origin
-        is overwritten as soon as the plan is closed, so its pages must not be sent by reference.
-        """
-        check_range(offset, length, self.size)
-        lock = self.volume.store.lock
-        lock.acquire_shared()
-        try:
-            self._check_usable()
-            pieces = self._plan(offset, length)
-        except BaseException:
-            lock.release_shared()
-            raise
-        return ReadPlan(pieces, release=lock.release_shared)
-
-    def _plan(self, offset: int, length: int) -> list[Piece]:
-        vol = self.volume
-        store = vol.store
-        shift = vol.shift
-        end = offset + length
-        # Byte ranges served by the store: (start, stop, offset in the store).
-        from_store: list[tuple[int, int, int]] = []
-        covered = 0
-        for b, n, at in zip(*self._served(offset >> shift, ((end - 1) >> shift) + 1), strict=True):
-            start = max(b << shift, offset)
-            stop = min((b + n) << shift, end)
-            from_store.append((start, stop, at + start - (b << shift)))
-            covered += stop - start
-        origin = vol.device.raw if isinstance(vol.device, Device) else None
-        origin_fd = origin.fd if isinstance(origin, OsFile) else None
-        store_fd = store.raw.fd if isinstance(store.raw, OsFile) else None
-        # The origin's holes as (start, stop, is_hole), looked up once for the whole range.
-        runs: list[tuple[int, int, bool]] = []
-        if covered < length:
-            pos = offset
-            for n, hole in vol.extents(offset, length):
-                runs.append((pos, pos + n, hole))
-                pos += n
-            if pos < end:  # a device reporting less than asked: the rest is data
-                runs.append((pos, end, False))
-        pieces: list[Piece] = []
-        if (
-            store_fd is not None
-            and origin_fd is not None
-            and (not runs or (len(runs) == 1 and not runs[0][2]))
-        ):
-            # The common case, files without holes here: the origin fills the gaps between copies.
-            pos = offset
-            for start, stop, at in from_store:
-                if start > pos:
-                    pieces.append(FileRange(origin_fd, pos, start - pos))
-                pieces.append(FileRange(store_fd, at, stop - start))
-                pos = stop
-            if pos < end:
-                pieces.append(FileRange(origin_fd, pos, end - pos))
-            return pieces
-        k = 0
-
-        def from_origin(a: int, b: int) -> None:
-            nonlocal k
-            while a < b:
-                while runs[k][1] <= a:
-                    k += 1
-                stop = min(b, runs[k][1])
-                if runs[k][2]:
-                    pieces.append(Hole(stop - a))
-                elif origin_fd is not None:
-                    pieces.append(FileRange(origin_fd, a, stop - a))
-                else:
-                    pieces.append(Bytes(vol.device.read(a, stop - a)))
-                a = stop
-
-        pos = offset
-        for start, stop, at in from_store:
-            from_origin(pos, start)
-            if store_fd is not None:
-                pieces.append(FileRange(store_fd, at, stop - start))
-            else:
-                pieces.append(Bytes(store.raw.pread(stop - start, at)))
-            pos = stop
-        from_origin(pos, end)
-        return pieces
-
-    def _served(self, first: int, end: int) -> tuple[list[int], list[int], list[int]]:
-        """Runs of the blocks in [first, end) that this snapshot reads from the store, each contiguous
-        in the volume and in the store file: first blocks, block counts, store offsets (a run may
-        reach outside [first, end); callers clip).
-
-        Per block: its own written block (writable snapshot), else the oldest copy made since the
-        snapshot was created. The runs of the whole volume are cached per snapshot while the indexes
-        do not change (a lookup is then two binary searches); after a change the lookups go to the
-        indexes until they have cost about what rebuilding the cache does, so that a steady stream of
-        origin writes never pays for more than twice the uncached lookups. Runs hold the store's
-        lock (shared or exclusive); racing readers may both rebuild, to the same result.
-        """
-        vol = self.volume
-        rec = self.record
-        chain = vol.store.chains[vol.record.id]
-        cached = vol.served_cache.get(rec.id)
-        if cached is not None and cached.versions == (chain.version, rec.private.version):
-            i = int(cached.ends.searchsorted(np.uint64(first), "right"))
-            j = int(cached.firsts.searchsorted(np.uint64(end), "left"))
-            firsts = cached.firsts[i:j]
-            return firsts.tolist(), (cached.ends[i:j] - firsts).tolist(), cached.offsets[i:j].tolist()
-        stale = vol.stale_lookups.get(rec.id, 0) + 1
-        entries = len(chain) + len(rec.private)
-        if stale * _LOOKUP_COST >= entries and entries <= _MAX_CACHED_ENTRIES:
-            versions = (chain.version, rec.private.version)
-            firsts, counts, offsets = self._run_arrays(0, 1 << 63)
-            vol.served_cache[rec.id] = _ServedRuns(versions, firsts, firsts + counts, offsets)
-            vol.stale_lookups[rec.id] = 0
-            return self._served(first, end)
-        vol.stale_lookups[rec.id] = stale
-        firsts, counts, offsets = self._run_arrays(first, end)
-        return firsts.tolist(), counts.tolist(), offsets.tolist()
-
-    def _run_arrays(self, first: int, end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """`_served` looked up in the indexes (vectorised), as arrays: first blocks (uint64), block
-        counts (uint64), store offsets (int64)."""
-        vol = self.volume
-        store = vol.store
-        blocks, slots = store.chains[vol.record.id].oldest_from(first, end, self.record.epoch)
-        private = self.record.private
-        if len(private):
-            own_blocks, own_slots = private.oldest_from(first, end, 0)
-            if len(own_blocks):
-                merged = dict(zip(blocks.tolist(), slots.tolist(), strict=True))
-                merged.update(zip(own_blocks.tolist(), own_slots.tolist(), strict=True))
-                keys = sorted(merged)
-                blocks = np.array(keys, np.uint64)
-                slots = np.array([merged[k] for k in keys], np.uint32)
-        offsets = store.slot_offsets(slots)
-        if len(blocks) <= 1:
-            return blocks, np.ones(len(blocks), np.uint64), offsets
-        # A run ends where the next block or the next slot is not adjacent.
-        starts = np.empty(1, np.intp)
-        starts[0] = 0
-        breaks = np.flatnonzero(
-            (blocks[1:] != blocks[:-1] + 1) | (offsets[1:] != offsets[:-1] + vol.block_size)
-        )
-        starts = np.concatenate((starts, breaks + 1))
-        counts = np.diff(starts, append=len(blocks)).astype(np.uint64)
-        return blocks[starts], counts, offsets[starts]
-
-    def _read_blocks(self, first: int, end: int) -> bytearray:
-        """Blocks [first, end) as this snapshot reads them (under the store's lock): where `_served`
-        says, from the store, else from the origin."""
-        vol = self.volume
-        bs = vol.block_size
-        buf = bytearray((end - first) * bs)
-        view = memoryview(buf)
-        raw = vol.store.raw
-        pos = first
-        for b, n, at in zip(*self._served(first, end), strict=True):
-            start, stop = max(b, first), min(b + n, end)  # (a run may reach outside [first, end))
-            if start >= stop:
-                continue
-            if pos < start:
-                vol.device_readinto(pos * bs, view[(pos - first) * bs : (start - first) * bs])
-            raw.preadinto(view[(start - first) * bs : (stop - first) * bs], at + (start - b) * bs)
-            pos = stop
-        if pos < end:
-            vol.device_readinto(pos * bs, view[(pos - first) * bs :])
-        return buf
-
-    def extents(self, offset: int, length: int) -> list[tuple[int, bool]]:
-        """``(length, is_hole)`` runs: a block is a hole when no preserved or written copy serves it
-        and the origin block is a hole (it reads as zeros and was never written)."""
-        check_range(offset, length, self.size)
-        vol = self.volume
-        shift = vol.shift
-        end = offset + length
-        with vol.store.lock.shared():
-            self._check_usable()
-            origin = vol.extents(offset, length)
-            first_blocks, counts, _at = self._served(offset >> shift, ((end - 1) >> shift) + 1)
-        served = [(b << shift, (b + n) << shift) for b, n in zip(first_blocks, counts, strict=True)]
-        runs: list[tuple[int, bool]] = []
-
-        def add(n: int, hole: bool) -> None:
-            if runs and runs[-1][1] == hole:
-                runs[-1] = (runs[-1][0] + n, hole)
-            elif n:
-                runs.append((n, hole))
-
-        pos = offset
-        i = 0
-        for n, hole in origin:
-            stop = pos + n
-            if hole:
-                # The store serves some blocks of this hole: those read as preserved data.
-                while i < len(served) and served[i][1] <= pos:
-                    i += 1
-                p = pos
-                j = i
-                while j < len(served) and served[j][0] < stop:
-                    start = max(p, served[j][0])
-                    data_end = min(stop, served[j][1])
-                    add(start - p, True)
-                    add(data_end - start, False)
-                    p = data_end
-                    j += 1
-                add(stop - p, True)
-            else:
-                add(n, False)
-            pos = stop
-        return runs
-
-    def write(self, offset: int, data: Buffer) -> None:
-        """Claim 8 (E): store or replace the written blocks in the preservation store.
-
-        Read-only snapshots raise `ReadOnly`. Writes are durable after `flush`.
-        Raises `PreservationFull` when the store or the snapshot's capacity has no room.
-        """
-        check_range(offset, len(data), self.size)
-        vol = self.volume
-        store = vol.store
-        bs = vol.block_size
-        first = offset >> vol.shift
-        end = ((offset + len(data) - 1) >> vol.shift) + 1
-        n = end - first
-        start = offset - first * bs
-        whole = not start and len(data) == n * bs
-        sums: list[int] = []
-        if whole:
-            # Whole blocks: their checksums need no lock (the store's lock is what FUA writes queue on).
-            view = memoryview(data).cast("B")
-            sums = [checksum(view[k * bs : (k + 1) * bs]) for k in range(n)]
-        with store.lock:
-            self._check_usable()
-            if not self.record.writable:
-                raise ReadOnly(what=f"snapshot {vol.name}@{self.name}")
-            rec = self.record
-            if not whole:
-                buf = self._read_blocks(first, end)
-                buf[start : start + len(data)] = data
-                view = memoryview(buf)
-            blocks = list(range(first, end))
-            block_arr = np.arange(first, end, dtype=np.uint64)
-            new_private = block_arr[~rec.private.contains(block_arr)]
-            chain = store.chains[vol.record.id]
-            # Blocks newly written here that no copy serves yet are new preserved blocks of the snapshot.
-            gain = int((chain.max_gens(new_private) < rec.epoch).sum()) if len(new_private) else 0
-            if n * bs > store.free_bytes() and store.pending_free:
-                store.commit()  # blocks replaced earlier become free once their replacements are durable
-            if n * bs > store.free_bytes():
-                raise PreservationFull(needed=n * bs, free=store.free_bytes(), capacity=store.capacity)
-            if rec.capacity is not None and (rec.preserved_blocks + gain) * bs > rec.capacity:
-                free = rec.capacity - rec.preserved_blocks * bs
-                raise PreservationFull(needed=gain * bs, free=max(0, free), capacity=rec.capacity)
-            if not whole:
-                sums = [checksum(view[k * bs : (k + 1) * bs]) for k in range(n)]
-            with store.transaction():  # a failed write gives its slots back (see `PreservationStore`)
-                slots = store.allocate(bs, n)
-                store.write_slots(slots, view, bs)
-                store.write_entries(slots, layout.PRIVATE, vol.record.id, [rec.id] * n, blocks, sums, None)
-            # Durable with the next commit (a flush, or the next origin batch); the blocks they replace
-            # are freed once that commit synced.
-            store.free_rewritten(rec.private.replace_many(block_arr, 0, slots))
-            rec.preserved_blocks += gain
-
-    def zero(self, offset: int, length: int) -> None:
-        check_range(offset, length, self.size)
-        if not self.record.writable:
-            raise ReadOnly(what=f"snapshot {self.volume.name}@{self.name}")
-        self.write(offset, bytes(length))
-
-    def flush(self) -> None:
-        """Make writes to this snapshot durable (and every other write made so far to the store).
-
-        Concurrent flushes share commits (`PreservationStore.flush`, group commit): a FUA write is a
-        `write` then a `flush`, and the FUA writes of several NBD requests in flight cost one sync."""
-        self.volume.store.flush()
-
-    def close(self) -> None:
-        pass
-
-    def _check_usable(self) -> None:
-        self.volume._check_open()
-        rec = self.record
-        if self.volume.store.snapshots.get(rec.id) is not rec:
-            raise UnknownSnapshot(volume=self.volume.name, snapshot=rec.name)
-        if not rec.valid:
-            raise SnapshotInvalid(volume=self.volume.name, snapshot=rec.name, reason=rec.reason)
