@@ -614,6 +614,7 @@ class Mirror:
                     return
                 oldest = oplog.oldest_sent()
                 silent = oldest is not None and time.monotonic() - oldest > self.ack_timeout
+                silent = silent or self.transport.answer_overdue(self.ack_timeout)
                 call = self.transport.call
                 connected = oplog.live
                 healthy = self._confirmed

@@ -11,6 +11,7 @@ acknowledgements go to one callback, on the thread running the stream.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -56,8 +57,11 @@ class Transport:
         self.data_address = data_address  # where the data channel is, if not at the offered port
         self.in_use = ""  # "channel" or "grpc" once a stream opened
         self._unreachable = False  # the last attempt could not connect to the channel: use gRPC once
-        # Under the log's lock: what cancels the running stream (its gRPC call or its data channel).
+        # Under the log's lock: what cancels the running stream (its gRPC call or its data channel), and
+        # since when it waits for the standby's answer to the data channel request (None: it does not).
+        # No batch is in flight then, so the tick loop times the wait itself (`answer_overdue`).
         self.call: Any = None
+        self.answer_since: float | None = None
 
     def run(
         self,
@@ -102,6 +106,23 @@ class Transport:
         """The standby's answer to the data channel request: connect to the channel it offers and run
         the stream there until it ends (raises); False when it offers none (the stream goes on, on
         gRPC, unless the transport is ``channel``)."""
+        with self.log.cond:
+            self.answer_since = time.monotonic()
+        try:
+            return self._channel_answered(responses, stream_id, decided, on_reply)
+        finally:
+            with self.log.cond:
+                self.answer_since = None
+
+    def answer_overdue(self, timeout: float) -> bool:
+        """Under the log's lock: the standby has not answered the data channel request (nor ended the
+        call once the channel is connected) for `timeout` seconds: the stream is as silent as one
+        whose batches are not acknowledged."""
+        return self.answer_since is not None and time.monotonic() - self.answer_since > timeout
+
+    def _channel_answered(
+        self, responses: Any, stream_id: int, decided: threading.Event, on_reply: Callable[[Reply], None]
+    ) -> bool:
         answer = next(responses, None)
         if answer is None:
             raise StandbyError(detail="the standby ended the stream")
@@ -124,6 +145,7 @@ class Transport:
         for _ in responses:  # the gRPC call ends: the session lives on the data channel
             pass
         with self.log.cond:  # (a reentrant lock)
+            self.answer_since = None
             attached = self.log.attach_link(link, stream_id)
             if attached:
                 self.call = link

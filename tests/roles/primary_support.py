@@ -62,7 +62,8 @@ def mirrored(tmp_path, target, size=4 * MiB, *, bitmap=None, metrics=None, gener
     local = open_file_device(str(tmp_path / "primary.img"), size)
     bitmap = bitmap or WriteIntentBitmap.open(str(tmp_path / "primary.bitmap"), size)
     generations = generations or Generations(str(tmp_path / "primary.generation"))
-    mirror = Mirror(target, "vol0", size, BS, bitmap, generations, metrics=metrics, ack_timeout=5, **kw)
+    kw.setdefault("ack_timeout", 5)
+    mirror = Mirror(target, "vol0", size, BS, bitmap, generations, metrics=metrics, **kw)
     dev = MirroredDevice("vol0", local, mirror)
     mirror.start()
     return dev

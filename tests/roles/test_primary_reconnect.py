@@ -8,7 +8,9 @@ from __future__ import annotations
 import os
 import threading
 import time
+from concurrent import futures
 
+import grpc
 from primary_support import (
     BS,
     MiB,
@@ -23,6 +25,7 @@ from primary_support import (
 
 from primary.mirror import BACKOFF_FIRST
 from standbylib.errors import DiskFull
+from standbylib.rpc.v1 import replication_pb2
 
 
 class Refusing:
@@ -115,3 +118,59 @@ def test_the_backoff_starts_afresh_only_after_a_healthy_stream(tmp_path):
         close(dev)
         rig.stop()
         rig.node.close()
+
+
+def test_a_standby_silent_while_the_stream_opens_is_timed_out_and_writers_go_on(tmp_path):
+    """The standby takes the handshake, then never answers the stream's opening (a link that stalls
+    right there): no batch is in flight, yet after the ack timeout the primary drops the stream and says
+    why, and a sync-mode client write returns (tracked in the bitmap) instead of waiting for ever."""
+    release = threading.Event()
+    opened = threading.Event()
+
+    def handshake(request, context):
+        return replication_pb2.HandshakeReply(
+            volume=request.volume, size=request.size, block_size=request.block_size, standby_id="s"
+        )
+
+    def mirror(requests, context):
+        next(requests)  # the open, asking for the data channel: never answered
+        opened.set()
+        release.wait(60)
+        return iter(())
+
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "standbyappliance.v1.Replication",
+                {
+                    "Handshake": grpc.unary_unary_rpc_method_handler(
+                        handshake,
+                        request_deserializer=replication_pb2.HandshakeRequest.FromString,
+                        response_serializer=replication_pb2.HandshakeReply.SerializeToString,
+                    ),
+                    "Mirror": grpc.stream_stream_rpc_method_handler(
+                        mirror,
+                        request_deserializer=replication_pb2.MirrorRequest.FromString,
+                        response_serializer=replication_pb2.MirrorReply.SerializeToString,
+                    ),
+                },
+            ),
+        )
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    dev = mirrored(tmp_path, f"127.0.0.1:{port}", ack_timeout=1.0)
+    try:
+        assert opened.wait(30), "the primary never opened its stream"
+        done = threading.Event()
+        writer = threading.Thread(target=lambda: (dev.write(0, b"w" * BS), done.set()), daemon=True)
+        writer.start()
+        assert done.wait(20), "a client write waited for a standby that never answered the opening"
+        wait_until(lambda: dev.mirror.last_error.startswith("NOT_ANSWERING"), what="the stream dropped")
+        assert dev.mirror.state == "disconnected"
+        assert dev.mirror.bitmap.out_of_sync_bytes() > 0  # the write is tracked for the next resync
+    finally:
+        release.set()
+        close(dev)
+        server.stop(0)
