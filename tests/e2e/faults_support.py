@@ -6,9 +6,12 @@ from __future__ import annotations
 import hashlib
 import shutil
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
-from e2e_support import VOLUME_SIZE, Daemons, Primary, Standby, need, run
+import pytest
+from e2e_support import VOLUME_SIZE, Daemons, MiB, Primary, Standby, need, run
 from linkproxy import LinkProxy
 
 
@@ -33,6 +36,60 @@ def fio_storm(uri: str, seconds: float, cwd: Path, size: int = VOLUME_SIZE) -> s
 def finish(proc: subprocess.Popen[str]) -> None:
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "err= 0" in out, f"a client write failed:\n{out}"
+
+
+def wait_for(
+    ok: Callable[[], object],
+    what: str,
+    timeout: float = 60.0,
+    *,
+    clients: subprocess.Popen[str] | None = None,
+) -> None:
+    """Until `ok()` is true: how a fault is placed on what it must hit (writes in flight, an outage the
+    primary noticed), never a fixed pause. Fails naming `what` after `timeout` s, or as soon as `clients`
+    (the writers the condition counts on) ended."""
+    deadline = time.monotonic() + timeout
+    while not ok():
+        if clients is not None and clients.poll() is not None:
+            pytest.fail(f"the client writes ended before {what}", pytrace=False)
+        if time.monotonic() > deadline:
+            pytest.fail(f"not {what} within {timeout:.0f} s", pytrace=False)
+        time.sleep(0.05)
+
+
+def applied(standby: Standby) -> float:
+    """Bytes the standby applied to vol0 (a daemon restarted counts from 0)."""
+    return standby.metrics().find("standby_applied_bytes_total", volume="vol0") or 0.0
+
+
+def written(primary: Primary) -> float:
+    """Bytes clients wrote through the primary to vol0."""
+    return primary.metrics().find("standby_written_bytes_total", volume="vol0") or 0.0
+
+
+def link_lost(primary: Primary) -> bool:
+    """The primary noticed its standby is gone: no stream, writes only tracked in the bitmap."""
+    m = primary.metrics()
+    states = ("disconnected", "refused")
+    return any(m.find("standby_replication_state", volume="vol0", state=s) == 1 for s in states)
+
+
+def writes_reach(standby: Standby, clients: subprocess.Popen[str], nbytes: int = MiB) -> None:
+    """Until `nbytes` more of the clients' writes were applied by the standby: writes flow over the link
+    (after a fault: the primary reconnected and mirrors again)."""
+    start = applied(standby)
+    wait_for(lambda: applied(standby) >= start + nbytes, "writes flowing to the standby", clients=clients)
+
+
+def writes_tracked(primary: Primary, clients: subprocess.Popen[str], nbytes: int = MiB) -> None:
+    """Until the primary noticed the outage and `nbytes` more client writes went through it meanwhile
+    (answered, and tracked in its bitmap for the resync)."""
+    start = written(primary)
+    wait_for(
+        lambda: link_lost(primary) and written(primary) >= start + nbytes,
+        "writes tracked by the primary during the outage",
+        clients=clients,
+    )
 
 
 def resync_budget(primary: Primary, since: int) -> int:

@@ -35,6 +35,7 @@ class LinkProxy:
         self._lock = threading.Lock()
         self._conns: list[socket.socket] = []
         self.cuts = 0
+        self.held = 0  # chunks of data a stall caught in transit (so far): the sign a stall hit traffic
         self._targets = {"grpc": grpc, "data": data}
         self._listeners: list[socket.socket] = []
         self.address = self._listen("grpc")
@@ -78,6 +79,9 @@ class LinkProxy:
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(1 << 16):
+                if not self._flowing.is_set():
+                    with self._lock:
+                        self.held += 1
                 self._flowing.wait()
                 dst.sendall(data)
         except OSError:

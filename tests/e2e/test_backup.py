@@ -22,6 +22,7 @@ from e2e_support import (
     rand,
     run,
 )
+from faults_support import writes_reach
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -76,7 +77,7 @@ def test_backup_while_writing_restores_the_snapshot_image_with_tar_and_restore(a
     a = appliance
     populate(a)
     writes = storm(a, 6)
-    time.sleep(1)
+    writes_reach(a.standby, writes)  # the origin moves before the backup starts, and during it
     archive = a.tmp / "vol0.tar.zst"
     textfile = a.tmp / "backup.prom"
     out = backup(a, "--output", str(archive), "--keep-snapshot", "--metrics-textfile", str(textfile))

@@ -4,13 +4,18 @@ tracking on the primary, no client write fails, and everything is resynced once 
 from __future__ import annotations
 
 import resource
-import time
 
 import pytest
 from e2e_support import Appliance, MiB, run
-from faults_support import sha
+from faults_support import sha, wait_for
 
 pytestmark = pytest.mark.timeout(180)
+
+
+def refusals(a: Appliance) -> float:
+    """Attempts of the primary the standby refused for want of space."""
+    m = a.primary.metrics()
+    return m.find("standby_mirror_refusals_total", volume="vol0", reason="resource_exhausted") or 0.0
 
 
 def test_a_full_standby_disk_degrades_to_tracking_and_recovers(appliance: Appliance) -> None:
@@ -31,7 +36,9 @@ def test_a_full_standby_disk_degrades_to_tracking_and_recovers(appliance: Applia
         assert "RESOURCE_EXHAUSTED" in lost["error"], lost
         assert a.primary.metrics().get("standby_out_of_sync_bytes", volume="vol0") >= MiB
         assert a.standby.daemon.alive()
-        time.sleep(1)
+        # the primary's next attempt (its resync) meets the full disk too: it stays tracking, and the
+        # next write is answered all the same
+        wait_for(lambda: refusals(a) >= 2, "a retry refused while the disk is full")
         run("qemu-io", "-f", "raw", "-c", "write -P 0x23 28M 64k", "-c", "flush", a.primary.uri("vol0"))
     finally:
         resource.prlimit(pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))

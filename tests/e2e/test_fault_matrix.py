@@ -4,7 +4,13 @@ standby at any kill of the primary, the replica equals the primary, the snapshot
 reads its frozen image, and nothing is left out of sync.
 
 Each run prints its seed; ``FAULT_SEED=N`` repeats one run exactly (same faults, same order, same
-timing draws). `make test` runs two short runs; `make soak` runs many long ones.
+draws). `make test` runs two short runs; `make soak` runs many long ones.
+
+Faults are placed on what they must hit, never by fixed pauses: a link is cut once the primary mirrors,
+and restored once it noticed and the writer got writes through meanwhile; a stall holds bytes in transit
+(and, drawn longer than the --ack-timeout, until the primary gave up on the stream); a full disk stays
+full for a number of the writer's writes. Each drawn duration becomes that many of the writer's writes
+(`WRITES_PER_SECOND`), so the draws, and the faults of a seed, are what they were.
 
 The full-filesystem runs put the standby's --data-dir on a small ext4 image mounted with fuse2fs
 (fullfs_support.py) and add the fault `fill_disk`: a filler file takes every block (or every inode) the
@@ -25,11 +31,12 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import pytest
 from e2e_support import VOLUME_SIZE, Daemons, MiB, Primary, Standby, backup_argv, need, rand
-from faults_support import assert_in_sync, assert_snapshot, frozen_snapshot, start_pair
+from faults_support import assert_in_sync, assert_snapshot, frozen_snapshot, link_lost, start_pair, wait_for
 from fullfs_support import FullFs, mounted_fullfs
 from linkproxy import LinkProxy
 
@@ -45,6 +52,15 @@ BLOCK = 64 * 1024
 FILL_DISK_CHANCE = 0.4
 FULLFS_SIZE = 256 * MiB
 FULLFS_CAPACITY = "160MiB"
+#: The primary's --ack-timeout in these runs (`start_pair`, `restart_primary`): a longer stall drops
+#: the stream.
+ACK_TIMEOUT = 3.0
+#: How many of the writer's writes a drawn second of a fault stands for.
+WRITES_PER_SECOND = 10
+
+
+def writes_for(seconds: float) -> int:
+    return max(1, round(seconds * WRITES_PER_SECOND))
 
 
 @dataclass
@@ -58,8 +74,10 @@ class AckedWriter:
     acked: dict[int, bytes] = field(default_factory=dict)  # block offset -> content, latest wins
     unsure: set[int] = field(default_factory=set)  # blocks of writes that failed (killed mid-write)
     writes: int = 0
+    attempts: int = 0  # writes tried, acknowledged or not
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
+    _progress: threading.Condition = field(default_factory=threading.Condition)
 
     def start(self) -> None:
         self._stop.clear()
@@ -88,7 +106,20 @@ class AckedWriter:
                 self.writes += 1
             else:
                 self.unsure.add(offset)  # may or may not have reached either side
-                time.sleep(0.2)
+                time.sleep(0.2)  # a pause before the next try: the primary may be restarting
+            with self._progress:
+                self.attempts += 1
+                self._progress.notify_all()
+
+    def wait_writes(self, n: int, what: str, timeout: float = 120.0) -> None:
+        """Until the writer tried `n` more writes (what a fault of `what` is kept up for)."""
+        with self._progress:
+            target = self.attempts + n
+            if not self._progress.wait_for(lambda: self.attempts >= target, timeout):
+                pytest.fail(
+                    f"{what}: the writer did {n - (target - self.attempts)} of {n} writes in {timeout:.0f} s",
+                    pytrace=False,
+                )
 
     def check(self, image: Path, what: str) -> int:
         """Every acknowledged block is in `image`; the number checked."""
@@ -131,7 +162,7 @@ def run_matrix(
                 fault = "fill_disk"
             else:
                 fault = rng.choice(FAULTS)
-            time.sleep(rng.uniform(0.3, 1.5))
+            writer.wait_writes(writes_for(rng.uniform(0.3, 1.5)), "writes between faults")
             if fault == "fill_disk":
                 # the standby's filesystem really runs out of blocks (or inodes) for a while: its writes
                 # fail with ENOSPC, the primary tracks them until the filler is deleted
@@ -140,7 +171,7 @@ def run_matrix(
                 refused = _refusals(standby)
                 fullfs.fill(mode)
                 try:
-                    time.sleep(rng.uniform(0.5, 3.0))
+                    writer.wait_writes(writes_for(rng.uniform(0.5, 3.0)), "writes meeting the full disk")
                 finally:
                     fullfs.free()
                 fills += 1
@@ -148,16 +179,28 @@ def run_matrix(
                 continue
             if fault == "cut_link":
                 proxy.cut()
-                time.sleep(rng.uniform(0.5, 2.0))
+                outage = writes_for(rng.uniform(0.5, 2.0))
+                noticed(primary, "the primary noticing the cut")
+                writer.wait_writes(outage, "writes while the link is cut")
                 proxy.restore()
             elif fault == "stall_link":
                 # Longer than the primary's --ack-timeout (3 s) or shorter: dropped and resynced, or held.
+                # Either way it holds traffic; a long one holds a healthy stream (its batches go unanswered)
+                # until the primary drops it.
+                long = rng.uniform(0.5, 4.5) > ACK_TIMEOUT
+                if long:
+                    mirroring(primary)
+                held = proxy.held
                 proxy.stall()
-                time.sleep(rng.uniform(0.5, 4.5))
+                holding(proxy, held)
+                if long:
+                    noticed(primary, "the primary giving up on the stalled stream")
                 proxy.unstall()
             elif fault == "kill_standby":
                 standby.daemon.kill()
-                time.sleep(rng.uniform(0.2, 1.0))
+                down = writes_for(rng.uniform(0.2, 1.0))
+                noticed(primary, "the primary noticing the standby's death")
+                writer.wait_writes(down, "writes while the standby is down")
                 standby = daemons.standby(standby.data_dir, *standby_extra)
                 proxy.restore(standby)
             elif fault == "kill_primary":
@@ -181,7 +224,7 @@ def run_matrix(
                 pid = standby.daemon.proc.pid
                 resource.prlimit(pid, resource.RLIMIT_FSIZE, (8 << 20, resource.RLIM_INFINITY))
                 try:
-                    time.sleep(rng.uniform(0.5, 3.0))
+                    writer.wait_writes(writes_for(rng.uniform(0.5, 3.0)), "writes meeting the full disk")
                 finally:
                     resource.prlimit(
                         pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
@@ -190,8 +233,11 @@ def run_matrix(
                 # a snapshot with room for 64 blocks fills up: invalidated, or (defer) the volume's
                 # writes held back until it is deleted
                 churn += 1
+                deferred = _deferrals(standby)
                 made = snapshot_when_uptodate(standby, f"small{churn}", "--capacity", "256KiB")
-                time.sleep(rng.uniform(0.5, 2.5))
+                after = writes_for(rng.uniform(0.5, 2.5))
+                wait_for(partial(_overflowed, standby, made, deferred), f"snapshot {made} filled up")
+                writer.wait_writes(after, "writes after the snapshot filled up")
                 standby.ctl("snapshot", "delete", "vol0", made)
             elif fault == "kill_backup":
                 kill_a_backup(standby, tmp / f"backup{churn}.fifo")
@@ -227,6 +273,40 @@ def run_matrix(
     finally:
         proxy.close()
     return done
+
+
+def noticed(primary: Primary, what: str) -> None:
+    """Until the primary has no stream: it noticed the fault."""
+    wait_for(lambda: link_lost(primary), what)
+
+
+def mirroring(primary: Primary) -> None:
+    """Until the primary mirrors on a healthy stream again (after the last fault: its backoff, the
+    reconnect, the resync)."""
+    wait_for(
+        lambda: primary.metrics().find("standby_replication_connected", volume="vol0") == 1,
+        "the primary connected again",
+    )
+
+
+def holding(proxy: LinkProxy, held: int) -> None:
+    """Until the stalled proxy holds data that came after its count was `held`: the stall hit traffic."""
+    wait_for(lambda: proxy.held > held, "bytes held by the stalled link")
+
+
+def _deferrals(standby: Standby) -> float:
+    """Batches the standby held back so far (--on-full defer)."""
+    m = standby.metrics()
+    return m.find("standby_replication_refusals_total", volume="vol0", reason="deferred") or 0.0
+
+
+def _overflowed(standby: Standby, snapshot: str, deferred: float) -> bool:
+    """The snapshot ran out of room: invalidated (--on-full invalidate), or a batch held back since
+    `deferred` was read (defer)."""
+    m = standby.metrics()
+    if m.find("standby_snapshot_valid", volume="vol0", snapshot=snapshot) == 0:
+        return True
+    return (m.find("standby_replication_refusals_total", volume="vol0", reason="deferred") or 0.0) > deferred
 
 
 def _refusals(standby: Standby) -> int:
@@ -284,7 +364,7 @@ def kill_a_backup(standby: Standby, fifo: Path) -> None:
             break
         proc.wait()
         errors.append(err.read_text().strip())
-        time.sleep(1.0)
+        time.sleep(1.0)  # a pause between attempts: what refused it may not show in the status yet
     else:
         pytest.fail(f"the backup never started writing: {errors}", pytrace=False)
     deadline = time.monotonic() + 20

@@ -5,7 +5,9 @@ fault still reads its frozen image."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import struct
 import threading
 import time
 from pathlib import Path
@@ -22,6 +24,10 @@ from faults_support import (
     resync_budget,
     sha,
     start_pair,
+    wait_for,
+    writes_reach,
+    writes_tracked,
+    written,
 )
 
 pytestmark = pytest.mark.timeout(240)
@@ -37,9 +43,9 @@ def test_link_cut_several_times_during_fio_writes(daemons: Daemons, tmp_path: Pa
         before = resent(primary)
         storm = fio_storm(primary.uri("vol0"), 9, tmp_path)
         for _ in range(3):
-            time.sleep(1.5)
+            writes_reach(standby, storm)  # each cut hits a stream that carries the storm's writes
             proxy.cut()
-            time.sleep(1.0)
+            writes_tracked(primary, storm)  # writes go on during the outage, marked for the resync
             proxy.restore()
         finish(storm)
         assert_in_sync(standby, primary)
@@ -58,9 +64,9 @@ def test_standby_killed_mid_storm_and_restarted(daemons: Daemons, tmp_path: Path
     try:
         name, expected = frozen_snapshot(standby, primary, tmp_path)
         storm = fio_storm(primary.uri("vol0"), 7, tmp_path)
-        time.sleep(2)
+        writes_reach(standby, storm)
         standby.daemon.kill()  # kill -9 while writes flow
-        time.sleep(1.5)
+        writes_tracked(primary, storm)  # and they go on while it is down
         again = daemons.standby(standby.data_dir)
         proxy.restore(again)
         finish(storm)
@@ -76,15 +82,19 @@ def test_primary_killed_mid_storm_resyncs_marked_regions_on_restart(daemons: Dae
     standby, primary, proxy = start_pair(daemons, tmp_path, "--activity-log", "1MiB")
     try:
         name, expected = frozen_snapshot(standby, primary, tmp_path)
-        time.sleep(3)  # the snapshot's writes leave the activity log
+        vol = primary.volumes["vol0"]
+        bitmap = vol.with_name("vol0.img.bitmap")
+        # The snapshot's writes leave the activity log: once idle for its linger (2 s), the regions
+        # beyond the log's 1 MiB are cleared in the bitmap file.
+        wait_for(lambda: marked_bytes(bitmap) <= MiB, "the bitmap cleared down to its activity log")
         # The storm stays in the first quarter: the regions it marks (4 MiB ahead of each newly marked
         # one at most, and the activity log) leave most of the volume unmarked.
         storm = fio_storm(primary.uri("vol0"), 30, tmp_path, size=VOLUME_SIZE // 4)
-        time.sleep(2.5)
+        before = written(primary)
+        wait_for(lambda: written(primary) >= before + 2 * MiB, "the storm writing", clients=storm)
         primary.daemon.kill()  # kill -9: the client's writes in flight fail, that is expected here
         storm.communicate(timeout=60)
-        vol = primary.volumes["vol0"]
-        assert vol.with_name("vol0.img.bitmap").exists()
+        assert bitmap.exists()
         again = daemons.primary(proxy, {"vol0": f"{vol},size=32MiB"})
         dirty = [e for e in again.daemon.events if e.get("event") == "bitmap_dirty"]
         assert dirty, "the restarted primary found no marked regions in its bitmap"
@@ -172,6 +182,15 @@ def test_divergent_histories_are_refused_until_the_standby_data_is_discarded(
     assert sha(standby.replica("vol0")) == sha(b_vol)
 
 
+def marked_bytes(bitmap: Path) -> int:
+    """Bytes of the regions set in a primary's write-intent bitmap file (layout: primary/bitmap.py, a
+    4 KiB header whose JSON, after 16 bytes, holds the granularity; then one bit per region)."""
+    data = bitmap.read_bytes()
+    (n,) = struct.unpack_from("<I", data, 12)
+    granularity: int = json.loads(data[16 : 16 + n])["granularity"]
+    return sum(bin(b).count("1") for b in data[4096:]) * granularity
+
+
 def daemons_console_primary() -> list[str]:
     from e2e_support import PRIMARY_CMD, _console
 
@@ -215,7 +234,10 @@ def test_replication_lag_grows_while_the_link_is_down_and_returns_to_zero(
     try:
         assert standby.metrics().get("standby_replication_lag_seconds", volume="vol0") == 0
         proxy.cut()
-        time.sleep(2.5)
+        wait_for(
+            lambda: standby.metrics().get("standby_replication_lag_seconds", volume="vol0") >= 2,
+            "a lag of 2 s reported",
+        )
         lag = standby.metrics().get("standby_replication_lag_seconds", volume="vol0")
         assert 2 <= lag < 60, lag
         proxy.restore()

@@ -255,10 +255,20 @@ class Background:
             )
             if cp.returncode != 0 or "failed" in cp.stdout + cp.stderr:
                 self.failures.append(f"{cmd}: exit {cp.returncode}: {cp.stdout}{cp.stderr}".strip())
-                time.sleep(0.2)
+                time.sleep(0.2)  # a pause after a failed write (asserted at the end), not a busy loop
                 continue
             self.rig.model.write(offset, data)
             self.writes += 1
+
+    @property
+    def tried(self) -> int:
+        """Writes done or failed so far."""
+        return self.writes + len(self.failures)
+
+    def wait_writes(self, n: int, what: str) -> None:
+        """Until `n` more writes were done (or failed: asserted at the end)."""
+        target = self.tried + n
+        wait_until(lambda: self.tried >= target, 60, f"{what}: the background writer wrote nothing", 0.02)
 
 
 def sha(path: Path) -> str:
@@ -500,18 +510,18 @@ def scenario_live(env: Env, policy: str, p: Params) -> None:
     image = rig.model.freeze()
     bg = Background(rig, rng, 0, p.data, p.max_write).start()
     try:
-        time.sleep(0.5)
+        bg.wait_writes(1, "before the disk fills")  # writes are going on when it fills
         before = rig.mark()
         taken = rig.fs.fill(p.fill_mode)
         print(f"filled: {taken} taken, {rig.fs.available()} bytes available")
         # blocks the replica never had: these need new blocks of the filesystem whatever the copies do
         rig.writer.fill(p.data, p.fresh, 0x77)
         wait_refused(rig, before, p.require_refusal)
-        time.sleep(p.full_seconds)
+        time.sleep(p.full_seconds)  # the disk stays full a while: the background writes go on meanwhile
         freed = rig.mark()
         rig.fs.free()
         rig.writer.fill(p.data + p.fresh, 64 * 1024, 0x78)
-        time.sleep(1.0)
+        bg.wait_writes(2, "after space returned")  # and go on once it is back
     finally:
         bg.stop()
     assert not bg.failures, f"{len(bg.failures)} client writes failed, first: {bg.failures[0]}"
@@ -554,7 +564,7 @@ def scenario_copy(env: Env, policy: str, p: Params, free_by: str) -> None:
     print(f"filled: {taken} taken, {rig.fs.available()} bytes available")
     write_in_pieces(rig, rng, target, overwrite, p.max_write)
     wait_refused(rig, before, p.require_refusal)
-    time.sleep(p.full_seconds)
+    time.sleep(p.full_seconds)  # the disk stays full a while: the primary's retries meet it too
     freed = rig.mark()
     if free_by == "filler":
         rig.fs.free()
@@ -667,7 +677,7 @@ def scenario_resync(env: Env, policy: str, p: Params, free_by: str) -> None:
     rig.start_standby()
     if free_by == "filler":
         wait_refused(rig, before, p.require_refusal, timeout=45)
-        time.sleep(p.full_seconds)
+        time.sleep(p.full_seconds)  # the disk stays full a while: the primary's retries meet it too
         freed = rig.mark()
         rig.fs.free()
     else:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 from e2e_support import VOLUME_SIZE, Appliance, MiB, backup_argv, need, rand, run
+from faults_support import writes_reach
 
 
 def load(a: Appliance, seconds: int) -> dict[str, float]:
@@ -27,7 +27,7 @@ def load(a: Appliance, seconds: int) -> dict[str, float]:
         ],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=a.tmp,
     )  # fmt: skip
-    time.sleep(min(3, seconds / 3))
+    writes_reach(a.standby, fio)  # the load is under way
     # a backup in parallel, of a snapshot kept to compare the archive with
     archive = a.tmp / "load.tar.zst"
     run(*backup_argv("run", "vol0", "--standby", a.standby.grpc, "--output", str(archive), "--keep-snapshot",

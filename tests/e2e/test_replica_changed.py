@@ -10,7 +10,6 @@ must keep every snapshot valid and reading its image.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +110,10 @@ def test_a_clean_restart_keeps_snapshots_valid(pair: Pair, tmp_path: Path) -> No
     snaps = {s["name"]: s for s in again.snapshots("vol0")}
     assert snaps.get("S", {}).get("valid") is True, f"snapshot S after a clean restart: {snaps}"
     assert_snapshot(again, "S", pair.image, tmp_path)
-    time.sleep(1.0)  # anything the start-up would invalidate is logged by now
+    # A barrier in the standby's log: every line it wrote before (the start-up's checks of the replica,
+    # the reads above) has been read by the time its creation of this snapshot is.
+    again.snapshot("vol0", "barrier")
+    again.daemon.wait_for("snapshot_created", timeout=15, snapshot="barrier")
     invalidated = [e for e in again.daemon.events if e.get("event") == "snapshot_invalidated"]
     assert not invalidated, f"a clean restart invalidated snapshots: {invalidated}"
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from e2e_support import BS, VOLUME_SIZE, Appliance, Daemons, MiB, need, rand, run
+from faults_support import writes_reach
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -90,7 +91,7 @@ def test_verify_during_a_fio_storm_reports_no_false_mismatch(appliance: Applianc
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
     )  # fmt: skip
     try:
-        time.sleep(1.0)  # writes are flowing
+        writes_reach(app.standby, storm)  # writes are flowing
         results = []
         while storm.poll() is None and len(results) < 3:
             code, found = verify_json(app)

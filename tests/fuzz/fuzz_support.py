@@ -176,6 +176,32 @@ def qemu_compare(path: Path, uri: str) -> None:
 # -- raw NBD traffic ----------------------------------------------------------------------------------
 
 
+def _proc_net_address(address: tuple[str, int]) -> str:
+    """An IPv4 address as /proc/net/tcp writes it: the address in host byte order, the port, in hex."""
+    ip, port = address[:2]
+    return f"{struct.unpack('<I', socket.inet_aton(ip))[0]:08X}:{port:04X}"
+
+
+def unread_by_peer(sock: socket.socket) -> int | None:
+    """Bytes sent on `sock` (a TCP connection to a process of this host) that the process at the other end
+    has not read yet: what our side has not had acknowledged plus what waits in the peer's receive queue
+    (/proc/net/tcp). None when the connection is not found there (not IPv4, another network namespace)."""
+    if sock.family != socket.AF_INET:
+        return None
+    ours, theirs = _proc_net_address(sock.getsockname()), _proc_net_address(sock.getpeername())
+    queued: dict[tuple[str, str], tuple[int, int]] = {}
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            tx, rx = fields[4].split(":")
+            queued[(fields[1], fields[2])] = (int(tx, 16), int(rx, 16))
+    mine, peer = queued.get((ours, theirs)), queued.get((theirs, ours))
+    if mine is None or peer is None:
+        return None
+    return mine[0] + peer[1]
+
+
 class Raw:
     """One raw connection to an NBD server: bytes out, bytes in, nothing checked."""
 
@@ -196,7 +222,7 @@ class Raw:
                 n = rng.choice([1, 2, 3, 7, 16, 28, 100, 1000, 5000])
                 self.sock.sendall(data[pos : pos + n])
                 pos += n
-                if rng.random() < 0.2:
+                if rng.random() < 0.2:  # a slow client: the server must wait for the rest
                     time.sleep(rng.choice([0.0005, 0.002, 0.01]))
             return True
         except OSError:

@@ -50,6 +50,7 @@ from fuzz_support import (
     start_rig,
     u32,
     u64,
+    unread_by_peer,
 )
 
 from standbylib.nbd import protocol as p
@@ -521,7 +522,11 @@ def case_big_writes(t: Target, rng: random.Random, memory: Memory | None = None)
         offset = 0 if t.readonly else VOLUME_SIZE
         c.send(request(p.CMD_WRITE, offset, rng.choice([MAX_REQUEST, MAX_REQUEST - BS]), 9) + bytes(BS))
         conns.append(c)
-    time.sleep(0.05)
+    # Measured once the server has read what each connection sent (the request and part of its payload).
+    deadline = time.monotonic() + 10
+    while any(unread_by_peer(c.sock) for c in conns):
+        assert time.monotonic() < deadline, "the server does not read the requests it was sent"
+        time.sleep(0.005)
     if memory is not None:
         memory.sample()
     for c in conns:

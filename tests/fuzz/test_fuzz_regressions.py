@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import socket
 import struct
+import termios
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,19 @@ from standbylib.nbd import protocol as p
 from standbylib.snapshot import PreservationStore
 
 MiB = 1 << 20
+
+
+def _wait(ok: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not ok():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def _unread(sock: socket.socket) -> int:
+    """Bytes that arrived on `sock` and were not read yet (FIONREAD)."""
+    value: int = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+    return value
 
 
 def _negotiate(sock: socket.socket, export: bytes) -> None:
@@ -68,10 +84,13 @@ def test_a_client_resetting_the_connection_during_a_large_snapshot_read_is_no_se
                 p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.CMD_READ, 1, 0, 4 * MiB - 4096)
                 + p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.CMD_READ, 2, 8 * MiB, 32 * MiB)
             )
-            time.sleep(0.3)  # the server blocks sending the first reply to make room for the second
+            # The first reply's bytes arrive: the server is sending it to make room for the second, and
+            # blocks there (4 MiB into our 4 KiB window) until the reset.
+            _wait(lambda s=sock: _unread(s) > 0, "the first reply")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             sock.close()  # RST
-        time.sleep(0.5)
+        # The server met the resets and ended the three connections by itself (what it logged is in).
+        _wait(lambda: not server._connections, "the server to end the reset connections")
     finally:
         server.stop()
         store.close()

@@ -57,7 +57,7 @@ def test_the_activity_log_keeps_the_most_recent_regions_marked_and_their_rewrite
 def test_concurrent_markers_share_syncs():
     class SlowSync(MemFile):
         def sync(self) -> None:
-            time.sleep(0.02)
+            time.sleep(0.02)  # a slow sync: the other markers arrive while it runs, and share the next
 
     bm = WriteIntentBitmap(SlowSync(), 16 * MiB, G, new=True, ahead=0)
     before = bm.syncs

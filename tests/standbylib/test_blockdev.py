@@ -1,4 +1,5 @@
-"""One contract suite over every block device: file, RAM, engine volume and snapshots; and size units."""
+"""One contract suite over every block device: file, RAM, a device over the tests' fault-injecting raw
+file, engine volume and snapshots, the primary's mirrored device; and size units."""
 
 from __future__ import annotations
 
@@ -8,11 +9,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from faultfile import Disk
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from primary.bitmap import WriteIntentBitmap
+from primary.device import MirroredDevice
+from primary.generations import Generations
+from primary.mirror import Mirror
 from standbylib.blockdev import BlockDevice, Device, open_file_device, ram_device
 from standbylib.errors import DeviceError, InvalidArgument, InvalidLength, OutOfRange, ReadOnly
+from standbylib.rawfile import MemFile, OsFile
 from standbylib.snapshot import PreservationStore, Volume
 from standbylib.units import format_size, parse_size
 
@@ -39,6 +46,34 @@ def make_file(tmp_path: Any) -> Made:
 
 def make_ram(tmp_path: Any) -> Made:
     return Made(ram_device(SIZE))
+
+
+def make_fault_file(tmp_path: Any) -> Made:
+    """A `Device` over a `RawFile` of the tests (faultfile.py, no fault injected); reopened as a power cut
+    leaves it, with only what a flush made durable."""
+    disk = Disk()
+    dev = Device(disk.file("dev", bytes(SIZE)), SIZE)
+
+    def reopen() -> BlockDevice:
+        return Device(MemFile(disk.crash(disk.now, "none")["dev"]), SIZE)
+
+    return Made(dev, reopen)
+
+
+def make_mirrored(tmp_path: Any) -> Made:
+    """The primary's exported device (`MirroredDevice`) over a file, its `Mirror` never started: no
+    standby, so every change is applied locally and its regions are recorded dirty in the write-intent
+    bitmap (kept in RAM here, and read back by the reopened device)."""
+    path = str(tmp_path / "primary.img")
+    bitmap_file = MemFile()
+    generations = Generations(str(tmp_path / "primary.generation"))
+
+    def build(new: bool) -> MirroredDevice:
+        bitmap = WriteIntentBitmap(bitmap_file, SIZE, 64 << 10, new=new)
+        mirror = Mirror("127.0.0.1:1", "vol0", SIZE, BS, bitmap, generations)
+        return MirroredDevice("vol0", open_file_device(path, SIZE), mirror)
+
+    return Made(build(True), lambda: build(False))
 
 
 def _engine(tmp_path: Any) -> tuple[PreservationStore, Device]:
@@ -82,6 +117,8 @@ def make_writable_snapshot(tmp_path: Any) -> Made:
 FACTORIES = {
     "file": make_file,
     "ram": make_ram,
+    "fault-file": make_fault_file,
+    "mirrored": make_mirrored,
     "volume": make_volume,
     "volume-512": make_volume_512,
     "writable-snapshot": make_writable_snapshot,
@@ -218,6 +255,37 @@ def test_flush_makes_writes_durable(made: Made) -> None:
     again = made.reopen()
     made.device = again
     assert again.read(BS - 2, len(data)) == data
+
+
+def test_a_raw_file_is_beneath_the_contract_and_a_device_wraps_it(tmp_path: Any) -> None:
+    """A `RawFile` (`OsFile`, `MemFile`, the tests' `FaultFile`) is not a block device: its size is a
+    method, reads take ``(length, offset)``, and nothing is range-checked (a write past the end grows
+    the file). `Device` is the block device over one (the "file", "ram" and "fault-file" cases)."""
+    raw = OsFile(str(tmp_path / "raw.img"), create=True)
+    try:
+        assert not isinstance(raw, BlockDevice)
+        assert not isinstance(MemFile(), BlockDevice)
+        raw.pwrite(b"x", SIZE)
+        assert raw.size() == SIZE + 1
+        dev = Device(raw, SIZE)
+        assert isinstance(dev, BlockDevice)
+        with pytest.raises(OutOfRange):
+            dev.write(SIZE, b"x")
+    finally:
+        raw.close()
+
+
+def test_the_mirrored_device_without_a_standby_records_every_change_dirty(tmp_path: Any) -> None:
+    made = make_mirrored(tmp_path)
+    dev = made.device
+    assert isinstance(dev, MirroredDevice)
+    try:
+        dev.write((64 << 10) + 100, b"x" * 10)  # region 1 of 64 KiB
+        dev.zero(3 * (64 << 10), BS)  # region 3
+        dev.flush()  # nothing to wait for: the barrier is dropped with no stream
+        assert list(dev.mirror.bitmap.dirty_regions()) == [1, 3]
+    finally:
+        dev.close()
 
 
 # ---------------------------------------------------------------------------------------- read-only devices

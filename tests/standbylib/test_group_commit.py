@@ -90,7 +90,7 @@ class SlowSyncFile:
         try:
             if self.point == "start":
                 self.inner.sync()
-            time.sleep(self.delay)
+            time.sleep(self.delay)  # a slow device: other callers arrive while this sync runs
             if self.point == "end":
                 self.inner.sync()
         finally:
@@ -242,7 +242,7 @@ def test_every_acknowledged_fua_write_survives_a_power_cut(point: str) -> None:
                 b = r.randrange(blocks - 2)
                 ops.append((b * BS, r.randbytes(r.randint(1, 2) * BS)))
             vol.write_batch(ops)
-            time.sleep(0.001)
+            time.sleep(0.001)  # paced: the origin batches spread over the snapshot writers' flushes
 
     run_threads(writers + 1, lambda i: snapshot_writer(i) if i < writers else origin_writer())
     end = disk.now

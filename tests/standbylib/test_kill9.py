@@ -81,7 +81,7 @@ def kill_at_random_moment(workdir: Path, seed: int, wait_for: int, delay: float)
                     f"seed={seed}: the writer recorded {len(recorded(log))} snapshots in {STUCK_AFTER}s"
                 )
             time.sleep(0.01)
-        time.sleep(delay)
+        time.sleep(delay)  # a random moment of the writer's work: where the kill lands is the point
         if child.poll() is not None:
             pytest.fail(f"seed={seed}: the writer exited with {child.returncode}:\n{child.stderr.read()}")
         child.send_signal(signal.SIGKILL)

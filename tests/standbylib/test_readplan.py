@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from lockwatch import waiting_writers
 
 from standbylib.blockdev import open_file_device, ram_device
 from standbylib.errors import UnknownSnapshot
@@ -128,9 +128,10 @@ def test_an_open_snapshot_plan_holds_off_origin_writes(tmp_path: Any) -> None:
     plan = snap.read_plan(0, SIZE)
     assert plan.zero_copy is False  # the origin changes once the plan is closed: never by reference
     written = threading.Event()
-    writer = threading.Thread(target=lambda: (vol.write(0, b"b" * BS), written.set()))
+    writers = waiting_writers(store.lock)
+    writer = threading.Thread(target=lambda: (vol.write(0, b"b" * BS), written.set()), daemon=True)
     writer.start()
-    time.sleep(0.2)
+    assert writers.reach(1), "the origin write did not wait for the open plan"
     assert not written.is_set()
     buf = bytearray(SIZE)
     plan.readinto(memoryview(buf))  # the origin range the plan points at is still the frozen data
