@@ -69,28 +69,39 @@ class Daemon:
         return self.proc.returncode
 
 
-def start_standby(data_dir: Path, *extra: str, log_path: Path | None = None) -> Daemon:
-    """`standby-daemon` on `data_dir`, every listener on a free loopback port."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    argv = [str(BIN / "standby-daemon"), "--data-dir", str(data_dir), "--listen", "127.0.0.1:0"]
-    argv += [
-        "--data-listen",
-        "127.0.0.1:0",
-        "--nbd-listen",
-        "127.0.0.1:0",
-        "--metrics-listen",
-        "127.0.0.1:0",
-        "--log-format",
-        "json",
+def standby_argv(data_dir: Path, *extra: str) -> list[str]:
+    """The command line of `standby-daemon` on `data_dir`: every listener on a free loopback port (the
+    ``listening`` events tell which), JSON logs, then `extra`. The demo, the benchmarks and the tests
+    all start the daemon with it."""
+    return [
+        str(BIN / "standby-daemon"),
+        "--data-dir", str(data_dir),
+        "--listen", "127.0.0.1:0",
+        "--data-listen", "127.0.0.1:0",
+        "--nbd-listen", "127.0.0.1:0",
+        "--metrics-listen", "127.0.0.1:0",
+        "--log-format", "json",
         *extra,
-    ]
-    return Daemon("standby-daemon", argv, log_path or data_dir.parent / f"{data_dir.name}.log")
+    ]  # fmt: skip
 
 
-def start_primary(volumes: list[str], standby: str, log_path: Path, *extra: str) -> Daemon:
-    """`standby-primary` for `volumes` (``NAME=PATH,...`` specs), mirroring to `standby`."""
+def primary_argv(volumes: list[str], standby: str, *extra: str) -> list[str]:
+    """The command line of `standby-primary` for `volumes` (``NAME=PATH,...`` specs) mirroring to
+    `standby`: listeners on free loopback ports, JSON logs, then `extra`."""
     argv = [str(BIN / "standby-primary"), "--standby", standby]
     for v in volumes:
         argv += ["--volume", v]
-    argv += ["--nbd-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--log-format", "json", *extra]
-    return Daemon("standby-primary", argv, log_path)
+    argv += ["--nbd-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--log-format", "json"]
+    return [*argv, *extra]
+
+
+def start_standby(data_dir: Path, *extra: str, log_path: Path | None = None) -> Daemon:
+    """`standby-daemon` on `data_dir` (`standby_argv`)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_path or data_dir.parent / f"{data_dir.name}.log"
+    return Daemon("standby-daemon", standby_argv(data_dir, *extra), log_path)
+
+
+def start_primary(volumes: list[str], standby: str, log_path: Path, *extra: str) -> Daemon:
+    """`standby-primary` for `volumes`, mirroring to `standby` (`primary_argv`)."""
+    return Daemon("standby-primary", primary_argv(volumes, standby, *extra), log_path)

@@ -223,25 +223,10 @@ class Daemons:
 
     def standby(self, data_dir: Path, *extra: str) -> launch.Daemon:
         data_dir.mkdir(parents=True, exist_ok=True)
-        argv = [str(BIN / "standby-daemon"), "--data-dir", str(data_dir), "--listen", "127.0.0.1:0"]
-        argv += [
-            "--data-listen",
-            "127.0.0.1:0",
-            "--nbd-listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-        ]
-        return self.start("standby-daemon", [*argv, *extra])
+        return self.start("standby-daemon", launch.standby_argv(data_dir, *extra))
 
     def primary(self, volumes: list[str], standby: str, *extra: str) -> launch.Daemon:
-        argv = [str(BIN / "standby-primary"), "--standby", standby]
-        for v in volumes:
-            argv += ["--volume", v]
-        argv += ["--nbd-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--log-format", "json"]
-        return self.start("standby-primary", [*argv, *extra])
+        return self.start("standby-primary", launch.primary_argv(volumes, standby, *extra))
 
     def stop(self, d: launch.Daemon) -> None:
         rc = d.stop()

@@ -36,6 +36,7 @@ from linkproxy import LinkProxy
 from prometheus_client.parser import text_string_to_metric_families
 
 from standbylib.rpc.v1 import replication_pb2, replication_pb2_grpc
+from standbylib.runtime import launch
 
 MiB = 1 << 20
 BS = 4096
@@ -391,16 +392,7 @@ class Daemons:
 
     def standby(self, data_dir: Path | None = None, *extra: str) -> Standby:
         data_dir = data_dir or self.tmp / "standby"
-        argv = [
-            *_console(*STANDBY_CMD),
-            "--data-dir", str(data_dir),
-            "--listen", "127.0.0.1:0",
-            "--data-listen", "127.0.0.1:0",
-            "--nbd-listen", "127.0.0.1:0",
-            "--metrics-listen", "127.0.0.1:0",
-            *extra,
-        ]  # fmt: skip
-        d = self._start("standby", argv)
+        d = self._start("standby", launch.standby_argv(data_dir, *extra))
         d.wait_for("ready")
         data = d.address("data") if any(e.get("service") == "data" for e in d.events) else ""
         return Standby(d, data_dir, d.address("grpc"), d.address("nbd"), d.address("metrics"), data)
@@ -420,15 +412,7 @@ class Daemons:
             extra = (*extra, "--standby-data", standby.data_address)
         else:
             target = standby.grpc if isinstance(standby, Standby) else standby
-        argv = _console(*PRIMARY_CMD)
-        for name, spec in volumes.items():
-            argv += ["--volume", f"{name}={spec}"]
-        argv += [
-            "--standby", target,
-            "--nbd-listen", "127.0.0.1:0",
-            "--metrics-listen", "127.0.0.1:0",
-            *extra,
-        ]  # fmt: skip
+        argv = launch.primary_argv([f"{name}={spec}" for name, spec in volumes.items()], target, *extra)
         if self.transport and "--transport" not in extra:
             argv += ["--transport", self.transport]
         d = self._start("primary", argv)
