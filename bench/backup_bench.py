@@ -31,6 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import (
+    BIN,
     emit,
     filesystem_of,
     free_port,
@@ -44,8 +45,6 @@ from benchlib import (
     start_standby,
     tool_version,
 )
-
-from standbylib.runtime.launch import BIN
 
 MiB = 1 << 20
 EXTENT = 16 * MiB

@@ -1,4 +1,4 @@
-"""What the benchmarks share: provenance (revision, machine), JSON rendering, and running the daemons.
+"""What the benchmarks share: provenance (revision, machine), JSON rendering, starting the daemons.
 
 Each benchmark measures our component and its peer in the same run, alternating them, and reports the
 median of the pairwise ratios, because this machine is shared and absolute times drift.
@@ -21,11 +21,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from standbylib.runtime.launch import Daemon, start_primary, start_standby
-
-__all__ = ["Daemon", "start_primary", "start_standby"]
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))  # the daemons' launcher, shared with the demo and the tests
+
+from daemons import BIN, Daemon, start_primary, start_standby  # noqa: E402
+
+__all__ = ["BIN", "Daemon", "start_primary", "start_standby"]
 
 
 def log(msg: str) -> None:

@@ -54,6 +54,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import (
+    Daemon,
     filesystem_of,
     machine,
     median,
@@ -161,26 +162,6 @@ def prepare(data_dir: str, frozen_path: str, plan: Plan) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- servers
 
 
-def wait_for_event(proc: subprocess.Popen[bytes], log_path: str, timeout: float = 30) -> dict[str, Any]:
-    """The first ``{"event": "listening", "service": "nbd"}`` JSON line the server writes to its log."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with open(log_path) as f:
-            for line in f:
-                try:
-                    ev = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(ev, dict) and ev.get("event") == "listening" and ev.get("service") == "nbd":
-                    return ev
-        if proc.poll() is not None:
-            with open(log_path) as f:
-                raise RuntimeError(f"server exited with {proc.returncode}: {f.read()[-2000:]}")
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError(f"server did not report its NBD address within {timeout} s")
-
-
 def daemon_available() -> bool:
     return importlib.util.find_spec("standby.main") is not None
 
@@ -198,11 +179,8 @@ def start_server(data_dir: str, kind: str = "daemon") -> tuple[subprocess.Popen[
         daemon = start_standby(Path(data_dir), "--preservation-capacity", str(size))
         return daemon.proc, int(daemon.addresses["nbd"].rsplit(":", 1)[1])
     cmd = [sys.executable, os.path.join(HERE, "serve_snapshot.py"), "--data-dir", data_dir]
-    log_path = data_dir.rstrip("/") + ".server.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_file)
-    ev = wait_for_event(proc, log_path)
-    return proc, int(str(ev["address"]).rsplit(":", 1)[1])
+    server = Daemon("serve_snapshot.py", cmd, Path(data_dir.rstrip("/") + ".server.log"), ready=False)
+    return server.proc, int(server.address("nbd").rsplit(":", 1)[1])
 
 
 def start_nbdkit(path: str) -> tuple[subprocess.Popen[bytes], int]:

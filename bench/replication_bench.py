@@ -66,6 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import c_mirror
 from benchlib import (
+    BIN,
     CpuMeter,
     Daemon,
     emit,
@@ -83,8 +84,6 @@ from benchlib import (
     start_standby,
     tool_version,
 )
-
-from standbylib.runtime.launch import BIN
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -182,28 +181,8 @@ def launch_options(transport: str) -> Launch:
 
 def logged_transport(daemon: Daemon) -> str | None:
     """The last ``transport`` a daemon's JSON log lines named, if any."""
-    found = None
-    for line in daemon.log_path.read_text(errors="replace").splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(event, dict) and isinstance(event.get("transport"), str):
-            found = event["transport"]
-    return found
-
-
-def log_events(daemon: Daemon, event: str, skip: int = 0) -> list[dict[str, Any]]:
-    """A daemon's JSON log events named `event`, after its first `skip` lines."""
-    found = []
-    for line in daemon.log_path.read_text(errors="replace").splitlines()[skip:]:
-        try:
-            parsed = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(parsed, dict) and parsed.get("event") == event:
-            found.append(parsed)
-    return found
+    named = [e["transport"] for e in daemon.events if isinstance(e.get("transport"), str)]
+    return named[-1] if named else None
 
 
 def scrape(daemon: Daemon, name: str, volume: str = "vol0") -> float:
@@ -677,7 +656,7 @@ def resync_once(work: Path, size: int, writes: int, launch: Launch) -> dict[str,
         dirty = scrape(primary, "standby_out_of_sync_bytes")
         before = scrape(primary, "standby_resync_bytes_total")
         # Same gRPC address: the primary reconnects by itself.
-        logged_before = len(primary.log_path.read_text(errors="replace").splitlines())
+        logged_before = len(primary.logged("resync_sent"))
         standby = start_standby(
             work / "standby",
             "--preservation-capacity",
@@ -693,7 +672,7 @@ def resync_once(work: Path, size: int, writes: int, launch: Launch) -> dict[str,
         sent = scrape(primary, "standby_resync_bytes_total") - before
         # The primary reports `connected` once the resync is applied, so the wait above is no measure
         # of it: the duration is the primary's own, from its `resync_sent` event.
-        logged = [e["seconds"] for e in log_events(primary, "resync_sent", logged_before)]
+        logged = [e["seconds"] for e in primary.logged("resync_sent")[logged_before:]]
         seconds = logged[-1] if logged else after_connected
         identical = sha256_file(work / "primary.img") == sha256_file(
             work / "standby" / "replicas" / "vol0.img"

@@ -63,6 +63,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import (
+    BIN,
     Daemon,
     emit,
     filesystem_of,
@@ -82,7 +83,6 @@ from standbylib.blockdev import open_file_device
 from standbylib.nbd import NbdServer
 from standbylib.nbd import protocol as p
 from standbylib.nbd.client import NbdClient
-from standbylib.runtime.launch import BIN
 
 KiB = 1 << 10
 MiB = 1 << 20

@@ -21,7 +21,8 @@ import threading
 import urllib.request
 from pathlib import Path
 
-from standbylib.runtime.launch import BIN, Daemon, start_primary, start_standby
+from daemons import BIN, Daemon, start_primary, start_standby
+
 from standbylib.units import human_size
 
 MiB = 1 << 20

@@ -14,7 +14,6 @@ import shlex
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -23,16 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from daemons import BIN, Daemon, DaemonFailed, primary_argv, standby_argv
 from prometheus_client.parser import text_string_to_metric_families
-
-from standbylib.runtime import launch
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 PROMETHEUS_DIR = DEPLOY / "prometheus"
 SYSTEMD_DIR = DEPLOY / "systemd"
 CONFIG_DIR = DEPLOY / "config"
-BIN = Path(sys.executable).parent
 HARDENED_EXEC = Path(__file__).resolve().parent / "deploy_hardened_exec.py"
 
 # command -> Debian package
@@ -206,29 +203,29 @@ class Prometheus:
 
 
 class Daemons:
-    """The appliance's daemons of one test (standbylib.runtime.launch), all stopped at the end."""
+    """The appliance's daemons of one test (scripts/daemons.py), all stopped at the end."""
 
     def __init__(self, tmp: Path, wrapper: list[str] | None = None) -> None:
         self.tmp = tmp
         self.wrapper = wrapper or []
-        self.started: list[launch.Daemon] = []
+        self.started: list[Daemon] = []
 
-    def start(self, name: str, argv: list[str]) -> launch.Daemon:
+    def start(self, name: str, argv: list[str]) -> Daemon:
         try:
-            d = launch.Daemon(name, [*self.wrapper, *argv], self.tmp / f"{name}.log")
-        except launch.DaemonFailed as e:
+            d = Daemon(name, [*self.wrapper, *argv], self.tmp / f"{name}.log")
+        except DaemonFailed as e:
             pytest.fail(str(e), pytrace=False)
         self.started.append(d)
         return d
 
-    def standby(self, data_dir: Path, *extra: str) -> launch.Daemon:
+    def standby(self, data_dir: Path, *extra: str) -> Daemon:
         data_dir.mkdir(parents=True, exist_ok=True)
-        return self.start("standby-daemon", launch.standby_argv(data_dir, *extra))
+        return self.start("standby-daemon", standby_argv(data_dir, *extra))
 
-    def primary(self, volumes: list[str], standby: str, *extra: str) -> launch.Daemon:
-        return self.start("standby-primary", launch.primary_argv(volumes, standby, *extra))
+    def primary(self, volumes: list[str], standby: str, *extra: str) -> Daemon:
+        return self.start("standby-primary", primary_argv(volumes, standby, *extra))
 
-    def stop(self, d: launch.Daemon) -> None:
+    def stop(self, d: Daemon) -> None:
         rc = d.stop()
         assert rc == 0, f"{d.name} exited with {rc} on SIGTERM, expected 0\n{d.tail()}"
 

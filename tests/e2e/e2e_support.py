@@ -16,13 +16,11 @@ import hashlib
 import json
 import os
 import shlex
-import signal
 import socket
 import ssl
 import struct
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -32,18 +30,16 @@ from typing import Any
 
 import grpc
 import pytest
+from daemons import START_TIMEOUT, STOP_TIMEOUT, Daemon, primary_argv, standby_argv
 from linkproxy import LinkProxy
 from prometheus_client.parser import text_string_to_metric_families
 
 from standbylib.rpc.v1 import replication_pb2, replication_pb2_grpc
-from standbylib.runtime import launch
 
 MiB = 1 << 20
 BS = 4096
 VOLUME_SIZE = 32 * MiB
 
-START_TIMEOUT = 60.0  # the machine is shared and noisy: generous, and never a measurement
-STOP_TIMEOUT = 30.0
 TOOL_TIMEOUT = 120.0
 
 # command -> Debian package (scripts/install-debian-tools.sh installs them; `make test` runs it)
@@ -107,124 +103,6 @@ def _text(b: bytes | str | None) -> str:
 
 
 # ------------------------------------------------------------------------------------------ daemons
-
-
-class Daemon:
-    """One daemon subprocess in its own session; its stderr JSON log is collected by a thread."""
-
-    def __init__(self, name: str, argv: list[str], log_dir: Path) -> None:
-        self.name = name
-        self.argv = argv
-        self.lines: list[str] = []
-        self.events: list[dict[str, Any]] = []
-        self._cond = threading.Condition()
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115 - closed by the reader
-        self._log.write(f"# {shlex.join(argv)}\n")
-        self._log.flush()
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.PIPE,
-            start_new_session=True,  # its own process group: a leftover child can be found and ended
-            cwd=log_dir,
-        )
-        self.pgid = self.proc.pid
-        self._reader = threading.Thread(target=self._read, name=f"log-{name}", daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            self._log.write(line + "\n")
-            self._log.flush()
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                obj = None
-            with self._cond:
-                self.lines.append(line)
-                if isinstance(obj, dict):
-                    self.events.append(obj)
-                self._cond.notify_all()
-        with self._cond:
-            self._cond.notify_all()
-
-    def tail(self, n: int = 40) -> str:
-        with self._cond:
-            return "\n".join(self.lines[-n:])
-
-    def wait_for(self, event: str, timeout: float = START_TIMEOUT, **fields: Any) -> dict[str, Any]:
-        """The first log event named `event` whose fields include `fields`; fails if the daemon exits."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for ev in self.events:
-                    if ev.get("event") == event and all(ev.get(k) == v for k, v in fields.items()):
-                        return ev
-                if self.proc.poll() is not None and not self._reader.is_alive():
-                    pytest.fail(
-                        f"{self.name} exited with {self.proc.returncode} before logging {event!r} {fields}\n"
-                        f"command: {shlex.join(self.argv)}\nlog tail:\n{self.tail()}",
-                        pytrace=False,
-                    )
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    pytest.fail(
-                        f"{self.name} did not log {event!r} {fields} within {timeout:.0f} s\n"
-                        f"command: {shlex.join(self.argv)}\nlog tail:\n{self.tail()}",
-                        pytrace=False,
-                    )
-                self._cond.wait(min(left, 0.5))
-
-    def address(self, service: str) -> str:
-        ev = self.wait_for("listening", service=service)
-        addr = ev.get("address")
-        assert isinstance(addr, str) and addr.startswith("127.0.0.1:"), (
-            f"{self.name}: listening event for {service} has no loopback address: {ev}"
-        )
-        assert int(addr.rsplit(":", 1)[1]) > 0, f"{self.name}: {service} logged port 0: {ev}"
-        return addr
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
-        """SIGTERM and wait; the exit status, or None when it had to be killed."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-                return None
-        self._reader.join(10)
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pgid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(10)
-
-    def leftovers(self) -> bool:
-        """True when some process of its group is still there (it was then killed)."""
-        try:
-            os.killpg(self.pgid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return False
-        os.killpg(self.pgid, signal.SIGKILL)
-        return True
-
-    def close(self) -> None:
-        self._reader.join(5)
-        if not self._reader.is_alive():
-            self._log.close()
 
 
 def _console(script: str, module: str) -> list[str]:
@@ -386,13 +264,15 @@ class Daemons:
 
     def _start(self, name: str, argv: list[str]) -> Daemon:
         self._n += 1
-        d = Daemon(f"{self._n:02d}-{name}", argv, self.tmp / "logs")
+        name = f"{self._n:02d}-{name}"
+        logs = self.tmp / "logs"
+        d = Daemon(name, argv, logs / f"{name}.log", cwd=logs, ready=False)
         self.started.append(d)
         return d
 
     def standby(self, data_dir: Path | None = None, *extra: str) -> Standby:
         data_dir = data_dir or self.tmp / "standby"
-        d = self._start("standby", launch.standby_argv(data_dir, *extra))
+        d = self._start("standby", standby_argv(data_dir, *extra))
         d.wait_for("ready")
         data = d.address("data") if any(e.get("service") == "data" for e in d.events) else ""
         return Standby(d, data_dir, d.address("grpc"), d.address("nbd"), d.address("metrics"), data)
@@ -412,7 +292,7 @@ class Daemons:
             extra = (*extra, "--standby-data", standby.data_address)
         else:
             target = standby.grpc if isinstance(standby, Standby) else standby
-        argv = launch.primary_argv([f"{name}={spec}" for name, spec in volumes.items()], target, *extra)
+        argv = primary_argv([f"{name}={spec}" for name, spec in volumes.items()], target, *extra)
         if self.transport and "--transport" not in extra:
             argv += ["--transport", self.transport]
         d = self._start("primary", argv)
