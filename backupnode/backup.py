@@ -30,7 +30,7 @@ from backupnode.archive import ArchiveWriter, Manifest, data_pieces
 from backupnode.config import RunConfig
 from backupnode.progress import Progress
 from standbylib.errors import StandbyError
-from standbylib.nbd.client import NbdClient, NbdPool
+from standbylib.nbd import NbdClient, NbdPool
 from standbylib.rpc.v1 import control_pb2, control_pb2_grpc
 from standbylib.runtime import config as cfg
 from standbylib.runtime import logs, rpc

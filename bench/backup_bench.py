@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (
     BIN,
     emit,
-    filesystem_of,
     free_port,
+    header,
     log,
     machine,
     paired,
     sha256_file,
-    source_revision,
     start_nbdkit_file,
     start_primary,
     start_standby,
@@ -149,10 +147,7 @@ def main() -> int:
             nbdkit.wait()
         shutil.rmtree(work, ignore_errors=True)
     doc = {
-        "benchmark": "backup",
-        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-        "revision": source_revision(),
-        "filesystem": filesystem_of(str(work.parent)),
+        **header("backup", work),
         "machine": machine(
             nbdkit=tool_version(["nbdkit", "--version"]),
             nbdcopy=tool_version(["nbdcopy", "--version"]),

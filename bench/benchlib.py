@@ -18,6 +18,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,17 @@ def to_json(doc: dict[str, Any]) -> str:
     """Indented JSON, with each list of numbers on one line."""
     flat = re.compile(r"\[([^\[\]{}\"]*)\]")
     return flat.sub(lambda m: "[" + " ".join(m.group(1).split()) + "]", json.dumps(doc, indent=2))
+
+
+def header(benchmark: str, work: Path) -> dict[str, Any]:
+    """The fields every benchmark document starts with: its name, the date, the source revision and
+    the filesystem `work` (the benchmark's work directory) is on."""
+    return {
+        "benchmark": benchmark,
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "revision": source_revision(),
+        "filesystem": filesystem_of(str(work.parent)),
+    }
 
 
 def emit(doc: dict[str, Any], output: str | None) -> None:

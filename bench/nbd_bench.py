@@ -55,13 +55,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import (
     Daemon,
+    emit,
     filesystem_of,
     machine,
     median,
     sha256_file,
     source_revision,
     start_standby,
-    to_json,
     tool_version,
 )
 
@@ -369,13 +369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "target": {"metric": "ratio", "op": ">=", "limit": 0.9, "pass": ratio >= 0.9},
         "runtime_seconds": round(time.perf_counter() - t0, 1),
     }
-    text = to_json(doc)
-    print(text)
+    emit(doc, args.output)
     log(f"ratio {ratio:.3f} ({'pass' if ratio >= 0.9 else 'FAIL'}, target >= 0.9)")
-    if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
     return 0
 
 

@@ -58,7 +58,6 @@ import urllib.request
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -70,15 +69,14 @@ from benchlib import (
     CpuMeter,
     Daemon,
     emit,
-    filesystem_of,
     free_port,
+    header,
     help_lists,
     log,
     machine,
     median,
     rotated,
     sha256_file,
-    source_revision,
     start_nbdkit_file,
     start_primary,
     start_standby,
@@ -407,39 +405,45 @@ def throughput_figures(
         figures: list[dict[str, Any]] = []
         mb = f"{size // MiB} MiB"
 
+        def against_peers(
+            rounds: list[dict[str, Any]], fid: str, what: str, unit: str, key: str, nbdkit_target: float
+        ) -> list[dict[str, Any]]:
+            """The figures of `rounds` against nbdkit file and the C mirror, each with whether the
+            replicas equal their volumes after the rounds."""
+            identical = rig.replica_identical()
+            c_identical = rig.cmirror.replica_identical() if rig.cmirror is not None else None
+            data = versus(rounds, "nbdkit", key)
+            data_c = versus(rounds, "c_mirror", key) if c else None
+            met_c = data_c is not None and data_c["ratio"] >= VS_C_MIRROR and identical
+            return [
+                figure(
+                    f"{fid}_vs_nbdkit",
+                    f"{what} vs nbdkit file",
+                    unit,
+                    "nbdkit file",
+                    f">= {nbdkit_target}",
+                    data,
+                    data["ratio"] >= nbdkit_target and identical,
+                    replica_identical=identical,
+                ),
+                figure(
+                    f"{fid}_vs_c_mirror",
+                    f"{what} vs the C mirror (sync)",
+                    unit,
+                    "c_mirror",
+                    f">= {VS_C_MIRROR}",
+                    data_c,
+                    met_c,
+                    absent,
+                    replica_identical=identical,
+                    c_mirror_replica_identical=c_identical,
+                ),
+            ]
+
         # 1. sequential 1 MiB writes
         seq = rotated("seq 1M", pairs, runners(lambda uri: seq_write(uri, size)), "mb_per_s", True)
-        identical = rig.replica_identical()
-        c_identical = rig.cmirror.replica_identical() if rig.cmirror is not None else None
         what = f"fio seq write bs=1M iodepth=8 end_fsync=1, {mb}, through the primary (sync, standby local)"
-        data = versus(seq, "nbdkit", "mb_per_s")
-        figures.append(
-            figure(
-                "sequential_1m_writes_sync_vs_nbdkit",
-                f"{what} vs nbdkit file",
-                "MB/s",
-                "nbdkit file",
-                f">= {SEQ_VS_NBDKIT}",
-                data,
-                data["ratio"] >= SEQ_VS_NBDKIT and identical,
-                replica_identical=identical,
-            )
-        )
-        data_c = versus(seq, "c_mirror", "mb_per_s") if c else None
-        figures.append(
-            figure(
-                "sequential_1m_writes_sync_vs_c_mirror",
-                f"{what} vs the C mirror (sync)",
-                "MB/s",
-                "c_mirror",
-                f">= {VS_C_MIRROR}",
-                data_c,
-                data_c is not None and data_c["ratio"] >= VS_C_MIRROR and identical,
-                absent,
-                replica_identical=identical,
-                c_mirror_replica_identical=c_identical,
-            )
-        )
+        figures += against_peers(seq, "sequential_1m_writes_sync", what, "MB/s", "mb_per_s", SEQ_VS_NBDKIT)
 
         # 2. random 4 KiB writes, iodepth 32, with the CPU time of every party
         tally = ThreadTally()
@@ -450,37 +454,8 @@ def throughput_figures(
 
         job: Job = lambda uri: rand_write(uri, size, seconds, 32)  # noqa: E731
         rnd = rotated("rand 4k", pairs, runners(job, record), "iops", True)
-        identical = rig.replica_identical()
-        c_identical = rig.cmirror.replica_identical() if rig.cmirror is not None else None
         what = f"fio randwrite bs=4k iodepth=32 for {seconds} s over {mb}: IOPS through the primary (sync)"
-        data = versus(rnd, "nbdkit", "iops")
-        figures.append(
-            figure(
-                "random_4k_writes_sync_vs_nbdkit",
-                f"{what} vs nbdkit file",
-                "IOPS",
-                "nbdkit file",
-                f">= {RAND_VS_NBDKIT}",
-                data,
-                data["ratio"] >= RAND_VS_NBDKIT and identical,
-                replica_identical=identical,
-            )
-        )
-        data_c = versus(rnd, "c_mirror", "iops") if c else None
-        figures.append(
-            figure(
-                "random_4k_writes_sync_vs_c_mirror",
-                f"{what} vs the C mirror (sync)",
-                "IOPS",
-                "c_mirror",
-                f">= {VS_C_MIRROR}",
-                data_c,
-                data_c is not None and data_c["ratio"] >= VS_C_MIRROR and identical,
-                absent,
-                replica_identical=identical,
-                c_mirror_replica_identical=c_identical,
-            )
-        )
+        figures += against_peers(rnd, "random_4k_writes_sync", what, "IOPS", "iops", RAND_VS_NBDKIT)
         figures.append(cpu_figure(rnd, tally, seconds, mb, absent))
 
         # 4. sync latency at iodepth 1
@@ -781,10 +756,7 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     doc = {
-        "benchmark": "replication",
-        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-        "revision": source_revision(),
-        "filesystem": filesystem_of(str(work.parent)),
+        **header("replication", work),
         "settings": {"volume_bytes": size, "rounds": pairs, "seconds": seconds, "quick": args.quick},
         "transport": {**launch.info, **notes},
         "c_mirror": c_mirror.describe(built, absent),

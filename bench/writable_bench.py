@@ -56,7 +56,6 @@ import threading
 import time
 import urllib.request
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -66,13 +65,12 @@ from benchlib import (
     BIN,
     Daemon,
     emit,
-    filesystem_of,
     free_port,
+    header,
     log,
     machine,
     median,
     paired,
-    source_revision,
     start_nbdkit_file,
     start_primary,
     start_standby,
@@ -530,10 +528,7 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     doc = {
-        "benchmark": "writable_snapshot_fua",
-        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-        "revision": source_revision(),
-        "filesystem": filesystem_of(str(work.parent)),
+        **header("writable_snapshot_fua", work),
         "machine": machine(nbdkit=tool_version(["nbdkit", "--version"])),
         "trace": {**trace.describe(), "seed": args.seed, "volume_bytes": size, "clients": args.clients},
         "figures": figures,

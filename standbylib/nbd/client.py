@@ -60,13 +60,10 @@ from standbylib.nbd.client_errors import (
     NbdClientClosed,
     NbdClientError,
     NbdCommandError,
-    NbdConnectError,
     NbdConnectionLost,
     NbdNegotiationError,
     NbdProtocolError,
     NbdTimeout,
-    NbdUnknownExport,
-    errno_name,
 )
 from standbylib.nbd.client_replies import Extent, Job, ReplyReader
 from standbylib.nbd.negotiate import (
@@ -78,29 +75,11 @@ from standbylib.nbd.negotiate import (
     open_socket,
     server_address,
 )
-from standbylib.nbd.pool import NbdPool
 from standbylib.nbd.sockio import PeerClosed, SocketReader
 from standbylib.nbd.tls import TlsConnection
 from standbylib.rawfile import Buffer
 
-__all__ = [
-    "DEFAULT_MAX_BLOCK",
-    "MAX_EXTENTS_REQUEST",
-    "MAX_READ_REQUEST",
-    "Extent",
-    "NbdClient",
-    "NbdClientClosed",
-    "NbdClientError",
-    "NbdCommandError",
-    "NbdConnectError",
-    "NbdConnectionLost",
-    "NbdNegotiationError",
-    "NbdPool",
-    "NbdProtocolError",
-    "NbdTimeout",
-    "NbdUnknownExport",
-    "errno_name",
-]
+__all__ = ["DEFAULT_MAX_BLOCK", "MAX_EXTENTS_REQUEST", "MAX_READ_REQUEST", "NbdClient"]
 
 #: Largest NBD_CMD_BLOCK_STATUS range asked at once: large enough to map a sparse volume in a few
 #: round trips, small enough that a server walking its allocation map answers promptly.

@@ -21,10 +21,7 @@ from typing import Any
 import pytest
 
 from standbylib.blockdev import open_file_device
-from standbylib.nbd import NbdServer
-from standbylib.nbd import client as nbd_client
-from standbylib.nbd import protocol as p
-from standbylib.nbd.client import (
+from standbylib.nbd import (
     Extent,
     NbdClient,
     NbdClientClosed,
@@ -33,9 +30,12 @@ from standbylib.nbd.client import (
     NbdConnectionLost,
     NbdPool,
     NbdProtocolError,
+    NbdServer,
     NbdTimeout,
     NbdUnknownExport,
 )
+from standbylib.nbd import client as nbd_client
+from standbylib.nbd import protocol as p
 
 MiB = 1 << 20
 SIZE = 8 * MiB

@@ -22,9 +22,8 @@ from pathlib import Path
 import pytest
 
 from standbylib.blockdev import open_file_device
-from standbylib.nbd import NbdServer
+from standbylib.nbd import NbdClient, NbdConnectionLost, NbdNegotiationError, NbdPool, NbdServer
 from standbylib.nbd import protocol as p
-from standbylib.nbd.client import NbdClient, NbdConnectionLost, NbdNegotiationError, NbdPool
 from standbylib.nbd.tls import ServerTls
 
 MiB = 1 << 20
