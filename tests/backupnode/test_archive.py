@@ -45,6 +45,16 @@ def write_archive(image: Path, out: Path, extents: list[tuple[int, int]], chunk:
     return m
 
 
+def image_and_archive(
+    tmp_path: Path, size: int, extents: list[tuple[int, int]], chunk: int = MiB
+) -> tuple[Path, Path]:
+    """A sparse image of `size` bytes with data in `extents` (`make_image`), and its archive."""
+    image, archive = tmp_path / "src.img", tmp_path / "a.tar.zst"
+    make_image(image, size, extents)
+    write_archive(image, archive, extents, chunk)
+    return image, archive
+
+
 def check(path: Path) -> None:
     with open(path, "rb") as f:
         read_archive(f, str(path))
@@ -69,9 +79,7 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_gnu_tar_restores_the_image_exactly_and_sparsely(tmp_path: Path, case: str) -> None:
     size, extents = CASES[case]
-    image, archive = tmp_path / "src.img", tmp_path / "a.tar.zst"
-    make_image(image, size, extents)
-    write_archive(image, archive, extents)
+    image, archive = image_and_archive(tmp_path, size, extents)
     out = tmp_path / "x"
     out.mkdir()
     subprocess.run(["tar", "--zstd", "-xSf", str(archive), "-C", str(out)], check=True)
@@ -93,9 +101,7 @@ def test_our_restore_equals_tar_and_the_manifest_lists_the_volume(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     size, extents = CASES["ends_in_hole"]
-    image, archive = tmp_path / "src.img", tmp_path / "a.tar.zst"
-    make_image(image, size, extents)
-    write_archive(image, archive, extents)
+    image, archive = image_and_archive(tmp_path, size, extents)
     assert main(["restore", str(archive), "--output", str(tmp_path / "r.img")]) == 0
     assert sha(tmp_path / "r.img") == sha(image)
     assert (tmp_path / "r.img").stat().st_blocks * 512 <= sum(n for _, n in extents) + 64 * KiB
@@ -109,9 +115,7 @@ def test_our_restore_equals_tar_and_the_manifest_lists_the_volume(
 def test_restore_refuses_to_overwrite_without_force(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    image, archive = tmp_path / "src.img", tmp_path / "a.tar.zst"
-    make_image(image, 4 * MiB, [(0, MiB)])
-    write_archive(image, archive, [(0, MiB)])
+    image, archive = image_and_archive(tmp_path, 4 * MiB, [(0, MiB)])
     target = tmp_path / "exists.img"
     target.write_bytes(b"precious")
     assert main(["restore", str(archive), "--output", str(target)]) == 1
@@ -129,9 +133,7 @@ def test_a_cut_archive_is_never_taken_for_a_complete_one(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     size, extents = CASES["ends_in_hole"]
-    image, archive = tmp_path / "src.img", tmp_path / "a.tar.zst"
-    make_image(image, size, extents)
-    write_archive(image, archive, extents)
+    _image, archive = image_and_archive(tmp_path, size, extents)
     whole = archive.read_bytes()
     for cut in cut_points(len(whole)):
         part = tmp_path / f"cut{cut}.tar.zst"
@@ -163,9 +165,7 @@ def test_verify_names_the_first_damaged_chunk_and_restore_refuses_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     size, extents = CASES["ends_in_hole"]
-    image, archive = tmp_path / "src.img", tmp_path / "a.tar.zst"
-    make_image(image, size, extents)
-    write_archive(image, archive, extents, chunk=MiB)
+    image, archive = image_and_archive(tmp_path, size, extents, chunk=MiB)
     raw = bytearray(tar_bytes(archive))
     # The byte at image offset 5 MiB + 1.5 MiB: data-stream offset 1 MiB + 1.5 MiB, in chunk 2 (of 1 MiB).
     needle = image.read_bytes()[5 * MiB + 1536 * KiB : 5 * MiB + 1536 * KiB + 64]

@@ -3,11 +3,12 @@ primary joined by a `LinkProxy`, fio storms, and the invariants checked after ev
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,19 @@ def start_pair(
     vol.parent.mkdir(exist_ok=True)
     primary = daemons.primary(proxy, {"vol0": f"{vol},size=32MiB"}, "--ack-timeout", "3", *extra)
     return standby, primary, proxy
+
+
+@contextlib.contextmanager
+def storm_pair(
+    daemons: Daemons, tmp: Path, *extra: str
+) -> Iterator[tuple[Standby, Primary, LinkProxy, str, Path]]:
+    """The set-up of a fault during a storm of client writes: the tools, `start_pair` (with `extra` for
+    the primary; its proxy closed when the block ends) and `frozen_snapshot`. Gives the standby, the
+    primary, the proxy, the snapshot's name and the image it must keep."""
+    need("fio", "qemu-io", "nbdcopy")
+    standby, primary, proxy = start_pair(daemons, tmp, *extra)
+    try:
+        name, expected = frozen_snapshot(standby, primary, tmp)
+        yield standby, primary, proxy, name, expected
+    finally:
+        proxy.close()

@@ -52,6 +52,7 @@ from standby.datachannel import HELLO_LIMIT, HELLO_SECONDS, MAX_HELLOS, TOKEN_SE
 from standby.services import GRPC_STREAM_LIMIT
 from standbylib.rpc.frames import MAX_FRAME
 from standbylib.rpc.v1 import control_pb2, control_pb2_grpc, replication_pb2
+from standbylib.rpc.wire import varint
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -68,15 +69,6 @@ JUNK = rand(4096, seed=66)
 def few(cases: Any, keep: int = 3) -> list[Any]:
     """The cases of a family in order: the first `keep` in `make test`, all of them in `make soak`."""
     return [c if i < keep else pytest.param(c, marks=pytest.mark.soak) for i, c in enumerate(sorted(cases))]
-
-
-def varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def field_bytes(number: int, payload: bytes) -> bytes:

@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 from e2e_support import VOLUME_SIZE, Daemons, MiB, Primary, Standby, backup_argv, need, rand
@@ -404,25 +405,33 @@ def seeds(count: int) -> list[int]:
     return [random.SystemRandom().randrange(1 << 31) for _ in range(count)]
 
 
-def report(seed: int, done: list[str]) -> None:
+def play(daemons: Daemons, tmp: Path, seed: int, events: int, fullfs: FullFs | None = None) -> None:
+    """One seeded run of the matrix (`run_matrix`): its seed printed first (to repeat it), its faults last."""
+    if fullfs is None:
+        need("qemu-io", "nbdcopy")
+        print(f"fault matrix seed {seed} (repeat: FAULT_SEED={seed})")
+    else:
+        need("qemu-io", "nbdcopy", "fuse2fs")
+        print(f"fault matrix (full filesystem) seed {seed} (repeat: FAULT_SEED={seed} -k full_filesystem)")
+    done = run_matrix(daemons, tmp, seed, events=events, fullfs=fullfs)
     print(f"fault matrix seed {seed}: {', '.join(done)}  (repeat: FAULT_SEED={seed})")
 
 
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("seed", seeds(2))
-def test_fault_matrix_short(daemons: Daemons, tmp_path: Path, seed: int) -> None:
-    need("qemu-io", "nbdcopy")
-    print(f"fault matrix seed {seed} (repeat: FAULT_SEED={seed})")
-    report(seed, run_matrix(daemons, tmp_path, seed, events=4))
+def runs(short: int, long: int) -> list[Any]:
+    """The seeded runs of a matrix, as (seed, faults): `short` runs of 4 faults (`make test`) and `long`
+    runs of 12 (`make soak`)."""
+    return [
+        *(pytest.param(seed, 4, marks=pytest.mark.timeout(300), id=f"short-{seed}") for seed in seeds(short)),
+        *(
+            pytest.param(seed, 12, marks=[pytest.mark.soak, pytest.mark.timeout(1800)], id=f"long-{seed}")
+            for seed in seeds(long)
+        ),
+    ]
 
 
-@pytest.mark.soak
-@pytest.mark.timeout(1800)
-@pytest.mark.parametrize("seed", seeds(12))
-def test_fault_matrix_long(daemons: Daemons, tmp_path: Path, seed: int) -> None:
-    need("qemu-io", "nbdcopy")
-    print(f"fault matrix seed {seed} (repeat: FAULT_SEED={seed})")
-    report(seed, run_matrix(daemons, tmp_path, seed, events=12))
+@pytest.mark.parametrize(("seed", "events"), runs(2, 12))
+def test_fault_matrix(daemons: Daemons, tmp_path: Path, seed: int, events: int) -> None:
+    play(daemons, tmp_path, seed, events)
 
 
 @pytest.fixture
@@ -433,22 +442,8 @@ def matrix_fs(tmp_path: Path) -> Iterator[FullFs]:
         yield fs
 
 
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("seed", seeds(1))
-def test_fault_matrix_full_filesystem_short(
-    matrix_fs: FullFs, daemons: Daemons, tmp_path: Path, seed: int
+@pytest.mark.parametrize(("seed", "events"), runs(1, 20))
+def test_fault_matrix_full_filesystem(
+    matrix_fs: FullFs, daemons: Daemons, tmp_path: Path, seed: int, events: int
 ) -> None:
-    need("qemu-io", "nbdcopy", "fuse2fs")
-    print(f"fault matrix (full filesystem) seed {seed} (repeat: FAULT_SEED={seed} -k full_filesystem)")
-    report(seed, run_matrix(daemons, tmp_path, seed, events=4, fullfs=matrix_fs))
-
-
-@pytest.mark.soak
-@pytest.mark.timeout(1800)
-@pytest.mark.parametrize("seed", seeds(20))
-def test_fault_matrix_full_filesystem_long(
-    matrix_fs: FullFs, daemons: Daemons, tmp_path: Path, seed: int
-) -> None:
-    need("qemu-io", "nbdcopy", "fuse2fs")
-    print(f"fault matrix (full filesystem) seed {seed} (repeat: FAULT_SEED={seed} -k full_filesystem)")
-    report(seed, run_matrix(daemons, tmp_path, seed, events=12, fullfs=matrix_fs))
+    play(daemons, tmp_path, seed, events, fullfs=matrix_fs)

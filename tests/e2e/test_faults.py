@@ -13,17 +13,17 @@ import time
 from pathlib import Path
 
 import pytest
-from e2e_support import VOLUME_SIZE, Daemons, MiB, need, rand, run
+from e2e_support import VOLUME_SIZE, Daemons, MiB, mirrored_pair, need, rand, run
 from faults_support import (
     assert_in_sync,
     assert_snapshot,
     finish,
     fio_storm,
-    frozen_snapshot,
     resent,
     resync_budget,
     sha,
     start_pair,
+    storm_pair,
     wait_for,
     writes_reach,
     writes_tracked,
@@ -35,10 +35,7 @@ pytestmark = pytest.mark.timeout(240)
 
 @pytest.mark.both_transports
 def test_link_cut_several_times_during_fio_writes(daemons: Daemons, tmp_path: Path) -> None:
-    need("fio", "qemu-io", "nbdcopy")
-    standby, primary, proxy = start_pair(daemons, tmp_path)
-    try:
-        name, expected = frozen_snapshot(standby, primary, tmp_path)
+    with storm_pair(daemons, tmp_path) as (standby, primary, proxy, name, expected):
         connects = len([e for e in primary.daemon.events if e.get("event") == "mirror_connected"])
         before = resent(primary)
         storm = fio_storm(primary.uri("vol0"), 9, tmp_path)
@@ -53,16 +50,11 @@ def test_link_cut_several_times_during_fio_writes(daemons: Daemons, tmp_path: Pa
         budget = resync_budget(primary, connects)
         assert 0 < sent <= budget * 1.1, f"resent {sent} bytes for {budget} bytes marked"
         assert_snapshot(standby, name, expected, tmp_path)
-    finally:
-        proxy.close()
 
 
 @pytest.mark.both_transports
 def test_standby_killed_mid_storm_and_restarted(daemons: Daemons, tmp_path: Path) -> None:
-    need("fio", "qemu-io", "nbdcopy")
-    standby, primary, proxy = start_pair(daemons, tmp_path)
-    try:
-        name, expected = frozen_snapshot(standby, primary, tmp_path)
+    with storm_pair(daemons, tmp_path) as (standby, primary, proxy, name, expected):
         storm = fio_storm(primary.uri("vol0"), 7, tmp_path)
         writes_reach(standby, storm)
         standby.daemon.kill()  # kill -9 while writes flow
@@ -72,16 +64,11 @@ def test_standby_killed_mid_storm_and_restarted(daemons: Daemons, tmp_path: Path
         finish(storm)
         assert_in_sync(again, primary)
         assert_snapshot(again, name, expected, tmp_path)
-    finally:
-        proxy.close()
 
 
 def test_primary_killed_mid_storm_resyncs_marked_regions_on_restart(daemons: Daemons, tmp_path: Path) -> None:
-    need("fio", "qemu-io", "nbdcopy")
     # A small activity log: regions idle for 2 s are cleared (the default keeps 4 GiB of them marked).
-    standby, primary, proxy = start_pair(daemons, tmp_path, "--activity-log", "1MiB")
-    try:
-        name, expected = frozen_snapshot(standby, primary, tmp_path)
+    with storm_pair(daemons, tmp_path, "--activity-log", "1MiB") as (standby, primary, proxy, name, expected):
         vol = primary.volumes["vol0"]
         bitmap = vol.with_name("vol0.img.bitmap")
         # The snapshot's writes leave the activity log: once idle for its linger (2 s), the regions
@@ -101,8 +88,6 @@ def test_primary_killed_mid_storm_resyncs_marked_regions_on_restart(daemons: Dae
         assert dirty[0]["bytes"] <= VOLUME_SIZE // 4 + 4 * MiB, "a crash must resync only the marked regions"
         assert_in_sync(standby, again)
         assert_snapshot(standby, name, expected, tmp_path)
-    finally:
-        proxy.close()
 
 
 def test_a_standby_started_empty_against_a_full_primary(daemons: Daemons, tmp_path: Path) -> None:
@@ -152,13 +137,8 @@ def test_writes_are_not_stalled_while_the_link_is_down(daemons: Daemons, tmp_pat
 def test_divergent_histories_are_refused_until_the_standby_data_is_discarded(
     daemons: Daemons, tmp_path: Path
 ) -> None:
-    need("qemu-io")
-    standby = daemons.standby()
-    a_vol = tmp_path / "a" / "vol0.img"
-    a_vol.parent.mkdir()
-    a = daemons.primary(standby, {"vol0": f"{a_vol},size=32MiB"})
-    run("qemu-io", "-f", "raw", "-c", "write -P 0x0a 0 2M", "-c", "flush", a.uri("vol0"))
-    a.wait_in_sync()
+    standby, a = mirrored_pair(daemons, tmp_path, folder="a", pattern=0x0A)
+    a_vol = a.volumes["vol0"]
     assert a.daemon.stop() == 0
     # Another primary with its own history of vol0 (another file, never mirrored to this standby).
     b_vol = tmp_path / "b" / "vol0.img"
@@ -200,13 +180,11 @@ def daemons_console_primary() -> list[str]:
 def test_defer_policy_keeps_the_snapshot_and_catches_up_when_it_is_deleted(
     daemons: Daemons, tmp_path: Path
 ) -> None:
-    need("qemu-io", "nbdcopy")
-    standby = daemons.standby(None, "--on-full", "defer")
-    vol = tmp_path / "primary" / "vol0.img"
-    vol.parent.mkdir()
-    primary = daemons.primary(standby, {"vol0": f"{vol},size=32MiB"}, "--ack-timeout", "3")
-    run("qemu-io", "-f", "raw", "-c", "write -P 0x11 0 4M", "-c", "flush", primary.uri("vol0"))
-    primary.wait_in_sync()
+    need("nbdcopy")
+    standby, primary = mirrored_pair(
+        daemons, tmp_path, "--ack-timeout", "3", standby_extra=("--on-full", "defer"), written="4M"
+    )
+    vol = primary.volumes["vol0"]
     expected = tmp_path / "frozen.img"
     shutil.copyfile(vol, expected)
     standby.snapshot("vol0", "held", "--capacity", "256KiB")  # 64 blocks

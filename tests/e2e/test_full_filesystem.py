@@ -28,7 +28,6 @@ snapshot (0 with none).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import random
 import subprocess
 import threading
@@ -271,14 +270,6 @@ class Background:
         wait_until(lambda: self.tried >= target, 60, f"{what}: the background writer wrote nothing", 0.02)
 
 
-def sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * MiB):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def refusals(rig: Rig, since: Mark | None = None) -> list[str]:
     """What shows the standby could not apply (the evidence that the disk was really full)."""
     out = []
@@ -497,15 +488,21 @@ def write_in_pieces(rig: Rig, rng: random.Random, offset: int, length: int, max_
     rig.writer.many(writes)
 
 
+def start_rig_with_data(env: Env, policy: str, p: Params) -> Rig:
+    """`start_rig`, then the first `p.data` bytes of vol0 written with random data and mirrored."""
+    rig = start_rig(env, policy)
+    write_data(rig, 0, p.data, p.seed)
+    rig.primary.wait_in_sync()
+    return rig
+
+
 # ------------------------------------------------------------------------------------------ scenarios
 
 
 def scenario_live(env: Env, policy: str, p: Params) -> None:
     """A: writes go on through the primary while the disk fills; then the filler is deleted."""
-    rig = start_rig(env, policy)
+    rig = start_rig_with_data(env, policy, p)
     rng = random.Random(p.seed)
-    write_data(rig, 0, p.data, p.seed)
-    rig.primary.wait_in_sync()
     snap = rig.standby.snapshot("vol0", "live")
     image = rig.model.freeze()
     bg = Background(rig, rng, 0, p.data, p.max_write).start()
@@ -532,10 +529,8 @@ def scenario_live(env: Env, policy: str, p: Params) -> None:
 def scenario_copy(env: Env, policy: str, p: Params, free_by: str) -> None:
     """B: preservation copies needed while the disk is full; space back by deleting the filler, a
     second snapshot, or by a trim on the primary."""
-    rig = start_rig(env, policy)
+    rig = start_rig_with_data(env, policy, p)
     rng = random.Random(p.seed)
-    write_data(rig, 0, p.data, p.seed)
-    rig.primary.wait_in_sync()
     snap = rig.standby.snapshot("vol0", "keep")
     images = {snap: rig.model.freeze()}
     overwrite = min(p.overwrite, p.data)
@@ -580,9 +575,7 @@ def scenario_copy(env: Env, policy: str, p: Params, free_by: str) -> None:
 
 def scenario_create(env: Env, policy: str, p: Params) -> None:
     """C: `standbyctl snapshot create` while the disk is full."""
-    rig = start_rig(env, policy)
-    write_data(rig, 0, p.data, p.seed)
-    rig.primary.wait_in_sync()
+    rig = start_rig_with_data(env, policy, p)
     image = rig.model.freeze()
     images = {rig.standby.snapshot("vol0", f"pre{i}"): image for i in range(p.extra_snapshots)}
     rig.fs.fill(p.fill_mode)
@@ -614,9 +607,7 @@ def scenario_create(env: Env, policy: str, p: Params) -> None:
 
 def scenario_backup(env: Env, policy: str, p: Params) -> None:
     """D: a backup's snapshot and lease while the disk is full."""
-    rig = start_rig(env, policy)
-    write_data(rig, 0, p.data, p.seed)
-    rig.primary.wait_in_sync()
+    rig = start_rig_with_data(env, policy, p)
     image = rig.model.freeze()
     rig.fs.fill(p.fill_mode)
     out = rig.tmp / "full.arc"

@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from e2e_support import Daemons, Model, assert_image
+from e2e_support import Daemons, Model, assert_image, sync_mode_pair
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.both_transports]
 
@@ -36,10 +36,7 @@ def nbdsh(script: str) -> str:
 
 
 def test_a_64_mib_write_is_mirrored_and_read_back_whole(daemons: Daemons, tmp_path: Path) -> None:
-    standby = daemons.standby()
-    vol = tmp_path / "primary" / "vol0.img"
-    vol.parent.mkdir()
-    primary = daemons.primary(standby, {"vol0": f"{vol},size=128MiB,block-size=4096"}, "--mode", "sync")
+    standby, primary = sync_mode_pair(daemons, tmp_path, size="128MiB")
     model = Model(SIZE)
     offset = 3 * MiB + 512  # not block-aligned: the mirrored op is the blocks it touches, 64 MiB + 4 KiB
     data = random.Random(64).randbytes(BIG)
@@ -56,7 +53,7 @@ h.shutdown()
 """
     assert nbdsh(script) == digest
     primary.wait_in_sync()
-    assert_image(vol, model.freeze(), "the primary's volume")
+    assert_image(primary.volumes["vol0"], model.freeze(), "the primary's volume")
     assert_image(standby.replica(), model.freeze(), "the replica after one 64 MiB write")
     assert primary.metrics().get("standby_replication_connected", volume="vol0") == 1
 

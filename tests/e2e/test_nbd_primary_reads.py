@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from e2e_support import Daemons, assert_image, need, run
+from e2e_support import Daemons, assert_image, need, run, sync_mode_pair
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -20,10 +20,7 @@ MiB = 1 << 20
 
 def test_reads_through_the_primary_see_every_acknowledged_write(daemons: Daemons, tmp_path: Path) -> None:
     need("fio")
-    standby = daemons.standby()
-    vol = tmp_path / "primary" / "vol0.img"
-    vol.parent.mkdir()
-    primary = daemons.primary(standby, {"vol0": f"{vol},size=32MiB,block-size=4096"}, "--mode", "sync")
+    standby, primary = sync_mode_pair(daemons, tmp_path)
     common = [
         "--ioengine=nbd", f"--uri={primary.uri('vol0')}", "--offset=4M", "--size=24M",
         "--bsrange=4k-256k", "--iodepth=16", "--verify=crc32c", "--randseed=7",
@@ -35,4 +32,4 @@ def test_reads_through_the_primary_see_every_acknowledged_write(daemons: Daemons
     out = run("fio", "--name=write", "--rw=randwrite", "--verify_only", *common).stdout
     assert "io=24.0MiB" in out.split("READ: ", 1)[1], out
     primary.wait_in_sync()
-    assert_image(standby.replica(), vol.read_bytes(), "the replica")
+    assert_image(standby.replica(), primary.volumes["vol0"].read_bytes(), "the replica")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from e2e_support import Daemons, MiB, need, run
+from e2e_support import Daemons, MiB, mirrored_pair, run
 from faults_support import sha
 
 pytestmark = pytest.mark.timeout(240)
@@ -23,13 +23,7 @@ def events(daemon, name: str) -> list[dict]:
 def test_a_standby_refusing_every_batch_is_retried_with_backoff_and_recovers(
     daemons: Daemons, tmp_path
 ) -> None:
-    need("qemu-io")
-    standby = daemons.standby(None, "--on-full", "defer")
-    vol = tmp_path / "primary" / "vol0.img"
-    vol.parent.mkdir()
-    primary = daemons.primary(standby, {"vol0": f"{vol},size=32MiB"})
-    run("qemu-io", "-f", "raw", "-c", "write -P 0x11 0 2M", "-c", "flush", primary.uri("vol0"))
-    primary.wait_in_sync()
+    standby, primary = mirrored_pair(daemons, tmp_path, standby_extra=("--on-full", "defer"))
     m = primary.metrics()
     assert m.get("standby_replication_connected", volume="vol0") == 1
     assert m.get("standby_replication_state", volume="vol0", state="connected") == 1
@@ -79,7 +73,7 @@ def test_a_standby_refusing_every_batch_is_retried_with_backoff_and_recovers(
     deleted = time.monotonic()
     primary.wait_in_sync(timeout=60)
     assert time.monotonic() - deleted < 45, "replication did not recover promptly"
-    assert sha(standby.replica("vol0")) == sha(vol)
+    assert sha(standby.replica("vol0")) == sha(primary.volumes["vol0"])
     assert standby.status()["volumes"][0]["state"] == "uptodate"
     back = primary.daemon.wait_for("mirror_connected", attempts=attempts + 1)
     assert back["resync_bytes"] >= MiB, back

@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from e2e_support import PRIMARY_CMD, Daemon, Daemons, MiB, _console, need, rand, run
+from e2e_support import PRIMARY_CMD, Daemon, Daemons, MiB, _console, mirrored_pair, rand, run
 from faults_support import sha
 
 pytestmark = pytest.mark.timeout(240)
@@ -48,14 +48,9 @@ def start_primary(daemons: Daemons, standby, vol: Path, state: Path, *extra: str
 def test_an_older_copy_of_the_volume_file_is_refused_not_served_as_up_to_date(
     daemons: Daemons, tmp_path: Path, how: str
 ) -> None:
-    need("qemu-io")
-    standby = daemons.standby()
-    vol = tmp_path / "a" / "vol0.img"
-    vol.parent.mkdir()
     state = tmp_path / "a-state"
-    first = start_primary(daemons, standby, vol, state)
-    write(first, 0, 2 * MiB, 0x11)
-    first.wait_in_sync()
+    standby, first = mirrored_pair(daemons, tmp_path, "--state-dir", str(state), folder="a")
+    vol = first.volumes["vol0"]
     earlier = tmp_path / "earlier.img"
     shutil.copyfile(vol, earlier)  # a copy saved at this time
     write(first, 0, MiB, 0x22)  # the newest data, replicated
@@ -114,14 +109,9 @@ def test_an_older_copy_of_the_volume_file_is_refused_not_served_as_up_to_date(
 def test_the_same_file_resumes_without_a_full_sync_after_a_clean_stop_and_after_kill_9(
     daemons: Daemons, tmp_path: Path
 ) -> None:
-    need("qemu-io")
-    standby = daemons.standby()
-    vol = tmp_path / "a" / "vol0.img"
-    vol.parent.mkdir()
     state = tmp_path / "a-state"
-    first = start_primary(daemons, standby, vol, state)
-    write(first, 0, 2 * MiB, 0x11)
-    first.wait_in_sync()
+    standby, first = mirrored_pair(daemons, tmp_path, "--state-dir", str(state), folder="a")
+    vol = first.volumes["vol0"]
     assert first.daemon.stop() == 0
 
     second = start_primary(daemons, standby, vol, state)  # waits until connected and in sync

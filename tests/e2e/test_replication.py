@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+from blockfiles import data_extents
 from e2e_support import (
     BS,
     VOLUME_SIZE,
@@ -93,24 +94,6 @@ def allocated(path: Path) -> int:
     return os.stat(path).st_blocks * 512
 
 
-def data_ranges(path: Path) -> list[tuple[int, int]]:
-    """The data extents of a file, with SEEK_DATA / SEEK_HOLE."""
-    out = []
-    with open(path, "rb") as f:
-        fd = f.fileno()
-        size = os.fstat(fd).st_size
-        off = 0
-        while off < size:
-            try:
-                start = os.lseek(fd, off, os.SEEK_DATA)
-            except OSError:
-                break
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            out.append((start, end))
-            off = end
-    return out
-
-
 def test_trim_and_write_zeroes_keep_the_replica_sparse(appliance: Appliance) -> None:
     a = appliance
     replica = a.standby.replica("vol0")
@@ -134,9 +117,9 @@ def test_trim_and_write_zeroes_keep_the_replica_sparse(appliance: Appliance) -> 
     after = allocated(replica)
     assert after <= base + 64 * 1024, (
         f"replica not sparse after trim/write-zeroes: {after} bytes allocated "
-        f"(before the writes {base}, after them {grown}); data extents {data_ranges(replica)}"
+        f"(before the writes {base}, after them {grown}); data extents {data_extents(replica)}"
     )
-    for start, end in data_ranges(replica):
+    for start, end in data_extents(replica):
         assert not (start < 4 * MiB or 16 * MiB <= start < 18 * MiB or 24 * MiB <= start < 28 * MiB), (
             f"replica has a data extent [{start}, {end}) in a trimmed/zeroed region"
         )

@@ -23,6 +23,7 @@ from e2e_support import (
     Model,
     _console,
     assert_image,
+    assert_one_clear_line,
     backup_argv,
     need,
     rand,
@@ -156,10 +157,7 @@ def test_unusable_tls_files_are_configuration_errors(tmp_path: Path, pki: Pki) -
         [*_console(*BACKUP_CMD), "run", "vol0", "--output", str(tmp_path / "a.tar"), "--nbd-tls"],
     ]  # fmt: skip
     for argv in cases:
-        cp = run(*argv, check=False, timeout=60)
-        err = cp.stderr.strip()
-        assert cp.returncode == 2, f"{argv}: exit {cp.returncode}, expected 2 (configuration)\n{err}"
-        assert len(err.splitlines()) == 1 and "Traceback" not in err, f"{argv}: not one clear line:\n{err}"
+        err = assert_one_clear_line(run(*argv, check=False, timeout=60), 2, f"{argv} (a configuration error)")
         assert "--tls" in err or "--nbd-tls" in err or "--require-client-cert" in err, err
     assert not (tmp_path / "d").exists() or not any((tmp_path / "d").iterdir()), "a refused start left data"
 

@@ -5,23 +5,23 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from datetime import datetime
 from pathlib import Path
 
 import pytest
-from e2e_support import CTL_CMD, PRIMARY_CMD, STANDBY_CMD, VOLUME_SIZE, Appliance, _console, need, run
+from e2e_support import (
+    CTL_CMD,
+    PRIMARY_CMD,
+    STANDBY_CMD,
+    VOLUME_SIZE,
+    Appliance,
+    _console,
+    assert_one_clear_line,
+    need,
+    run,
+)
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def one_clear_line(cp: subprocess.CompletedProcess[str], *names: str) -> None:
-    err = cp.stderr.strip()
-    assert err, "an operation that failed must say why on stderr"
-    assert "Traceback" not in err, f"a traceback instead of a message:\n{err}"
-    assert len(err.splitlines()) == 1, f"the error must be one line:\n{err}"
-    for name in names:
-        assert name in err, f"the error does not name {name!r}: {err}"
 
 
 def test_status_json_has_the_shape_of_section_6(appliance: Appliance) -> None:
@@ -86,37 +86,29 @@ def test_snapshot_create_with_and_without_a_name_list_and_delete(appliance: Appl
     assert f'"vol0@{auto}"' not in exports and '"vol0@named"' in exports, exports
 
 
+# Operations that fail: what each is, its arguments, and the name its error must give.
+OPERATION_FAILURES = [
+    ("duplicate name", ("snapshot", "create", "vol0", "dup"), "dup"),
+    ("unknown volume", ("snapshot", "create", "nosuchvol", "x"), "nosuchvol"),
+    ("delete unknown snapshot", ("snapshot", "delete", "vol0", "nosuchsnap"), "nosuchsnap"),
+    ("delete in unknown volume", ("snapshot", "delete", "nosuchvol", "dup"), "nosuchvol"),
+    ("list of an unknown volume", ("snapshot", "list", "nosuchvol", "--json"), "nosuchvol"),
+]
+
+
 def test_operation_failures_exit_1_with_one_line_naming_the_thing(appliance: Appliance) -> None:
     a = appliance
     a.standby.snapshot("vol0", "dup")
 
-    cp = a.standby.ctl("snapshot", "create", "vol0", "dup", check=False)
-    assert cp.returncode == 1, f"duplicate name: exit {cp.returncode}\n{cp.stderr}"
-    one_clear_line(cp, "dup")
-
-    cp = a.standby.ctl("snapshot", "create", "nosuchvol", "x", check=False)
-    assert cp.returncode == 1, f"unknown volume: exit {cp.returncode}\n{cp.stderr}"
-    one_clear_line(cp, "nosuchvol")
-
-    cp = a.standby.ctl("snapshot", "delete", "vol0", "nosuchsnap", check=False)
-    assert cp.returncode == 1, f"delete unknown snapshot: exit {cp.returncode}\n{cp.stderr}"
-    one_clear_line(cp, "nosuchsnap")
-
-    cp = a.standby.ctl("snapshot", "delete", "nosuchvol", "dup", check=False)
-    assert cp.returncode == 1, f"delete in unknown volume: exit {cp.returncode}\n{cp.stderr}"
-    one_clear_line(cp, "nosuchvol")
-
-    cp = a.standby.ctl("snapshot", "list", "nosuchvol", "--json", check=False)
-    assert cp.returncode == 1, f"list of an unknown volume: exit {cp.returncode}\n{cp.stdout}{cp.stderr}"
-    one_clear_line(cp, "nosuchvol")
+    for what, args, name in OPERATION_FAILURES:
+        assert_one_clear_line(a.standby.ctl(*args, check=False), 1, what, name)
 
     assert [s["name"] for s in a.standby.snapshots("vol0")] == ["dup"], "a failed operation changed the list"
 
 
 def test_unreachable_standby_is_exit_1_not_a_hang() -> None:
     cp = run(*_console(*CTL_CMD), "--standby", "127.0.0.1:1", "status", check=False, timeout=90)
-    assert cp.returncode == 1, f"exit {cp.returncode}\n{cp.stderr}"
-    one_clear_line(cp, "127.0.0.1:1")
+    assert_one_clear_line(cp, 1, "status of an unreachable standby", "127.0.0.1:1")
 
 
 @pytest.mark.parametrize("cmd", [CTL_CMD, STANDBY_CMD, PRIMARY_CMD], ids=lambda c: c[0])

@@ -1,4 +1,5 @@
-"""Support of the fuzz suite: the rig of real daemons, memory readings, raw NBD sessions, value pools.
+"""Support of the fuzz suite: the rig of real daemons, memory readings, the checks at the end of a run,
+raw NBD sessions, value pools.
 
 The rig is a standby and a primary started as processes (tests/e2e/e2e_support.py), one volume whose
 image is random data written into the primary's file before it starts (so the standby gets it by the
@@ -15,12 +16,12 @@ import random
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from e2e_support import Daemons, Primary, Standby, run
+from e2e_support import Daemon, Daemons, Primary, Standby, first_difference, qemu_io, run
 
 from standbylib.nbd import NbdClient
 from standbylib.nbd import protocol as p
@@ -30,6 +31,7 @@ MiB = 1 << 20
 BS = 4096
 VOLUME = "vol0"
 SNAPSHOT = "fuzzfrozen"
+SNAPSHOT_EXPORT = f"{VOLUME}@{SNAPSHOT}"
 VOLUME_SIZE = 16 * MiB
 #: The memory a daemon may gain over a fuzz run (its RSS, from /proc/PID/status).
 RSS_GROWTH_LIMIT = 300 * MiB
@@ -39,6 +41,23 @@ def cases(short: int, soak: int, *, is_soak: bool) -> int:
     """How many cases to run: $FUZZ_CASES when set, else the short or the soak count."""
     text = os.environ.get("FUZZ_CASES", "")
     return int(text) if text else soak if is_soak else short
+
+
+def case_indices(n: int) -> Sequence[int]:
+    """The cases of a run: the one $FUZZ_CASE names when set (to replay it), else all `n`."""
+    only = os.environ.get("FUZZ_CASE")
+    return [int(only)] if only else range(n)
+
+
+@contextlib.contextmanager
+def named_case(i: int, daemon: Standby | Primary) -> Iterator[None]:
+    """A failure of case `i` says which case it was and how to replay it; if `daemon` died meanwhile,
+    that is the failure."""
+    try:
+        yield
+    except AssertionError as e:
+        daemon_alive(daemon)
+        raise AssertionError(f"case {i}: {e} [FUZZ_CASE={i}]") from e
 
 
 def image_bytes(size: int, seed: int) -> bytes:
@@ -78,6 +97,11 @@ class Memory:
         self.pid = pid
         self.baseline = rss(pid)
         self.peak = self.baseline
+
+    @classmethod
+    def of(cls, standby_or_primary: Standby | Primary) -> Memory:
+        d = standby_or_primary.daemon
+        return cls(d.name, d.proc.pid)
 
     def sample(self) -> int:
         now = rss(self.pid)
@@ -132,6 +156,47 @@ def start_rig(daemons: Daemons, tmp: Path, seed: int, *standby_args: str) -> Rig
     assert standby.replica(VOLUME).read_bytes() == image, "the initial sync did not copy the image"
     standby.snapshot(VOLUME, SNAPSHOT)
     return Rig(daemons, standby, primary, image, tmp)
+
+
+def protected_digests(rig: Rig) -> tuple[str, str]:
+    """Digests of what a fuzz run of the standby's services must leave alone: the replica of vol0 and
+    the export of its snapshot (read whole)."""
+    replica = sha(rig.replica_path().read_bytes())
+    return replica, sha(read_export(rig.standby.nbd, SNAPSHOT_EXPORT, VOLUME_SIZE))
+
+
+#: Log lines of the standby that betray an internal error (a bug, even when it survived it).
+STANDBY_ERROR_MARKS = ("internal_error", "Traceback", "request_failed")
+
+
+def check_standby_after_fuzz(rig: Rig, before: tuple[str, str], memory: Memory, *more_marks: str) -> None:
+    """The end of a fuzz run of the standby's services: the standby is alive, its memory stayed bounded,
+    it logged no line with one of `STANDBY_ERROR_MARKS` or `more_marks`, and what `protected_digests`
+    gave `before` is unchanged."""
+    daemon_alive(rig.standby)
+    memory.check()
+    assert_logged_none(rig.standby.daemon, (*STANDBY_ERROR_MARKS, *more_marks))
+    replica, snapshot = before
+    assert sha(rig.replica_path().read_bytes()) == replica, "the replica of vol0 changed"
+    assert sha(read_export(rig.standby.nbd, SNAPSHOT_EXPORT, VOLUME_SIZE)) == snapshot, "the snapshot changed"
+
+
+def assert_still_mirrors(rig: Rig) -> None:
+    """A new write through the real primary reaches the replica of vol0."""
+    qemu_io(f"nbd://{rig.primary.nbd}/{VOLUME}", f"write -P 0x5a {3 * BS} {5 * BS}", "flush")
+    rig.primary.wait_in_sync()
+    assert sha(rig.replica_path().read_bytes()) == sha(rig.volume_path.read_bytes()), "replication broke"
+
+
+def assert_logged_none(daemon: Daemon, marks: Iterable[str]) -> None:
+    """`daemon` logged no line holding one of `marks` (the signs of an unexpected error)."""
+    found = [line for line in daemon.lines if any(m in line for m in marks)]
+    assert not found, f"{daemon.name} logged unexpected errors:\n" + "\n".join(s[:2000] for s in found[:20])
+
+
+def assert_same_blocks(got: bytes, want: bytes, what: str) -> None:
+    """`got` equals `want`; else fail with `what` and the blocks that differ."""
+    assert got == want, f"{what}: {first_difference(got, want, BS)}"
 
 
 def split(address: str) -> tuple[str, int]:

@@ -18,7 +18,6 @@ other fuzzers).
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import socket
 import time
@@ -26,18 +25,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from e2e_support import Daemons, DataConnection, RawReplication, frame, hello, need, qemu_io
+from e2e_support import Daemons, DataConnection, RawReplication, frame, hello, need
 from fuzz_support import (
     BS,
-    SNAPSHOT,
-    VOLUME,
-    VOLUME_SIZE,
     Memory,
+    assert_same_blocks,
+    assert_still_mirrors,
+    case_indices,
     cases,
+    check_standby_after_fuzz,
     daemon_alive,
     mutate_bytes,
-    read_export,
-    sha,
+    named_case,
+    protected_digests,
     start_rig,
 )
 from google.protobuf.message import DecodeError
@@ -422,33 +422,24 @@ def run_channel_fuzz(daemons: Daemons, tmp: Path, seed: int, n: int) -> None:
     need("qemu-io")
     rig = start_rig(daemons, tmp, seed)
     standby = rig.standby
-    snap_export = f"{VOLUME}@{SNAPSHOT}"
-    replica_before = sha(rig.replica_path().read_bytes())
-    snapshot_before = sha(read_export(standby.nbd, snap_export, VOLUME_SIZE))
+    before = protected_digests(rig)
     raw = RawReplication(standby.grpc)
     raw.handshake(FZ, FZ_SIZE, BS, primary_id="fuzz")
     model = Model()
-    memory = Memory(standby.daemon.name, standby.daemon.proc.pid)
+    memory = Memory.of(standby)
     counts = Counts()
-    only = os.environ.get("FUZZ_CASE")
-    indices = [int(only)] if only else range(n)
     started = time.monotonic()
     try:
-        for i in indices:
+        for i in case_indices(n):
             rng = random.Random(f"{seed}:channel:{i}")
-            try:
+            with named_case(i, standby):
                 if rng.random() < 0.1:
                     hello_case(raw, rng, counts)
                 else:
                     session_case(raw, rig.replica_path(FZ), rng, model, counts)
                 daemon_alive(standby)
                 got = rig.replica_path(FZ).read_bytes()
-                if got != bytes(model.data):
-                    bad = [o for o in range(0, FZ_SIZE, BS) if got[o : o + BS] != model.data[o : o + BS]]
-                    raise AssertionError(f"fz0 differs from the model in {len(bad)} blocks, first {bad[:8]}")
-            except AssertionError as e:
-                daemon_alive(standby)
-                raise AssertionError(f"case {i}: {e} [FUZZ_CASE={i}]") from e
+                assert_same_blocks(got, bytes(model.data), "fz0 differs from the model")
             counts.cases += 1
             if i % 50 == 0:
                 memory.sample()
@@ -459,22 +450,8 @@ def run_channel_fuzz(daemons: Daemons, tmp: Path, seed: int, n: int) -> None:
         )
     finally:
         raw.close()
-    daemon_alive(standby)
-    memory.check()
-    suspicious = [
-        line
-        for line in standby.daemon.lines
-        if any(w in line for w in ("internal_error", "Traceback", "Exception in thread", "request_failed"))
-    ]
-    assert not suspicious, "the standby logged internal errors:\n" + "\n".join(
-        s[:2000] for s in suspicious[:10]
-    )
-    assert sha(rig.replica_path().read_bytes()) == replica_before, "the replica of vol0 changed"
-    assert sha(read_export(standby.nbd, snap_export, VOLUME_SIZE)) == snapshot_before, "the snapshot changed"
-    # and the real primary still mirrors
-    qemu_io(f"nbd://{rig.primary.nbd}/{VOLUME}", f"write -P 0x5a {3 * BS} {5 * BS}", "flush")
-    rig.primary.wait_in_sync()
-    assert sha(rig.replica_path().read_bytes()) == sha(rig.volume_path.read_bytes()), "replication broke"
+    check_standby_after_fuzz(rig, before, memory, "Exception in thread")
+    assert_still_mirrors(rig)
 
 
 def test_data_channel_fuzz_short(daemons: Daemons, tmp_path: Path, fuzz_seed: int) -> None:

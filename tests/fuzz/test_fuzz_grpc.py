@@ -16,7 +16,6 @@ Short run in `make test`; long run under `make soak` (`FUZZ_CASES`, `FUZZ_SEED` 
 from __future__ import annotations
 
 import math
-import os
 import random
 import string
 import time
@@ -26,17 +25,22 @@ from typing import Any
 
 import grpc
 import pytest
-from e2e_support import Daemons, need, qemu_io
+from e2e_support import Daemons, need
 from fuzz_support import (
     BS,
     SNAPSHOT,
     VOLUME,
     VOLUME_SIZE,
     Memory,
+    assert_same_blocks,
+    assert_still_mirrors,
+    case_indices,
+    cases,
+    check_standby_after_fuzz,
     daemon_alive,
     mutate_bytes,
-    read_export,
-    sha,
+    named_case,
+    protected_digests,
     start_rig,
 )
 from google.protobuf.message import DecodeError, Message
@@ -475,9 +479,7 @@ def run_grpc_fuzz(daemons: Daemons, tmp: Path, seed: int, n: int) -> None:
     need("qemu-io")
     rig = start_rig(daemons, tmp, seed)
     standby = rig.standby
-    snap_export = f"{VOLUME}@{SNAPSHOT}"
-    replica_before = sha(rig.replica_path().read_bytes())
-    snapshot_before = sha(read_export(standby.nbd, snap_export, VOLUME_SIZE))
+    before = protected_digests(rig)
     caller = Caller(standby.grpc)
     fz = FuzzVolume()
     code, _ = caller.unary(
@@ -488,19 +490,15 @@ def run_grpc_fuzz(daemons: Daemons, tmp: Path, seed: int, n: int) -> None:
         "setup",
     )
     assert code == C.OK
-    memory = Memory(standby.daemon.name, standby.daemon.proc.pid)
-    only = os.environ.get("FUZZ_CASE")
-    indices = [int(only)] if only else range(n)
+    memory = Memory.of(standby)
+    indices = case_indices(n)
     counts: dict[str, int] = {}
     started = time.monotonic()
     try:
         for i in indices:
             rng = random.Random(f"{seed}:grpc:{i}")
-            try:
+            with named_case(i, standby):
                 kind = one_case(caller, rng, fz)
-            except AssertionError as e:
-                daemon_alive(standby)
-                raise AssertionError(f"case {i}: {e} [FUZZ_CASE={i}]") from e
             counts[kind] = counts.get(kind, 0) + 1
             daemon_alive(standby)
             memory.sample()
@@ -512,36 +510,17 @@ def run_grpc_fuzz(daemons: Daemons, tmp: Path, seed: int, n: int) -> None:
         )
     finally:
         caller.close()
-    daemon_alive(standby)
-    memory.check()
-    suspicious = [
-        line
-        for line in standby.daemon.lines
-        if any(w in line for w in ("internal_error", "Traceback", "unexpected error", "request_failed"))
-    ]
-    assert not suspicious, "the standby logged internal errors:\n" + "\n".join(
-        s[:2000] for s in suspicious[:10]
-    )
-    # nothing protected changed
-    assert sha(rig.replica_path().read_bytes()) == replica_before, "the replica of vol0 changed"
-    assert sha(read_export(standby.nbd, snap_export, VOLUME_SIZE)) == snapshot_before, "the snapshot changed"
+    check_standby_after_fuzz(rig, before, memory, "unexpected error")
     got = rig.replica_path(FZ).read_bytes()
     assert len(got) == FZ_SIZE, f"fz0's replica has {len(got)} bytes"
-    if got != bytes(fz.data):
-        bad = [o for o in range(0, FZ_SIZE, BS) if got[o : o + BS] != fz.data[o : o + BS]]
-        raise AssertionError(
-            f"fz0 differs from the acknowledged batches in {len(bad)} blocks, first {bad[:8]}"
-        )
-    # and the real primary still mirrors
-    qemu_io(f"nbd://{rig.primary.nbd}/{VOLUME}", f"write -P 0x5a {3 * BS} {5 * BS}", "flush")
-    rig.primary.wait_in_sync()
-    assert sha(rig.replica_path().read_bytes()) == sha(rig.volume_path.read_bytes()), "replication broke"
+    assert_same_blocks(got, bytes(fz.data), "fz0 differs from the acknowledged batches")
+    assert_still_mirrors(rig)
 
 
 def test_grpc_fuzz_short(daemons: Daemons, tmp_path: Path, fuzz_seed: int) -> None:
-    run_grpc_fuzz(daemons, tmp_path, fuzz_seed, int(os.environ.get("FUZZ_CASES", "600")))
+    run_grpc_fuzz(daemons, tmp_path, fuzz_seed, cases(600, 5000, is_soak=False))
 
 
 @pytest.mark.soak
 def test_grpc_fuzz_soak(daemons: Daemons, tmp_path: Path, fuzz_seed: int) -> None:
-    run_grpc_fuzz(daemons, tmp_path, fuzz_seed, int(os.environ.get("FUZZ_CASES", "5000")))
+    run_grpc_fuzz(daemons, tmp_path, fuzz_seed, cases(600, 5000, is_soak=True))

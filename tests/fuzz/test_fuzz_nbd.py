@@ -16,7 +16,7 @@ Short runs are part of `make test`; `make soak` runs the long ones (`FUZZ_CASES`
 
 from __future__ import annotations
 
-import os
+import functools
 import random
 import threading
 import time
@@ -35,6 +35,9 @@ from fuzz_support import (
     Memory,
     Raw,
     Rig,
+    assert_logged_none,
+    case_indices,
+    cases,
     client_flags,
     daemon_alive,
     go_data,
@@ -321,12 +324,32 @@ def case_handshake(t: Target, rng: random.Random) -> str:
     return "handshake"
 
 
-def case_requests(t: Target, rng: random.Random) -> str:
+#: A case run on a negotiated session (`in_session`): given its target, rng, plan and connection.
+SessionCase = Callable[[Target, random.Random, Plan, Raw], None]
+
+
+def in_session(name: str) -> Callable[[SessionCase], Callable[[Target, random.Random], str]]:
+    """A case that runs on a session of its own, negotiated from a valid plan: it is counted as `name`,
+    or as ``name-refused`` when the server refused the negotiation."""
+
+    def wrap(case: SessionCase) -> Callable[[Target, random.Random], str]:
+        @functools.wraps(case)
+        def run(t: Target, rng: random.Random) -> str:
+            plan = valid_plan(t, rng)
+            c = negotiate(t, rng, plan)
+            if c is None:
+                return f"{name}-refused"
+            case(t, rng, plan, c)
+            return name
+
+        return run
+
+    return wrap
+
+
+@in_session("requests")
+def case_requests(t: Target, rng: random.Random, plan: Plan, c: Raw) -> None:
     """A negotiated session whose requests have one field mutated; optionally a DISC, a cut or a drop."""
-    plan = valid_plan(t, rng)
-    c = negotiate(t, rng, plan)
-    if c is None:
-        return "requests-refused"
     reqs = list(plan.requests)
     for _ in range(rng.randrange(1, 3)):
         i = rng.randrange(len(reqs))
@@ -341,15 +364,11 @@ def case_requests(t: Target, rng: random.Random) -> str:
     c.send(stream, rng, pauses=rng.random() < 0.3)
     c.drain(total=1.0)
     c.close(reset=rng.random() < 0.5)
-    return "requests"
 
 
-def case_drop(t: Target, rng: random.Random) -> str:
+@in_session("drop")
+def case_drop(t: Target, rng: random.Random, plan: Plan, c: Raw) -> None:
     """A request cut anywhere (header or payload), then the connection dropped (FIN or RST)."""
-    plan = valid_plan(t, rng)
-    c = negotiate(t, rng, plan)
-    if c is None:
-        return "drop-refused"
     length = rng.choice([BS, 64 * BS, MAX_REQUEST])
     offset = rng.randrange(0, VOLUME_SIZE // BS) * BS
     if not t.readonly:
@@ -361,16 +380,12 @@ def case_drop(t: Target, rng: random.Random) -> str:
         b"".join(plan.requests[:1]) + frame[: rng.randrange(1, len(frame))], rng, pauses=rng.random() < 0.5
     )
     c.close(reset=rng.random() < 0.5)
-    return "drop"
 
 
-def case_short_write(t: Target, rng: random.Random) -> str:
+@in_session("short-write")
+def case_short_write(t: Target, rng: random.Random, plan: Plan, c: Raw) -> None:
     """A WRITE whose payload is shorter than announced, followed by more requests (which the server
     takes as payload), then silence and a drop."""
-    plan = valid_plan(t, rng)
-    c = negotiate(t, rng, plan)
-    if c is None:
-        return "short-write-refused"
     length = rng.choice([BS, 16 * BS, 1 << 20])
     offset = 0 if t.readonly else VOLUME_SIZE
     payload = rng.randbytes(rng.randrange(0, length))
@@ -378,7 +393,6 @@ def case_short_write(t: Target, rng: random.Random) -> str:
     c.send(request(p.CMD_WRITE, offset, length, 5) + payload + follow, rng, pauses=rng.random() < 0.3)
     c.drain(total=0.3)
     c.close(reset=rng.random() < 0.5)
-    return "short-write"
 
 
 def case_checked(t: Target, rng: random.Random) -> str:
@@ -555,8 +569,7 @@ ALL: list[Callable[[Target, random.Random], str]] = [*SINGLE, *SINGLE, case_many
 
 
 def fuzz(t: Target, seed: int, n: int, daemon: object, memory: Memory, check_every: int = 1) -> None:
-    only = os.environ.get("FUZZ_CASE")
-    indices = [int(only)] if only else range(n)
+    indices = case_indices(n)
     started = time.monotonic()
     for i in indices:
         rng = random.Random(f"{seed}:{t.name}:{i}")
@@ -591,13 +604,12 @@ def run_nbd_fuzz(daemons: Daemons, tmp: Path, seed: int, n: int) -> None:
         warm = random.Random(seed)
         for _ in range(5):
             spot_check(target.address, target.export, lambda o, n: rig.image[o : o + n], warm)
-        memory = Memory(daemon.daemon.name, daemon.daemon.proc.pid)
+        memory = Memory.of(daemon)
         fuzz(target, seed, n, daemon, memory)
         case_big_writes(target, random.Random(seed), memory)
         memory.check()
     for d in (rig.standby.daemon, rig.primary.daemon):
-        suspicious = [line for line in d.lines if any(w in line for w in SUSPICIOUS)]
-        assert not suspicious, f"{d.name} logged unexpected errors:\n" + "\n".join(suspicious[:20])
+        assert_logged_none(d, SUSPICIOUS)
     # at the end, everything holds the image exactly: each export read whole, the files, the replica
     daemon_alive(rig.standby)
     daemon_alive(rig.primary)
@@ -611,9 +623,9 @@ def run_nbd_fuzz(daemons: Daemons, tmp: Path, seed: int, n: int) -> None:
 
 
 def test_nbd_fuzz_short(daemons: Daemons, tmp_path: Path, fuzz_seed: int) -> None:
-    run_nbd_fuzz(daemons, tmp_path, fuzz_seed, int(os.environ.get("FUZZ_CASES", "150")))
+    run_nbd_fuzz(daemons, tmp_path, fuzz_seed, cases(150, 3000, is_soak=False))
 
 
 @pytest.mark.soak
 def test_nbd_fuzz_soak(daemons: Daemons, tmp_path: Path, fuzz_seed: int) -> None:
-    run_nbd_fuzz(daemons, tmp_path, fuzz_seed, int(os.environ.get("FUZZ_CASES", "3000")))
+    run_nbd_fuzz(daemons, tmp_path, fuzz_seed, cases(150, 3000, is_soak=True))

@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 from standby_rig import start_rig
 
-# The library tests' injectable faulty disk (`faultfile`) serves the primary's bitmap tests too.
+from standby.node import StandbyNode
+
+# The library tests' injectable faulty disk (`faultfile`) serves the primary's bitmap tests too, and their
+# support of sparse files (`blockfiles`) the resync tests.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "standbylib"))
 
 
@@ -18,3 +21,11 @@ def rig(tmp_path):
     yield r
     r.stop()
     r.node.close()
+
+
+@pytest.fixture
+def node(tmp_path):
+    """A standby node (no server) on a data directory of its own."""
+    n = StandbyNode(str(tmp_path / "data"), capacity="64MiB")
+    yield n
+    n.close()

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from standby_rig import replica_digest
 
 from standbylib.rpc.v1 import control_pb2, control_pb2_grpc, replication_pb2, replication_pb2_grpc
 
@@ -51,11 +50,6 @@ def handshake(repl, volume="vol0", size=MiB, block_size=4096):
     )
 
 
-def replica_digest(rig, volume="vol0"):
-    with open(rig.node.replica_path(volume), "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
 def test_health_is_serving(stubs):
     assert stubs[2].Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
 
@@ -86,12 +80,12 @@ def test_a_bad_batch_ends_the_stream_with_its_status_and_applies_nothing(rig, st
     repl = stubs[0]
     handshake(repl)
     list(repl.Mirror(iter([open_msg(), batch_msg(1, [(0, b"x" * 8192)], flush=True)])))
-    before = replica_digest(rig)
+    before = replica_digest(rig.node)
     with pytest.raises(grpc.RpcError) as err:
         list(repl.Mirror(iter([open_msg(first=2), batch_msg(2, writes)])))
     assert err.value.code() == code
     assert "vol0" in err.value.details() or "outside" in err.value.details()
-    assert replica_digest(rig) == before
+    assert replica_digest(rig.node) == before
     # The volume is free again for a correct stream.
     acks = list(repl.Mirror(iter([open_msg(first=2), batch_msg(2, [(0, b"y" * 4096)])])))
     assert [a.sequence for a in acks] == [2]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from standby_rig import synced
 
 from standby.node import StandbyNode
 from standbylib.errors import InvalidArgument, UnknownSnapshot
@@ -19,10 +20,7 @@ def open_node(path) -> StandbyNode:
 
 def new_volume(node: StandbyNode) -> None:
     """vol0, synced once (a snapshot needs an up-to-date replica)."""
-    replica, _, _ = node.handshake("vol0", 4 * MiB, 4096)
-    node.open_stream("vol0", "primary-1", 1, resync=True, generation="g1")
-    node.apply(replica, 1, [(0, b"x" * 4096)], False, uptodate=True)
-    node.close_stream(replica)
+    synced(node, b"x" * 4096, primary_id="primary-1")
 
 
 def test_an_expired_lease_deletes_only_its_snapshot_and_a_renewal_keeps_it(tmp_path):

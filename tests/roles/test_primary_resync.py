@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import threading
 
+from blockfiles import data_extents
 from primary_support import BS, MiB, close, files_equal, mirrored, settled, start_wrapped_rig, wait_until
 
 from standbylib.errors import DiskFull
@@ -16,23 +17,8 @@ REGION = 64 * 1024
 
 
 def allocated_blocks(path: str) -> set[int]:
-    """The blocks of `path` that hold data (SEEK_DATA / SEEK_HOLE)."""
-    blocks: set[int] = set()
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            blocks.update(range(start // BS, -(-end // BS)))
-            pos = end
-    finally:
-        os.close(fd)
-    return blocks
+    """The blocks of `path` that hold data."""
+    return {b for start, end in data_extents(path) for b in range(start // BS, -(-end // BS))}
 
 
 class SmallDisk:

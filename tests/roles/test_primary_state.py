@@ -115,6 +115,17 @@ def test_a_failed_sync_is_never_trusted(setup):
     assert metrics.write_failures == {"bitmap": 1}
 
 
+def write_0x55_at_3m(uri: str) -> subprocess.CompletedProcess[str]:
+    """A client (qemu-io) writes 4 KiB of 0x55 at 3 MiB of the export at `uri`."""
+    return subprocess.run(
+        ["qemu-io", "-f", "raw", "-c", "write -P 0x55 3M 4k", uri],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def test_an_nbd_client_write_that_cannot_be_tracked_fails(setup):
     dev, _bitmap, raw, _metrics = setup
     raw.full = True
@@ -122,23 +133,11 @@ def test_an_nbd_client_write_that_cannot_be_tracked_fails(setup):
         assert server.address is not None
         host, port = server.address
         uri = f"nbd://{host}:{port}/vol0"
-        cp = subprocess.run(
-            ["qemu-io", "-f", "raw", "-c", "write -P 0x55 3M 4k", uri],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        cp = write_0x55_at_3m(uri)
         assert "failed" in cp.stdout + cp.stderr, f"the write was answered: {cp.stdout} {cp.stderr}"
         assert dev.read(3 * MiB, BS) == bytes(BS)
         raw.full = False
-        cp = subprocess.run(
-            ["qemu-io", "-f", "raw", "-c", "write -P 0x55 3M 4k", uri],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        cp = write_0x55_at_3m(uri)
         assert cp.returncode == 0 and "failed" not in cp.stdout + cp.stderr, cp.stdout + cp.stderr
     assert dev.read(3 * MiB, BS) == b"\x55" * BS
 

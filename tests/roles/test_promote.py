@@ -6,22 +6,16 @@ import os
 from pathlib import Path
 
 import pytest
+from standby_rig import synced
 
 from standby.node import Promoted, PromoteRefused, StandbyNode
 
 MiB = 1 << 20
 
 
-def synced(node: StandbyNode) -> None:
-    replica, _, _ = node.handshake("vol0", 4 * MiB, 4096)
-    node.open_stream("vol0", "p1", 1, resync=True, generation="g1")
-    node.apply(replica, 1, [(0, b"a" * 8192)], False, uptodate=True)
-    node.close_stream(replica)
-
-
 def test_a_promoted_replica_is_exported_read_write_and_refuses_mirrored_writes_after_a_restart(tmp_path):
     node = StandbyNode(str(tmp_path / "d"), capacity="16MiB")
-    synced(node)
+    synced(node, b"a" * 8192)
     replica = node.promote("vol0")
     assert replica.status == "promoted" and replica.generation not in ("", "g1")
     export = node.export("vol0")

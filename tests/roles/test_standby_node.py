@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import pytest
+from standby_rig import replica_digest
 
 from standby.node import SplitBrain, StandbyNode, parse_capacity
 from standbylib.errors import (
@@ -21,18 +21,6 @@ from standbylib.errors import (
 )
 
 MiB = 1 << 20
-
-
-def digest(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-@pytest.fixture
-def node(tmp_path):
-    n = StandbyNode(str(tmp_path / "data"), capacity="64MiB")
-    yield n
-    n.close()
 
 
 def test_first_handshake_creates_a_sparse_replica_and_the_second_finds_it(node):
@@ -96,10 +84,10 @@ def test_a_bad_write_refuses_the_whole_batch(node, ops, error):
     replica, _, _ = node.handshake("vol0", MiB, 4096)
     node.open_stream("vol0", "p1", 1)
     node.apply(replica, 1, [(0, b"x" * 8192)], True)
-    before = digest(node.replica_path("vol0"))
+    before = replica_digest(node)
     with pytest.raises(error):
         node.apply(replica, 2, ops, False)
-    assert digest(node.replica_path("vol0")) == before
+    assert replica_digest(node) == before
     assert replica.applied_sequence == 1
     # The next good batch still applies.
     assert node.apply(replica, 2, [(0, b"y" * 4096)], False)

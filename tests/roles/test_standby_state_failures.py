@@ -21,13 +21,6 @@ from standbylib.errors import DiskFull, PreservationDeferred, StandbyError
 MiB = 1 << 20
 
 
-@pytest.fixture
-def node(tmp_path):
-    n = StandbyNode(str(tmp_path / "data"), capacity="64MiB")
-    yield n
-    n.close()
-
-
 class Blocked:
     """Saves of `name` in the data directory fail while entered."""
 

@@ -3,34 +3,21 @@ the Verify control call against a real mirrored primary, and the checksum-skippi
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 
 import grpc
 import pytest
-from standby_rig import start_rig
+from standby_rig import replica_digest, start_rig
 from test_primary_mirror import files_equal, mirrored, wait_until
 
-from standby.node import StandbyNode, VerifyRefused
+from standby.node import VerifyRefused
 from standbylib.checksums import Probe, Repair, block_digests, zero_digests
 from standbylib.errors import InvalidArgument, OutOfRange, UnknownVolume
 from standbylib.rpc.v1 import control_pb2, control_pb2_grpc, replication_pb2, replication_pb2_grpc
 
 MiB = 1 << 20
 BS = 4096
-
-
-def digest(path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-@pytest.fixture
-def node(tmp_path):
-    n = StandbyNode(str(tmp_path / "data"), capacity="64MiB")
-    yield n
-    n.close()
 
 
 def probe_of(data: bytes, verify_id: int = 0) -> Probe:
@@ -73,10 +60,10 @@ def test_a_bad_probe_refuses_the_whole_batch(node, probe_op, error):
     replica, _, _ = node.handshake("vol0", MiB, BS)
     node.open_stream("vol0", "p1", 1)
     node.apply(replica, 1, [(0, b"x" * 8192)], True)
-    before = digest(node.replica_path("vol0"))
+    before = replica_digest(node)
     with pytest.raises(error):
         node.apply(replica, 2, [(0, b"a" * BS), probe_op], False)
-    assert digest(node.replica_path("vol0")) == before
+    assert replica_digest(node) == before
     assert replica.applied_sequence == 1
 
 
@@ -144,7 +131,7 @@ def test_bad_probes_end_the_stream_with_invalid_argument(rig, stubs):
         )
     )
     assert [(r.sequence, list(r.mismatched)) for r in replies] == [(1, []), (2, [0])]
-    before = digest(rig.node.replica_path("vol0"))
+    before = replica_digest(rig.node)
     for bad in (
         replication_pb2.Write(offset=512, checksum_length=BS, digests=b"\0" * 8),
         replication_pb2.Write(offset=0, checksum_length=2 * BS, digests=b"\0" * 8),
@@ -157,7 +144,7 @@ def test_bad_probes_end_the_stream_with_invalid_argument(rig, stubs):
             list(repl.Mirror(iter([opening, batch(3, overwrite, bad)])))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
         assert "probe" in err.value.details()
-        assert digest(rig.node.replica_path("vol0")) == before
+        assert replica_digest(rig.node) == before
 
 
 def verify(ctl, volume="vol0", repair=False):

@@ -13,7 +13,7 @@ import pytest
 from standbylib.blockdev import Device, open_file_device, ram_device
 from standbylib.errors import PreservationDeferred, PreservationFull, SnapshotInvalid
 from standbylib.rawfile import MemFile
-from standbylib.snapshot import PreservationStore
+from standbylib.snapshot import PreservationStore, Volume
 
 BS = 4096
 SIZE = 64 * 1024
@@ -36,15 +36,29 @@ def paths(tmp_path: Any) -> Iterator[tuple[str, str]]:
     yield str(tmp_path / "preserve.store"), str(tmp_path / "vol0.img")
 
 
+def create_files(paths: tuple[str, str], capacity: int) -> tuple[PreservationStore, Device, bytes, Volume]:
+    """A new store file of `capacity` bytes and a new volume file of SIZE bytes, filled (its image is
+    returned), attached as vol0."""
+    store_path, vol_path = paths
+    store = PreservationStore.open(store_path, capacity)
+    device = open_file_device(vol_path, SIZE)
+    original = fill(device)
+    return store, device, original, store.attach("vol0", device, block_size=BS)
+
+
+def reopen_files(paths: tuple[str, str]) -> tuple[PreservationStore, Device, Volume]:
+    """The store file and the volume file opened again, as a restart does, with vol0 attached."""
+    store_path, vol_path = paths
+    store = PreservationStore.open(store_path)
+    device = open_file_device(vol_path)
+    return store, device, store.attach("vol0", device, block_size=BS)
+
+
 # ---------------------------------------------------------------------------------------- overflow
 
 
 def test_overflow_invalidates_persistently_and_origin_keeps_every_byte(paths: tuple[str, str]) -> None:
-    store_path, vol_path = paths
-    store = PreservationStore.open(store_path, 4 * BS)
-    device = open_file_device(vol_path, SIZE)
-    original = fill(device)
-    vol = store.attach("vol0", device, block_size=BS)
+    store, device, original, vol = create_files(paths, 4 * BS)
     snap = vol.create_snapshot("nightly")
     # Six blocks need copies; the store holds four.
     new = b"".join(block(i, 1) for i in range(6))
@@ -62,9 +76,7 @@ def test_overflow_invalidates_persistently_and_origin_keeps_every_byte(paths: tu
     store.close()
     device.close()
 
-    store = PreservationStore.open(store_path)
-    device = open_file_device(vol_path)
-    vol = store.attach("vol0", device, block_size=BS)
+    store, device, vol = reopen_files(paths)
     snap = vol.snapshot("nightly")
     assert not snap.info().valid
     assert snap.info().reason == info.reason
@@ -436,11 +448,7 @@ def test_automatic_snapshot_names_never_collide_with_given_ones() -> None:
 
 
 def test_reopen_restores_every_snapshot(paths: tuple[str, str]) -> None:
-    store_path, vol_path = paths
-    store = PreservationStore.open(store_path, 5 * BS)
-    device = open_file_device(vol_path, SIZE)
-    original = fill(device)
-    vol = store.attach("vol0", device, block_size=BS)
+    store, device, original, vol = create_files(paths, 5 * BS)
     vol.create_snapshot("daily", capacity=4 * BS)
     vol.create_snapshot("scratch", writable=True)
     vol.write(0, b"\x01" * 2 * BS)
@@ -455,9 +463,7 @@ def test_reopen_restores_every_snapshot(paths: tuple[str, str]) -> None:
     store.close()
     device.close()
 
-    store = PreservationStore.open(store_path)
-    device = open_file_device(vol_path)
-    vol = store.attach("vol0", device, block_size=BS)
+    store, device, vol = reopen_files(paths)
     after = {s.name: s.info() for s in vol.snapshots()}
     assert after == before
     assert [s.name for s in vol.snapshots()] == ["daily", "scratch", "doomed"]
@@ -473,11 +479,7 @@ def test_reopen_restores_every_snapshot(paths: tuple[str, str]) -> None:
 
 
 def test_writable_snapshot_writes_survive_reopen(paths: tuple[str, str]) -> None:
-    store_path, vol_path = paths
-    store = PreservationStore.open(store_path, 1 << 20)
-    device = open_file_device(vol_path, SIZE)
-    original = fill(device)
-    vol = store.attach("vol0", device, block_size=BS)
+    store, device, original, vol = create_files(paths, 1 << 20)
     snap = vol.create_snapshot("scratch", writable=True)
     snap.write(BS - 3, b"hello, world")
     snap.write(5 * BS, b"\x01" * BS)
@@ -492,7 +494,7 @@ def test_writable_snapshot_writes_survive_reopen(paths: tuple[str, str]) -> None
     assert snap.info().preserved_blocks == 5
     store.close()
 
-    store = PreservationStore.open(store_path)
+    store = PreservationStore.open(paths[0])  # the store reopened on the volume still open
     vol = store.attach("vol0", device, block_size=BS)
     snap = vol.snapshot("scratch")
     assert snap.read(0, SIZE) == expected

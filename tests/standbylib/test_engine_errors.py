@@ -33,7 +33,7 @@ from standbylib.errors import (
     VolumeMismatch,
 )
 from standbylib.rawfile import MemFile
-from standbylib.snapshot import PreservationStore, Snapshot, Volume
+from standbylib.snapshot import PreservationStore, Snapshot, Volume, layout
 
 BS = 4096
 SIZE = 64 * 1024
@@ -129,30 +129,33 @@ def _target(env: Env, which: str) -> Volume | Snapshot:
 
 
 TARGETS = ["volume", "readonly-snapshot", "writable-snapshot"]
+WRITABLE = ["volume", "writable-snapshot"]
+
+# The ranged requests: the targets each is made of, and the call (a write's data is `length` bytes, so it
+# has no negative-length case).
+RANGED: dict[str, tuple[list[str], Callable[[Volume | Snapshot, int, int], object]]] = {
+    "read": (TARGETS, lambda t, offset, length: t.read(offset, length)),
+    "zero": (WRITABLE, lambda t, offset, length: t.zero(offset, length)),
+    "write": (WRITABLE, lambda t, offset, length: t.write(offset, b"\x55" * length)),
+}
+RANGE_CASES = [
+    pytest.param(request, which, *case.values, id=f"{request}-{which}-{case.id}")
+    for request, (targets, _call) in RANGED.items()
+    for which in targets
+    for case in BAD_RANGES
+    if not (request == "write" and case.id == "negative-length")
+]
 
 
-@pytest.mark.parametrize("which", TARGETS)
-@pytest.mark.parametrize(("offset", "length", "exc"), BAD_RANGES)
-def test_bad_read_range(env: Env, which: str, offset: int, length: int, exc: type[RequestError]) -> None:
+@pytest.mark.parametrize(("request_kind", "which", "offset", "length", "exc"), RANGE_CASES)
+def test_bad_range(
+    env: Env, request_kind: str, which: str, offset: int, length: int, exc: type[RequestError]
+) -> None:
     target = _target(env, which)
-    info = assert_refused(env, exc, lambda: target.read(offset, length))
-    assert info.value.length == length
-
-
-@pytest.mark.parametrize("which", ["volume", "writable-snapshot"])
-@pytest.mark.parametrize(("offset", "length", "exc"), BAD_RANGES)
-def test_bad_zero_range(env: Env, which: str, offset: int, length: int, exc: type[RequestError]) -> None:
-    target = _target(env, which)
-    info = assert_refused(env, exc, lambda: target.zero(offset, length))
+    call = RANGED[request_kind][1]
+    info = assert_refused(env, exc, lambda: call(target, offset, length))
     # The error names the request as the caller made it.
     assert info.value.length == length
-
-
-@pytest.mark.parametrize("which", ["volume", "writable-snapshot"])
-@pytest.mark.parametrize(("offset", "length", "exc"), [p for p in BAD_RANGES if p.id != "negative-length"])
-def test_bad_write_range(env: Env, which: str, offset: int, length: int, exc: type[RequestError]) -> None:
-    target = _target(env, which)
-    assert_refused(env, exc, lambda: target.write(offset, b"\x55" * length))
 
 
 @pytest.mark.parametrize(("offset", "length", "exc"), BAD_RANGES)
@@ -394,29 +397,28 @@ def test_open_a_file_that_is_not_a_store(tmp_path: Any, content: bytes, capacity
     assert path.read_bytes() == content
 
 
-def test_open_a_store_with_a_damaged_superblock(env: Env) -> None:
-    env.store.close()
-    with open(env.store_path, "r+b") as f:
-        f.seek(20)
-        f.write(b"\xff")
+def assert_reopen_refused(env: Env, exc: type[BaseException], match: str, **kwargs: Any) -> None:
+    """Opening the (closed) store file again raises `exc` matching `match`, and leaves the file as it was."""
     before = sha256(env.store_path)
-    with pytest.raises(StoreCorrupt, match="checksum"):
-        PreservationStore.open(env.store_path)
+    with pytest.raises(exc, match=match):
+        PreservationStore.open(env.store_path, **kwargs)
     assert sha256(env.store_path) == before
 
 
-def test_open_a_store_with_both_tables_damaged(env: Env) -> None:
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        pytest.param([(20, b"\xff")], "checksum", id="superblock"),
+        pytest.param([(off + 30, b"\xff\xfe") for off in layout.TABLE_OFFSETS], "table", id="both-tables"),
+    ],
+)
+def test_open_a_damaged_store(env: Env, damage: list[tuple[int, bytes]], match: str) -> None:
     env.store.close()
-    from standbylib.snapshot import layout
-
     with open(env.store_path, "r+b") as f:
-        for off in layout.TABLE_OFFSETS:
-            f.seek(off + 30)
-            f.write(b"\xff\xfe")
-    before = sha256(env.store_path)
-    with pytest.raises(StoreCorrupt, match="table"):
-        PreservationStore.open(env.store_path)
-    assert sha256(env.store_path) == before
+        for offset, data in damage:
+            f.seek(offset)
+            f.write(data)
+    assert_reopen_refused(env, StoreCorrupt, match)
 
 
 def test_new_store_needs_a_capacity(tmp_path: Any) -> None:
@@ -447,10 +449,7 @@ def test_bad_store_arguments(tmp_path: Any, kwargs: dict[str, Any]) -> None:
 
 def test_reopen_with_unknown_policy_changes_nothing(env: Env) -> None:
     env.store.close()
-    before = sha256(env.store_path)
-    with pytest.raises(InvalidArgument, match="on_full"):
-        PreservationStore.open(env.store_path, on_full="ignore")
-    assert sha256(env.store_path) == before
+    assert_reopen_refused(env, InvalidArgument, "on_full", on_full="ignore")
 
 
 # ---------------------------------------------------------------------------------------- invalid snapshots

@@ -8,7 +8,6 @@ fail rather than skip, so a missing tool cannot pass for a working client.
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import socket
 import subprocess
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from blockfiles import data_extents
 
 from standbylib.blockdev import open_file_device
 from standbylib.nbd import (
@@ -60,25 +60,16 @@ def make_image(path: str) -> bytes:
 
 
 def file_map(path: str) -> list[tuple[int, bool]]:
-    """The file's (length, is_hole) runs as SEEK_DATA/SEEK_HOLE see them."""
+    """The file's (length, is_hole) runs over its SIZE bytes, as SEEK_DATA/SEEK_HOLE see them."""
     runs: list[tuple[int, bool]] = []
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        pos = 0
-        while pos < SIZE:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                data = SIZE
-            if data > pos:
-                runs.append((data - pos, True))
-            if data >= SIZE:
-                break
-            hole = os.lseek(fd, data, os.SEEK_HOLE)
-            runs.append((hole - data, False))
-            pos = hole
-    finally:
-        os.close(fd)
+    pos = 0
+    for start, end in data_extents(path):
+        if start > pos:
+            runs.append((start - pos, True))
+        runs.append((end - start, False))
+        pos = end
+    if pos < SIZE:
+        runs.append((SIZE - pos, True))
     return runs
 
 

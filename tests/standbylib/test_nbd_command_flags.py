@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from blockfiles import ForwardingDevice
 
 from standbylib.blockdev import BlockDevice, Device, open_file_device, ram_device
 from standbylib.nbd import NbdServer
@@ -90,31 +91,13 @@ def pattern(tag: int, size: int) -> bytes:
     return random.Random(tag).randbytes(size)
 
 
-class NoPlans:
+class NoPlans(ForwardingDevice):
     """A device without read plans (its READs are served by the worker pool), with extents."""
 
-    def __init__(self, inner: Device) -> None:
-        self.inner = inner
-        self.size = inner.size
-        self.readonly = inner.readonly
-
-    def read(self, offset: int, length: int) -> bytes:
-        return self.inner.read(offset, length)
+    closes_inner = False
 
     def extents(self, offset: int, length: int) -> list[tuple[int, bool]]:
         return self.inner.extents(offset, length)
-
-    def write(self, offset: int, data: Any) -> None:
-        self.inner.write(offset, data)
-
-    def zero(self, offset: int, length: int) -> None:
-        self.inner.zero(offset, length)
-
-    def flush(self) -> None:
-        self.inner.flush()
-
-    def close(self) -> None:
-        pass
 
 
 @dataclass

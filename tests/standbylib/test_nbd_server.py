@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from blockfiles import ForwardingDevice
 
 from standbylib.blockdev import BlockDevice, Device, open_file_device, ram_device
 from standbylib.nbd import NbdServer
@@ -29,28 +30,8 @@ def pattern(tag: int, size: int = SIZE) -> bytes:
     return b"".join(struct.pack(">BxxxI", tag, i) for i in range(size // 8))
 
 
-class HoleyDevice:
+class HoleyDevice(ForwardingDevice):
     """A RAM device that reports its second half as a hole through the optional `extents` method."""
-
-    def __init__(self, inner: Device) -> None:
-        self.inner = inner
-        self.size = inner.size
-        self.readonly = inner.readonly
-
-    def read(self, offset: int, length: int) -> bytes:
-        return self.inner.read(offset, length)
-
-    def write(self, offset: int, data: Any) -> None:
-        self.inner.write(offset, data)
-
-    def zero(self, offset: int, length: int) -> None:
-        self.inner.zero(offset, length)
-
-    def flush(self) -> None:
-        self.inner.flush()
-
-    def close(self) -> None:
-        self.inner.close()
 
     def extents(self, offset: int, length: int) -> list[tuple[int, bool]]:
         half = self.size // 2
@@ -389,33 +370,22 @@ def test_sparse_file_export_reports_its_holes(tmp_path: Any) -> None:
     assert [(o, n) for o, n, t in runs if not t & 1] == [(1 << 20, 1 << 20)]
 
 
-class SlowFlushDevice:
+class SlowFlushDevice(ForwardingDevice):
     """A file device with read plans whose flush waits until `release` is set."""
 
+    closes_inner = False
+
     def __init__(self, inner: Device) -> None:
-        self.inner = inner
-        self.size = inner.size
+        super().__init__(inner)
         self.readonly = False
         self.release = threading.Event()
-
-    def read(self, offset: int, length: int) -> bytes:
-        return self.inner.read(offset, length)
 
     def read_plan(self, offset: int, length: int) -> Any:
         return self.inner.read_plan(offset, length)
 
-    def write(self, offset: int, data: Any) -> None:
-        self.inner.write(offset, data)
-
-    def zero(self, offset: int, length: int) -> None:
-        self.inner.zero(offset, length)
-
     def flush(self) -> None:
         assert self.release.wait(10)
         self.inner.flush()
-
-    def close(self) -> None:
-        pass
 
 
 def test_a_slow_request_does_not_hold_back_the_replies_behind_it(tmp_path: Any) -> None:

@@ -82,56 +82,45 @@ def test_a_waiting_writer_is_not_starved_by_a_stream_of_readers() -> None:
     assert sum(reads_after) >= 4, "the readers did not go on after the writer"
 
 
+def queue_behind_the_holder(held: str, first: str, second: str, why: tuple[str, str]) -> None:
+    """With the lock held (`held`: "shared" or "exclusive"), a thread of kind `first` then one of kind
+    `second` ("r" a reader, "w" a writer) each queue on the lock (`why`: what it means if one does not);
+    once the holder releases it, they get in in the order they queued."""
+    lock = RWLock()
+    waiting = {"w": waiting_writers(lock), "r": waiting_readers(lock)}
+    order: list[str] = []
+
+    def enter(kind: str) -> None:
+        with lock if kind == "w" else lock.shared():
+            order.append(kind)
+
+    hold, release = (
+        (lock.acquire_shared, lock.release_shared)
+        if held == "shared"
+        else (lock.acquire_exclusive, lock.release_exclusive)
+    )
+    hold()
+    threads = []
+    for kind, message in zip((first, second), why, strict=True):
+        threads.append(start(lambda kind=kind: enter(kind)))
+        assert waiting[kind].reach(1), message
+    assert order == []
+    release()
+    for t in threads:
+        t.join(5)
+    assert order == [first, second]
+
+
 def test_readers_arriving_behind_a_waiting_writer_wait_for_it() -> None:
     """What keeps a stream of readers from starving a writer: once it waits, a new reader does not
     overlap the readers already in (which would keep the lock shared forever), it queues."""
-    lock = RWLock()
-    writers, readers = waiting_writers(lock), waiting_readers(lock)
-    order: list[str] = []
-    lock.acquire_shared()  # the reader already in
-
-    def write() -> None:
-        with lock:
-            order.append("w")
-
-    def read() -> None:
-        with lock.shared():
-            order.append("r")
-
-    w = start(write)
-    assert writers.reach(1), "the writer did not wait for the reader"
-    r = start(read)
-    assert readers.reach(1), "a reader got in past a waiting writer"
-    assert order == []
-    lock.release_shared()
-    w.join(5)
-    r.join(5)
-    assert order == ["w", "r"]
+    why = ("the writer did not wait for the reader", "a reader got in past a waiting writer")
+    queue_behind_the_holder("shared", "w", "r", why)
 
 
 def test_readers_queued_behind_a_writer_go_before_the_next_writer() -> None:
-    lock = RWLock()
-    writers, readers = waiting_writers(lock), waiting_readers(lock)
-    order: list[str] = []
-
-    def read() -> None:
-        with lock.shared():
-            order.append("r")
-
-    def write() -> None:
-        with lock:
-            order.append("w")
-
-    lock.acquire_exclusive()
-    reader = start(read)
-    assert readers.reach(1), "the reader did not queue behind the writer"
-    second = start(write)
-    assert writers.reach(1), "the second writer did not queue"
-    assert order == []
-    lock.release_exclusive()
-    reader.join(5)
-    second.join(5)
-    assert order == ["r", "w"]
+    why = ("the reader did not queue behind the writer", "the second writer did not queue")
+    queue_behind_the_holder("exclusive", "r", "w", why)
 
 
 def test_exclusive_is_reentrant_and_its_holder_may_read() -> None:

@@ -103,43 +103,29 @@ def assert_consistent(rig: Rig, where: str) -> None:
     assert not diff, f"{where}: a restart would see something else: {diff}"
 
 
+def store_write(error: str, region: str) -> Callable[[Rig], Fault]:
+    """The fault of the store's writes to `region` (`Rig.where`) failing with `error`."""
+    return lambda r: Fault(frozenset({"pwrite"}), error=error, where=r.where(region))
+
+
+def origin_read_eio(rig: Rig) -> Fault:
+    """Reads of the origin fail with EIO."""
+    return Fault(frozenset({"pread"}), frozenset({"origin"}))
+
+
 # Where a batch's copy can fail, and how: (id, fault factory given the rig, needs kernel copies).
 COPY_FAILURES: list[tuple[str, Callable[[Rig], Fault], bool]] = [
-    ("origin-read-eio", lambda r: Fault(frozenset({"pread"}), frozenset({"origin"})), False),
-    (
-        "slot-write-enospc",
-        lambda r: Fault(frozenset({"pwrite"}), error="ENOSPC", where=r.where("slots")),
-        False,
-    ),
-    (
-        "slot-write-short",
-        lambda r: Fault(frozenset({"pwrite"}), error="short", where=r.where("slots")),
-        False,
-    ),
-    ("slot-write-eio", lambda r: Fault(frozenset({"pwrite"}), error="EIO", where=r.where("slots")), False),
+    ("origin-read-eio", origin_read_eio, False),
+    ("slot-write-enospc", store_write("ENOSPC", "slots"), False),
+    ("slot-write-short", store_write("short", "slots"), False),
+    ("slot-write-eio", store_write("EIO", "slots"), False),
     ("copy-range-enospc", lambda r: Fault(frozenset({"copy_from"}), error="ENOSPC"), True),
     ("copy-range-short", lambda r: Fault(frozenset({"copy_from"}), error="short", skip=1), True),
-    ("copy-source-eio", lambda r: Fault(frozenset({"pread"}), frozenset({"origin"})), True),
-    (
-        "entry-write-enospc",
-        lambda r: Fault(frozenset({"pwrite"}), error="ENOSPC", where=r.where("entries")),
-        False,
-    ),
-    (
-        "entry-write-short",
-        lambda r: Fault(frozenset({"pwrite"}), error="short", where=r.where("entries")),
-        False,
-    ),
-    (
-        "area-header-enospc",
-        lambda r: Fault(frozenset({"pwrite"}), error="ENOSPC", where=r.where("area-header")),
-        False,
-    ),
-    (
-        "commit-record-enospc",
-        lambda r: Fault(frozenset({"pwrite"}), error="ENOSPC", where=r.where("commit-record")),
-        False,
-    ),
+    ("copy-source-eio", origin_read_eio, True),
+    ("entry-write-enospc", store_write("ENOSPC", "entries"), False),
+    ("entry-write-short", store_write("short", "entries"), False),
+    ("area-header-enospc", store_write("ENOSPC", "area-header"), False),
+    ("commit-record-enospc", store_write("ENOSPC", "commit-record"), False),
     ("sync-enospc", lambda r: Fault(frozenset({"sync"}), frozenset({"store"}), error="ENOSPC"), False),
     ("sync-eio-drops-pages", lambda r: Fault(frozenset({"sync"}), frozenset({"store"}), drop=True), False),
     # Half the entries land, and the failure lasts while the batch cleans up after itself: its
