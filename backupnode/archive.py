@@ -30,7 +30,7 @@ import json
 import os
 import tarfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any
 
 import zstandard
@@ -39,7 +39,7 @@ from standbylib.errors import StandbyError
 from standbylib.rawfile import Buffer
 
 FORMAT = "standby-archive"
-VERSION = 1
+VERSION = 2  # 1: full archives only, no identity (still read)
 BLOCK = 512  # tar's record unit
 DEFAULT_CHUNK = 4 << 20
 MANIFEST_NAME = "MANIFEST.json"
@@ -60,8 +60,20 @@ class CorruptArchive(ArchiveError):
     """The archive is complete in form but its content does not match its checksums."""
 
 
+FULL = "full"
+INCREMENTAL = "incremental"
+
+
 @dataclass(slots=True)
 class Manifest:
+    """What an archive holds, known before its data: the archive's first member.
+
+    A full archive holds the snapshot's data extents (everything else reads as zeros). An incremental
+    archive holds only what changed since its base snapshot: `extents` are the changed ranges that
+    hold data, `zero_extents` the changed ranges that read as zeros (trimmed or zeroed), and every
+    other byte is the base's. `identity` names the snapshot uniquely (the standby's id, the volume and
+    the snapshot's epoch there); `base` names the base snapshot and the SHA-256 of its archive."""
+
     volume: str
     size: int
     block_size: int
@@ -71,6 +83,13 @@ class Manifest:
     chunk_size: int = DEFAULT_CHUNK
     image_name: str = ""
     created_by: str = "standby-backup"
+    kind: str = FULL
+    identity: dict[str, Any] = field(default_factory=dict)
+    base: dict[str, Any] = field(
+        default_factory=dict
+    )  # incremental: {"snapshot": identity, "archive_sha256"}
+    zero_extents: list[tuple[int, int]] = field(default_factory=list)  # incremental: changed, reading zeros
+    version: int = VERSION
 
     def __post_init__(self) -> None:
         if not self.image_name:
@@ -80,32 +99,48 @@ class Manifest:
     def data_bytes(self) -> int:
         return sum(length for _, length in self.extents)
 
+    @property
+    def changed_bytes(self) -> int:
+        """Bytes an incremental changes (data and zeroed); a full archive's whole image."""
+        if self.kind == FULL:
+            return self.size
+        return self.data_bytes + sum(length for _, length in self.zero_extents)
+
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "format": FORMAT,
-            "version": VERSION,
+            "version": self.version,
+            "kind": self.kind,
             "volume": self.volume,
             "size": self.size,
             "block_size": self.block_size,
             "snapshot": self.snapshot,
             "snapshot_created": self.snapshot_created,
+            "identity": self.identity,
             "chunk_size": self.chunk_size,
             "image": self.image_name,
             "data_bytes": self.data_bytes,
             "extents": [[offset, length] for offset, length in self.extents],
             "created_by": self.created_by,
         }
+        if self.kind == INCREMENTAL:
+            doc["base"] = self.base
+            doc["zero_extents"] = [[offset, length] for offset, length in self.zero_extents]
+        if self.version == 1:  # as version 1 wrote it
+            for key in ("kind", "identity", "base", "zero_extents"):
+                doc.pop(key, None)
+        return doc
 
     @classmethod
     def from_json(cls, doc: dict[str, Any], path: str) -> Manifest:
         if doc.get("format") != FORMAT:
             raise ArchiveError(path=path, detail=f"not a backup archive (format {doc.get('format')!r})")
-        if doc.get("version") != VERSION:
+        if doc.get("version") not in (1, VERSION):
             raise ArchiveError(
                 path=path, detail=f"archive format version {doc.get('version')} is not supported"
             )
         try:
-            return cls(
+            m = cls(
                 volume=str(doc["volume"]),
                 size=int(doc["size"]),
                 block_size=int(doc["block_size"]),
@@ -115,9 +150,30 @@ class Manifest:
                 chunk_size=int(doc["chunk_size"]),
                 image_name=str(doc["image"]),
                 created_by=str(doc.get("created_by", "")),
+                kind=str(doc.get("kind", FULL)),
+                identity=dict(doc.get("identity") or {}),
+                base=dict(doc.get("base") or {}),
+                zero_extents=[(int(o), int(n)) for o, n in doc.get("zero_extents", [])],
+                version=int(doc["version"]),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ArchiveError(path=path, detail=f"malformed manifest ({e})") from None
+        if m.kind not in (FULL, INCREMENTAL):
+            raise ArchiveError(path=path, detail=f"unknown archive kind {m.kind!r}")
+        if m.kind == INCREMENTAL and not (m.base.get("snapshot") and m.base.get("archive_sha256")):
+            raise ArchiveError(path=path, detail="an incremental archive that does not name its base")
+        return m
+
+    def check(self) -> None:
+        """Extents ordered, disjoint and inside the image, the zeroed ones too (`ValueError` if not)."""
+        check_extents(self.extents, self.size)
+        check_extents(sorted(self.extents + self.zero_extents), self.size)
+
+
+def same_snapshot(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two snapshot identities name the same snapshot: the same standby, volume and epoch."""
+    keys = ("standby", "volume", "epoch")
+    return bool(a) and bool(b) and all(a.get(k) == b.get(k) for k in keys)
 
 
 @dataclass(slots=True)
@@ -179,7 +235,7 @@ class ArchiveWriter:
     `finish` leaves a recognisably incomplete archive (no trailer)."""
 
     def __init__(self, out: IO[bytes], manifest: Manifest, *, level: int = LEVEL, threads: int = -1) -> None:
-        check_extents(manifest.extents, manifest.size)
+        manifest.check()
         self.manifest = manifest
         params = zstandard.ZstdCompressionParameters.from_level(level, threads=threads, write_checksum=True)
         self._z = zstandard.ZstdCompressor(compression_params=params).stream_writer(out, closefd=False)
@@ -189,6 +245,7 @@ class ArchiveWriter:
         self._written = 0
         self._member = 0
         self._mtime = _timestamp(manifest.snapshot_created)
+        self._data_bytes = manifest.data_bytes  # summed once: `write` is called per piece
         self.raw_bytes = 0  # tar bytes before compression
 
     def _emit(self, data: Buffer) -> None:
@@ -200,7 +257,7 @@ class ArchiveWriter:
         doc = (json.dumps(m.to_json(), indent=1) + "\n").encode()
         self._emit(_member_header(MANIFEST_NAME, len(doc), self._mtime) + doc + _padding(len(doc)))
         smap = sparse_map(m.extents, m.size)
-        self._member = len(smap) + m.data_bytes
+        self._member = len(smap) + self._data_bytes
         pax = {
             "GNU.sparse.major": "1",
             "GNU.sparse.minor": "0",
@@ -212,7 +269,7 @@ class ArchiveWriter:
     def write(self, data: Buffer) -> None:
         """The next bytes of the data extents (the image's data, in extent order)."""
         view = memoryview(data).cast("B")
-        if self._written + len(view) > self.manifest.data_bytes:
+        if self._written + len(view) > self._data_bytes:
             raise ValueError("more data than the manifest's extents hold")
         self._emit(view)
         self._written += len(view)

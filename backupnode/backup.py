@@ -5,33 +5,45 @@ and writing the archive. The standby only serves the snapshot's blocks over NBD.
 
 Steps: the standby's status gives the NBD address and checks the volume; a snapshot is made for the
 backup (with a lease the backup renews, so that a backup node that dies does not pin the snapshot and
-its preserved blocks forever) or an existing one is used (`--snapshot`, then left in place); block
-status gives the data extents, so holes are neither read nor stored; the data is read with several
-requests in flight on several connections and written in order, strictly sequentially (a file, a pipe
-or a tape); the snapshot is checked to be still valid before the trailer makes the archive complete;
-the snapshot made for the backup is deleted, also on failure or Ctrl-C, unless `--keep-snapshot`.
+its preserved blocks forever) or an existing one is used (`--snapshot`, then left in place); what to
+read comes from block status (a full archive: the data extents, so holes are neither read nor stored)
+or, for an incremental (`--since`), from the standby's record of the blocks written since the base
+snapshot (`backupnode.plan`); the data is read with several requests in flight on several connections
+and written in order, strictly sequentially (a file, a pipe, a tape or one S3 multipart upload:
+`backupnode.output`); the snapshot is checked to be still valid before the trailer makes the archive
+complete and its index is written; the snapshot made for the backup is deleted, also on failure or
+Ctrl-C, unless `--keep-snapshot` (then it keeps a lease of `--keep-lease`, as the next base).
+
+An archive is byte-identical when made again from the same snapshot (fixed tar headers and times, fixed
+zstd parameters), which is what lets `--resume` continue an interrupted upload: the run records which
+snapshot it archives beside the upload (`catalog.Marker`), and a resumed run regenerates the archive
+from it and uploads only the parts that are not there yet.
 """
 
 from __future__ import annotations
 
-import os
 import signal
-import stat
 import sys
-import threading
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import FrameType
-from typing import IO, Any
+from typing import Any
 
+import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, write_to_textfile
+from prometheus_client.parser import text_string_to_metric_families
 
-from backupnode.archive import ArchiveWriter, Manifest, data_pieces
+from backupnode import catalog, s3
+from backupnode.archive import FULL, INCREMENTAL, ArchiveWriter, Manifest, data_pieces
 from backupnode.config import RunConfig
+from backupnode.control import LeaseKeeper, Standby, identity
+from backupnode.output import Output, preflight
+from backupnode.plan import data_extents, split_changes
 from backupnode.progress import Progress
 from standbylib.errors import StandbyError
-from standbylib.nbd import NbdClient, NbdPool
-from standbylib.rpc.v1 import control_pb2, control_pb2_grpc
+from standbylib.nbd import NbdPool
+from standbylib.rpc.v1 import control_pb2
 from standbylib.runtime import config as cfg
 from standbylib.runtime import logs, rpc
 from standbylib.runtime.main import EXIT_OK
@@ -65,13 +77,20 @@ class BackupMetrics:
             ["volume"],
             registry=self.registry,
         ).labels(volume)
+        self.changed_bytes = Gauge(
+            "standby_backup_changed_bytes",
+            "Bytes the archive of the last run covers: the whole image for a full archive, the bytes "
+            "written since the base snapshot for an incremental.",
+            ["volume", "kind"],
+            registry=self.registry,
+        )
         self.last_success = Gauge(
             "standby_backup_last_success_timestamp_seconds",
-            "Unix time the last backup of the volume completed (kept from the --metrics-textfile of earlier "
-            "runs; 0: none known).",
-            ["volume"],
+            "Unix time the last backup of the volume, of this kind (full or incremental), completed (kept "
+            "from the --metrics-textfile of earlier runs; 0: none known).",
+            ["volume", "kind"],
             registry=self.registry,
-        ).labels(volume)
+        )
         self.duration = Gauge(
             "standby_backup_duration_seconds",
             "Seconds the backup has run (the whole run once it ended).",
@@ -92,129 +111,6 @@ class BackupMetrics:
         ).labels(volume)
 
 
-class CountingWriter:
-    """The archive's output: counts bytes, turns write errors into one clear line."""
-
-    def __init__(self, out: IO[bytes], name: str, metrics: BackupMetrics) -> None:
-        self.out = out
-        self.name = name
-        self.metrics = metrics
-        self.written = 0
-
-    def write(self, data: Any) -> int:
-        try:
-            n = self.out.write(data)
-        except OSError as e:
-            raise BackupFailed(detail=f"cannot write the archive to {self.name}: {e.strerror or e}") from None
-        size = len(memoryview(data))
-        self.written += size
-        self.metrics.archive_bytes.inc(size)
-        return n if n is not None else size
-
-    def flush(self) -> None:
-        try:
-            self.out.flush()
-        except OSError as e:
-            raise BackupFailed(detail=f"cannot write the archive to {self.name}: {e.strerror or e}") from None
-
-
-class Standby:
-    """The standby's control API, with one-line errors."""
-
-    def __init__(self, target: str, timeout: float, tls: TlsFiles | None = None) -> None:
-        self.target = target
-        self.timeout = timeout
-        self.tls = tls
-        self.channel = rpc.channel(target, tls)
-        self.stub = control_pb2_grpc.ControlStub(self.channel)
-
-    def status(self) -> control_pb2.StatusReply:
-        with rpc.calling(self.target, self.tls):
-            reply: control_pb2.StatusReply = self.stub.Status(
-                control_pb2.StatusRequest(), timeout=self.timeout
-            )
-            return reply
-
-    def create(self, volume: str, name: str, lease: float) -> control_pb2.SnapshotInfo:
-        with rpc.calling(self.target, self.tls):
-            info: control_pb2.SnapshotInfo = self.stub.CreateSnapshot(
-                control_pb2.CreateSnapshotRequest(volume=volume, name=name, lease_seconds=lease),
-                timeout=self.timeout,
-            )
-            return info
-
-    def renew(self, volume: str, name: str, lease: float) -> None:
-        with rpc.calling(self.target, self.tls):
-            self.stub.RenewSnapshotLease(
-                control_pb2.RenewSnapshotLeaseRequest(volume=volume, name=name, lease_seconds=lease),
-                timeout=self.timeout,
-            )
-
-    def snapshot(self, volume: str, name: str) -> control_pb2.SnapshotInfo:
-        with rpc.calling(self.target, self.tls):
-            reply = self.stub.ListSnapshots(
-                control_pb2.ListSnapshotsRequest(volume=volume), timeout=self.timeout
-            )
-        for s in reply.snapshots:
-            if s.name == name:
-                found: control_pb2.SnapshotInfo = s
-                return found
-        raise BackupFailed(detail=f"volume {volume!r} has no snapshot {name!r} on the standby {self.target}")
-
-    def delete(self, volume: str, name: str) -> None:
-        with rpc.calling(self.target, self.tls):
-            self.stub.DeleteSnapshot(
-                control_pb2.DeleteSnapshotRequest(volume=volume, name=name), timeout=self.timeout
-            )
-
-    def close(self) -> None:
-        self.channel.close()
-
-
-class LeaseKeeper:
-    """Renews a snapshot's lease every third of it until stopped."""
-
-    def __init__(self, standby: Standby, volume: str, name: str, lease: float) -> None:
-        self.standby, self.volume, self.name, self.lease = standby, volume, name, lease
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="lease", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.lease / 3):
-            try:
-                self.standby.renew(self.volume, self.name, self.lease)
-            except StandbyError as e:
-                log.warning("lease_renewal_failed", volume=self.volume, snapshot=self.name, error=str(e))
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-
-def open_output(path: str, force: bool) -> tuple[IO[bytes], bool]:
-    """The output stream, and whether it is a regular file (then it is fsynced at the end)."""
-    if not path:
-        raise BackupFailed(detail="--output is required: a file, - for standard output, or a tape device")
-    if path == "-":
-        if sys.stdout.isatty():
-            raise BackupFailed(
-                detail="refusing to write an archive to a terminal: redirect it or give --output FILE"
-            )
-        return sys.stdout.buffer, False
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        st = None
-    if st is not None and stat.S_ISREG(st.st_mode) and not force:
-        raise BackupFailed(detail=f"{path} exists: give --force to overwrite it")
-    regular = st is None or stat.S_ISREG(st.st_mode)
-    try:
-        return open(path, "wb"), regular
-    except OSError as e:
-        raise BackupFailed(detail=f"cannot open {path} for the archive: {e.strerror or e}") from None
-
-
 def tls_files(conf: RunConfig) -> TlsFiles:
     """The TLS files of the run, checked (a `ConfigError` when unusable)."""
     tls = conf.client_files()
@@ -227,17 +123,37 @@ def tls_files(conf: RunConfig) -> TlsFiles:
     return tls
 
 
+@dataclass
+class Job:
+    """What one run archives: the snapshot, and for an incremental its base."""
+
+    volume: str
+    snap: control_pb2.SnapshotInfo
+    block_size: int
+    output: str
+    base: control_pb2.SnapshotInfo | None = None
+    base_archive: str = ""
+    base_sha256: str = ""
+
+    @property
+    def kind(self) -> str:
+        return INCREMENTAL if self.base is not None else FULL
+
+
 def backup(volume: str, conf: RunConfig) -> int:
     tls = tls_files(conf)
     t0 = time.monotonic()
     metrics = BackupMetrics(volume)
     if conf.metrics_textfile:
-        metrics.last_success.set(_previous_success(conf.metrics_textfile, volume))
+        for kind in (FULL, INCREMENTAL):
+            if last := _previous_success(conf.metrics_textfile, volume, kind):
+                metrics.last_success.labels(volume, kind).set(last)
     server = _metrics_server(conf.metrics_listen, metrics.registry)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     standby = Standby(conf.standby, conf.timeout, tls)
     made = ""
     lease: LeaseKeeper | None = None
+    succeeded = False
     metrics.running.set(1)
     try:
         status = standby.status()
@@ -247,41 +163,48 @@ def backup(volume: str, conf: RunConfig) -> int:
             raise BackupFailed(
                 detail=f"the standby {conf.standby} has no volume {volume!r} (it has: {known})"
             )
-        if conf.snapshot:
+        preflight(
+            conf.output, force=conf.force, resume=conf.resume, destination=catalog.is_destination(conf.output)
+        )
+        marker = catalog.resumed_marker(conf.output, volume) if conf.resume else None
+        base = catalog.find_base(standby, volume, conf)
+        if marker is not None:
+            snap = catalog.marked_snapshot(standby, volume, marker)
+            made = snap.name if marker.get("made") else ""
+        elif conf.snapshot:
             snap = standby.snapshot(volume, conf.snapshot)
         else:
-            name = "backup-" + datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-            try:
-                snap = standby.create(volume, name, conf.lease)
-            except rpc.RemoteError as e:
-                raise BackupFailed(detail=f"the standby refused a snapshot of {volume!r}: {e}") from None
+            snap = _new_snapshot(standby, volume, conf.lease)
             made = snap.name
-            lease = LeaseKeeper(standby, volume, made, conf.lease)
             log.info("snapshot_created", volume=volume, snapshot=made, lease_seconds=conf.lease)
+        if made:
+            lease = LeaseKeeper(standby, volume, made, conf.lease)
         if not snap.valid:
             raise BackupFailed(
                 detail=f"snapshot {volume}@{snap.name} is invalid ({snap.reason or 'no reason given'})"
             )
+        job = Job(volume, snap, vol.block_size, catalog.archive_url(conf.output, volume, snap.name))
+        if base is not None:
+            job.base, job.base_archive, job.base_sha256 = base
         address = conf.nbd or status.nbd
         host, port = cfg.parse_address(address)
-        summary = _stream(volume, snap, host, port, conf, metrics, standby, tls)
-        metrics.last_success.set(time.time())
+        summary = _stream(job, host, port, conf, metrics, standby, tls, made)
+        now = time.time()
+        metrics.last_success.labels(volume, job.kind).set(now)
         metrics.last_run_success.set(1)
         seconds = time.monotonic() - t0
         metrics.duration.set(seconds)
-        _summarise(volume, snap.name, summary, seconds)
+        _summarise(job, summary, seconds)
+        succeeded = True
         return EXIT_OK
     finally:
         metrics.running.set(0)
         metrics.duration.set(time.monotonic() - t0)
         if lease is not None:
             lease.stop()
-        if made and not conf.keep_snapshot:
-            try:
-                standby.delete(volume, made)
-                log.info("snapshot_deleted", volume=volume, snapshot=made)
-            except StandbyError as e:
-                log.warning("snapshot_not_deleted", volume=volume, snapshot=made, error=str(e))
+        _release(standby, volume, made, conf, succeeded)
+        if succeeded and conf.release_base and conf.since and base is not None:
+            _delete(standby, volume, base[0].name)
         standby.close()
         signal.signal(signal.SIGTERM, previous)
         if conf.metrics_textfile:
@@ -292,34 +215,82 @@ def backup(volume: str, conf: RunConfig) -> int:
             server.stop()
 
 
-def _previous_success(path: str, volume: str) -> float:
-    """The last success an earlier run wrote to the textfile `path` (0 when none): a failed run must
-    not make Prometheus forget when the volume was last backed up."""
-    prefix = f'standby_backup_last_success_timestamp_seconds{{volume="{volume}"}} '
+def _new_snapshot(standby: Standby, volume: str, lease: float) -> control_pb2.SnapshotInfo:
+    """A snapshot for this backup, leased, named ``backup-TIME`` (``-2``, ``-3``... when a backup of the
+    same second kept one of that name)."""
+    name = "backup-" + datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    for n in range(1, 100):
+        try:
+            return standby.create(volume, name if n == 1 else f"{name}-{n}", lease)
+        except rpc.RemoteError as e:
+            if e.fields.get("code") != grpc.StatusCode.ALREADY_EXISTS:
+                raise BackupFailed(detail=f"the standby refused a snapshot of {volume!r}: {e}") from None
+    raise BackupFailed(detail=f"snapshots {name} to {name}-99 of {volume!r} exist already")
+
+
+def _release(standby: Standby, volume: str, made: str, conf: RunConfig, succeeded: bool) -> None:
+    """The snapshot made for the backup: deleted, or kept with its lease (`--keep-lease`, or none), or
+    left leased for `--resume` after an interrupted upload."""
+    if not made:
+        return
+    if conf.keep_snapshot and succeeded:
+        try:
+            if conf.keep_lease > 0:
+                standby.renew(volume, made, conf.keep_lease)
+            else:
+                standby.release_lease(volume, made)
+            log.info("snapshot_kept", volume=volume, snapshot=made, lease_seconds=conf.keep_lease or None)
+        except StandbyError as e:
+            log.warning("snapshot_lease_not_set", volume=volume, snapshot=made, error=str(e))
+        return
+    if not succeeded and s3.is_s3(conf.output) and not conf.keep_snapshot:
+        # An interrupted upload can be resumed while the snapshot's lease runs (--resume).
+        log.info("snapshot_left_for_resume", volume=volume, snapshot=made, lease_seconds=conf.lease)
+        return
+    _delete(standby, volume, made)
+
+
+def _delete(standby: Standby, volume: str, name: str) -> None:
+    try:
+        standby.delete(volume, name)
+        log.info("snapshot_deleted", volume=volume, snapshot=name)
+    except StandbyError as e:
+        log.warning("snapshot_not_deleted", volume=volume, snapshot=name, error=str(e))
+
+
+def _previous_success(path: str, volume: str, kind: str) -> float:
+    """The last success of `kind` an earlier run wrote to the textfile `path` (0 when none): a failed
+    run must not make Prometheus forget when the volume was last backed up."""
     try:
         with open(path) as fh:
-            for line in fh:
-                if line.startswith(prefix):
-                    return float(line[len(prefix) :].split()[0])
-    except (OSError, ValueError, IndexError):
-        pass
+            families = list(text_string_to_metric_families(fh.read()))
+    except (OSError, ValueError):
+        return 0.0
+    for family in families:
+        for sample in family.samples:
+            if sample.name == "standby_backup_last_success_timestamp_seconds" and sample.labels == {
+                "volume": volume,
+                "kind": kind,
+            }:
+                return float(sample.value)
     return 0.0
 
 
 def _stream(
-    volume: str,
-    snap: control_pb2.SnapshotInfo,
+    job: Job,
     host: str,
     port: int,
     conf: RunConfig,
     metrics: BackupMetrics,
     standby: Standby,
     tls: TlsFiles,
+    made: str,
 ) -> dict[str, Any]:
+    volume, snap = job.volume, job.snap
     export = f"{volume}@{snap.name}"
     context = tls.client_context() if conf.nbd_tls else None
-    out: IO[bytes] | None = None
-    regular = False
+    out: Output | None = None
+    done = False
     progress = Progress(
         "backup", enabled=sys.stderr.isatty(), log_lines=True, volume=volume, snapshot=snap.name
     )
@@ -333,35 +304,36 @@ def _stream(
         server_name=tls.server_name,
     ) as pool:
         try:
-            extents = _data_extents(pool.clients[0])
-            first = pool.clients[0]
-            manifest = Manifest(
-                volume=volume,
-                size=pool.size,
-                block_size=first.min_block if first.min_block > 1 else 512,
-                snapshot=snap.name,
-                snapshot_created=snap.created,
-                extents=extents,
-                chunk_size=conf.chunk_size,
+            manifest = _manifest(job, pool, standby, conf)
+            metrics.changed_bytes.labels(volume, manifest.kind).set(manifest.changed_bytes)
+            out = Output(
+                job.output,
+                force=conf.force,
+                expected_bytes=manifest.data_bytes + manifest.size // 64 + (64 << 20),
+                resume=conf.resume,
             )
-            out, regular = open_output(conf.output, conf.force)
-            counting = CountingWriter(out, conf.output if conf.output != "-" else "standard output", metrics)
+            catalog.mark(job.output, volume, snap, made)
             log.info(
                 "backup_started",
                 volume=volume,
                 snapshot=snap.name,
+                kind=manifest.kind,
+                base=job.base.name if job.base is not None else None,
                 export=export,
                 nbd=f"{host}:{port}",
+                output=job.output,
                 size=manifest.size,
                 data_bytes=manifest.data_bytes,
-                extents=len(extents),
+                changed_bytes=manifest.changed_bytes,
+                extents=len(manifest.extents),
                 connections=pool.connections,
             )
-            writer = ArchiveWriter(counting, manifest, level=conf.level, threads=conf.threads)  # type: ignore[arg-type]
+            writer = ArchiveWriter(out, manifest, level=conf.level, threads=conf.threads)  # type: ignore[arg-type]
             writer.begin()
             progress.start(manifest.data_bytes)
-            pieces = data_pieces(extents, conf.request_size)
-            for _offset, data in pool.read_many(pieces, depth=conf.depth):
+            for _offset, data in pool.read_many(
+                data_pieces(manifest.extents, conf.request_size), depth=conf.depth
+            ):
                 writer.write(data)
                 metrics.bytes.inc(len(data))
                 progress.advance(len(data))
@@ -373,51 +345,83 @@ def _stream(
                     f"({now.reason or 'preservation store full'}); the archive is incomplete"
                 )
             trailer = writer.finish()
-            counting.flush()
-            if regular:
-                os.fsync(out.fileno())
+            metrics.archive_bytes.inc(out.written)
+            out.finish(manifest, len(trailer.chunks))
+            catalog.unmark(job.output)
+            done = True
         finally:
             progress.close()
-            if out is not None and out is not sys.stdout.buffer:
-                out.close()
+            if out is not None and not done:
+                out.abandon(keep_upload=_resumable())
     return {
+        "kind": manifest.kind,
         "size": manifest.size,
         "data_bytes": manifest.data_bytes,
-        "archive_bytes": counting.written,
+        "changed_bytes": manifest.changed_bytes,
+        "archive_bytes": out.written,
+        "archive_sha256": out.sha256.hexdigest(),
+        "resumed_parts": out.resumed_parts,
         "chunks": len(trailer.chunks),
-        "output": conf.output,
+        "output": job.output,
     }
 
 
-def _data_extents(client: NbdClient) -> list[tuple[int, int]]:
-    """The image's data extents (offset, length), adjacent ones merged."""
-    out: list[tuple[int, int]] = []
-    pos = 0
-    for ext in client.extents(0, client.size):
-        if not ext.is_hole:
-            if out and out[-1][0] + out[-1][1] == pos:
-                out[-1] = (out[-1][0], out[-1][1] + ext.length)
-            else:
-                out.append((pos, ext.length))
-        pos += ext.length
-    return out
+def _resumable() -> bool:
+    """Whether the exception being handled leaves an upload `--resume` may continue: an interruption
+    (Ctrl-C, SIGTERM) does; an error does not (the upload is aborted)."""
+    return isinstance(sys.exc_info()[1], KeyboardInterrupt)
 
 
-def _summarise(volume: str, snapshot: str, s: dict[str, Any], seconds: float) -> None:
+def _manifest(job: Job, pool: NbdPool, standby: Standby, conf: RunConfig) -> Manifest:
+    """The archive's manifest: for a full archive the snapshot's data extents; for an incremental the
+    changes since the base, split into data to read and zeroed ranges."""
+    first = pool.clients[0]
+    zeros: list[tuple[int, int]] = []
+    base: dict[str, Any] = {}
+    if job.base is None:
+        extents = data_extents(first)
+    else:
+        changes = standby.changes(job.volume, job.base.name, job.snap.name)
+        extents, zeros = split_changes(first, changes)
+        base = {"snapshot": identity(job.base), "archive_sha256": job.base_sha256}
+    return Manifest(
+        volume=job.volume,
+        size=pool.size,
+        block_size=job.block_size,
+        snapshot=job.snap.name,
+        snapshot_created=job.snap.created,
+        extents=extents,
+        chunk_size=conf.chunk_size,
+        kind=job.kind,
+        identity=identity(job.snap),
+        base=base,
+        zero_extents=zeros,
+    )
+
+
+def _summarise(job: Job, s: dict[str, Any], seconds: float) -> None:
     ratio = s["data_bytes"] / s["archive_bytes"] if s["archive_bytes"] else 0.0
     rate = s["data_bytes"] / seconds if seconds else 0.0
+    what = f"{job.volume}@{job.snap.name}"
+    if job.base is not None:
+        what += f" (incremental since {job.base.name}: {human_size(s['changed_bytes'])} changed)"
     print(
-        f"backed up {volume}@{snapshot}: {human_size(s['data_bytes'])} of data read ({human_size(s['size'])} "
+        f"backed up {what}: {human_size(s['data_bytes'])} of data read ({human_size(s['size'])} "
         f"image), {human_size(s['archive_bytes'])} written to {s['output']} (compression {ratio:.2f}x), "
         f"{seconds:.1f} s, {human_size(int(rate))}/s",
         file=sys.stderr,
     )
     log.info(
         "backup_done",
-        volume=volume,
-        snapshot=snapshot,
+        volume=job.volume,
+        snapshot=job.snap.name,
+        kind=s["kind"],
+        base=job.base.name if job.base is not None else None,
         bytes_read=s["data_bytes"],
+        bytes_changed=s["changed_bytes"],
         bytes_written=s["archive_bytes"],
+        archive_sha256=s["archive_sha256"],
+        resumed_parts=s["resumed_parts"],
         compression_ratio=round(ratio, 3),
         seconds=round(seconds, 3),
         bytes_per_second=round(rate),

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from standbylib.runtime import config as cfg
 from standbylib.runtime.logs import LogSettings
 from standbylib.runtime.tls import ClientTlsSettings
-from standbylib.units import parse_size
+from standbylib.units import parse_duration, parse_size
 
 DEFAULT_STANDBY = os.environ.get("STANDBY_ADDRESS", "127.0.0.1:7700")
 
@@ -26,14 +26,52 @@ class RunConfig(ClientTlsSettings, LogSettings):
     )
     output: str = cfg.setting(
         "",
-        "where the archive goes: a file (not overwritten without --force), - for standard output, "
-        "or a tape device",
-        metavar="FILE|-",
+        "where the archive goes: a file (not overwritten without --force), - for standard output, a "
+        "tape device, or s3://BUCKET/KEY; a directory or s3://BUCKET/PREFIX/ (ending in /) names the "
+        "archive VOLUME-SNAPSHOT.tar.zst in it",
+        metavar="FILE|-|s3://BUCKET/KEY",
     )
     snapshot: str = cfg.setting(
         "", "back up this existing snapshot (left in place) instead of making one", metavar="NAME"
     )
-    keep_snapshot: bool = cfg.setting(False, "keep the snapshot made for the backup")
+    since: str = cfg.setting(
+        "",
+        "an incremental archive: only the blocks written since this older snapshot (kept on the "
+        "standby since its own backup); 'latest': the snapshot of the newest complete archive of the "
+        "volume in the output's directory or prefix, or a full backup when there is none",
+        metavar="SNAPSHOT|latest",
+    )
+    full_every: float = cfg.setting(
+        0.0,
+        "with --since latest: make a full archive instead when the full archive the chain starts from "
+        "is older than this (0: never)",
+        parse=parse_duration,
+        metavar="DURATION",
+    )
+    base_archive: str = cfg.setting(
+        "",
+        "the archive of the --since snapshot, which the incremental names as its base (default: found "
+        "in the output's directory or prefix)",
+        metavar="ARCHIVE",
+    )
+    release_base: bool = cfg.setting(
+        False, "after an incremental, delete its base snapshot on the standby (the new one is the next base)"
+    )
+    resume: bool = cfg.setting(
+        False,
+        "continue an interrupted upload to s3://: regenerate the archive from the same snapshot and "
+        "upload only the parts not there yet",
+    )
+    keep_snapshot: bool = cfg.setting(
+        False, "keep the snapshot made for the backup (the base of the next incremental)"
+    )
+    keep_lease: float = cfg.setting(
+        0.0,
+        "with --keep-snapshot: the kept snapshot's lease, so that it goes if backups stop (0: kept until "
+        "deleted)",
+        parse=parse_duration,
+        metavar="SECONDS|DURATION",
+    )
     force: bool = cfg.setting(False, "overwrite an existing output file")
     nbd: str = cfg.setting("", "NBD address to read from, if not the one the standby reports", metavar="H:P")
     connections: int = cfg.setting(

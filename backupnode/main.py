@@ -15,12 +15,13 @@ import json
 import os
 import sys
 import time
-from contextlib import ExitStack, suppress
-from typing import IO, Any
+from typing import Any
 
-from backupnode.archive import Manifest
+from backupnode import catalog, destinations
+from backupnode.archive import INCREMENTAL
+from backupnode.chain import CountingSink, ImageSink, read_chain
 from backupnode.progress import Progress
-from backupnode.reader import ReadResult, image_offset, read_archive, read_manifest
+from backupnode.reader import image_offset, read_manifest
 from standbylib.errors import StandbyError
 from standbylib.runtime import config as cfg
 from standbylib.runtime import logs
@@ -28,6 +29,7 @@ from standbylib.runtime.main import EXIT_FAILED, EXIT_OK, run
 from standbylib.units import human_size
 
 PROG = "standby-backup"
+ARCHIVE_HELP = "an archive file, s3://BUCKET/KEY, or - for standard input"
 log = logs.get(__name__)
 
 
@@ -35,145 +37,109 @@ class OutputExists(StandbyError):
     template = "{path} exists: give --force to overwrite it"
 
 
-class UnreadableInput(StandbyError):
-    template = "cannot read {path}: {reason}"
+# -- restore and verify -------------------------------------------------------------------------------
 
 
-def open_input(path: str, stack: ExitStack) -> IO[bytes]:
-    if path == "-":
-        return sys.stdin.buffer
-    try:
-        return stack.enter_context(open(path, "rb"))
-    except OSError as e:
-        raise UnreadableInput(path=path, reason=e.strerror or str(e)) from None
-
-
-# -- restore ----------------------------------------------------------------------------------------
-
-
-class ImageSink:
-    """Writes the image's data at its offsets into a sparse file named ``IMAGE.partial``; `commit`
-    renames it to IMAGE once the archive was read completely and every chunk matched."""
-
-    def __init__(self, path: str, progress: Progress) -> None:
-        self.path = path
-        self.work = path + ".partial"
-        self.progress = progress
-        self.fd = -1
-        self.size = 0
-
-    def manifest(self, m: Manifest) -> None:
-        self.fd = os.open(self.work, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.ftruncate(self.fd, m.size)  # sparse: holes are never written
-        self.size = m.size
-        self.progress.start(m.data_bytes)
-
-    def data(self, offset: int, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self.fd, view, offset)
-            view, offset = view[n:], offset + n
-        self.progress.advance(len(data))
-
-    def commit(self) -> None:
-        os.fsync(self.fd)
-        os.close(self.fd)
-        self.fd = -1
-        os.replace(self.work, self.path)
-
-    def abandon(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        with suppress(FileNotFoundError):
-            os.unlink(self.work)
-
-
-def restore(archive: str, output: str, force: bool) -> int:
+def restore(archives: list[str], output: str, force: bool) -> int:
+    """Write the image of the newest snapshot of a chain (a full archive, then its incrementals)."""
     if os.path.exists(output) and not force:
         raise OutputExists(path=output)
     t0 = time.monotonic()
     progress = Progress("restore", enabled=sys.stderr.isatty())
     sink = ImageSink(output, progress)
-    with ExitStack() as stack:
-        raw = open_input(archive, stack)
-        try:
-            result = read_archive(raw, archive, sink=sink, stop_at_first_bad=True)
-            sink.commit()
-        except BaseException:
-            sink.abandon()
-            raise
-        finally:
-            progress.close()
-    m = result.manifest
+    try:
+        results = read_chain(archives, sink, stop_at_first_bad=True)
+        sink.commit()
+    except BaseException:
+        sink.abandon()
+        raise
+    finally:
+        progress.close()
+    m = results[-1][0].manifest
+    data = sum(r.manifest.data_bytes for r, _sha in results)
     seconds = time.monotonic() - t0
+    links = f" from {len(results)} archives" if len(results) > 1 else ""
     print(
-        f"restored {m.volume}@{m.snapshot} ({human_size(m.size)}, {human_size(m.data_bytes)} of data) to "
+        f"restored {m.volume}@{m.snapshot} ({human_size(m.size)}, {human_size(data)} of data{links}) to "
         f"{output} in {seconds:.1f} s"
     )
     log.info(
         "restore_done",
-        archive=archive,
+        archives=archives,
         output=output,
         size=m.size,
-        data_bytes=m.data_bytes,
+        data_bytes=data,
         seconds=round(seconds, 3),
     )
     return EXIT_OK
 
 
-# -- verify and list --------------------------------------------------------------------------------
-
-
-class CountingSink:
-    def __init__(self, progress: Progress) -> None:
-        self.progress = progress
-
-    def manifest(self, m: Manifest) -> None:
-        self.progress.start(m.data_bytes)
-
-    def data(self, offset: int, data: bytes) -> None:
-        self.progress.advance(len(data))
-
-
-def verify(archive: str) -> int:
+def verify(archives: list[str]) -> int:
+    """Check each archive whole (every chunk) and, for several, their linkage as a chain."""
     progress = Progress("verify", enabled=sys.stderr.isatty())
-    with ExitStack() as stack:
-        raw = open_input(archive, stack)
-        try:
-            result: ReadResult = read_archive(raw, archive, sink=CountingSink(progress))
-        finally:
-            progress.close()
-    m = result.manifest
-    if result.bad_chunks:
-        first = result.bad_chunks[0]
-        offset = image_offset(m, first * m.chunk_size)
+    try:
+        results = read_chain(archives, CountingSink(progress), stop_at_first_bad=False)
+    finally:
+        progress.close()
+    failed = False
+    for url, (result, sha) in zip(archives, results, strict=True):
+        m = result.manifest
+        if result.bad_chunks:
+            failed = True
+            offset = image_offset(m, result.bad_chunks[0] * m.chunk_size)
+            print(
+                f"{url}: {len(result.bad_chunks)} of {len(result.trailer.chunks)} chunks damaged, the first "
+                f"at image offset {offset}",
+                file=sys.stderr,
+            )
+            continue
+        kind = "incremental" if m.kind == INCREMENTAL else "full"
         print(
-            f"{archive}: {len(result.bad_chunks)} of {len(result.trailer.chunks)} chunks damaged, the first "
-            f"at image offset {offset}",
-            file=sys.stderr,
+            f"{url}: complete, {kind}, {len(result.trailer.chunks)} chunks OK ({m.volume}@{m.snapshot}, "
+            f"{human_size(m.size)}, {human_size(m.data_bytes)} of data), SHA-256 {sha}"
         )
-        return EXIT_FAILED
-    print(
-        f"{archive}: complete, {len(result.trailer.chunks)} chunks OK ({m.volume}@{m.snapshot}, "
-        f"{human_size(m.size)}, {human_size(m.data_bytes)} of data)"
-    )
-    return EXIT_OK
+    if len(archives) > 1 and not failed:
+        print(f"chain of {len(archives)} archives linked: restores {results[-1][0].manifest.snapshot}")
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def list_archive(archive: str, as_json: bool) -> int:
-    """The manifest (read from the front of the archive only: a quick look, not a check)."""
-    with ExitStack() as stack:
-        raw = open_input(archive, stack)
+    """The manifest (read from the front of the archive only: a quick look, not a check), or, for a
+    directory or an s3:// prefix ending in /, the complete archives there."""
+    if archive.endswith("/") or os.path.isdir(archive):
+        return list_destination(archive, as_json)
+    with destinations.open_read(archive) as raw:
         m, doc = read_manifest(raw, archive)
     if as_json:
         print(json.dumps(doc, indent=1))
         return EXIT_OK
     print(f"volume     {m.volume}")
     print(f"snapshot   {m.snapshot} (taken {m.snapshot_created})")
+    print(f"kind       {m.kind}")
+    if m.kind == INCREMENTAL:
+        base = m.base.get("snapshot", {})
+        print(f"base       {base.get('volume')}@{base.get('name')}")
+        print(f"base sha   {m.base.get('archive_sha256')} (its archive's SHA-256)")
+        print(f"changed    {human_size(m.changed_bytes)}: {human_size(m.data_bytes)} of data in "
+              f"{len(m.extents)} extents, {human_size(m.changed_bytes - m.data_bytes)} zeroed")  # fmt: skip
+    else:
+        print(f"data       {human_size(m.data_bytes)} in {len(m.extents)} extents (the rest are holes)")
     print(f"size       {human_size(m.size)} ({m.size} bytes), block size {m.block_size}")
-    print(f"data       {human_size(m.data_bytes)} in {len(m.extents)} extents (the rest are holes)")
     print(f"image      {m.image_name}, checksums per {human_size(m.chunk_size)} of data")
+    return EXIT_OK
+
+
+def list_destination(dest: str, as_json: bool) -> int:
+    """The complete (indexed) archives in a directory or under an s3:// prefix, oldest snapshot first."""
+    found = catalog.archives(dest)
+    if as_json:
+        print(json.dumps([{"archive": e.url, **e.index} for e in found], indent=1))
+        return EXIT_OK
+    print(f"{'ARCHIVE':40} {'VOLUME':10} {'SNAPSHOT':28} {'KIND':11} {'BASE':28} SIZE")
+    for e in found:
+        m = e.manifest
+        base = m.base.get("snapshot", {}).get("name", "-") if m.kind == INCREMENTAL else "-"
+        print(f"{e.name:40} {m.volume:10} {m.snapshot:28} {m.kind:11} {base:28} {human_size(e.size)}")
     return EXIT_OK
 
 
@@ -192,19 +158,37 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="print tracebacks with errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    r = sub.add_parser("restore", help="write the image an archive holds (sparse)")
-    r.add_argument("archive", metavar="ARCHIVE", help="the archive file, or - for standard input")
+    r = sub.add_parser(
+        "restore",
+        help="write the image an archive, or a chain of archives, holds (sparse)",
+        description="Write the image of the newest snapshot of a chain: its full archive first, then "
+        "its incrementals, oldest first (a single full archive is a chain too). The chain's order and "
+        "links are checked before anything is written; the image is written as IMAGE.partial and "
+        "renamed to IMAGE only once every archive was read and every checksum matched.",
+    )
+    r.add_argument("archive", metavar="ARCHIVE", nargs="+", help=ARCHIVE_HELP)
     r.add_argument("--output", "-o", metavar="IMAGE", required=True, help="the image file to create")
     r.add_argument("--force", action="store_true", help="overwrite IMAGE if it exists")
 
-    v = sub.add_parser("verify", help="check an archive is complete and every chunk matches its checksum")
-    v.add_argument("archive", metavar="ARCHIVE", help="the archive file, or - for standard input")
+    v = sub.add_parser(
+        "verify",
+        help="check archives are complete, every chunk matches, and a chain is linked",
+        description="Read each archive whole and check every chunk against its checksum; with several "
+        "archives, also that they form a chain (full first, each incremental made on the one before).",
+    )
+    v.add_argument("archive", metavar="ARCHIVE", nargs="+", help=ARCHIVE_HELP)
 
-    ls = sub.add_parser("list", help="show what an archive holds (its manifest)")
-    ls.add_argument("archive", metavar="ARCHIVE", help="the archive file, or - for standard input")
-    ls.add_argument("--json", action="store_true", help="the manifest as JSON")
+    ls = sub.add_parser(
+        "list",
+        help="show what an archive holds (its manifest), or the archives in a directory or s3 prefix",
+    )
+    ls.add_argument(
+        "archive", metavar="ARCHIVE|DEST", help=ARCHIVE_HELP + "; or a directory, or s3://BUCKET/PREFIX/"
+    )
+    ls.add_argument("--json", action="store_true", help="as JSON")
 
     add_run_parser(sub)
+    catalog.add_prune_parser(sub)
     return p
 
 
@@ -244,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             return restore(args.archive, args.output, args.force)
         if args.command == "verify":
             return verify(args.archive)
+        if args.command == "prune":
+            return catalog.prune_command(args)
         return list_archive(args.archive, args.json)
 
     return run(PROG, body, debug=args.debug)

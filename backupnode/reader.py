@@ -24,7 +24,6 @@ from backupnode.archive import (
     IncompleteArchive,
     Manifest,
     Trailer,
-    check_extents,
     sparse_map,
 )
 
@@ -150,7 +149,7 @@ def _read_manifest(stream: _Stream) -> tuple[Manifest, dict[str, Any]]:
         raise CorruptArchive(path=path, detail="the manifest is not valid JSON") from None
     manifest = Manifest.from_json(doc, path)
     try:
-        check_extents(manifest.extents, manifest.size)
+        manifest.check()
     except ValueError as e:
         raise CorruptArchive(path=path, detail=f"manifest: {e}") from None
     return manifest, doc

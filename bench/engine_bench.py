@@ -695,7 +695,7 @@ def run(work: str, plan: Plan, only: set[str] | None = None) -> list[dict[str, A
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", help="also write the JSON document to this file")
-    parser.add_argument("--quick", action="store_true", help="small smoke variant (seconds, not figures to quote)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run (seconds; not figures to quote)")
     parser.add_argument(
         "--dir",
         help="directory for the work files (a fresh subdirectory is made there and removed at the end; "

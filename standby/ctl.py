@@ -124,6 +124,7 @@ def snapshot_dict(s: control_pb2.SnapshotInfo) -> dict[str, Any]:
         "preserved_bytes": s.preserved_bytes,
         "capacity_bytes": s.capacity_bytes,
         "export": s.export,
+        "lease_remaining_seconds": round(s.lease_remaining_seconds, 1) if s.lease_remaining_seconds else None,
         **({"reason": s.reason} if s.reason else {}),
     }
 
@@ -163,7 +164,7 @@ def table(rows: list[list[str]]) -> str:
 
 
 def snapshot_rows(snapshots: list[dict[str, Any]]) -> list[list[str]]:
-    rows = [["VOLUME", "SNAPSHOT", "STATE", "MODE", "CREATED", "PRESERVED", "CAPACITY", "FILL"]]
+    rows = [["VOLUME", "SNAPSHOT", "STATE", "MODE", "CREATED", "PRESERVED", "CAPACITY", "FILL", "LEASE"]]
     for s in snapshots:
         fill = s["preserved_bytes"] / s["capacity_bytes"] if s["capacity_bytes"] else 0.0
         rows.append(
@@ -176,9 +177,21 @@ def snapshot_rows(snapshots: list[dict[str, Any]]) -> list[list[str]]:
                 human_size(s["preserved_bytes"]),
                 human_size(s["capacity_bytes"]),
                 f"{fill:.1%}",
+                lease_text(s.get("lease_remaining_seconds")),
             ]
         )
     return rows
+
+
+def lease_text(seconds: float | None) -> str:
+    """A lease's time left, as people read it: "-" (none: kept until deleted), "7d 23h", "4h 10m", "55s"."""
+    if not seconds:
+        return "-"
+    s = int(seconds)
+    for unit, size, sub, sub_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60)):
+        if s >= size:
+            return f"{s // size}{unit} {s % size // sub_size}{sub}"
+    return f"{s // 60}m {s % 60}s" if s >= 60 else f"{s}s"
 
 
 def print_status(st: dict[str, Any]) -> None:

@@ -267,9 +267,9 @@ class StandbyNode:
         """Freeze `volume`'s image; with a `lease` (seconds) the snapshot is deleted unless renewed."""
         return self._snapshots.create(volume, name, writable=writable, capacity=capacity, lease=lease)
 
-    def renew_lease(self, volume: str, name: str, seconds: float) -> SnapshotInfo:
-        """Extend (or give) the lease of an existing snapshot to `seconds` from now."""
-        return self._snapshots.renew_lease(volume, name, seconds)
+    def renew_lease(self, volume: str, name: str, seconds: float, *, release: bool = False) -> SnapshotInfo:
+        """Extend (or give) the lease of an existing snapshot to `seconds` from now, or drop it."""
+        return self._snapshots.renew_lease(volume, name, seconds, release=release)
 
     def expire_leases(self, now: float | None = None) -> list[str]:
         """Delete the snapshots whose lease ran out; their export names."""
@@ -283,6 +283,9 @@ class StandbyNode:
 
     def snapshot(self, volume: str, name: str) -> Snapshot:
         return self._snapshots.get(volume, name)
+
+    def snapshot_changes(self, volume: str, base: str, name: str) -> list[tuple[int, int]]:
+        return self._snapshots.changes(volume, base, name)
 
     # -- NBD exports (called by the NBD server's connection threads) ---------------------------------
 

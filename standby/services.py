@@ -33,6 +33,8 @@ GRPC_STREAM_LIMIT = 64
 GRPC_WORKERS = GRPC_STREAM_LIMIT + 16
 #: Seconds between two progress messages of a verify.
 VERIFY_PROGRESS_INTERVAL = 0.5
+#: Extents per `SnapshotChanges` reply: 65536 x two varints stays far below gRPC's 4 MiB message limit.
+CHANGES_PER_REPLY = 65536
 
 log = logs.get(__name__)
 
@@ -53,6 +55,7 @@ def snapshot_message(info: SnapshotInfo) -> control_pb2.SnapshotInfo:
         capacity_bytes=info.capacity_bytes,
         export=f"{info.volume}@{info.name}",
         reason=info.reason,
+        epoch=info.epoch,
     )
 
 
@@ -321,7 +324,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
             block_size=r.block_size,
             state=r.status,
             connected=r.connected,
-            snapshots=[snapshot_message(s.info()) for s in r.volume.snapshots()],
+            snapshots=[self._message(s.info()) for s in r.volume.snapshots()],
             applied_bytes=r.applied_bytes,
             applied_batches=r.applied_batches,
             cow_copies=r.volume.cow_copies,
@@ -352,11 +355,15 @@ class ControlService(control_pb2_grpc.ControlServicer):
     def RenewSnapshotLease(
         self, request: control_pb2.RenewSnapshotLeaseRequest, context: grpc.ServicerContext
     ) -> control_pb2.SnapshotInfo:
-        return self._message(self.node.renew_lease(request.volume, request.name, request.lease_seconds))
+        info = self.node.renew_lease(
+            request.volume, request.name, request.lease_seconds, release=request.release
+        )
+        return self._message(info)
 
     def _message(self, info: SnapshotInfo) -> control_pb2.SnapshotInfo:
         message = snapshot_message(info)
         message.lease_remaining_seconds = self.node.leases.remaining(info.volume, info.name) or 0.0
+        message.standby_id = self.node.id
         return message
 
     @guarded
@@ -394,6 +401,19 @@ class ControlService(control_pb2_grpc.ControlServicer):
                     return
         finally:
             self.node.cancel_verify(session, "standbyctl went away before the verify was done")
+
+    def SnapshotChanges(
+        self, request: control_pb2.SnapshotChangesRequest, context: grpc.ServicerContext
+    ) -> Iterator[control_pb2.SnapshotChangesReply]:
+        try:
+            extents = self.node.snapshot_changes(request.volume, request.base, request.snapshot)
+        except StandbyError as e:
+            abort(context, e)
+        for i in range(0, max(len(extents), 1), CHANGES_PER_REPLY):
+            piece = extents[i : i + CHANGES_PER_REPLY]
+            yield control_pb2.SnapshotChangesReply(
+                offsets=[offset for offset, _ in piece], lengths=[length for _, length in piece]
+            )
 
 
 def _progress(status: VerifySession) -> control_pb2.VerifyProgress:

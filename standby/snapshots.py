@@ -70,10 +70,14 @@ class Snapshots:
         )
         return info
 
-    def renew_lease(self, volume: str, name: str, seconds: float) -> SnapshotInfo:
-        """Extend (or give) the lease of an existing snapshot to `seconds` from now."""
+    def renew_lease(self, volume: str, name: str, seconds: float, *, release: bool = False) -> SnapshotInfo:
+        """Extend (or give) the lease of an existing snapshot to `seconds` from now; with `release`,
+        drop its lease (it stays until deleted)."""
         snap = self.get(volume, name)
-        self._files.write(self._leases.path, lambda: self._leases.grant(volume, name, seconds))
+        if release:
+            self._files.write(self._leases.path, lambda: self._leases.drop(volume, name))
+        else:
+            self._files.write(self._leases.path, lambda: self._leases.grant(volume, name, seconds))
         return snap.info()
 
     def expire_leases(self, now: float | None = None) -> list[str]:
@@ -106,3 +110,8 @@ class Snapshots:
 
     def get(self, volume: str, name: str) -> Snapshot:
         return self._replicas.replica(volume).volume.snapshot(name)
+
+    def changes(self, volume: str, base: str, name: str) -> list[tuple[int, int]]:
+        """The byte extents written between snapshot `base` and the later snapshot `name`
+        (`standbylib.snapshot.volume.Volume.changes`)."""
+        return self._replicas.replica(volume).volume.changes(base, name)

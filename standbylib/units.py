@@ -52,3 +52,17 @@ def human_size(n: int) -> str:
             return f"{n} B" if suffix == "B" else f"{value:.1f} {suffix}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str | float) -> float:
+    """Seconds from ``300``, ``300s``, ``5m``, ``8h``, ``8d`` or ``2w``."""
+    if isinstance(text, int | float):
+        return float(text)
+    m = _DURATION.match(text)
+    if m is None:
+        raise InvalidArgument(detail=f"bad duration {text!r}: use seconds, or a number with s, m, h, d or w")
+    return float(m.group(1)) * _SECONDS[m.group(2)]

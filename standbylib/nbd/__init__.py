@@ -5,8 +5,8 @@ Modules: `protocol` (wire constants and structs), `handshake` (option negotiatio
 `sockio` (buffered socket I/O, shared by server and client), `errnos` (library exceptions -> errno),
 `tls` (STARTTLS over memory BIOs). The reading client of the backup node: `client` (`NbdClient`),
 `client_errors` (its exceptions), `negotiate` (TCP connect and the client's side of the handshake),
-`client_replies` (requests in flight and their replies) and `pool` (`NbdPool`). Devices may offer read plans (`standbylib.readplan`) for the fast read path;
-docs/NBD.md describes the design.
+`client_replies` (requests in flight and their replies) and `pool` (`NbdPool`). Devices may offer
+read plans (`standbylib.readplan`) for the fast read path; docs/NBD.md describes the design.
 """
 
 from standbylib.nbd.client import NbdClient

@@ -139,6 +139,16 @@ class ChainIndex:
             b, s = b[first_of_block], s[first_of_block]
         return b, s
 
+    def blocks_of_gens(self, lo: int, hi: int) -> U64:
+        """The distinct blocks, ascending, with an entry of generation `lo` <= gen < `hi`. Reads the
+        levels without merging them (safe under the store's shared lock); the cost follows the
+        entries, not the volume's size."""
+        low, high = np.uint32(lo), np.uint32(hi)
+        found = [lb[(lg >= low) & (lg < high)] for lb, lg, _ls in self._levels() if len(lb)]
+        if not found:
+            return np.empty(0, np.uint64)
+        return np.unique(np.concatenate(found))
+
     def add_many(self, blocks: Sequence[int], gen: int, slots: Sequence[int]) -> None:
         """Add (block, gen, slot) for each of the distinct `blocks`; none may be present yet."""
         n = len(blocks)

@@ -59,6 +59,7 @@ class SnapshotInfo:
     preserved_blocks: int
     preserved_bytes: int
     capacity_bytes: int
+    epoch: int = 0  # its place in the volume's history: a later snapshot has a larger epoch
 
     @property
     def fill_ratio(self) -> float:
@@ -147,6 +148,7 @@ class Snapshot:
                 preserved_blocks=rec.preserved_blocks,
                 preserved_bytes=rec.preserved_blocks * bs,
                 capacity_bytes=rec.capacity if rec.capacity is not None else store.capacity_bytes(),
+                epoch=rec.epoch,
             )
 
     def read(self, offset: int, length: int) -> bytes:

@@ -41,6 +41,7 @@ from standbylib.errors import (
     InvalidArgument,
     PreservationDeferred,
     SnapshotExists,
+    SnapshotInvalid,
     UnknownSnapshot,
 )
 from standbylib.rawfile import Buffer
@@ -370,16 +371,43 @@ class Volume:
     def snapshot(self, name: str) -> Snapshot:
         """The snapshot `name` of this volume (valid or not)."""
         with self.store.lock.shared():
-            snap = self._find(name)
-            if snap is None:
-                raise UnknownSnapshot(volume=self.name, snapshot=name)
-            return Snapshot(self, snap)
+            return Snapshot(self, self._findable(name))
 
     def snapshots(self) -> list[Snapshot]:
         """Every snapshot of this volume, oldest first."""
         with self.store.lock.shared():
             recs = sorted(self.store.snapshots_of(self.record.id), key=lambda s: s.epoch)
             return [Snapshot(self, s) for s in recs]
+
+    def changes(self, base: str, newer: str) -> list[tuple[int, int]]:
+        """The byte extents (offset, length; ordered, disjoint, merged) that differ between snapshot
+        `base` and the later snapshot `newer`, from the preservation index alone (no data is read).
+
+        A block written after `base` was taken got, at its first write, a copy tagged with the epoch of
+        the newest valid snapshot then, which is at least `base`'s epoch and, if that write came before
+        `newer` was taken, below `newer`'s. Blocks written only later have copies tagged `newer`'s epoch
+        or above. So the blocks with a copy tagged in [base's epoch, newer's epoch) are exactly the
+        blocks written in between (trims and zeroes included), for as long as `base` is valid (its
+        copies are then complete). Both must be valid read-only snapshots of this volume, `base` the
+        older."""
+        with self.store.lock.shared():
+            self.check_open()
+            old, new = self._findable(base), self._findable(newer)
+            for snap in (old, new):
+                if snap.writable:
+                    raise InvalidArgument(
+                        detail=f"snapshot {self.name}@{snap.name} is writable: its changes are its own, "
+                        "take the changes between read-only snapshots"
+                    )
+                if not snap.valid:
+                    raise SnapshotInvalid(volume=self.name, snapshot=snap.name, reason=snap.reason)
+            if old.epoch >= new.epoch:
+                raise InvalidArgument(
+                    detail=f"snapshot {self.name}@{base} is not older than {self.name}@{newer}: "
+                    "give the older snapshot as the base"
+                )
+            blocks = self.store.chain(self.record.id).blocks_of_gens(old.epoch, new.epoch)
+        return block_extents(blocks, self.block_size, self.size)
 
     def delete_snapshot(self, name: str) -> None:
         """Delete a snapshot and free the store space only it used (no merge, no copy).
@@ -389,9 +417,7 @@ class Volume:
         store = self.store
         with store.lock:
             self.check_open()
-            snap = self._find(name)
-            if snap is None:
-                raise UnknownSnapshot(volume=self.name, snapshot=name)
+            snap = self._findable(name)
             with store.transaction():
                 store.remove_snapshot(snap)
                 store.commit()
@@ -401,6 +427,12 @@ class Volume:
             if freed:
                 store.release(freed)
             store.deallocate_free()  # and the slots freed by rewrites, left allocated for reuse
+
+    def _findable(self, name: str) -> SnapshotRecord:
+        snap = self._find(name)
+        if snap is None:
+            raise UnknownSnapshot(volume=self.name, snapshot=name)
+        return snap
 
     def _find(self, name: str) -> SnapshotRecord | None:
         for s in self.store.snapshots_of(self.record.id):
@@ -413,3 +445,18 @@ class Volume:
         self.store.check_open()
         if self.closed:
             raise Closed(what=f"volume {self.name}")
+
+
+def block_extents(blocks: np.ndarray, block_size: int, size: int) -> list[tuple[int, int]]:
+    """Sorted distinct block numbers as byte extents (offset, length), consecutive blocks merged, the
+    last clipped to the volume's `size`."""
+    if not len(blocks):
+        return []
+    b = blocks.astype(np.int64)
+    breaks = np.nonzero(b[1:] != b[:-1] + 1)[0] + 1
+    firsts = b[np.concatenate(([0], breaks))]
+    lasts = b[np.concatenate((breaks - 1, [len(b) - 1]))]
+    return [
+        (first * block_size, min((last + 1) * block_size, size) - first * block_size)
+        for first, last in zip(firsts.tolist(), lasts.tolist(), strict=True)
+    ]

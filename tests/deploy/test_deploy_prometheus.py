@@ -135,7 +135,7 @@ def test_real_prometheus_scrapes_the_daemons(tmp_path: Path) -> None:
         )  # fmt: skip
         backup_metrics = parse_metrics(prom_file.read_text())
         [(labels, last_success)] = backup_metrics["standby_backup_last_success_timestamp_seconds"]
-        assert labels == {"volume": "vol0"} and last_success > 0
+        assert labels == {"volume": "vol0", "kind": "full"} and last_success > 0
         assert backup_metrics["standby_backup_running"] == [({"volume": "vol0"}, 0.0)]
 
         # every metric the alert rules use is one the roles expose, with the labels the rules match on

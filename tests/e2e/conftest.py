@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_support import VOLUME_SIZE, Appliance, Daemons, Model, Writer, running_daemons
+
+# The library tests' support of sparse files (`blockfiles`) serves these tests too, and the real S3
+# server of tests/s3server.py (its `s3` fixture).
+sys.path.append(str(Path(__file__).resolve().parent.parent / "standbylib"))
+sys.path.append(str(Path(__file__).resolve().parent.parent))
+
+from e2e_support import VOLUME_SIZE, Appliance, Daemons, Model, Writer, running_daemons, sync_mode_pair
+from s3server import s3  # noqa: F401  (the fixture)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -52,10 +60,7 @@ def daemons(tmp_path: Path, transport: str | None) -> Iterator[Daemons]:
 
 @pytest.fixture
 def appliance(daemons: Daemons, tmp_path: Path) -> Appliance:
-    standby = daemons.standby()
-    vol = tmp_path / "primary" / "vol0.img"
-    vol.parent.mkdir()
-    primary = daemons.primary(standby, {"vol0": f"{vol},size=32MiB,block-size=4096"}, "--mode", "sync")
+    standby, primary = sync_mode_pair(daemons, tmp_path)
     model = Model(VOLUME_SIZE)
     scratch = tmp_path / "scratch"
     scratch.mkdir()

@@ -79,11 +79,14 @@ def run(
     *args: str | os.PathLike[str],
     check: bool = True,
     timeout: float = TOOL_TIMEOUT,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run a client tool; on an unexpected exit status or a hang, fail with its full output."""
+    """Run a client tool (with `env` over this process's environment); on an unexpected exit status or
+    a hang, fail with its full output."""
     argv = [os.fspath(a) for a in args]
+    full_env = {**os.environ, **env} if env else None
     try:
-        cp = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+        cp = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False, env=full_env)
     except subprocess.TimeoutExpired as e:
         pytest.fail(
             f"`{shlex.join(argv)}` did not finish within {timeout:.0f} s (killed)\n"
@@ -100,6 +103,21 @@ def run(
 
 def _text(b: bytes | str | None) -> str:
     return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+
+
+def assert_one_clear_line(
+    cp: subprocess.CompletedProcess[str], exit_code: int, what: str, *names: str
+) -> str:
+    """A refusal a person can act on: `cp` (of `what`) exited `exit_code` and said why in one line on
+    stderr, without a traceback, naming each of `names`. Returns that line."""
+    err = cp.stderr.strip()
+    assert cp.returncode == exit_code, f"{what}: exit {cp.returncode}, expected {exit_code}\n{cp.stdout}{err}"
+    assert err, f"{what}: an operation that failed must say why on stderr"
+    assert "Traceback" not in err, f"{what}: a traceback instead of a message:\n{err}"
+    assert len(err.splitlines()) == 1, f"{what}: the error must be one line:\n{err}"
+    for name in names:
+        assert name in err, f"{what}: the error does not name {name!r}: {err}"
+    return err
 
 
 # ------------------------------------------------------------------------------------------ daemons
@@ -465,6 +483,37 @@ class Appliance:
         data = out.read_bytes()
         out.unlink()
         return data
+
+
+def sync_mode_pair(daemons: Daemons, tmp: Path, size: str = "32MiB") -> tuple[Standby, Primary]:
+    """A standby and a primary in sync mode with one volume `vol0`: a new file tmp/primary/vol0.img of
+    `size`, 4 KiB blocks (the primary's volume: ``primary.volumes["vol0"]``)."""
+    standby = daemons.standby()
+    vol = tmp / "primary" / "vol0.img"
+    vol.parent.mkdir()
+    primary = daemons.primary(standby, {"vol0": f"{vol},size={size},block-size=4096"}, "--mode", "sync")
+    return standby, primary
+
+
+def mirrored_pair(
+    daemons: Daemons,
+    tmp: Path,
+    *primary_extra: str,
+    standby_extra: tuple[str, ...] = (),
+    folder: str = "primary",
+    written: str = "2M",
+    pattern: int = 0x11,
+) -> tuple[Standby, Primary]:
+    """A standby (started with `standby_extra`) and a primary (with `primary_extra`) of vol0, a new 32 MiB
+    file tmp/`folder`/vol0.img, whose first `written` bytes (qemu-io's sizes) hold `pattern`, mirrored."""
+    need("qemu-io")
+    standby = daemons.standby(None, *standby_extra)
+    vol = tmp / folder / "vol0.img"
+    vol.parent.mkdir()
+    primary = daemons.primary(standby, {"vol0": f"{vol},size=32MiB"}, *primary_extra)
+    qemu_io(primary.uri("vol0"), f"write -P 0x{pattern:02x} 0 {written}", "flush")
+    primary.wait_in_sync()
+    return standby, primary
 
 
 # ------------------------------------------------------------------------------------------ data channel

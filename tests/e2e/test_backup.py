@@ -98,8 +98,9 @@ def test_backup_while_writing_restores_the_snapshot_image_with_tar_and_restore(a
     assert "complete" in run(*backup_argv("verify", str(archive))).stdout
 
     metrics = textfile.read_text()
-    assert 'standby_backup_last_success_timestamp_seconds{volume="vol0"}' in metrics
-    last = float(metrics.split('standby_backup_last_success_timestamp_seconds{volume="vol0"} ')[1].split()[0])
+    series = 'standby_backup_last_success_timestamp_seconds{kind="full",volume="vol0"}'
+    assert series in metrics
+    last = float(metrics.split(series + " ")[1].split()[0])
     assert abs(last - time.time()) < 120
     a.standby.ctl("snapshot", "delete", "vol0", snap["name"])
 
@@ -243,7 +244,8 @@ def test_a_failed_run_keeps_the_last_success_in_the_metrics_textfile(appliance: 
     textfile = a.tmp / "standby_backup_vol0.prom"
 
     def value(name: str) -> float:
-        line = next(x for x in textfile.read_text().splitlines() if x.startswith(name + '{volume="vol0"}'))
+        labels = '{kind="full",volume="vol0"}' if "last_success" in name else '{volume="vol0"}'
+        line = next(x for x in textfile.read_text().splitlines() if x.startswith(name + labels))
         return float(line.split()[-1])
 
     backup(a, "--output", str(a.tmp / "ok.tar.zst"), "--metrics-textfile", str(textfile))

@@ -11,7 +11,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SnapshotInfo(_message.Message):
-    __slots__ = ("volume", "name", "valid", "writable", "created", "preserved_bytes", "capacity_bytes", "export", "reason", "lease_remaining_seconds")
+    __slots__ = ("volume", "name", "valid", "writable", "created", "preserved_bytes", "capacity_bytes", "export", "reason", "lease_remaining_seconds", "epoch", "standby_id")
     VOLUME_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     VALID_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,8 @@ class SnapshotInfo(_message.Message):
     EXPORT_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     LEASE_REMAINING_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    STANDBY_ID_FIELD_NUMBER: _ClassVar[int]
     volume: str
     name: str
     valid: bool
@@ -32,7 +34,9 @@ class SnapshotInfo(_message.Message):
     export: str
     reason: str
     lease_remaining_seconds: float
-    def __init__(self, volume: _Optional[str] = ..., name: _Optional[str] = ..., valid: _Optional[bool] = ..., writable: _Optional[bool] = ..., created: _Optional[str] = ..., preserved_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., export: _Optional[str] = ..., reason: _Optional[str] = ..., lease_remaining_seconds: _Optional[float] = ...) -> None: ...
+    epoch: int
+    standby_id: str
+    def __init__(self, volume: _Optional[str] = ..., name: _Optional[str] = ..., valid: _Optional[bool] = ..., writable: _Optional[bool] = ..., created: _Optional[str] = ..., preserved_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., export: _Optional[str] = ..., reason: _Optional[str] = ..., lease_remaining_seconds: _Optional[float] = ..., epoch: _Optional[int] = ..., standby_id: _Optional[str] = ...) -> None: ...
 
 class VolumeStatus(_message.Message):
     __slots__ = ("name", "size", "block_size", "state", "connected", "snapshots", "applied_bytes", "applied_batches", "cow_copies", "primary_id", "last_error")
@@ -111,14 +115,16 @@ class PromoteRequest(_message.Message):
     def __init__(self, volume: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class RenewSnapshotLeaseRequest(_message.Message):
-    __slots__ = ("volume", "name", "lease_seconds")
+    __slots__ = ("volume", "name", "lease_seconds", "release")
     VOLUME_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
     volume: str
     name: str
     lease_seconds: float
-    def __init__(self, volume: _Optional[str] = ..., name: _Optional[str] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
+    release: bool
+    def __init__(self, volume: _Optional[str] = ..., name: _Optional[str] = ..., lease_seconds: _Optional[float] = ..., release: _Optional[bool] = ...) -> None: ...
 
 class ListSnapshotsRequest(_message.Message):
     __slots__ = ("volume",)
@@ -171,3 +177,21 @@ class VerifyProgress(_message.Message):
     done: bool
     block_size: int
     def __init__(self, volume: _Optional[str] = ..., checked_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., mismatched_blocks: _Optional[int] = ..., first_offsets: _Optional[_Iterable[int]] = ..., repaired_blocks: _Optional[int] = ..., done: _Optional[bool] = ..., block_size: _Optional[int] = ...) -> None: ...
+
+class SnapshotChangesRequest(_message.Message):
+    __slots__ = ("volume", "base", "snapshot")
+    VOLUME_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    volume: str
+    base: str
+    snapshot: str
+    def __init__(self, volume: _Optional[str] = ..., base: _Optional[str] = ..., snapshot: _Optional[str] = ...) -> None: ...
+
+class SnapshotChangesReply(_message.Message):
+    __slots__ = ("offsets", "lengths")
+    OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    offsets: _containers.RepeatedScalarFieldContainer[int]
+    lengths: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, offsets: _Optional[_Iterable[int]] = ..., lengths: _Optional[_Iterable[int]] = ...) -> None: ...

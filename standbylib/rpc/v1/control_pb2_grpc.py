@@ -69,6 +69,11 @@ class ControlStub:
                 request_serializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.VerifyRequest.SerializeToString,
                 response_deserializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.VerifyProgress.FromString,
                 _registered_method=True)
+        self.SnapshotChanges = channel.unary_stream(
+                '/standbyappliance.v1.Control/SnapshotChanges',
+                request_serializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.SnapshotChangesRequest.SerializeToString,
+                response_deserializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.SnapshotChangesReply.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -102,8 +107,8 @@ class ControlServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RenewSnapshotLease(self, request, context):
-        """Extend the lease of a snapshot to `lease_seconds` from now (or give it one). NOT_FOUND when the
-        snapshot is gone (deleted, or its lease ran out before).
+        """Extend the lease of a snapshot to `lease_seconds` from now (or give it one), or drop it (`release`).
+        NOT_FOUND when the snapshot is gone (deleted, or its lease ran out before).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -123,6 +128,18 @@ class ControlServicer:
         """Compare the replica with the primary's volume, block by block, while writes go on; progress about
         every 0.5 s, the last message with `done`. NOT_FOUND for an unknown volume; FAILED_PRECONDITION when
         no primary is connected, a resync is under way, another verify runs, or the verify was cut short.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SnapshotChanges(self, request, context):
+        """The byte extents where snapshot `snapshot` may differ from the older snapshot `base` of the same
+        volume: every block written between the two (trims and zeroes included), read from the preservation
+        index, so the cost follows the changes, not the volume. What an incremental backup archives. Sent in
+        pieces of at most 65536 extents, ordered and merged. NOT_FOUND for an unknown volume or snapshot;
+        INVALID_ARGUMENT when `base` is not older or either is writable; FAILED_PRECONDITION when either is
+        invalid (its copies are incomplete: take a full backup).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -165,6 +182,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.Verify,
                     request_deserializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.VerifyRequest.FromString,
                     response_serializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.VerifyProgress.SerializeToString,
+            ),
+            'SnapshotChanges': grpc.unary_stream_rpc_method_handler(
+                    servicer.SnapshotChanges,
+                    request_deserializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.SnapshotChangesRequest.FromString,
+                    response_serializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.SnapshotChangesReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -356,6 +378,33 @@ class Control:
             '/standbyappliance.v1.Control/Verify',
             standbylib_dot_rpc_dot_v1_dot_control__pb2.VerifyRequest.SerializeToString,
             standbylib_dot_rpc_dot_v1_dot_control__pb2.VerifyProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SnapshotChanges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/standbyappliance.v1.Control/SnapshotChanges',
+            standbylib_dot_rpc_dot_v1_dot_control__pb2.SnapshotChangesRequest.SerializeToString,
+            standbylib_dot_rpc_dot_v1_dot_control__pb2.SnapshotChangesReply.FromString,
             options,
             channel_credentials,
             insecure,
