@@ -278,15 +278,24 @@ def keep_set(entries: list[Entry], daily: int, weekly: int, monthly: int) -> set
                 break
             seen.append(p)
             keep.add(e.url)
-    by_sha = {e.sha256: e for e in entries}
     todo = [e for e in entries if e.url in keep]
     while todo:
-        m = todo.pop().manifest
-        base = by_sha.get(str(m.base.get("archive_sha256"))) if m.kind == INCREMENTAL else None
-        if base is not None and base.url not in keep:
-            keep.add(base.url)
-            todo.append(base)
+        for base in bases_of(entries, todo.pop()):
+            if base.url not in keep:
+                keep.add(base.url)
+                todo.append(base)
     return keep
+
+
+def bases_of(entries: list[Entry], entry: Entry) -> list[Entry]:
+    """The archives `entry` may be based on: the one with the SHA-256 its manifest names, and, so that
+    nothing a kept incremental needs is ever deleted, any archive of its base snapshot."""
+    m = entry.manifest
+    if m.kind != INCREMENTAL:
+        return []
+    want = m.base.get("snapshot", {})
+    sha = m.base.get("archive_sha256")
+    return [e for e in entries if e.sha256 == sha or same_snapshot(e.manifest.identity, want)]
 
 
 def prune(dest: str, daily: int, weekly: int, monthly: int, dry_run: bool) -> int:

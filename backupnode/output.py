@@ -64,6 +64,7 @@ class Output:
             self.upload = s3.S3Upload(
                 url, part_size=s3.part_size_for(expected_bytes), in_flight=in_flight, resume=resume
             )
+            self.sha256 = self.upload.sha256  # the upload hashes what it sends
         else:
             self.file, self.regular = _open_file(url, force)
 
@@ -75,13 +76,13 @@ class Output:
         view = memoryview(data).cast("B")
         try:
             if self.upload is not None:
-                self.upload.write(view)
+                self.upload.write(view)  # it hashes what it uploads: `sha256` is the upload's then
             else:
                 assert self.file is not None
                 self.file.write(view)
+                self.sha256.update(view)
         except OSError as e:
             raise OutputFailed(detail=f"cannot write the archive to {self.name}: {e.strerror or e}") from None
-        self.sha256.update(view)
         self.written += len(view)
         return len(view)
 

@@ -23,6 +23,7 @@ import functools
 import hashlib
 import io
 import json
+import logging
 import queue
 import re
 import threading
@@ -260,6 +261,9 @@ def make_client(*, max_attempts: int = MAX_ATTEMPTS) -> Any:
     # which every run of the backup node would pay even when no archive is on S3.
     import boto3
     from botocore.config import Config
+
+    # botocore's own INFO lines ("Found credentials in environment variables.") are not our events.
+    logging.getLogger("botocore").setLevel(logging.WARNING)
 
     config = Config(
         request_checksum_calculation="when_required",

@@ -19,7 +19,7 @@ from standbylib.rawfile import replace_file
 
 LEASES_FILE = "leases.json"
 #: The longest lease (a day): a lease is a liveness promise, not storage policy.
-MAX_LEASE = 86400.0
+MAX_LEASE = 366 * 86400.0  # a kept base of monthly incrementals lives a month; a year is plenty
 
 
 def check_lease(seconds: float) -> float:

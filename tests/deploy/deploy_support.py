@@ -55,16 +55,30 @@ def need(tool: str) -> str:
 
 
 def run(
-    *argv: str | os.PathLike[str], timeout: float = 60, check: bool = True
+    *argv: str | os.PathLike[str], timeout: float = 60, check: bool = True, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
+    """Run a program (with `env` over this process's environment); fail with its output if it fails."""
     args = [os.fspath(a) for a in argv]
-    cp = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
+    full_env = {**os.environ, **env} if env else None
+    cp = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False, env=full_env)
     if check and cp.returncode != 0:
         pytest.fail(
             f"`{shlex.join(args)}` exited {cp.returncode}\nstdout:\n{cp.stdout}\nstderr:\n{cp.stderr}",
             pytrace=False,
         )
     return cp
+
+
+def directives(name: str) -> dict[str, list[str]]:
+    """KEY -> its values, in order (a key may repeat), from the text of the unit `name` in deploy/systemd."""
+    out: dict[str, list[str]] = {}
+    text = (SYSTEMD_DIR / name).read_text().replace("\\\n", " ")
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", ";", "[")):
+            key, _, value = line.partition("=")
+            out.setdefault(key.strip(), []).append(value.strip())
+    return out
 
 
 def free_port() -> int:

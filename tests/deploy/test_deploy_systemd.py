@@ -17,6 +17,7 @@ from deploy_support import (
     SYSTEMD_DIR,
     ctl,
     daemons,
+    directives,
     need,
     parse_metrics,
     qemu_write,
@@ -42,18 +43,6 @@ HARDENING = {
     "MemoryDenyWriteExecute": "yes",
     "User": "standby",
 }
-
-
-def directives(name: str) -> dict[str, list[str]]:
-    """KEY -> its values, in order (a key may repeat), from the unit file's text."""
-    out: dict[str, list[str]] = {}
-    text = (SYSTEMD_DIR / name).read_text().replace("\\\n", " ")
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith(("#", ";", "[")):
-            key, _, value = line.partition("=")
-            out.setdefault(key.strip(), []).append(value.strip())
-    return out
 
 
 def test_every_unit_is_checked() -> None:
