@@ -51,6 +51,8 @@ bench: venv system-deps
 	$(BIN)/python bench/nbd_bench.py --output bench/results/nbd.json
 	$(BIN)/python bench/replication_bench.py --output bench/results/replication.json $(if $(C_MIRROR),--c-mirror $(C_MIRROR))
 	$(BIN)/python bench/backup_bench.py --output bench/results/backup.json
+	$(BIN)/python bench/incremental_bench.py --output bench/results/incremental.json
+	$(BIN)/python bench/s3_bench.py --output bench/results/s3.json
 	$(BIN)/python bench/writable_bench.py --output bench/results/writable.json
 
 demo: venv system-deps

@@ -16,8 +16,8 @@ Ctrl-C, unless `--keep-snapshot` (then it keeps a lease of `--keep-lease`, as th
 
 An archive is byte-identical when made again from the same snapshot (fixed tar headers and times, fixed
 zstd parameters), which is what lets `--resume` continue an interrupted upload: the run records which
-snapshot it archives beside the upload (`catalog.Marker`), and a resumed run regenerates the archive
-from it and uploads only the parts that are not there yet.
+snapshot it archives beside the upload (a marker, `catalog.mark`), and a resumed run regenerates the
+archive from it and uploads only the parts that are not there yet.
 """
 
 from __future__ import annotations
@@ -309,8 +309,11 @@ def _stream(
             out = Output(
                 job.output,
                 force=conf.force,
+                # The archive is at most its data plus headers and sparse maps: parts sized for that
+                # keep memory low for a large sparse volume, and always fit in S3's 10,000 parts.
                 expected_bytes=manifest.data_bytes + manifest.size // 64 + (64 << 20),
                 resume=conf.resume,
+                on_part=progress.uploaded_part,
             )
             catalog.mark(job.output, volume, snap, made)
             log.info(

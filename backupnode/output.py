@@ -13,6 +13,7 @@ import hashlib
 import os
 import stat
 import sys
+from collections.abc import Callable
 from contextlib import suppress
 from typing import IO, Any
 
@@ -47,7 +48,14 @@ class Output:
     S3 upload unless `keep_upload` (an interruption `--resume` may continue)."""
 
     def __init__(
-        self, url: str, *, force: bool, expected_bytes: int, resume: bool = False, in_flight: int = 4
+        self,
+        url: str,
+        *,
+        force: bool,
+        expected_bytes: int,
+        resume: bool = False,
+        in_flight: int = 4,
+        on_part: Callable[[int], None] | None = None,
     ) -> None:
         self.url = url
         self.name = "standard output" if url == "-" else url
@@ -62,7 +70,11 @@ class Output:
             )
         if s3.is_s3(url):
             self.upload = s3.S3Upload(
-                url, part_size=s3.part_size_for(expected_bytes), in_flight=in_flight, resume=resume
+                url,
+                part_size=s3.part_size_for(expected_bytes),
+                in_flight=in_flight,
+                resume=resume,
+                on_part=on_part,
             )
             self.sha256 = self.upload.sha256  # the upload hashes what it sends
         else:

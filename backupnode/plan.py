@@ -4,9 +4,9 @@ A full archive holds the snapshot's data extents, as NBD block status (``base:al
 them: holes are skipped. An incremental archive holds the ranges the standby reports as changed since
 the base snapshot (`SnapshotChanges`, from its preservation index): those that read as zeros in the
 new snapshot (trimmed, zeroed, or holes) are recorded as zeroed and not read; the rest is read. Block
-status is asked once per *window* of changes (changes less than `WINDOW_GAP` apart share one), so a
-thousand scattered 4 KiB changes cost a few requests, and the cost follows the changed ranges, not the
-volume.
+status is asked once per *window* of changes (changes less than `WINDOW_GAP` apart share one, and
+there are at most `MAX_WINDOWS`), so thousands of scattered 4 KiB changes cost a few dozen requests
+however large the volume, and the standby's cost of each follows the extents it reports.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ Extents = list[tuple[int, int]]
 
 #: Changes closer than this share one block-status request.
 WINDOW_GAP = 4 << 20
+#: At most this many block-status requests for an incremental's changes.
+MAX_WINDOWS = 64
 
 
 class Mapper(Protocol):
@@ -50,17 +52,24 @@ def data_extents(client: Mapper) -> Extents:
     return out
 
 
-def windows(changes: Extents, gap: int = WINDOW_GAP) -> Iterator[tuple[int, int, Extents]]:
-    """The changes grouped: (start, end, the changes in [start, end)) with less than `gap` between
-    two changes of a group."""
-    group: Extents = []
-    for offset, length in changes:
-        if group and offset - (group[-1][0] + group[-1][1]) >= gap:
-            yield group[0][0], group[-1][0] + group[-1][1], group
-            group = []
-        group.append((offset, length))
-    if group:
+def windows(
+    changes: Extents, gap: int = WINDOW_GAP, most: int = MAX_WINDOWS
+) -> Iterator[tuple[int, int, Extents]]:
+    """The changes grouped: (start, end, the changes in [start, end)). Changes less than `gap` apart
+    share a group, and there are at most `most` groups (split at the widest gaps): each group is one
+    block-status request, whose cost on the standby follows the extents it reports, while the cost of a
+    request itself is a round trip. Scattered changes over a large volume thus cost `most` round trips,
+    not one per change."""
+    if not changes:
+        return
+    gaps = [(changes[i + 1][0] - (changes[i][0] + changes[i][1]), i) for i in range(len(changes) - 1)]
+    wide = sorted((g for g in gaps if g[0] >= gap), reverse=True)[: most - 1]
+    cuts = sorted(i for _g, i in wide)
+    first = 0
+    for i in [*cuts, len(changes) - 1]:
+        group = changes[first : i + 1]
         yield group[0][0], group[-1][0] + group[-1][1], group
+        first = i + 1
 
 
 def _runs(start: int, extents: Iterable[Extent]) -> Iterator[tuple[int, int, bool]]:

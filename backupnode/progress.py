@@ -9,6 +9,7 @@ from typing import Any
 from tqdm import tqdm
 
 from standbylib.runtime import logs
+from standbylib.units import human_size
 
 log = logs.get(__name__)
 
@@ -27,6 +28,7 @@ class Progress:
         self.fields = fields
         self.total = 0
         self.done = 0
+        self.uploaded = 0  # archive bytes an upload has sent (or found there already), when there is one
         self._bar: tqdm[Any] | None = None
         self._started = time.monotonic()
         self._logged = self._started
@@ -46,6 +48,12 @@ class Progress:
                 smoothing=0.1,
             )
 
+    def uploaded_part(self, n: int) -> None:
+        """An upload finished a part of `n` bytes: shown beside the bar, and in the log lines."""
+        self.uploaded += n
+        if self._bar is not None:
+            self._bar.set_postfix_str(f"uploaded {human_size(self.uploaded)}", refresh=False)
+
     def advance(self, n: int) -> None:
         self.done += n
         if self._bar is not None:
@@ -63,6 +71,7 @@ class Progress:
                     percent=round(100 * self.done / self.total, 1) if self.total else 100.0,
                     bytes_per_second=round(rate),
                     eta_seconds=round(left, 1) if left is not None else None,
+                    **({"uploaded_bytes": self.uploaded} if self.uploaded else {}),
                     **self.fields,
                 )
 

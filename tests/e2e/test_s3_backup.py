@@ -5,11 +5,14 @@ clear line each, exit 1, nothing left that looks complete, no snapshot left behi
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import signal
+import struct
 import subprocess
+import termios
 import time
 from pathlib import Path
 from typing import Any
@@ -206,3 +209,29 @@ def test_s3_errors_are_one_line_and_leave_nothing_complete(
     assert keys(s3, bucket) == before, "a failed backup changed the bucket"
     assert uploads(s3, bucket) == [], "a failed backup left an upload open"
     assert a.standby.snapshots("vol0") == [], "a failed backup left its snapshot"
+
+
+def test_the_progress_bar_shows_the_upload(appliance: Appliance, s3: S3Server) -> None:
+    """On a terminal, the backup's progress bar shows the bytes uploaded beside the data read."""
+    a = appliance
+    a.writer.write(0, rand(3 * MiB, seed=51))
+    bucket = s3.make_bucket("progress")
+    argv = backup_argv("run", "vol0", "--standby", a.standby.grpc, "--metrics-listen", "off",
+                       "--output", f"s3://{bucket}/vol0.tar.zst")  # fmt: skip
+    terminal, tty = os.openpty()
+    fcntl.ioctl(tty, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a terminal 120 wide
+    proc = subprocess.Popen(argv, env=env_with(s3.env()), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=tty)  # fmt: skip
+    os.close(tty)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(terminal, 65536)
+        except OSError:  # the other side closed: the program ended
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(terminal)
+    assert proc.wait(60) == 0, shown.decode(errors="replace")
+    assert b"uploaded 3.0 MiB" in shown, shown.decode(errors="replace")
