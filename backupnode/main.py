@@ -200,8 +200,18 @@ def add_run_parser(sub: Any) -> None:
         help="back up a volume: snapshot on the standby, stream it over NBD into an archive",
         description="Back up VOLUME: ask the standby for a snapshot (or use --snapshot NAME), read it "
         "over NBD from the address the standby reports, and write the archive strictly sequentially "
-        "(a file, - for standard output, or a tape device). A snapshot made for the backup is deleted "
-        "at the end, also on failure or Ctrl-C, unless --keep-snapshot.",
+        "(a file, - for standard output, a tape device, or s3://BUCKET/KEY; a directory or an "
+        "s3://BUCKET/PREFIX/ names the archive VOLUME-SNAPSHOT.tar.zst in it). With --since, the "
+        "archive is incremental: only the blocks written since that older snapshot, which the standby "
+        "knows from its preservation store (keep each backup's snapshot with --keep-snapshot to make "
+        "the next one incremental; --since latest finds it beside the output). A snapshot made for the "
+        "backup is deleted at the end, also on failure or Ctrl-C, unless --keep-snapshot; after an "
+        "interrupted upload to S3 it stays until its lease runs out, for --resume.",
+        epilog="Examples: standby-backup run vol0 --output /backup/vol0/ --keep-snapshot; then nightly "
+        "standby-backup run vol0 --output /backup/vol0/ --since latest --keep-snapshot --release-base "
+        "--keep-lease 8d. Endpoint, region and credentials of s3:// come from the standard AWS "
+        "environment variables and files (AWS_ENDPOINT_URL, AWS_PROFILE, ~/.aws/...). "
+        "docs/OPERATIONS.md has the nightly set-up.",
     )
     r.add_argument("volume", metavar="VOLUME")
     cfg.add_options(r, RunConfig)

@@ -18,7 +18,6 @@ restored, and the image compared with the primary's volume::
 from __future__ import annotations
 
 import argparse
-import random
 import shutil
 import subprocess
 import sys
@@ -41,28 +40,12 @@ from benchlib import (
     start_nbdkit_file,
     start_primary,
     start_standby,
+    text_and_random_volume,
     tool_version,
 )
 
 MiB = 1 << 20
 EXTENT = 16 * MiB
-
-
-def make_volume(path: Path, size: int) -> int:
-    """Every other 16 MiB extent holds data: half random bytes, half repeated text. Data bytes."""
-    rng = random.Random(5)
-    text = b"".join(
-        f"block {i} of the protected volume, written by the benchmark\n".encode() for i in range(20000)
-    )
-    data = 0
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for offset in range(0, size, 2 * EXTENT):
-            f.seek(offset)
-            for piece in range(0, EXTENT, MiB):
-                f.write(rng.randbytes(MiB // 2) + text[piece % len(text) :][: MiB // 2].ljust(MiB // 2, b"."))
-            data += EXTENT
-    return data
 
 
 def timed(argv: list[str], **kw: Any) -> float:
@@ -87,7 +70,8 @@ def main() -> int:
     standby = primary = nbdkit = None
     try:
         volume = work / "primary.img"
-        data = make_volume(volume, size)
+        data = size // 2
+        text_and_random_volume(volume, size, data)
         standby = start_standby(work / "standby", "--preservation-capacity", "1GiB")
         grpc = standby.addresses["grpc"]
         primary = start_primary([f"vol0={volume},size={size}"], grpc, work / "primary.log")

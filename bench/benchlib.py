@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import platform
+import random
 import re
 import statistics
 import subprocess
@@ -104,6 +105,37 @@ def emit(doc: dict[str, Any], output: str | None) -> None:
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(text + "\n")
+
+
+def text_and_random_volume(path: Path, size: int, data: int) -> None:
+    """A sparse `size`-byte volume file holding `data` bytes in 16 MiB extents spread evenly (every other
+    extent when `data` is half the size), each half random bytes and half repeated text (moderately
+    compressible); holes elsewhere. The same bytes on every call."""
+    extent = 16 << 20
+    rng = random.Random(5)
+    text = b"".join(
+        f"block {i} of the protected volume, written by the benchmark\n".encode() for i in range(20000)
+    )
+    stride = max(2 * extent, size // max(data // extent, 1) // extent * extent)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        written = 0
+        for offset in range(0, size, stride):
+            if written >= data:
+                break
+            f.seek(offset)
+            for piece in range(0, extent, 1 << 20):
+                half = text[piece % len(text) :][: 1 << 19].ljust(1 << 19, b".")
+                f.write(rng.randbytes(1 << 19) + half)
+            written += extent
+
+
+def random_volume(path: Path, size: int, data: int) -> None:
+    """A sparse `size`-byte volume file whose first `data` bytes are random (incompressible)."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for _ in range(data // (64 << 20)):
+            f.write(os.urandom(64 << 20))
 
 
 def sha256_file(path: str | Path) -> str:

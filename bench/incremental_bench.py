@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from benchlib import (
     log,
     machine,
     median,
+    random_volume,
     sha256_file,
     start_primary,
     start_standby,
@@ -86,6 +88,18 @@ def change(uri: str, span: int, seed: int) -> None:
     )  # fmt: skip
 
 
+def alternate(
+    pairs: int, a: tuple[str, Callable[[], float]], b: tuple[str, Callable[[], float]]
+) -> tuple[list[float], list[float]]:
+    """`pairs` timings of each of two runs, alternating which goes first; (a's, b's)."""
+    times: dict[str, list[float]] = {a[0]: [], b[0]: []}
+    for i in range(pairs):
+        for name, run in (a, b) if i % 2 == 0 else (b, a):
+            times[name].append(run())
+        log(f"pair {i + 1}/{pairs}: " + ", ".join(f"{n} {t[-1]:.3f} s" for n, t in times.items()))
+    return times[a[0]], times[b[0]]
+
+
 def ratio_figure(fid: str, what: str, ours: list[float], peer: list[float], target: float) -> dict[str, Any]:
     """`ours` over `peer`, pair by pair; the median against a `<= target` goal."""
     ratios = [o / p for o, p in zip(ours, peer, strict=True)]
@@ -121,10 +135,7 @@ def main() -> int:
     figures: list[dict[str, Any]] = []
     try:
         vol0 = work / "vol0.img"
-        with open(vol0, "wb") as f:  # random data, mirrored by the initial full sync
-            for _ in range(small // (64 * MiB)):
-                f.write(subprocess.run(["head", "-c", str(64 * MiB), "/dev/urandom"], check=True,
-                                       capture_output=True).stdout)  # fmt: skip
+        random_volume(vol0, small, small)  # random data, mirrored by the initial full sync
         standby = start_standby(work / "standby", "--preservation-capacity", "2GiB")
         grpc = standby.addresses["grpc"]
         primary = start_primary(
@@ -157,16 +168,11 @@ def main() -> int:
         full_s1, inc_s1 = out / "vol0-s1-full.tar.zst", out / "vol0-s1-inc.tar.zst"
         timed(backup_cmd(grpc, "vol0", "s1", full_s1))
         incremental("vol0", inc_s1)
-        inc_t: list[float] = []
-        full_t: list[float] = []
-        for i in range(pairs):
-            order = ("inc", "full") if i % 2 == 0 else ("full", "inc")
-            for who in order:
-                if who == "inc":
-                    inc_t.append(incremental("vol0", inc_s1))
-                else:
-                    full_t.append(timed(backup_cmd(grpc, "vol0", "s1", full_s1)))
-            log(f"pair {i + 1}/{pairs}: incremental {inc_t[-1]:.3f} s, full {full_t[-1]:.3f} s")
+        inc_t, full_t = alternate(
+            pairs,
+            ("incremental", lambda: incremental("vol0", inc_s1)),
+            ("full", lambda: timed(backup_cmd(grpc, "vol0", "s1", full_s1))),
+        )
         fig = ratio_figure(
             "incremental_1pct_vs_full",
             f"{small // MiB} MiB volume of random data, {CHANGED // MiB} MiB changed in random 4 KiB blocks: "
@@ -199,16 +205,11 @@ def main() -> int:
         # 2. the same changed bytes on a 16 GiB volume vs the 1 GiB one
         inc_large = out / "vol1-s1-inc.tar.zst"
         incremental("vol1", inc_large)
-        large_t: list[float] = []
-        small_t: list[float] = []
-        for i in range(pairs):
-            order = ("large", "small") if i % 2 == 0 else ("small", "large")
-            for who in order:
-                if who == "large":
-                    large_t.append(incremental("vol1", inc_large))
-                else:
-                    small_t.append(incremental("vol0", inc_s1))
-            log(f"pair {i + 1}/{pairs}: large {large_t[-1]:.3f} s, small {small_t[-1]:.3f} s")
+        large_t, small_t = alternate(
+            pairs,
+            (f"{large // GiB} GiB", lambda: incremental("vol1", inc_large)),
+            (f"{small // MiB} MiB", lambda: incremental("vol0", inc_s1)),
+        )
         figures.append(
             ratio_figure(
                 "incremental_16g_vs_1g",
@@ -233,16 +234,11 @@ def main() -> int:
         newest_full = out / "vol0-s7-full.tar.zst"
         timed(backup_cmd(grpc, "vol0", "s7", newest_full))
         a_img, b_img = work / "chain.img", work / "alone.img"
-        chain_t: list[float] = []
-        alone_t: list[float] = []
-        for i in range(pairs):
-            order = ("chain", "alone") if i % 2 == 0 else ("alone", "chain")
-            for who in order:
-                if who == "chain":
-                    chain_t.append(timed([*restore, *map(str, chain), "--output", str(a_img), "--force"]))
-                else:
-                    alone_t.append(timed([*restore, str(newest_full), "--output", str(b_img), "--force"]))
-            log(f"pair {i + 1}/{pairs}: chain {chain_t[-1]:.3f} s, full alone {alone_t[-1]:.3f} s")
+        chain_t, alone_t = alternate(
+            pairs,
+            ("chain", lambda: timed([*restore, *map(str, chain), "--output", str(a_img), "--force"])),
+            ("full alone", lambda: timed([*restore, str(newest_full), "--output", str(b_img), "--force"])),
+        )
         fig = ratio_figure(
             "chain_restore_vs_full",
             f"restore of a full archive + {len(chain) - 1} incrementals ({CHANGED // MiB} MiB changed "

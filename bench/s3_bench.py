@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -44,10 +43,12 @@ from benchlib import (  # noqa: E402
     log,
     machine,
     paired,
+    random_volume,
     sha256_file,
     start_nbdkit_file,
     start_primary,
     start_standby,
+    text_and_random_volume,
     tool_version,
 )
 from s3server import running_s3  # noqa: E402
@@ -65,33 +66,6 @@ s3 = boto3.client("s3", config=Config(s3={"addressing_style": "path"},
                   request_checksum_calculation="when_required", response_checksum_validation="when_required"))
 s3.upload_fileobj(sys.stdin.buffer, sys.argv[1], sys.argv[2])
 """
-
-
-def make_volume(path: Path, size: int, data: int) -> None:
-    """`data` bytes in alternate 16 MiB extents (half random bytes, half repeated text), holes elsewhere."""
-    rng = random.Random(5)
-    text = b"".join(
-        f"block {i} of the protected volume, written by the benchmark\n".encode() for i in range(20000)
-    )
-    stride = max(2 * EXTENT, size // max(data // EXTENT, 1) // EXTENT * EXTENT)
-    with open(path, "wb") as f:
-        f.truncate(size)
-        written = 0
-        for offset in range(0, size, stride):
-            if written >= data:
-                break
-            f.seek(offset)
-            for piece in range(0, EXTENT, MiB):
-                f.write(rng.randbytes(MiB // 2) + text[piece % len(text) :][: MiB // 2].ljust(MiB // 2, b"."))
-            written += EXTENT
-
-
-def random_volume(path: Path, size: int, data: int) -> None:
-    """`data` bytes of random data at the start of a sparse `size`-byte file."""
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for _ in range(data // (64 * MiB)):
-            f.write(os.urandom(64 * MiB))
 
 
 def wait_synced(replica: Path, volume: Path) -> None:
@@ -136,7 +110,7 @@ def main() -> int:
             os.environ.update(server.env())  # for this process's checks
             bucket = server.make_bucket("bench")
             volume, large, medium = work / "vol0.img", work / "vol1.img", work / "vol2.img"
-            make_volume(volume, size, size // 2)
+            text_and_random_volume(volume, size, size // 2)
             random_volume(large, big, big_data)
             random_volume(medium, big, big_data // 4)
             standby = start_standby(work / "standby", "--preservation-capacity", "1GiB")

@@ -18,7 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_support import Appliance, Daemons, MiB, Model, Writer, backup_argv, rand, run, sync_mode_pair
+from e2e_support import (
+    Appliance,
+    Daemons,
+    MiB,
+    Model,
+    Standby,
+    Writer,
+    backup_argv,
+    rand,
+    run,
+    sync_mode_pair,
+)
 from linkproxy import LinkProxy
 from s3server import S3Server
 
@@ -42,6 +53,25 @@ def ctl(env: dict[str, str], *args: str, check: bool = True) -> subprocess.Compl
 def object_sha(s3: S3Server, bucket: str, key: str) -> str:
     body = s3.client().get_object(Bucket=bucket, Key=key)["Body"].read()
     return hashlib.sha256(body).hexdigest()
+
+
+def big_upload(
+    daemons: Daemons, tmp: Path, s3: S3Server, bucket: str
+) -> tuple[Standby, Model, str, LinkProxy, dict[str, str], str, list[str]]:
+    """A 128 MiB volume holding BIG bytes of random data, a bucket, a proxy between the backup node and
+    the S3 server (to hold the link at will), and the backup's command line to `s3://BUCKET/vol0.tar.zst`
+    through it, with its environment."""
+    standby, primary = sync_mode_pair(daemons, tmp, size="128MiB")
+    model = Model(128 * MiB)
+    scratch = tmp / "scratch"
+    scratch.mkdir()
+    Writer(primary.uri("vol0"), model, scratch).write(0, rand(BIG, seed=len(bucket)))
+    s3.make_bucket(bucket)
+    proxy = LinkProxy(s3.endpoint.removeprefix("http://"))
+    env = {**s3.env(), "AWS_ENDPOINT_URL": f"http://{proxy.address}"}
+    url = f"s3://{bucket}/vol0.tar.zst"
+    argv = backup_argv("run", "vol0", "--standby", standby.grpc, "--metrics-listen", "off", "--output", url)
+    return standby, model, bucket, proxy, env, url, argv
 
 
 def env_with(env: dict[str, str]) -> dict[str, str]:
@@ -96,16 +126,7 @@ def test_full_and_incremental_archives_on_s3_restore_verify_and_list(
 def test_killed_mid_upload_then_resumed_gives_the_same_archive(
     daemons: Daemons, tmp_path: Path, s3: S3Server
 ) -> None:
-    standby, primary = sync_mode_pair(daemons, tmp_path, size="128MiB")
-    model = Model(128 * MiB)
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    Writer(primary.uri("vol0"), model, scratch).write(0, rand(BIG, seed=31))
-    bucket = s3.make_bucket("resume")
-    proxy = LinkProxy(s3.endpoint.removeprefix("http://"))
-    env = {**s3.env(), "AWS_ENDPOINT_URL": f"http://{proxy.address}"}
-    url = f"s3://{bucket}/vol0.tar.zst"
-    argv = backup_argv("run", "vol0", "--standby", standby.grpc, "--metrics-listen", "off", "--output", url)
+    standby, _model, bucket, proxy, env, url, argv = big_upload(daemons, tmp_path, s3, "resume")
     proc = subprocess.Popen(
         argv, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
@@ -146,16 +167,7 @@ def test_killed_mid_upload_then_resumed_gives_the_same_archive(
 def test_s3_server_restarted_mid_upload_the_backup_completes(
     daemons: Daemons, tmp_path: Path, s3: S3Server
 ) -> None:
-    standby, primary = sync_mode_pair(daemons, tmp_path, size="128MiB")
-    model = Model(128 * MiB)
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    Writer(primary.uri("vol0"), model, scratch).write(0, rand(BIG, seed=41))
-    bucket = s3.make_bucket("restart")
-    proxy = LinkProxy(s3.endpoint.removeprefix("http://"))
-    env = {**s3.env(), "AWS_ENDPOINT_URL": f"http://{proxy.address}"}
-    url = f"s3://{bucket}/vol0.tar.zst"
-    argv = backup_argv("run", "vol0", "--standby", standby.grpc, "--metrics-listen", "off", "--output", url)
+    _standby, model, _bucket, proxy, env, url, argv = big_upload(daemons, tmp_path, s3, "restart")
     proxy.stall()  # the upload starts and waits on the link
     proc = subprocess.Popen(
         argv, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
