@@ -13,6 +13,10 @@ Endpoint, region and credentials come from the standard AWS environment variable
 (``AWS_ENDPOINT_URL``/``AWS_ENDPOINT_URL_S3``, ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
 ``AWS_PROFILE``, ``AWS_CONFIG_FILE``, ``AWS_SHARED_CREDENTIALS_FILE``, ``AWS_DEFAULT_REGION``), as every
 AWS tool reads them. Every failure comes out as one `S3Error` line naming the object and what to do.
+
+It is longer than the other modules (about 800 lines) because its three parts share one client and one
+table of failures (`translate`): the upload's workers, the reader's read-ahead and the small calls
+(indexes, listings) must all turn a botocore failure into the same one-line errors.
 """
 
 from __future__ import annotations
