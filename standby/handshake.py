@@ -10,6 +10,7 @@ from __future__ import annotations
 from standby.failover import Promoted
 from standby.replica import INCONSISTENT, Replica
 from standby.replicas import Replicas
+from standby.streams import Busy
 from standbylib.blockdev import check_block_size
 from standbylib.errors import InvalidArgument, RequestError, VolumeMismatch
 from standbylib.runtime import logs
@@ -37,9 +38,15 @@ def handshake(
     base_generation: str = "",
     discard: bool = False,
     previous_generation: str = "",
+    primary_id: str = "",
 ) -> tuple[Replica, bool, bool]:
     """The replica of `volume` (created, sparse, at first contact), whether it was created, and
     whether it needs a full sync.
+
+    While a primary mirrors the volume, another primary (`primary_id`) is refused before anything
+    changes, whatever it asks (`discard` included): a second writer's handshake must not flip a live
+    replica to inconsistent. The primary that holds the stream may handshake again (a reconnect whose
+    old stream the standby has not seen end yet).
 
     Generations tell whose data is newer: the replica may hold the primary's current generation
     (in sync), its base or its previous one (older: the primary resyncs what its bitmap marked; the
@@ -47,6 +54,8 @@ def handshake(
     else means the histories diverged: refused as a split brain unless `discard` (then a full sync).
     """
     replica, created = _replica_for(replicas, volume, size, block_size)
+    if replica.connected and replica.primary_id and primary_id and replica.primary_id != primary_id:
+        raise Busy(volume=volume, primary=replica.primary_id)
     if replica.promoted_at:
         raise Promoted(volume=volume, when=replica.promoted_at)
     held = replica.generation

@@ -189,6 +189,7 @@ class StandbyNode:
         base_generation: str = "",
         discard: bool = False,
         previous_generation: str = "",
+        primary_id: str = "",
     ) -> tuple[Replica, bool, bool]:
         """The replica of `volume` (created, sparse, at first contact), whether it was created, and
         whether it needs a full sync (`standby.handshake.handshake`)."""
@@ -201,6 +202,7 @@ class StandbyNode:
             base_generation=base_generation,
             discard=discard,
             previous_generation=previous_generation,
+            primary_id=primary_id,
         )
 
     def replica(self, volume: str) -> Replica:

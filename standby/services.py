@@ -100,6 +100,7 @@ class ReplicationService(replication_pb2_grpc.ReplicationServicer):
                 base_generation=request.base_generation,
                 discard=request.discard_standby_data,
                 previous_generation=request.previous_generation,
+                primary_id=request.primary_id,
             )
         except StandbyError as e:
             self.node.refused(request.volume, e)

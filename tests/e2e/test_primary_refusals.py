@@ -79,3 +79,28 @@ def test_a_standby_refusing_every_batch_is_retried_with_backoff_and_recovers(
     assert back["resync_bytes"] >= MiB, back
     assert len(events(primary.daemon, "mirror_connected")) == connected_before + 1
     assert primary.metrics().get("standby_replication_state", volume="vol0", state="connected") == 1
+
+
+def test_a_second_primary_cannot_take_a_live_volume_even_with_discard(daemons: Daemons, tmp_path) -> None:
+    """Tried as a new user would: a second primary with the same volume name and --discard-standby-data
+    while the first one mirrors. It is refused at its handshake (counted by reason) and the live replica
+    stays up to date: snapshots allowed, the first primary still mirroring."""
+    standby, first = mirrored_pair(daemons, tmp_path)
+    other = tmp_path / "other" / "vol0.img"
+    other.parent.mkdir()
+    second = daemons.primary(
+        standby, {"vol0": f"{other},size=32MiB"}, "--discard-standby-data", in_sync=False
+    )
+    deadline = time.monotonic() + 30
+    while (
+        standby.metrics().find("standby_replication_refusals_total", volume="vol0", reason="busy") or 0
+    ) < 1:
+        assert time.monotonic() < deadline, "the second primary's handshake was never refused"
+        time.sleep(0.1)
+    [vol] = standby.status()["volumes"]
+    assert vol["state"] == "uptodate", vol
+    standby.snapshot("vol0", "after-the-intruder")
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x77 0 1M", "-c", "flush", first.uri("vol0"))
+    first.wait_in_sync()
+    assert sha(first.volumes["vol0"]) == sha(standby.replica("vol0"))
+    assert second.daemon.alive(), "the refused primary keeps serving its own clients"

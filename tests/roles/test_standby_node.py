@@ -100,6 +100,21 @@ def test_one_stream_per_volume(node):
         node.open_stream("vol0", "p2", 1)
 
 
+def test_another_primary_cannot_handshake_a_volume_held_by_a_live_primary_whatever_its_flags(node):
+    replica, _, _ = node.handshake("vol0", MiB, 4096, primary_id="p1")
+    node.open_stream("vol0", "p1", 1, resync=True, generation="g1")
+    node.apply(replica, 1, [(0, b"1" * 4096)], False, uptodate=True)
+    assert replica.state == "uptodate"
+    for flags in ({}, {"discard": True}, {"generation": "g9", "discard": True}):
+        with pytest.raises(StandbyError, match="already being mirrored by primary p1"):
+            node.handshake("vol0", MiB, 4096, primary_id="p2", **flags)
+        assert replica.state == "uptodate" and replica.generation == "g1", flags
+    node.create_snapshot("vol0", "still-allowed")  # the live replica was not flipped to inconsistent
+    # The holder itself may handshake again (a reconnect before its old stream was seen to end).
+    _, _, full = node.handshake("vol0", MiB, 4096, primary_id="p1", generation="g1")
+    assert not full
+
+
 def test_snapshots_freeze_the_replica_and_survive_a_restart(tmp_path):
     data = str(tmp_path / "data")
     node = StandbyNode(data, capacity="64MiB")
