@@ -139,12 +139,17 @@ class Daemon:
         return self.proc.poll() is None
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
-        """SIGTERM and wait; the exit status, or None when it had to be killed."""
+        """SIGTERM and wait; the exit status, or None when it had to be killed (after SIGUSR1, which
+        makes the appliance's programs write every thread's stack to their log: what it hung on)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.send_signal(signal.SIGUSR1)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(1)
                 self.kill()
                 return None
         self._reader.join(10)

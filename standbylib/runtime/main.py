@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import signal
 import sys
 import threading
@@ -22,7 +23,11 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def run(prog: str, body: Callable[[], int], *, debug: bool = False) -> int:
-    """Run `body`; a library error becomes one line on stderr and exit code 1 (2 for configuration)."""
+    """Run `body`; a library error becomes one line on stderr and exit code 1 (2 for configuration).
+
+    ``kill -USR1 PID`` makes any of the programs write every thread's stack to stderr (its log) and go
+    on: what a process that hangs is waiting for."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         return body()
     except ConfigError as e:

@@ -328,14 +328,19 @@ class Daemons:
             if d.alive():
                 rc = d.stop()
                 if rc is None:
-                    problems.append(f"{d.name} did not exit within {STOP_TIMEOUT:.0f} s of SIGTERM (killed)")
+                    problems.append(
+                        f"{d.name} did not exit within {STOP_TIMEOUT:.0f} s of SIGTERM (killed after "
+                        "SIGUSR1: its threads' stacks end its log)"
+                    )
                 elif rc != 0:
                     problems.append(f"{d.name} exited with {rc} on SIGTERM, expected 0")
             if d.leftovers():
                 problems.append(f"{d.name} left processes behind in its process group (killed)")
             d.close()
             if problems and problems[-1].startswith(d.name):
-                problems.append(f"log tail of {d.name} ({d.log_path}):\n{d.tail(25)}")
+                # A hung daemon's stacks (SIGUSR1) are long: show them whole.
+                lines = 400 if "SIGUSR1" in problems[-1] else 25
+                problems.append(f"log tail of {d.name} ({d.log_path}):\n{d.tail(lines)}")
         return problems
 
 
