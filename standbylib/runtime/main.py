@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import signal
 import sys
@@ -27,7 +28,8 @@ def run(prog: str, body: Callable[[], int], *, debug: bool = False) -> int:
 
     ``kill -USR1 PID`` makes any of the programs write every thread's stack to stderr (its log) and go
     on: what a process that hangs is waiting for."""
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    with contextlib.suppress(OSError, ValueError):  # stderr without a file descriptor (in-process tests)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         return body()
     except ConfigError as e:
