@@ -215,9 +215,8 @@ def unmark(url: str) -> None:
 
 
 def resumed_marker(output: str, volume: str) -> dict[str, Any] | None:
-    """The marker of the interrupted upload `--resume` continues (None: there is none to continue)."""
-    if not s3.is_s3(output):
-        raise CatalogError(detail="--resume continues an interrupted upload to s3://: give an s3:// --output")
+    """The marker of the interrupted upload `--resume` continues (None: there is none to continue); the
+    output is on S3 (`output.preflight` refused anything else)."""
     client = s3.client()
     if is_destination(output):
         prefix = s3.S3Location.parse_prefix(output)

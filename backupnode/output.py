@@ -64,10 +64,6 @@ class Output:
         self.upload: s3.S3Upload | None = None
         self.file: IO[bytes] | None = None
         self.regular = False
-        if resume and not s3.is_s3(url):
-            raise OutputFailed(
-                detail="--resume continues an interrupted upload to s3://: give an s3:// --output"
-            )
         if s3.is_s3(url):
             self.upload = s3.S3Upload(
                 url,
