@@ -40,7 +40,7 @@ typecheck: venv
 	$(BIN)/mypy
 
 test: venv system-deps proto-check lint typecheck
-	$(BIN)/pytest -m "not soak" $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not soak" -n 2 --dist loadfile $(PYTEST_ARGS)
 
 soak: venv system-deps
 	$(BIN)/pytest -m soak $(PYTEST_ARGS)
@@ -54,6 +54,7 @@ bench: venv system-deps
 	$(BIN)/python bench/incremental_bench.py --output bench/results/incremental.json
 	$(BIN)/python bench/s3_bench.py --output bench/results/s3.json
 	$(BIN)/python bench/writable_bench.py --output bench/results/writable.json
+	$(BIN)/python bench/failover_bench.py --output bench/results/failover.json
 
 demo: venv system-deps
 	$(BIN)/python scripts/demo.py

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from primary.mirror import Finisher, Mirror
+from primary.mirror import Finisher, Mirror, WritesFenced
 from standbylib.blockdev import Device, check_range
 from standbylib.rawfile import Buffer, is_zero
 from standbylib.readplan import ReadPlan
@@ -44,7 +44,7 @@ class MirroredDevice:
         self.block_size = mirror.block_size
         self.metrics: WriteMetrics = metrics or NullWriteMetrics()
         self._order = threading.Lock()
-        mirror.attach(self._order, device.read, self._is_hole)
+        mirror.attach(self._order, device.read, self._is_hole, device)
 
     @property
     def size(self) -> int:
@@ -79,6 +79,7 @@ class MirroredDevice:
 
     def write(self, offset: int, data: Buffer) -> None:
         check_range(offset, len(data), self.size)
+        self.mirror.check_writable()
         start = time.perf_counter()
         first, end = self._aligned(offset, len(data))
         self.mirror.mark(first, end - first)  # durable in the bitmap before the write
@@ -88,10 +89,11 @@ class MirroredDevice:
                 self.device.write(offset, data)
             op = self._mirror_range(offset, len(data), data, tracked)
         self.mirror.wait(op)
+        self.mirror.check_writable()  # fenced while it waited: not on the standby, and will not be
         self.metrics.write_done(self.name, time.perf_counter() - start, len(data))
 
     def write_async(
-        self, offset: int, data: Buffer, done: Callable[[], Finisher], more: bool = False
+        self, offset: int, data: Buffer, done: Callable[..., Finisher], more: bool = False
     ) -> bool:
         """`write` without blocking the caller: `done` is called once the write is acknowledged as the
         mode asks (maybe before this returns); what it returns is a `Mirror.when_done` finisher. False,
@@ -103,6 +105,7 @@ class MirroredDevice:
 
         The local write itself happens before this returns, under the order lock; errors raise."""
         check_range(offset, len(data), self.size)
+        self.mirror.check_writable()
         start = time.perf_counter()
         first, end = self._aligned(offset, len(data))
         if not self.mirror.try_mark(first, end - first):
@@ -119,6 +122,10 @@ class MirroredDevice:
 
         def finished() -> Finisher:
             self.metrics.write_done(self.name, time.perf_counter() - start, nbytes)
+            try:
+                self.mirror.check_writable()  # fenced meanwhile: not on the standby, and never will be
+            except WritesFenced as e:
+                return done(e)
             return done()
 
         self.mirror.when_done(op, finished)
@@ -126,6 +133,7 @@ class MirroredDevice:
 
     def zero(self, offset: int, length: int) -> None:
         check_range(offset, length, self.size)
+        self.mirror.check_writable()
         start = time.perf_counter()
         first, end = self._aligned(offset, length)
         self.mirror.mark(first, end - first)
@@ -135,6 +143,7 @@ class MirroredDevice:
                 self.device.zero(offset, length)
             op = self._mirror_range(offset, length, None, tracked)
         self.mirror.wait(op)
+        self.mirror.check_writable()
         self.metrics.write_done(self.name, time.perf_counter() - start, length)
 
     def flush(self) -> None:

@@ -131,6 +131,11 @@ class Generations:
         self.mismatch = ""  # why the volume file is not the bound one (then nothing is written)
         self.bind_reason = ""  # why the file was bound at this start: new, upgrade, discard
         self.unsaved = False  # a change (`agree`) not written yet
+        # Why this primary is outdated (the standby took the volume over: fenced); "" when it is not.
+        self.outdated = ""
+        # This primary's identity for this volume, kept across restarts: the standby refuses another one
+        # (a volume is taken over from one primary to another only by an operator on the standby).
+        self.primary_id = str(uuid.uuid4())
         new = False
         try:
             with open(path) as fh:
@@ -142,6 +147,8 @@ class Generations:
                 self.bound = dict(bound)
                 self.xattr = bool(bound.get("xattr", False))
             self.clean = data.get("clean")
+            self.outdated = "" if discard else str(data.get("outdated", ""))
+            self.primary_id = str(data.get("primary") or self.primary_id)
         except FileNotFoundError:
             self.current, self.base = str(uuid.uuid4()), ""
             new = True
@@ -280,6 +287,27 @@ class Generations:
             self.unsaved = True
             self._save()
 
+    def fence(self, reason: str) -> None:
+        """The standby took the volume over: this primary is outdated until a failback (recorded, so a
+        restart stays fenced; raises `StateWriteError` when it cannot be written, kept in memory)."""
+        if self.outdated != reason:
+            self.outdated = reason
+            self._save()
+
+    def adopt(self, generation: str) -> None:
+        """The volume now holds the standby's `generation` exactly (a failback pulled it): that is the
+        current generation and the base, and the primary is no longer outdated."""
+        self._save(current=generation, base=generation, previous="", outdated="")
+        self.current = self.base = generation
+        self.previous = self.outdated = ""
+        if self.volume is not None and self.xattr:
+            try:
+                self.volume.write_xattr(generation)
+            except OSError as e:
+                raise StateWriteError(
+                    what="the generation", path=self.volume.path, detail=e.strerror or str(e)
+                ) from e
+
     def flush(self) -> None:
         """Write what an earlier failure left unsaved."""
         if self.unsaved:
@@ -313,6 +341,8 @@ class Generations:
             "previous": self.previous,
             "volume": self.bound,
             "clean": self.clean,
+            "outdated": self.outdated,
+            "primary": self.primary_id,
         }
         state.update(changes)
         if state["volume"] is None:

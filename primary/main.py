@@ -22,7 +22,7 @@ from primary.bitmap import DEFAULT_GRANULARITY, DEFAULT_HOT_BYTES, WriteIntentBi
 from primary.device import MirroredDevice
 from primary.generations import Generations, VolumeFile
 from primary.metrics import PrimaryMetrics
-from primary.mirror import MODES, TRANSPORTS, Mirror
+from primary.mirror import FENCING, MODES, TRANSPORTS, Mirror
 from standbylib.blockdev import Device, check_block_size, open_file_device
 from standbylib.errors import DeviceBusy, InvalidArgument, StandbyError
 from standbylib.nbd.server import NbdServer
@@ -99,6 +99,13 @@ class PrimaryConfig(NbdTlsSettings, ClientTlsSettings, LogSettings):
         "when a client's write is answered: sync = after the standby applied it, received = after it "
         "received it, async = after the local write (FLUSH always waits for the standby's durability)",
         choices=MODES,
+    )
+    fencing: str = cfg.setting(
+        "refuse-writes",
+        "when the standby took the volume over (promoted it), this primary is outdated until a failback: "
+        "refuse-writes = clients' writes fail with EIO (no divergence), keep-serving = they go on, only "
+        "on this host, and are replaced by the standby's data at the failback (as DRBD's resource-only)",
+        choices=FENCING,
     )
     transport: str = cfg.setting(
         "auto",
@@ -263,6 +270,7 @@ def serve(conf: PrimaryConfig) -> int:
                 tls=tls if tls.enabled else None,
                 transport=conf.transport,
                 data_address=conf.standby_data,
+                fencing=conf.fencing,
             )
             metrics.add_volume(spec.name, mirror)
             devices[spec.name] = MirroredDevice(spec.name, local, mirror, metrics=metrics)
@@ -274,8 +282,9 @@ def serve(conf: PrimaryConfig) -> int:
             if dev.mirror.blocked:
                 continue  # (logged: volume_file_mismatch)
             while not dev.mirror.wait_connected(0.1) and time.monotonic() < deadline and not stop.wait(0):
-                pass
-            if not dev.mirror.live:
+                if dev.mirror.outdated:
+                    break  # (logged: mirror_fenced) the standby answered: it took the volume over
+            if not dev.mirror.live and not dev.mirror.outdated:
                 log.warning(
                     "standby_unreachable",
                     volume=name,

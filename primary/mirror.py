@@ -43,7 +43,6 @@ from __future__ import annotations
 import random
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
@@ -66,7 +65,9 @@ from primary.reports import (
 from primary.resync import Resync
 from primary.stream import TRANSPORT_CODE_NAMES, TRANSPORT_CODES, TRANSPORTS, Transport, details
 from primary.verify import Checksums
-from standbylib.errors import DeviceError, StandbyError
+from standbylib.blockdev import Device
+from standbylib.checksums import DIGEST_SIZE, block_digests
+from standbylib.errors import DeviceError, RequestError, StandbyError
 from standbylib.rawfile import Buffer
 from standbylib.rpc.v1 import replication_pb2, replication_pb2_grpc
 from standbylib.runtime import logs, rpc
@@ -84,7 +85,20 @@ STABLE_SECONDS = 30.0
 #: Replication states (`Mirror.state`): no healthy stream yet; a healthy stream; the link or the standby
 #: is down; the standby refuses (its batches or the handshake); the volume file is not the one its
 #: generations belong to (no attempt is made).
-STATES = ("connecting", "connected", "disconnected", "refused", "blocked")
+STATES = ("connecting", "connected", "disconnected", "refused", "blocked", "outdated")
+#: Longest pause between the handshakes of a fenced primary (it waits for `standbyctl demote`).
+FENCED_RETRY = 2.0
+#: What a fenced primary does with its clients' writes (`--fencing`): refuse them (EIO), or keep
+#: serving them, outdated (they are replaced by the standby's data at the failback).
+FENCING = ("refuse-writes", "keep-serving")
+
+
+class WritesFenced(RequestError):
+    """A client's write to a fenced volume under ``--fencing refuse-writes`` (the NBD client gets EIO)."""
+
+    template = "volume {volume!r} is outdated, so writes are refused (--fencing refuse-writes): {reason}"
+
+
 #: Seconds between flush barriers that let acknowledged regions of the bitmap be cleared.
 CLEAN_INTERVAL = 1.0
 
@@ -111,9 +125,13 @@ class Mirror:
         tls: TlsFiles | None = None,
         transport: str = "auto",
         data_address: tuple[str, int] | None = None,
+        fencing: str = "refuse-writes",
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+        if fencing not in FENCING:
+            raise ValueError(f"fencing {fencing!r} is not one of {', '.join(FENCING)}")
+        self.fencing = fencing
         self.target = target
         self.tls = tls
         self.volume = volume
@@ -124,7 +142,7 @@ class Mirror:
         self._discard = discard_standby_data
         self._stream_generation = ""
         self.mode = mode
-        self.primary_id = primary_id or str(uuid.uuid4())
+        self.primary_id = primary_id or generations.primary_id
         self.metrics: MirrorMetrics = metrics or NullMirrorMetrics()
         self.ack_timeout = ack_timeout
         self.reports = StateReport(volume, self.metrics)
@@ -137,6 +155,7 @@ class Mirror:
         self._cond = self.log.cond
         self.transport = Transport(self.log, target, tls, transport, data_address)
         self.local = LocalVolume()
+        self._device: Device | None = None  # set by `attach`: where a failback writes
         self.checksums = Checksums(
             self.log,
             self.local,
@@ -167,6 +186,8 @@ class Mirror:
         self._opened_at = 0.0  # when the current stream opened
         self._silenced_stream = 0  # the stream the tick loop cancelled for want of acknowledgements
         self._first_contact = threading.Event()
+        self.failbacks = 0  # failbacks pulled
+        self.failback_bytes = 0  # bytes they wrote locally
         self._heartbeat_sequence = 0  # the next batch number at the last tick
         self._threads = [
             threading.Thread(target=self._run, name=f"mirror-{volume}", daemon=True),
@@ -181,10 +202,23 @@ class Mirror:
         order_lock: AbstractContextManager[object],
         read: Callable[[int, int], bytes],
         is_hole: Callable[[int, int], bool],
+        device: Device | None = None,
     ) -> None:
         """How the resync reads the local volume: under the writers' `order_lock`, so that a region read
-        for resync is queued before any later write to it."""
+        for resync is queued before any later write to it; a failback writes the standby's blocks to
+        `device` under the same lock."""
         self.local.lock, self.local.read, self.local.is_hole = order_lock, read, is_hole
+        self._device = device
+
+    @property
+    def outdated(self) -> str:
+        """Why this primary is outdated (the standby took the volume over); "" when it is not."""
+        return self.generations.outdated
+
+    def check_writable(self) -> None:
+        """Raise `WritesFenced` when the primary is outdated and its fencing policy refuses writes."""
+        if self.generations.outdated and self.fencing == "refuse-writes":
+            raise WritesFenced(volume=self.volume, reason=self.generations.outdated)
 
     def start(self) -> None:
         """Start mirroring; `attach` must have been called (the resync reads the local volume)."""
@@ -357,6 +391,13 @@ class Mirror:
         if self.generations.mismatch:
             self._block(self.generations.mismatch)
             return
+        if self.generations.outdated:
+            with self._cond:
+                self.state, self.last_error = "outdated", self.generations.outdated
+            self.metrics.set_state(self.volume, "outdated")
+            log.error(
+                "mirror_fenced", volume=self.volume, fencing=self.fencing, error=self.generations.outdated
+            )
         delay = BACKOFF_FIRST
         channel = rpc.channel(self.target, self.tls)
         try:
@@ -366,6 +407,8 @@ class Mirror:
                     break
                 if self._reset_backoff:  # the stream was healthy: the first retry is fast again
                     delay, self._reset_backoff = BACKOFF_FIRST, False
+                if self.generations.outdated:  # fenced: ask often, the failback waits on it
+                    delay = min(delay, FENCED_RETRY)
                 pause = random.uniform(delay / 2, delay)
                 delay = min(BACKOFF_CAP, delay * BACKOFF_FACTOR)
                 self._disconnected(failure, pause)
@@ -398,6 +441,8 @@ class Mirror:
             name = e.status
             if name == "UNAVAILABLE" and self._silenced_stream == self.log.stream_id:
                 return silent
+            if name == "ABORTED":
+                return self._fence(str(e))
             if name in TRANSPORT_CODE_NAMES:
                 return (name, str(e), "disconnected")
             self.metrics.refused(self.volume, name.lower())
@@ -409,6 +454,8 @@ class Mirror:
             name = code.name if code is not None else "UNKNOWN"
             if code in TRANSPORT_CODES:
                 return (name, details(e), "disconnected")
+            if code == grpc.StatusCode.ABORTED:
+                return self._fence(details(e))
             self.metrics.refused(self.volume, name.lower())
             return (name, details(e), "refused")
         except StandbyError as e:
@@ -417,6 +464,19 @@ class Mirror:
             log.exception("mirror_stream_failed", volume=self.volume, error=repr(e))
             return ("INTERNAL", repr(e), "disconnected")
         return ("ERROR", "the stream ended", "disconnected")
+
+    def _fence(self, reason: str) -> tuple[str, str, str]:
+        """The standby took the volume over (promoted it): this primary is outdated until a failback.
+        Recorded first, so that the writers the drop of the stream wakes see it."""
+        self.metrics.refused(self.volume, "aborted")
+        first = not self.generations.outdated
+        try:
+            self.generations.fence(reason)
+        except StateWriteError as e:
+            self.reports.failed("generation", e, "outdated in memory; written at the next change")
+        if first:
+            log.error("mirror_fenced", volume=self.volume, fencing=self.fencing, error=reason)
+        return ("ABORTED", reason, "outdated")
 
     def _block(self, message: str) -> None:
         """The volume file is not the one the generations belong to: never connect (see generations)."""
@@ -490,6 +550,9 @@ class Mirror:
         )
         self.handshakes += 1
         self._discard = False  # once: a later reconnect must not throw the resynced data away again
+        if reply.failback:
+            self._pull(stub, reply)
+            return self._handshake(channel)  # holding the standby's generation now: in sync
         if not reply.full_sync and reply.generation and reply.generation == self.generations.previous:
             # The standby completed the last stream's resync but its acknowledgement was lost with the
             # link: it holds that generation completely (the base from now on, should more be lost).
@@ -511,6 +574,93 @@ class Mirror:
         else:  # the same handshake again since the last healthy stream (a standby that keeps refusing)
             log.debug("handshake", **fields)
         return bool(reply.full_sync)
+
+    def _pull(
+        self, stub: replication_pb2_grpc.ReplicationStub, reply: replication_pb2.HandshakeReply
+    ) -> None:
+        """Failback: write the blocks the standby tracked while it was promoted, and those of this
+        primary's own set bitmap regions that differ from the standby's, from the standby to the local
+        volume; then hold the standby's generation.
+
+        The bitmap's set regions are mostly what the standby holds already (acknowledged, not cleared
+        yet: the hot set), so they are compared by checksum first (one digest per block, from the
+        standby) and only the blocks that differ are pulled. The writers' order lock is held
+        throughout, so no client write lands in the middle (they wait); a crash before the end leaves
+        the generations as they were, and the next handshake pulls again.
+        """
+        assert self._device is not None, "a failback needs the mirror attached to its device"
+        device = self._device
+        timeout = max(60.0, self.size / (20 << 20))
+        regions = [self.bitmap.span(r) for r in self.bitmap.dirty_regions()]
+        started = time.monotonic()
+        log.warning(
+            "failback_started",
+            volume=self.volume,
+            standby_generation=reply.generation,
+            tracked_bytes=reply.tracked_bytes,
+            primary_regions_bytes=sum(n for _, n in regions),
+        )
+        written = 0
+        last: replication_pb2.FailbackChunk | None = None
+
+        def pull(regions: list[tuple[int, int]], checksums: bool) -> Iterator[replication_pb2.FailbackChunk]:
+            nonlocal last
+            request = replication_pb2.FailbackPullRequest(
+                volume=self.volume,
+                primary_id=self.primary_id,
+                generation=reply.generation,
+                regions=[replication_pb2.Extent(offset=o, length=n) for o, n in regions],
+                checksums=checksums,
+            )
+            last = None
+            for chunk in stub.FailbackPull(request, timeout=timeout):
+                if chunk.done:
+                    last = chunk
+                    return
+                if chunk.offset + chunk.length > self.size:
+                    raise StandbyError(detail=f"the standby sent a failback chunk beyond the volume: {chunk}")
+                yield chunk
+            raise StandbyError(detail="the failback stream ended before its last message")
+
+        bs = self.block_size
+        with self.local.lock:
+            differ: list[tuple[int, int]] = []
+            if regions:
+                for chunk in pull(regions, checksums=True):
+                    local = block_digests(device.read(chunk.offset, chunk.length), bs)
+                    for i in range(0, len(local), DIGEST_SIZE):
+                        if local[i : i + DIGEST_SIZE] != chunk.digests[i : i + DIGEST_SIZE]:
+                            block = chunk.offset + i // DIGEST_SIZE * bs
+                            if differ and differ[-1][0] + differ[-1][1] == block:
+                                differ[-1] = (differ[-1][0], differ[-1][1] + bs)
+                            else:
+                                differ.append((block, bs))
+            for chunk in pull(differ, checksums=False):
+                if len(chunk.data) not in (0, chunk.length):
+                    raise StandbyError(detail=f"the standby sent a bad failback chunk at {chunk.offset}")
+                if chunk.data:
+                    device.write(chunk.offset, chunk.data)
+                else:
+                    device.zero(chunk.offset, chunk.length)
+                written += chunk.length
+            assert last is not None
+            device.flush()
+            self.generations.adopt(reply.generation)
+            spans = [self.bitmap.resync_begin(r) for r in self.bitmap.dirty_regions()]
+            self.bitmap.release_all(spans)
+            self.bitmap.clean(force=True)
+        self.failbacks += 1
+        self.failback_bytes += written
+        log.warning(
+            "failback_pulled",
+            volume=self.volume,
+            generation=reply.generation,
+            tracked_bytes=last.tracked_bytes,
+            differing_bytes=sum(n for _, n in differ),
+            sent_bytes=last.sent_bytes,
+            written_bytes=written,
+            seconds=round(time.monotonic() - started, 3),
+        )
 
     def _stream(self, channel: grpc.Channel) -> None:
         """Open a stream (from here on writes are mirrored) and run it until it ends (raises)."""

@@ -5,12 +5,17 @@ standbyctl [--standby H:P] snapshot create VOLUME [NAME] [--writable] [--capacit
 standbyctl [--standby H:P] snapshot list [VOLUME] [--json]
 standbyctl [--standby H:P] snapshot delete VOLUME NAME
 standbyctl [--standby H:P] verify VOLUME [--repair] [--json]
-standbyctl [--standby H:P] promote VOLUME [--force]
+standbyctl [--standby H:P] promote VOLUME [--at SNAPSHOT] [--force]
+standbyctl [--standby H:P] demote VOLUME
+standbyctl [--standby H:P] takeover VOLUME
 
 With --tls-ca the connection uses TLS (mutual TLS with --tls-cert and --tls-key); docs/SECURITY.md.
 
 `promote` is the failover: the replica becomes the primary copy, exported read-write over the
-standby's NBD address as VOLUME (docs/OPERATIONS.md).
+standby's NBD address as VOLUME; with `--at SNAPSHOT`, as the volume was at that snapshot (the state it
+replaces is kept as a snapshot, named in the output). `demote` is the failback: the export ends and the
+old primary, when it reattaches, receives what changed meanwhile, then mirrors again
+(docs/OPERATIONS.md).
 
 `verify` compares the replica with the primary's volume block by block while writes go on (the primary
 must be connected): progress on stderr when it is a terminal, then one line on stdout,
@@ -91,15 +96,46 @@ def parser() -> argparse.ArgumentParser:
         help="failover: make the replica the primary copy, exported read-write as VOLUME over NBD",
         description="Failover: make the replica of VOLUME the primary copy. The standby then exports it "
         "read-write over its NBD address as VOLUME (snapshots and backups go on) and refuses the old "
-        "primary's mirrored writes; reattach the old primary's host as the new standby when it returns "
-        "(docs/OPERATIONS.md). Refused while a primary is connected or a resync is under way.",
+        "primary's mirrored writes: that primary fences itself (its --fencing policy) until "
+        "`standbyctl demote` hands the volume back (docs/OPERATIONS.md). With --at, the volume is first "
+        "rolled back to a snapshot (damage caught after it was mirrored): the state it replaces is kept as "
+        "a new snapshot, named in the output; the rollback rewrites only the blocks written since the "
+        "snapshot and is resumed after a crash. Refused while a primary is connected or a resync is under "
+        "way.",
     )
     promote.add_argument("volume", metavar="VOLUME")
     promote.add_argument(
+        "--at",
+        metavar="SNAPSHOT",
+        default="",
+        help="serve the volume as it was at this read-only snapshot (its other snapshots stay as they are)",
+    )
+    promote.add_argument(
         "--force",
         action="store_true",
-        help="promote even while a primary's stream is open or a resync is under way (data may be lost)",
+        help="promote even while a primary's stream is open (that primary is fenced) or a resync is under "
+        "way (the image may be inconsistent)",
     )
+    demote = sub.add_parser(
+        "demote",
+        help="failback: end the promotion; the old primary receives what changed, then mirrors again",
+        description="Failback: end the promotion of VOLUME. Its read-write export ends at once (clients "
+        "still connected get errors: stop them first). The standby keeps the blocks written while it was "
+        "promoted (and those a rollback changed) tracked; when the old primary reattaches it receives "
+        "exactly those, plus the regions it wrote itself without mirroring them, and then mirrors to this "
+        "standby again. `status` shows the volume `failback` until then.",
+    )
+    demote.add_argument("volume", metavar="VOLUME")
+    takeover = sub.add_parser(
+        "takeover",
+        help="release a volume from its primary so that another primary may claim it",
+        description="A volume belongs to the primary that mirrors it; another primary (a new host, a "
+        "reinstalled agent without its state) whose data is not the replica's history is refused, even "
+        "with --discard-standby-data, until an operator releases the volume here. The next primary to "
+        "connect then claims it, and with --discard-standby-data its data replaces the replica (a full, "
+        "checksummed sync). Refused while a primary is connected.",
+    )
+    takeover.add_argument("volume", metavar="VOLUME")
     verify = sub.add_parser(
         "verify",
         help="compare the replica with the primary's volume, block by block, while writes go on",
@@ -151,6 +187,12 @@ def status_dict(reply: control_pb2.StatusReply) -> dict[str, Any]:
                 "applied_bytes": v.applied_bytes,
                 "cow_copies": v.cow_copies,
                 "last_error": v.last_error,
+                "promoted_at": v.promoted_at,
+                "rolled_back_to": v.rolled_back_to,
+                "kept_snapshot": v.kept_snapshot,
+                "tracked_bytes": v.tracked_bytes,
+                "owner": v.owner,
+                "rollback_remaining_bytes": v.rollback_remaining_bytes,
                 "snapshots": [snapshot_dict(s) for s in v.snapshots],
             }
             for v in reply.volumes
@@ -224,6 +266,18 @@ def print_status(st: dict[str, Any]) -> None:
         )
     print(table(rows))
     for v in st["volumes"]:
+        if v["state"] == "promoted":
+            back = (
+                f", rolled back to {v['rolled_back_to']} (was: {v['kept_snapshot']})"
+                if v["rolled_back_to"]
+                else ""
+            )
+            print(
+                f"{v['name']}: promoted {v['promoted_at']}{back}; "
+                f"{human_size(v['tracked_bytes'])} changed since"
+            )
+        elif v["state"] == "failback":
+            print(f"{v['name']}: waits for its old primary to take back {human_size(v['tracked_bytes'])}")
         if v["last_error"]:
             print(f"{v['name']}: last refused: {v['last_error']}")
     snapshots = [s for v in st["volumes"] for s in v["snapshots"]]
@@ -297,11 +351,29 @@ def execute(args: argparse.Namespace) -> int:
             if args.command == "verify":
                 return run_verify(stub, args, sys.stderr)
             if args.command == "promote":
+                # A rollback takes as long as the blocks to rewrite need: no deadline for it.
                 vol = stub.Promote(
-                    control_pb2.PromoteRequest(volume=args.volume, force=args.force), timeout=args.timeout
+                    control_pb2.PromoteRequest(volume=args.volume, force=args.force, at=args.at),
+                    timeout=None if args.at else args.timeout,
                 )
                 st = status_dict(stub.Status(control_pb2.StatusRequest(), timeout=args.timeout))
+                if vol.rolled_back_to:
+                    print(
+                        f"{vol.name}: rolled back to snapshot {vol.rolled_back_to}; the state it replaced "
+                        f"is kept as snapshot {vol.kept_snapshot}"
+                    )
                 print(f"{vol.name}: promoted; read-write at nbd://{st['nbd']}/{vol.name}")
+                return EXIT_OK
+            if args.command == "takeover":
+                vol = stub.Takeover(control_pb2.TakeoverRequest(volume=args.volume), timeout=args.timeout)
+                print(f"{vol.name}: released; the next primary to connect claims it")
+                return EXIT_OK
+            if args.command == "demote":
+                vol = stub.Demote(control_pb2.DemoteRequest(volume=args.volume), timeout=args.timeout)
+                print(
+                    f"{vol.name}: demoted; {human_size(vol.tracked_bytes)} changed while promoted wait for "
+                    "the old primary (it receives them when it reattaches)"
+                )
                 return EXIT_OK
             if args.command == "status":
                 st = status_dict(stub.Status(control_pb2.StatusRequest(), timeout=args.timeout))

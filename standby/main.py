@@ -4,8 +4,9 @@ standby-daemon --data-dir DIR [--listen H:P] [--data-listen H:P|off] [--nbd-list
                [--preservation-capacity SIZE|PCT%] [--on-full invalidate|defer]
                [--tls-cert FILE --tls-key FILE [--tls-ca FILE] [--require-client-cert]]
                [--nbd-tls off|optional|require [--nbd-tls-cert FILE --nbd-tls-key FILE --nbd-tls-ca FILE]]
+               [--policy FILE]
 
-TLS: docs/SECURITY.md.
+TLS and authorization by certificate identity (--policy): docs/SECURITY.md.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import ssl
 import sys
 from dataclasses import dataclass
 
+import grpc
 from prometheus_client import CollectorRegistry
 
-from standby import services
+from standby import authz, services
 from standby.datachannel import DataChannelServer
 from standby.metrics import StandbyMetrics
 from standby.node import StandbyNode, check_capacity
+from standby.policy import Policy, load_setting
 from standbylib.nbd.server import NbdServer
 from standbylib.runtime import config as cfg
 from standbylib.runtime import logs
@@ -95,6 +98,14 @@ class StandbyConfig(NbdTlsSettings, LogSettings):
         "mutual TLS: refuse gRPC clients (and NBD clients over TLS) without a certificate signed by "
         "--tls-ca (--nbd-tls-ca for NBD)",
     )
+    policy: Policy | None = cfg.setting(  # noqa: RUF009 (a dataclass field, as every setting)
+        None,
+        "authorization by client certificate identity: a TOML file granting identities (CN=NAME, "
+        "DNS:NAME, URI:URI, email:ADDRESS) roles on volumes; needs mutual TLS; not set: every client "
+        "the CA vouches for may do everything (docs/SECURITY.md)",
+        parse=load_setting,
+        metavar="FILE",
+    )
 
 
 def parse_adopt(spec: str) -> tuple[str, str, int]:
@@ -131,6 +142,27 @@ def tls_mode(tls: TlsFiles) -> str:
     return "mutual" if tls.require_client_cert else "on" if tls.enabled else "off"
 
 
+def check_policy(conf: StandbyConfig, tls: TlsFiles) -> None:
+    """A policy needs identities: gRPC over mutual TLS, every client presenting a certificate."""
+    if conf.policy is None:
+        return
+    if not tls.enabled:
+        missing = "gRPC has no TLS (--tls-cert, --tls-key, --tls-ca and --require-client-cert)"
+    elif not tls.require_client_cert:
+        missing = "gRPC does not require client certificates (--require-client-cert)"
+    else:
+        return
+    raise cfg.ConfigError(
+        detail=f"--policy {conf.policy.spec} needs mutual TLS, the identities come from client "
+        f"certificates: {missing}"
+    )
+
+
+def policy_of(conf: StandbyConfig) -> str:
+    """The policy as the `listening` events show it: its file, or none (every client may do everything)."""
+    return conf.policy.spec if conf.policy is not None else "none"
+
+
 #: Seconds between checks for snapshot leases that ran out.
 LEASE_CHECK = 1.0
 
@@ -139,10 +171,16 @@ def serve(conf: StandbyConfig) -> int:
     if not conf.data_dir:
         raise cfg.ConfigError(detail="--data-dir is required (or data_dir in the --config file)")
     tls = grpc_tls(conf)
+    check_policy(conf, tls)
     nbd_security = nbd_tls_of(conf)
     stop = StopSignal()
     registry = CollectorRegistry()
     metrics = StandbyMetrics(registry)
+    authorizer = exports_access = None
+    if conf.policy is not None:
+        denials = authz.Denials(registry)
+        authorizer = authz.Authorizer(conf.policy, denials)
+        exports_access = authz.ExportGuard(conf.policy, denials)
     node = StandbyNode(
         conf.data_dir, capacity=conf.preservation_capacity, on_full=conf.on_full, metrics=metrics
     )
@@ -153,16 +191,28 @@ def serve(conf: StandbyConfig) -> int:
             if not node.adopt(name, path, block_size):
                 log.warning("adopt_ignored", volume=name, reason="the volume has a replica already")
         metrics.watch(node)
-        nbd = NbdServer(node.export, conf.nbd_listen, list_exports=node.export_names, tls=nbd_security)
+        nbd = NbdServer(
+            node.export,
+            conf.nbd_listen,
+            list_exports=node.export_names,
+            tls=nbd_security,
+            access=exports_access,
+        )
         nbd_address = cfg.format_address(nbd.start())
-        log.info("listening", service="nbd", address=nbd_address, tls=conf.nbd_tls)
+        log.info("listening", service="nbd", address=nbd_address, tls=conf.nbd_tls, policy=policy_of(conf))
         if conf.data_listen is not None:
             channels = DataChannelServer(node, conf.data_listen, tls=data_channel_tls(tls), metrics=metrics)
             data_address = cfg.format_address(channels.start())
             log.info("listening", service="data", address=data_address, tls=tls_mode(tls))
+
+        def register(server: grpc.Server) -> None:
+            # With a policy every call of the services passes the authorizer first (not the health service).
+            guarded = server if authorizer is None else authz.GuardedServer(server, authorizer)
+            services.register(guarded, node, nbd_address, channels, metrics)
+
         grpc_server, bound, _health = create_server(
             conf.listen,
-            lambda server: services.register(server, node, nbd_address, channels, metrics),
+            register,
             workers=services.GRPC_WORKERS,
             tls=tls,
         )
@@ -171,6 +221,7 @@ def serve(conf: StandbyConfig) -> int:
             service="grpc",
             address=cfg.format_address(bound),
             tls=tls_mode(tls),
+            policy=policy_of(conf),
         )
         metrics_server = MetricsServer(registry, conf.metrics_listen)
         log.info("listening", service="metrics", address=cfg.format_address(metrics_server.address))

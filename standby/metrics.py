@@ -129,8 +129,8 @@ class StateCollector(Collector):
         refusals = CounterMetricFamily(
             "standby_replication_refusals",
             "Handshakes, streams and batches of a primary that the standby refused, by reason: disk_full, "
-            "deferred, split_brain, promoted, busy, volume_mismatch, inconsistent, io_error, "
-            "invalid_request, error.",
+            "deferred, split_brain, promoted, failback, busy, takeover, volume_mismatch, inconsistent, "
+            "io_error, invalid_request, error.",
             labels=["volume", "reason"],
         )
         # Every reason of every volume from 0 (a counter that appears at 1 hides its first increase).

@@ -7,6 +7,7 @@ Layout of ``--data-dir``::
     state.json            per volume: whether its replica is inconsistent (a resync is under way)
     preservation.store    the preservation store (copies, index, snapshot table) of every volume
     replicas/NAME.img     one sparse replica file per volume, created at the volume's first handshake
+    failback/NAME.bitmap  blocks written while the volume was promoted, until its old primary pulled them
     leases.json           deadlines of snapshot leases (backups)
     reserve.space         4 MiB kept allocated, given up to save a state file when the disk is full
 
@@ -19,7 +20,7 @@ opens the data directory and hands each call to the part that owns it:
 - `standby.streams`: a primary's Mirror stream (one per volume) and the ordered apply of its batches;
 - `standby.verify`: verify sessions and the comparison of the primary's probes;
 - `standby.snapshots`: snapshots and their leases;
-- `standby.failover`: promote (failover) and adopt (failback);
+- `standby.failover`: promote (failover, rollback), demote and the failback, adopt;
 - `standby.refusals`: refusals of a primary, counted by reason.
 
 The node is thread-safe: gRPC threads call it concurrently. The engine serialises its own state; the
@@ -30,31 +31,35 @@ most one Mirror stream applies to a volume.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
-from standby.failover import Failover, Promoted, PromoteRefused
-from standby.handshake import SplitBrain, handshake
+from standby.failover import DemoteRefused, FailbackRefused, Failover, Promoted, PromoteRefused
+from standby.handshake import SplitBrain, TakeoverRequired, handshake
 from standby.leases import Leases
 from standby.refusals import REFUSAL_REASONS, Refusals, refusal_reason
-from standby.replica import DEFERRED, INCONSISTENT, PROMOTED, UPTODATE, Replica
+from standby.replica import DEFERRED, FAILBACK, INCONSISTENT, PROMOTED, UPTODATE, Replica
 from standby.replicas import REPLICA_DIR, Replicas
 from standby.snapshots import Snapshots, snapshot_invalidated
 from standby.statefiles import StateFiles
 from standby.streams import Busy, NodeMetrics, NullMetrics, Streams
+from standby.tracker import TrackedExport
 from standby.verify import Verifier, VerifyFailed, VerifyRefused, VerifySession
 from standbylib.checksums import Payload
 from standbylib.errors import InvalidArgument
 from standbylib.snapshot import PreservationStore
-from standbylib.snapshot.volume import Snapshot, SnapshotInfo, Volume
+from standbylib.snapshot.volume import Snapshot, SnapshotInfo
 from standbylib.units import parse_size
 
 __all__ = [
     "DEFERRED",
+    "FAILBACK",
     "INCONSISTENT",
     "PROMOTED",
     "REFUSAL_REASONS",
     "UPTODATE",
     "Busy",
+    "DemoteRefused",
+    "FailbackRefused",
     "NodeMetrics",
     "NullMetrics",
     "PromoteRefused",
@@ -62,6 +67,7 @@ __all__ = [
     "Replica",
     "SplitBrain",
     "StandbyNode",
+    "TakeoverRequired",
     "VerifyFailed",
     "VerifyRefused",
     "VerifySession",
@@ -127,10 +133,10 @@ class StandbyNode:
         self._verifier = Verifier()
         self._streams = Streams(self._replicas, self._verifier, self.metrics)
         self._snapshots = Snapshots(self._replicas, self.leases, self._files)
-        self._failover = Failover(self._replicas)
+        self._failover = Failover(self._replicas, self.data_dir)
         try:
             for name in self.store.volume_names():
-                self._replicas.open_existing(name)
+                self._failover.resume(self._replicas.open_existing(name))
         except BaseException:
             self.close()
             raise
@@ -203,6 +209,7 @@ class StandbyNode:
             discard=discard,
             previous_generation=previous_generation,
             primary_id=primary_id,
+            failover=self._failover,
         )
 
     def replica(self, volume: str) -> Replica:
@@ -291,7 +298,7 @@ class StandbyNode:
 
     # -- NBD exports (called by the NBD server's connection threads) ---------------------------------
 
-    def export(self, name: str) -> Snapshot | Volume | None:
+    def export(self, name: str) -> Snapshot | TrackedExport | None:
         """The NBD export `name`: a snapshot (VOLUME@SNAPSHOT), or a promoted volume (VOLUME, read-write)."""
         return self._replicas.export(name)
 
@@ -305,7 +312,29 @@ class StandbyNode:
         when the volume has a replica already (failback, `standby.failover.Failover.adopt`)."""
         return self._failover.adopt(volume, path, block_size)
 
-    def promote(self, volume: str, *, force: bool = False) -> Replica:
-        """Make the replica of `volume` the primary copy, exported read-write over NBD; refused while a
-        primary is connected or a resync is under way, unless `force` (`Failover.promote`)."""
-        return self._failover.promote(volume, force=force)
+    def promote(self, volume: str, *, force: bool = False, at: str = "") -> Replica:
+        """Make the replica of `volume` the primary copy, exported read-write over NBD, rolled back to
+        snapshot `at` first if given; refused while a primary is connected or a resync is under way,
+        unless `force` (`Failover.promote`)."""
+        return self._failover.promote(volume, force=force, at=at)
+
+    def takeover(self, volume: str) -> str:
+        """Release `volume` from its primary, for another to claim it; the previous owner
+        (`Failover.takeover`)."""
+        return self._failover.takeover(volume)
+
+    def demote(self, volume: str) -> Replica:
+        """End the promotion of `volume`; the old primary pulls what changed (`Failover.demote`)."""
+        return self._failover.demote(volume)
+
+    def failback_blocks(
+        self, volume: str, generation: str, regions: list[tuple[int, int]]
+    ) -> Iterator[tuple[int, int, bytes | None]]:
+        """What the old primary of a demoted `volume` pulls (`Failover.failback_blocks`)."""
+        return self._failover.failback_blocks(volume, generation, regions)
+
+    def failback_digests(
+        self, volume: str, generation: str, regions: list[tuple[int, int]]
+    ) -> Iterator[tuple[int, int, bytes]]:
+        """The digests of `regions`' untracked blocks, for the old primary (`Failover.failback_digests`)."""
+        return self._failover.failback_digests(volume, generation, regions)

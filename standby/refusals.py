@@ -7,8 +7,8 @@ the same cause makes one log line, not one a second.
 
 from __future__ import annotations
 
-from standby.failover import Promoted
-from standby.handshake import SplitBrain
+from standby.failover import FailbackRefused, Promoted
+from standby.handshake import SplitBrain, TakeoverRequired
 from standby.replicas import Replicas
 from standby.streams import Busy
 from standbylib.errors import (
@@ -27,7 +27,9 @@ REFUSAL_REASONS: tuple[tuple[type[StandbyError], str], ...] = (
     (PreservationDeferred, "deferred"),
     (SplitBrain, "split_brain"),
     (Promoted, "promoted"),
+    (FailbackRefused, "failback"),
     (Busy, "busy"),
+    (TakeoverRequired, "takeover"),
     (VolumeMismatch, "volume_mismatch"),
     (ReplicaInconsistent, "inconsistent"),
     (DeviceError, "io_error"),

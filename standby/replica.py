@@ -1,10 +1,11 @@
 """A replica: one volume's copy on the standby and its replication state.
 
 `Replica` is the record the node's parts share: the replica table (`standby.replicas`) creates it and
-saves its durable fields (`state`, `generation`, `promoted_at`, in ``state.json``), a primary's stream
-(`standby.streams`) moves its sequence, counters and health, failover (`standby.failover`) promotes it.
-Its status is one of `UPTODATE`, `INCONSISTENT` (a resync is under way), `DEFERRED` (writes held back)
-or `PROMOTED` (the primary copy since a failover).
+saves its durable fields (`DURABLE`, in ``state.json``), a primary's stream (`standby.streams`) moves its
+sequence, counters and health, failover (`standby.failover`) promotes, rolls back and demotes it.
+Its status is one of `UPTODATE`, `INCONSISTENT` (a resync is under way), `DEFERRED` (writes held back),
+`PROMOTED` (the primary copy since a failover) or `FAILBACK` (demoted: the old primary has yet to pull
+what changed while it was promoted).
 """
 
 from __future__ import annotations
@@ -13,10 +14,24 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from standby.tracker import ChangeTracker
 from standbylib.blockdev import Device
 from standbylib.snapshot.volume import Volume
 
 UPTODATE, INCONSISTENT, DEFERRED, PROMOTED = "uptodate", "inconsistent", "deferred", "promoted"
+FAILBACK = "failback"
+#: The fields saved in ``state.json`` (`standby.statefiles`), and changed only through `Replicas.change`.
+DURABLE = (
+    "state",
+    "generation",
+    "promoted_at",
+    "promoted_from",
+    "rolled_back_to",
+    "kept_snapshot",
+    "rollback_pending",
+    "failback",
+    "owner",
+)
 
 
 @dataclass
@@ -39,7 +54,16 @@ class Replica:
     in_sync_at: float = field(default_factory=time.time)
     pending_generation: str = ""  # adopted when the running resync completes
     stream_lock: threading.Lock = field(default_factory=threading.Lock)
+    apply_lock: threading.Lock = field(default_factory=threading.Lock)  # a batch being applied; promote
     promoted_at: str = ""  # when `standbyctl promote` made the replica the primary copy (RFC 3339)
+    promoted_from: str = ""  # the generation it held then (the old primary's): whom a failback serves
+    rolled_back_to: str = ""  # the snapshot `promote --at` rolled it back to
+    kept_snapshot: str = ""  # the snapshot keeping the state that rollback replaced
+    rollback_pending: bool = False  # the rollback has not completed (resumed at start)
+    failback: bool = False  # demoted: the old primary has yet to pull what `tracker` marks
+    owner: str = ""  # the primary (its id) that mirrors this volume; another needs `standbyctl takeover`
+    tracker: ChangeTracker | None = None  # while promoted and until the failback completes
+    rollback_remaining: int = 0  # bytes of a rollback under way not written back yet
     last_error: str = ""  # why the last handshake, stream or batch was refused; "" once a batch is applied
     last_reason: str = ""  # its `refusal_reason`
 
@@ -52,9 +76,11 @@ class Replica:
     @property
     def status(self) -> str:
         """``uptodate``, ``inconsistent`` (a resync is under way), ``deferred`` (writes held back) or
-        ``promoted`` (the primary copy since a failover)."""
+        ``promoted`` (the primary copy since a failover) or ``failback`` (demoted, not pulled yet)."""
         if self.promoted_at:
             return PROMOTED
+        if self.failback:
+            return FAILBACK
         return DEFERRED if self.deferred_reason else self.state
 
     @property

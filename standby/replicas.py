@@ -13,13 +13,14 @@ import errno
 import os
 import threading
 
-from standby.replica import INCONSISTENT, Replica
+from standby.replica import DURABLE, INCONSISTENT, Replica
 from standby.statefiles import StateFiles
+from standby.tracker import TrackedExport
 from standbylib.blockdev import open_file_device
 from standbylib.errors import DeviceError, InvalidArgument, StandbyError, UnknownVolume
 from standbylib.runtime import logs
 from standbylib.snapshot import PreservationStore
-from standbylib.snapshot.volume import Snapshot, Volume
+from standbylib.snapshot.volume import Snapshot
 
 log = logs.get(__name__)
 
@@ -35,7 +36,7 @@ class Replicas:
         self._store = store
         self._files = files
         self._replicas: dict[str, Replica] = {}
-        self._exports: dict[str, Snapshot | Volume] = {}  # NBD exports: snapshots, promoted volumes
+        self._exports: dict[str, Snapshot | TrackedExport] = {}  # NBD exports: snapshots, promoted volumes
 
     def path(self, volume: str) -> str:
         """Where the replica file of `volume` is."""
@@ -61,11 +62,11 @@ class Replicas:
 
     # -- NBD exports -------------------------------------------------------------------------------------
 
-    def export(self, name: str) -> Snapshot | Volume | None:
+    def export(self, name: str) -> Snapshot | TrackedExport | None:
         """The NBD export `name`: a snapshot (VOLUME@SNAPSHOT), or a promoted volume (VOLUME, read-write)."""
         return self._exports.get(name)
 
-    def add_export(self, name: str, target: Snapshot | Volume) -> None:
+    def add_export(self, name: str, target: Snapshot | TrackedExport) -> None:
         with self.lock:
             self._exports[name] = target
 
@@ -80,8 +81,9 @@ class Replicas:
 
     def open_existing(self, name: str) -> Replica:
         """Open the replica of `name`, a volume the store knows, at start: its state as ``state.json``
-        saved it, its promoted volume and its snapshots exported. A replica changed while the daemon
-        was down holds no generation any more (and is inconsistent until a full sync)."""
+        saved it, its snapshots exported (a promoted volume's export is `Failover.resume`'s). A replica
+        changed while the daemon was down holds no generation any more (and is inconsistent until a full
+        sync)."""
         path = self.path(name)
         if not os.path.exists(path):
             raise StandbyError(
@@ -99,8 +101,6 @@ class Replicas:
             # primary's handshake gets a full sync, which compares checksums and resends what differs.
             log.warning("replica_changed_outside", volume=name, reason=volume.changed_outside)
             self.set_state(replica, INCONSISTENT, generation="")
-        if replica.promoted_at:
-            self.add_export(name, volume)
         for snap in volume.snapshots():
             self.add_export(f"{name}@{snap.name}", snap)
         log.info("replica_opened", volume=name, size=volume.size, block_size=block_size)
@@ -163,28 +163,21 @@ class Replicas:
         with self.lock:
             self._files.save_states(self._replicas.values())
 
-    def change(
-        self,
-        replica: Replica,
-        *,
-        state: str | None = None,
-        generation: str | None = None,
-        promoted_at: str | None = None,
-    ) -> None:
-        """Set the durable fields given and save them; on a failure to save, nothing changes (in memory
-        either) and the error is raised."""
+    def change(self, replica: Replica, **fields: object) -> None:
+        """Set the durable fields given (names of `standby.replica.DURABLE`) and save them; on a failure to
+        save, nothing changes (in memory either) and the error is raised."""
+        unknown = set(fields) - set(DURABLE)
+        if unknown:
+            raise TypeError(f"not durable fields of a replica: {sorted(unknown)}")
         with self.lock:
-            before = (replica.state, replica.generation, replica.promoted_at)
-            if state is not None:
-                replica.state = state
-            if generation is not None:
-                replica.generation = generation
-            if promoted_at is not None:
-                replica.promoted_at = promoted_at
+            before = {name: getattr(replica, name) for name in fields}
+            for name, value in fields.items():
+                setattr(replica, name, value)
             try:
                 self.save()
             except StandbyError:
-                replica.state, replica.generation, replica.promoted_at = before
+                for name, value in before.items():
+                    setattr(replica, name, value)
                 raise
 
     def set_state(self, replica: Replica, state: str, generation: str | None = None) -> None:
@@ -194,7 +187,10 @@ class Replicas:
             return
         with self.lock:
             old = replica.state
-            self.change(replica, state=state, generation=generation)
+            if generation is None:
+                self.change(replica, state=state)
+            else:
+                self.change(replica, state=state, generation=generation)
         log.info("replica_state", volume=replica.name, old=old, new=state, generation=replica.generation)
 
 

@@ -6,6 +6,7 @@ Thin adapters: they translate messages to `StandbyNode` calls and library errors
 
 from __future__ import annotations
 
+import itertools
 import queue
 import ssl
 import threading
@@ -124,7 +125,57 @@ class ReplicationService(replication_pb2_grpc.ReplicationServicer):
             applied_sequence=replica.applied_sequence if replica.primary_id == request.primary_id else 0,
             generation=replica.generation,
             full_sync=full,
+            failback=replica.failback,
+            tracked_bytes=replica.tracker.tracked_bytes() if replica.failback and replica.tracker else 0,
         )
+
+    @guarded
+    def FailbackPull(
+        self, request: replication_pb2.FailbackPullRequest, context: grpc.ServicerContext
+    ) -> Iterator[replication_pb2.FailbackChunk]:
+        regions = [(e.offset, e.length) for e in request.regions]
+        replica = self.node.replica(request.volume)
+        tracked = replica.tracker.tracked_bytes() if replica.tracker else 0
+        pieces: Iterator[tuple[int, int, bytes | None]]
+        if request.checksums:
+            pieces = self.node.failback_digests(request.volume, request.generation, regions)
+        else:
+            pieces = self.node.failback_blocks(request.volume, request.generation, regions)
+        # Checked before the first chunk, so a refusal is the call's status, not a broken stream.
+        first = next(pieces, None)
+        log.info(
+            "failback_pull",
+            volume=request.volume,
+            primary=request.primary_id,
+            tracked_bytes=tracked,
+            primary_regions=len(regions),
+            checksums=request.checksums,
+        )
+        return self._failback_chunks(request, first, pieces, tracked, context)
+
+    def _failback_chunks(
+        self,
+        request: replication_pb2.FailbackPullRequest,
+        first: tuple[int, int, bytes | None] | None,
+        pieces: Iterator[tuple[int, int, bytes | None]],
+        tracked: int,
+        context: grpc.ServicerContext,
+    ) -> Iterator[replication_pb2.FailbackChunk]:
+        sent = 0
+        chunk = replication_pb2.FailbackChunk
+        if first is not None:
+            try:
+                for offset, length, data in itertools.chain([first], pieces):
+                    if request.checksums:
+                        yield chunk(offset=offset, length=length, digests=data)
+                        continue
+                    sent += length
+                    yield chunk(offset=offset, length=length, data=data or b"")
+            except StandbyError as e:
+                abort(context, e)
+        if not request.checksums:
+            log.info("failback_sent", volume=request.volume, tracked_bytes=tracked, sent_bytes=sent)
+        yield chunk(done=True, tracked_bytes=tracked, sent_bytes=sent)
 
     def Mirror(
         self, requests: Iterator[replication_pb2.MirrorRequest], context: grpc.ServicerContext
@@ -331,13 +382,32 @@ class ControlService(control_pb2_grpc.ControlServicer):
             cow_copies=r.volume.cow_copies,
             primary_id=r.primary_id,
             last_error=r.last_error,
+            promoted_at=r.promoted_at,
+            rolled_back_to=r.rolled_back_to,
+            kept_snapshot=r.kept_snapshot,
+            tracked_bytes=r.tracker.tracked_bytes() if r.tracker else 0,
+            rollback_remaining_bytes=r.rollback_remaining,
+            owner=r.owner,
         )
 
     @guarded
     def Promote(
         self, request: control_pb2.PromoteRequest, context: grpc.ServicerContext
     ) -> control_pb2.VolumeStatus:
-        return self._volume_status(self.node.promote(request.volume, force=request.force))
+        return self._volume_status(self.node.promote(request.volume, force=request.force, at=request.at))
+
+    @guarded
+    def Demote(
+        self, request: control_pb2.DemoteRequest, context: grpc.ServicerContext
+    ) -> control_pb2.VolumeStatus:
+        return self._volume_status(self.node.demote(request.volume))
+
+    @guarded
+    def Takeover(
+        self, request: control_pb2.TakeoverRequest, context: grpc.ServicerContext
+    ) -> control_pb2.VolumeStatus:
+        self.node.takeover(request.volume)
+        return self._volume_status(self.node.replica(request.volume))
 
     @guarded
     def CreateSnapshot(

@@ -2,7 +2,8 @@
 
 - ``standby.json``: the identity of this standby (a UUID), written once;
 - ``state.json``: per volume, whether its replica is inconsistent (a resync is under way), the data
-  generation it holds and when it was promoted;
+  generation it holds, when it was promoted and from which generation, a rollback and whether it has
+  completed, whether a failback is waiting for the old primary;
 - ``reserve.space``: `RESERVE_BYTES` kept allocated, given up to save a state file when the disk is full.
 
 Every state file (``leases.json`` too) is replaced through `StateFiles.write`: a failure is loud (logged,
@@ -86,6 +87,12 @@ class StateFiles:
         if saved.get("inconsistent"):
             replica.state = INCONSISTENT
         replica.promoted_at = str(saved.get("promoted") or "")
+        replica.promoted_from = str(saved.get("promoted_from") or "")
+        replica.rolled_back_to = str(saved.get("rolled_back_to") or "")
+        replica.kept_snapshot = str(saved.get("kept_snapshot") or "")
+        replica.rollback_pending = bool(saved.get("rollback_pending"))
+        replica.failback = bool(saved.get("failback"))
+        replica.owner = str(saved.get("owner") or "")
 
     def save_states(self, replicas: Iterable[Replica]) -> None:
         """Persist each replica's consistency and generation (durably: a restart must not report an
@@ -100,6 +107,12 @@ class StateFiles:
                     "inconsistent": r.state == INCONSISTENT,
                     "generation": r.generation,
                     "promoted": r.promoted_at,
+                    "promoted_from": r.promoted_from,
+                    "rolled_back_to": r.rolled_back_to,
+                    "kept_snapshot": r.kept_snapshot,
+                    "rollback_pending": r.rollback_pending,
+                    "failback": r.failback,
+                    "owner": r.owner,
                 }
                 for r in replicas
             }

@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
-from standby.failover import Promoted
+from standby.failover import FailbackRefused, Promoted
 from standby.replica import INCONSISTENT, UPTODATE, Replica
 from standby.replicas import Replicas
 from standby.verify import ProbeResult, Verifier, apply_with_probes
@@ -57,11 +57,19 @@ class Streams:
 
         With `resync` the replica is inconsistent until a batch marked up to date is applied.
         """
+        if replica.failback:
+            raise FailbackRefused(
+                volume=replica.name,
+                detail="it waits for its old primary to pull what changed while it was promoted; "
+                "handshake first",
+            )
         if not replica.stream_lock.acquire(timeout=5):
             raise Busy(volume=replica.name, primary=replica.primary_id or "unknown")
         try:
             # Each stream numbers its batches afresh from `first_sequence`: what a broken stream did not
             # deliver, the primary resends from its write-intent bitmap, not by batch number.
+            if primary_id and replica.owner != primary_id:
+                self._replicas.change(replica, owner=primary_id)
             if resync:
                 self._replicas.set_state(replica, INCONSISTENT)
                 replica.pending_generation = generation
@@ -106,6 +114,18 @@ class Streams:
 
         Every op is checked before anything is applied: a batch with one bad op changes nothing.
         """
+        with replica.apply_lock:  # promote waits for a batch being applied
+            return self._apply(replica, sequence, ops, flush, uptodate, mismatched)
+
+    def _apply(
+        self,
+        replica: Replica,
+        sequence: int,
+        ops: Sequence[tuple[int, Payload]],
+        flush: bool,
+        uptodate: bool,
+        mismatched: list[int] | None,
+    ) -> bool:
         if replica.promoted_at:
             raise Promoted(volume=replica.name, when=replica.promoted_at)
         if sequence <= replica.applied_sequence:

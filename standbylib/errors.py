@@ -49,6 +49,12 @@ class InvalidBlockSize(InvalidArgument):
     template = "invalid block size {block_size}: must be a power of two from 512 B to 1 MiB"
 
 
+class Fenced(RequestError):
+    """The peer took the volume over (it was promoted there): this side's copy is outdated."""
+
+    template = "volume {volume!r} was taken over by the peer"
+
+
 class PermissionDenied(RequestError):
     template = "permission denied: {detail}"
 

@@ -10,6 +10,11 @@ socket (`TlsConnection`) and option haggling starts afresh inside TLS (what was 
 forgotten, as the spec asks). When TLS is required, every other option before it is answered
 NBD_REP_ERR_TLS_REQD (NBD_OPT_EXPORT_NAME, which has no error reply, ends the connection). Without
 ``tls`` NBD_OPT_STARTTLS is answered NBD_REP_ERR_UNSUP like any unknown option.
+
+Access (an `ExportAccess` of the `ExportTable`): before an export is looked up for NBD_OPT_INFO, GO or a
+meta context, the owner is asked whether this client (its certificate, once TLS is up) may open it; a
+refusal is answered NBD_REP_ERR_POLICY, for an export that does not exist too (NBD_OPT_EXPORT_NAME, which
+has no error reply, ends the connection), and NBD_OPT_LIST names only the exports the client may open.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from standbylib.blockdev import BlockDevice
 from standbylib.nbd import protocol as p
@@ -36,25 +42,56 @@ PREFERRED_BLOCK_SIZE = 4096
 BASE_ALLOCATION_ID = 1
 
 Exports = Mapping[str, BlockDevice] | Callable[[str], BlockDevice | None]
+#: The client's certificate as ``ssl`` gives it (``getpeercert()``): None before or without TLS, empty
+#: when the client presented none.
+PeerCertificate = Mapping[str, Any] | None
+
+
+class ExportAccess(Protocol):
+    """Which exports a client may open, by its certificate (the server's owner decides; the NBD layer
+    only asks). Called from connection threads during their handshake."""
+
+    def refusal(self, name: str, peer: PeerCertificate) -> str | None:
+        """None when the client may open export `name`, else why not: it is answered
+        NBD_REP_ERR_POLICY with that text, whether the export exists or not."""
+        ...
+
+    def listed(self, name: str, peer: PeerCertificate) -> bool:
+        """Whether NBD_OPT_LIST names export `name` to the client."""
+        ...
 
 
 class ExportTable:
     """The exports as a mapping or as a lookup callable (then `list_exports` names them for
-    NBD_OPT_LIST; without it the list is empty). Called from connection threads."""
+    NBD_OPT_LIST; without it the list is empty), and who may open them (`access`; None: everyone).
+    Called from connection threads."""
 
-    def __init__(self, exports: Exports, list_exports: Callable[[], list[str]] | None = None) -> None:
+    def __init__(
+        self,
+        exports: Exports,
+        list_exports: Callable[[], list[str]] | None = None,
+        access: ExportAccess | None = None,
+    ) -> None:
         self._exports = exports
         self._list_exports = list_exports
+        self._access = access
+
+    def refusal(self, name: str, peer: PeerCertificate) -> str | None:
+        """Why the client may not open export `name` (`ExportAccess.refusal`), None when it may."""
+        return None if self._access is None else self._access.refusal(name, peer)
 
     def lookup(self, name: str) -> BlockDevice | None:
         if isinstance(self._exports, Mapping):
             return self._exports.get(name)
         return self._exports(name)
 
-    def names(self) -> list[str]:
+    def names(self, peer: PeerCertificate = None) -> list[str]:
         if isinstance(self._exports, Mapping):
-            return list(self._exports)
-        return list(self._list_exports()) if self._list_exports is not None else []
+            names = list(self._exports)
+        else:
+            names = list(self._list_exports()) if self._list_exports is not None else []
+        access = self._access
+        return names if access is None else [n for n in names if access.listed(n, peer)]
 
 
 @dataclass
@@ -68,6 +105,7 @@ class Session:
     name: str = ""
     device: BlockDevice | None = None
     flags: int = 0  # transmission flags sent for the export
+    peer: PeerCertificate = None  # the client's certificate, once TLS is up
 
     def select(self, name: str, device: BlockDevice) -> None:
         self.name = name
@@ -153,7 +191,8 @@ def negotiate(
                 reader.start_tls(conn)
                 writer.start_tls(conn)
                 secured = True
-                session = Session(no_zeroes=session.no_zeroes)  # start afresh inside TLS
+                # start afresh inside TLS
+                session = Session(no_zeroes=session.no_zeroes, peer=conn.getpeercert())
                 continue
             if tls.required and option not in (p.OPT_STARTTLS, p.OPT_ABORT):
                 if option == p.OPT_EXPORT_NAME:
@@ -173,6 +212,9 @@ def negotiate(
 
         if option == p.OPT_EXPORT_NAME:
             name = data.decode("utf-8", "replace")
+            refusal = exports.refusal(name, session.peer)
+            if refusal is not None:
+                raise ProtocolError(detail=f"NBD_OPT_EXPORT_NAME {name!r} refused: {refusal}")
             device = exports.lookup(name)
             if device is None:
                 raise ProtocolError(detail=f"unknown export {name!r} in NBD_OPT_EXPORT_NAME")
@@ -195,7 +237,7 @@ def negotiate(
             if data:
                 reply(p.REP_ERR_INVALID, b"NBD_OPT_LIST takes no data")
             else:
-                for name in exports.names():
+                for name in exports.names(session.peer):
                     reply(p.REP_SERVER, p.pack_string(name))
                 reply(p.REP_ACK)
         elif option == p.OPT_STRUCTURED_REPLY:
@@ -222,6 +264,10 @@ def _info(
         name, requests = _parse_info(data)
     except ProtocolError as e:
         reply(p.REP_ERR_INVALID, str(e).encode())
+        return False
+    refusal = exports.refusal(name, session.peer)
+    if refusal is not None:
+        reply(p.REP_ERR_POLICY, refusal.encode())
         return False
     device = exports.lookup(name)
     if device is None:
@@ -250,6 +296,10 @@ def _meta_context(option: int, data: bytes, reply: Reply, exports: ExportTable, 
         name, queries = _parse_meta(data)
     except ProtocolError as e:
         reply(p.REP_ERR_INVALID, str(e).encode())
+        return
+    refusal = exports.refusal(name, session.peer)
+    if refusal is not None:
+        reply(p.REP_ERR_POLICY, refusal.encode())
         return
     if exports.lookup(name) is None:
         reply(p.REP_ERR_UNKNOWN, f"unknown export {name!r}".encode())

@@ -14,7 +14,8 @@ client flags, an oversize option) or an abrupt disconnect ends only that connect
 exceptions become errno values in one table, `ERRNO_TABLE`.
 
 TLS: with ``tls`` (a `ServerTls`) clients may, or must, start TLS with NBD_OPT_STARTTLS during the
-handshake (`handshake.negotiate`); the connection then runs over a `TlsConnection`.
+handshake (`handshake.negotiate`); the connection then runs over a `TlsConnection`. With ``access`` (an
+`ExportAccess`) the owner decides, by the client's certificate, which exports each client may open.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from standbylib.nbd.handshake import (
     MAX_OPTION,
     MAX_REQUEST,
     PREFERRED_BLOCK_SIZE,
+    ExportAccess,
     Exports,
     ExportTable,
     negotiate,
@@ -49,6 +51,7 @@ __all__ = [
     "MAX_OPTION",
     "MAX_REQUEST",
     "PREFERRED_BLOCK_SIZE",
+    "ExportAccess",
     "Exports",
     "ExtentSource",
     "NbdServer",
@@ -74,6 +77,10 @@ class NbdServer:
     of `workers` threads shared by all connections, at most `max_in_flight` per connection. So device
     methods are called concurrently (devices are thread-safe) and replies may go out of order.
     `min_block_size` is advertised and enforced: requests not aligned to it get EINVAL.
+
+    `access`: which exports a client may open and list, asked with its certificate (None before or
+    without TLS) during its handshake; a refused export is answered NBD_REP_ERR_POLICY whether it exists
+    or not. None: every client may open every export.
     """
 
     def __init__(
@@ -86,10 +93,11 @@ class NbdServer:
         max_in_flight: int = 64,
         min_block_size: int = 1,
         tls: ServerTls | None = None,
+        access: ExportAccess | None = None,
     ) -> None:
         if min_block_size < 1 or min_block_size & (min_block_size - 1):
             raise InvalidArgument(detail=f"min_block_size {min_block_size} must be a power of two")
-        self._exports = ExportTable(exports, list_exports)
+        self._exports = ExportTable(exports, list_exports, access)
         self._listen = listen
         self._workers = workers
         self._max_in_flight = max_in_flight

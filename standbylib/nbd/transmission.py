@@ -86,9 +86,10 @@ class AsyncWriter(Protocol):
 
     ``write_async(offset, data, done)`` writes, arranges for ``done()`` once the write is complete
     (possibly before it returns) and returns True; or returns False, having done nothing, when it
-    would block, and the server runs a plain `write` in its pool instead. Errors raise. ``done``
-    queues the reply and returns a function that sends what is queued: a device completing many
-    writes at once calls each ``done``, then each distinct function it got once.
+    would block, and the server runs a plain `write` in its pool instead. Errors raise, or, found
+    once the write was started, are given to ``done(error)`` (the client gets the error's errno).
+    ``done`` queues the reply and returns a function that sends what is queued: a device completing
+    many writes at once calls each ``done``, then each distinct function it got once.
 
     ``more`` says further requests are already buffered on the connection: the device may hold back
     work it would start for this write alone (the primary's mirror: sending a batch), so that the
@@ -96,7 +97,7 @@ class AsyncWriter(Protocol):
     request."""
 
     def write_async(
-        self, offset: int, data: Buffer, done: Callable[[], Sender], more: bool = False
+        self, offset: int, data: Buffer, done: Callable[..., Sender], more: bool = False
     ) -> bool: ...
 
     def send_pending(self) -> None: ...
@@ -504,7 +505,9 @@ class Transmission:
         with self._all_done:
             self._async_writes += 1
 
-        def done() -> Sender:
+        def done(error: Exception | None = None) -> Sender:
+            if error is not None:
+                return self._finish_async(self._failure(p.CMD_WRITE, cookie, error))
             return self._finish_async([p.simple_reply(cookie)])
 
         more = self.reader.buffered() >= p.REQUEST.size

@@ -1,5 +1,7 @@
 """deploy/config: each example TOML config is accepted by its program (`--show-config --config FILE`
-exits 0) and means what it says (every key it sets comes out of --show-config with the same value)."""
+exits 0) and means what it says (every key it sets comes out of --show-config with the same value); the
+example authorization policy is loaded by standby-daemon (`--show-config --policy FILE` reads and
+checks it; tests/roles/test_authorization.py checks what it grants)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ PROGRAMS = {
     "primary.toml": ["standby-primary"],
     "backup.toml": ["standby-backup", "run"],
 }
+# example policies (standby-daemon --policy FILE), not configs of a program
+POLICIES = ["policy.toml"]
 UNITS = {
     "standby.toml": "standby-daemon.service",
     "primary.toml": "standby-primary.service",
@@ -23,7 +27,20 @@ UNITS = {
 
 
 def test_every_example_is_checked() -> None:
-    assert sorted(p.name for p in CONFIG_DIR.glob("*.toml")) == sorted(PROGRAMS)
+    assert sorted(p.name for p in CONFIG_DIR.glob("*.toml")) == sorted([*PROGRAMS, *POLICIES])
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_example_policy_loads(name: str, tmp_path: Path) -> None:
+    path = CONFIG_DIR / name
+    shown = tomllib.loads(run(BIN / "standby-daemon", "--show-config", "--policy", path).stdout)
+    assert shown.get("policy") == str(path), shown
+    # ... and the same file with a typo in a role is refused, naming the file
+    bad = tmp_path / name
+    bad.write_text(path.read_text() + '\n[identity."CN=typo.example"]\nsnapshot = ["*"]\n')
+    cp = run(BIN / "standby-daemon", "--show-config", "--policy", bad, check=False)
+    assert cp.returncode == 2, (cp.returncode, cp.stderr)
+    assert f"policy file {bad}" in cp.stderr and "'snapshot': unknown role" in cp.stderr, cp.stderr
 
 
 @pytest.mark.parametrize("name", sorted(PROGRAMS))

@@ -1,6 +1,8 @@
-"""Failover and failback with real daemons: the primary dies, the standby is promoted and serves the
-volume read-write; the old primary, back, is refused as out of date; its host is reattached as the new
-standby and only the blocks that differ are resent."""
+"""Failover and failback with real daemons: the primary dies in the middle of a storm of client writes,
+the standby is promoted (as it is, or rolled back to a snapshot) and takes writes; `demote` hands the
+volume back, and the old primary, restarted, receives exactly what changed and mirrors again. Fencing:
+a primary still connected when the standby is promoted with --force is told, and refuses its clients'
+writes or keeps serving them outdated, by its --fencing policy."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from e2e_support import VOLUME_SIZE, Daemons, MiB, Model, Writer, need, qemu_io, rand, run
+from e2e_support import VOLUME_SIZE, Daemons, MiB, Primary, Standby, need, qemu_io, run
+from faults_support import fio_storm
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -18,65 +21,156 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_promote_then_reattach_the_old_primary_as_the_new_standby(daemons: Daemons, tmp_path: Path) -> None:
+def read_export(uri: str, tmp: Path, name: str) -> bytes:
+    out = tmp / name
+    run("nbdcopy", uri, str(out))
+    return out.read_bytes()
+
+
+def until(check, what: str, timeout: float = 30.0):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}", pytrace=False)
+        time.sleep(0.1)
+
+
+def volume_status(standby: Standby) -> dict:
+    return standby.status()["volumes"][0]
+
+
+def die_mid_storm(primary: Primary, standby: Standby, tmp: Path) -> None:
+    """Random writes into the first 8 MiB; the primary's host dies (SIGKILL) in the middle of them."""
+    storm = fio_storm(primary.uri("vol0"), 20, tmp, size=VOLUME_SIZE // 4)
+    time.sleep(2.0)
+    primary.daemon.kill()
+    storm.kill()
+    storm.communicate(timeout=30)
+    until(lambda: not volume_status(standby)["connected"], "the standby to see the primary gone")
+
+
+def fail_back(daemons: Daemons, standby: Standby, vol: Path, *extra: str) -> Primary:
+    """The old primary is restarted on its volume: fenced (outdated, writes refused) while the volume is
+    promoted; `demote`, then it pulls what changed and mirrors again. Checks what it was sent."""
+    primary = daemons.primary(standby, {"vol0": str(vol)}, *extra, in_sync=False)
+    primary.daemon.wait_for("mirror_fenced", timeout=30)
+    until(
+        lambda: primary.metrics().find("standby_replication_state", volume="vol0", state="outdated") == 1,
+        "the primary to report itself outdated",
+    )
+    refused = qemu_io(primary.uri("vol0"), "write -P 0x99 0 4k", check=False)
+    assert "Input/output error" in refused.stdout + refused.stderr, refused
+
+    tracked = volume_status(standby)["tracked_bytes"]
+    out = standby.ctl("demote", "vol0").stdout
+    assert "demoted" in out, out
+    started = primary.daemon.wait_for("failback_started", timeout=30)
+    pulled = primary.daemon.wait_for("failback_pulled", timeout=60)
+    primary.wait_in_sync()
+    assert volume_status(standby)["state"] == "uptodate" and volume_status(standby)["tracked_bytes"] == 0
+    # Sent: what the standby tracked, and of the primary's own set regions only the blocks whose
+    # checksums differ (a few in flight when it died), not the whole hot set.
+    assert pulled["tracked_bytes"] == tracked
+    assert pulled["differing_bytes"] <= started["primary_regions_bytes"]
+    assert tracked <= pulled["sent_bytes"] <= tracked + pulled["differing_bytes"], (pulled, started)
+    assert pulled["sent_bytes"] <= 1.1 * tracked + 4 * MiB, (pulled, started)
+    return primary
+
+
+def test_failback_after_the_primary_died_mid_storm_with_and_without_a_rollback(
+    daemons: Daemons, tmp_path: Path
+) -> None:
+    need("fio", "qemu-io", "nbdcopy")
+    standby = daemons.standby(tmp_path / "b")
+    vol = tmp_path / "a" / "vol0.img"
+    vol.parent.mkdir()
+    primary = daemons.primary(standby, {"vol0": f"{vol},size=32MiB"})
+    qemu_io(primary.uri("vol0"), "write -P 0x11 0 24M", "flush")
+    primary.wait_in_sync()
+
+    # 1. Failover as the replica is, writes on the standby, failback.
+    die_mid_storm(primary, standby, tmp_path)
+    out = standby.ctl("promote", "vol0").stdout
+    assert f"read-write at nbd://{standby.nbd}/vol0" in out, out
+    qemu_io(standby.uri("vol0"), "write -P 0x6b 12M 1M", "write -P 0x6c 20M 4k", "flush")
+    assert volume_status(standby)["tracked_bytes"] == MiB + 4096  # exactly the blocks written
+    primary = fail_back(daemons, standby, vol)
+    assert sha(vol) == sha(standby.replica("vol0"))
+    image = vol.read_bytes()
+    assert image[12 * MiB : 13 * MiB] == b"\x6b" * MiB and image[20 * MiB : 20 * MiB + 4096] == b"\x6c" * 4096
+
+    # The primary mirrors again, in the usual direction.
+    qemu_io(primary.uri("vol0"), "write -P 0x21 16M 2M", "flush")
+    primary.wait_in_sync()
+    good = standby.snapshot("vol0", "good")
+    good_image = read_export(standby.uri(f"vol0@{good}"), tmp_path, "good.img")
+    # 2. Damage mirrored after the snapshot (ransomware, say), then the primary dies mid-storm; the
+    # standby is promoted as it was at the snapshot.
+    qemu_io(primary.uri("vol0"), "write -P 0xdd 16M 2M", "flush")
+    primary.wait_in_sync()
+    die_mid_storm(primary, standby, tmp_path)
+    out = standby.ctl("promote", "vol0", "--at", good).stdout
+    assert f"rolled back to snapshot {good}" in out and "kept as snapshot before-rollback-" in out, out
+    kept = out.split("kept as snapshot ")[1].split()[0]
+    status = volume_status(standby)
+    assert (
+        status["state"] == "promoted" and status["rolled_back_to"] == good and status["kept_snapshot"] == kept
+    )
+    assert read_export(standby.uri("vol0"), tmp_path, "promoted.img") == good_image
+    damaged = read_export(standby.uri(f"vol0@{kept}"), tmp_path, "kept.img")
+    assert damaged[16 * MiB : 18 * MiB] == b"\xdd" * (2 * MiB)  # the damaged state, kept
+    assert read_export(standby.uri(f"vol0@{good}"), tmp_path, "good2.img") == good_image
+    qemu_io(standby.uri("vol0"), "write -P 0x6d 24M 64k", "flush")
+    primary = fail_back(daemons, standby, vol)
+    assert sha(vol) == sha(standby.replica("vol0"))
+    image = vol.read_bytes()
+    assert image[16 * MiB : 18 * MiB] == good_image[16 * MiB : 18 * MiB]
+    assert image[24 * MiB : 24 * MiB + 65536] == b"\x6d" * 65536
+    # The kept snapshot stays until the operator deletes it.
+    assert kept in {s["name"] for s in standby.snapshots("vol0")}
+
+
+@pytest.mark.parametrize("fencing", ["refuse-writes", "keep-serving"])
+def test_a_connected_primary_is_fenced_when_the_standby_is_promoted_with_force(
+    daemons: Daemons, tmp_path: Path, fencing: str
+) -> None:
     need("qemu-io")
-    site_b = daemons.standby(tmp_path / "b-standby")
-    vol_a = tmp_path / "a" / "vol0.img"
-    vol_a.parent.mkdir()
-    primary_a = daemons.primary(site_b, {"vol0": f"{vol_a},size=32MiB"})
-    model = Model(VOLUME_SIZE)
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    Writer(primary_a.uri("vol0"), model, scratch).write(0, rand(12 * MiB, seed=31))
-    primary_a.wait_in_sync()
+    standby = daemons.standby(tmp_path / "b")
+    vol = tmp_path / "vol0.img"
+    primary = daemons.primary(standby, {"vol0": f"{vol},size=32MiB"}, "--fencing", fencing)
+    qemu_io(primary.uri("vol0"), "write -P 0x11 0 8M", "flush")
+    primary.wait_in_sync()
 
-    # while the primary mirrors the volume, promoting it is refused
-    cp = site_b.ctl("promote", "vol0", check=False)
+    cp = standby.ctl("promote", "vol0", check=False)
     assert cp.returncode == 1 and "is connected" in cp.stderr, cp.stderr
+    standby.ctl("promote", "vol0", "--force")
+    # The primary learns it at its next batch (a heartbeat within a second) and fences itself.
+    fenced = primary.daemon.wait_for("mirror_fenced", timeout=30)
+    assert fenced["fencing"] == fencing and "promoted" in fenced["error"]
+    until(
+        lambda: primary.metrics().find("standby_replication_state", volume="vol0", state="outdated") == 1,
+        "the primary to report itself outdated",
+    )
+    write = qemu_io(primary.uri("vol0"), "write -P 0x77 1M 64k", check=False)
+    if fencing == "refuse-writes":
+        assert write.returncode != 0 and "Input/output error" in write.stdout + write.stderr, write
+        assert vol.read_bytes()[MiB : MiB + 65536] == b"\x11" * 65536  # nothing changed locally
+    else:
+        assert write.returncode == 0, write  # served, on this host only
+    qemu_io(standby.uri("vol0"), "write -P 0x55 4M 4k", "flush")
 
-    # the primary's host dies; it had written 64 KiB locally that never reached the standby
-    primary_a.daemon.kill()
-    with open(vol_a, "r+b") as f:
-        f.seek(20 * MiB)
-        f.write(rand(64 * 1024, seed=32))
-    deadline = time.monotonic() + 30
-    while site_b.status()["volumes"][0]["connected"] and time.monotonic() < deadline:
-        time.sleep(0.1)
-
-    out = site_b.ctl("promote", "vol0").stdout
-    assert f"read-write at nbd://{site_b.nbd}/vol0" in out
-    assert site_b.status()["volumes"][0]["state"] == "promoted"
-    # the promoted volume takes writes over NBD; snapshots of it go on
-    qemu_io(site_b.uri("vol0"), "write -P 0x6b 4M 1M", "flush")
-    model.write(4 * MiB, b"\x6b" * MiB)
-    snap = site_b.snapshot("vol0", "after-failover")
-    assert site_b.replica("vol0").read_bytes() == model.freeze()
-    cp = site_b.ctl("promote", "vol0", check=False)
-    assert cp.returncode == 1 and "promoted already" in cp.stderr
-
-    # the old primary comes back: refused as out of date, with the way out in the message
-    again = daemons.primary(site_b, {"vol0": f"{vol_a},size=32MiB"}, in_sync=False)
-    deadline = time.monotonic() + 30
-    refused = []
-    while not refused and time.monotonic() < deadline:
-        refused = [e for e in again.daemon.events if "was promoted" in str(e.get("error", ""))]
-        time.sleep(0.1)
-    assert refused, f"the old primary was not told it is out of date:\n{again.daemon.tail()}"
-    assert "failback" in refused[0]["error"]
-    assert again.daemon.stop() == 0
-
-    # failback: site A becomes the standby, seeded with its old volume; site B's replica is the primary
-    site_b.ctl("snapshot", "delete", "vol0", snap)
-    assert site_b.daemon.stop() == 0
-    site_a = daemons.standby(tmp_path / "a-standby", "--adopt", f"vol0={vol_a}")
-    promoted = site_b.data_dir / "replicas" / "vol0.img"
-    primary_b = daemons.primary(site_a, {"vol0": f"{promoted}"}, "--state-dir", str(tmp_path / "b-state"))
-    assert sha(site_a.replica("vol0")) == sha(promoted) and promoted.read_bytes() == model.freeze()
-    sent = primary_b.daemon.wait_for("resync_sent", timeout=30)
-    # only the blocks that differ travel as data: the 1 MiB written after the promotion (the 64 KiB the
-    # old primary never mirrored is a hole on B: it travels as a zeroed range)
-    assert 0 < sent["resent_after_checksum_bytes"] <= 2 * MiB, sent
-    # and the old primary's volume, as the new standby's replica, now takes the mirrored writes
-    run("qemu-io", "-f", "raw", "-c", "write -P 0x21 8M 64k", "-c", "flush", primary_b.uri("vol0"))
-    primary_b.wait_in_sync()
-    assert sha(site_a.replica("vol0")) == sha(promoted)
+    standby.ctl("demote", "vol0")
+    primary.daemon.wait_for("failback_pulled", timeout=60)
+    primary.wait_in_sync()
+    image = vol.read_bytes()
+    assert sha(vol) == sha(standby.replica("vol0"))
+    # The standby's data won: its write is there, the outdated write is not.
+    assert image[4 * MiB : 4 * MiB + 4096] == b"\x55" * 4096
+    assert image[MiB : MiB + 65536] == b"\x11" * 65536
+    # Writes are taken again, and mirrored.
+    qemu_io(primary.uri("vol0"), "write -P 0x33 2M 64k", "flush")
+    primary.wait_in_sync()
+    assert sha(vol) == sha(standby.replica("vol0"))

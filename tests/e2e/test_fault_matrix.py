@@ -402,7 +402,15 @@ def restart_primary(daemons: Daemons, old: Primary, proxy: LinkProxy) -> Primary
 def seeds(count: int) -> list[int]:
     if "FAULT_SEED" in os.environ:
         return [int(os.environ["FAULT_SEED"])]
-    return [random.SystemRandom().randrange(1 << 31) for _ in range(count)]
+    # Parallel workers (pytest-xdist) must collect the same tests: they share the run's id.
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    rng = random.Random(f"{run}-{len(_DRAWN)}") if run else random.SystemRandom()
+    drawn = [rng.randrange(1 << 31) for _ in range(count)]
+    _DRAWN.append(drawn)
+    return drawn
+
+
+_DRAWN: list[list[int]] = []
 
 
 def play(daemons: Daemons, tmp: Path, seed: int, events: int, fullfs: FullFs | None = None) -> None:

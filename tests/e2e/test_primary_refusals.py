@@ -104,3 +104,25 @@ def test_a_second_primary_cannot_take_a_live_volume_even_with_discard(daemons: D
     first.wait_in_sync()
     assert sha(first.volumes["vol0"]) == sha(standby.replica("vol0"))
     assert second.daemon.alive(), "the refused primary keeps serving its own clients"
+
+    # Idle, the volume still belongs to the first primary: another one is refused, even with
+    # --discard-standby-data, until an operator releases it on the standby (named and logged).
+    assert second.daemon.stop() == 0
+    assert first.daemon.stop() == 0
+    deadline = time.monotonic() + 30
+    while standby.status()["volumes"][0]["connected"]:
+        assert time.monotonic() < deadline, "the standby did not see the first primary go"
+        time.sleep(0.1)
+    third = daemons.primary(
+        standby, {"vol0": f"{other},size=32MiB"}, "--discard-standby-data", in_sync=False
+    )
+    refused = third.daemon.wait_for("mirror_disconnected", timeout=30)
+    assert "standbyctl takeover vol0" in refused["error"], refused
+    assert sha(first.volumes["vol0"]) == sha(standby.replica("vol0")), "the idle replica was replaced"
+    out = standby.ctl("takeover", "vol0").stdout
+    assert "released" in out, out
+    taken = standby.daemon.wait_for("volume_takeover", timeout=5)
+    assert taken["previous_owner"], taken
+    third.wait_in_sync(timeout=60)
+    assert sha(other) == sha(standby.replica("vol0"))
+    assert standby.status()["volumes"][0]["owner"] != taken["previous_owner"]

@@ -228,7 +228,17 @@ def test_split_brain_is_refused_until_the_standby_data_is_discarded(tmp_path):
         dev.mirror.bitmap.close()
         # The primary's history is lost (its generation file replaced): it must not overwrite the
         # standby silently, nor follow it.
+        # Without its state it is another primary to the standby, which owns the volume for the first
+        # one: even --discard-standby-data is refused until an operator releases the volume.
         os.unlink(tmp_path / "primary.generation")
+        for discard in (False, True):
+            other = mirrored_unconnected(tmp_path, rig.target, discard_standby_data=discard)
+            wait_until(lambda: "standbyctl takeover vol0" in other.mirror.last_error)  # noqa: B023
+            assert not other.mirror.connected
+            other.mirror.stop()
+            other.close()
+            other.mirror.bitmap.close()
+        assert rig.node.takeover("vol0")
         other = mirrored_unconnected(tmp_path, rig.target)
         wait_until(lambda: "split brain" in other.mirror.last_error)
         assert not other.mirror.connected
@@ -247,10 +257,12 @@ def test_split_brain_is_refused_until_the_standby_data_is_discarded(tmp_path):
         rig.node.close()
 
 
-def mirrored_unconnected(tmp_path, target):
+def mirrored_unconnected(tmp_path, target, **kwargs):
     local = open_file_device(str(tmp_path / "primary.img"), 4 * MiB)
     bitmap = WriteIntentBitmap.open(str(tmp_path / "primary.bitmap"), 4 * MiB)
-    mirror = Mirror(target, "vol0", 4 * MiB, 4096, bitmap, Generations(str(tmp_path / "primary.generation")))
+    mirror = Mirror(
+        target, "vol0", 4 * MiB, 4096, bitmap, Generations(str(tmp_path / "primary.generation")), **kwargs
+    )
     dev = MirroredDevice("vol0", local, mirror)
     mirror.start()
     return dev

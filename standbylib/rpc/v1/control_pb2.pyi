@@ -39,7 +39,7 @@ class SnapshotInfo(_message.Message):
     def __init__(self, volume: _Optional[str] = ..., name: _Optional[str] = ..., valid: _Optional[bool] = ..., writable: _Optional[bool] = ..., created: _Optional[str] = ..., preserved_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., export: _Optional[str] = ..., reason: _Optional[str] = ..., lease_remaining_seconds: _Optional[float] = ..., epoch: _Optional[int] = ..., standby_id: _Optional[str] = ...) -> None: ...
 
 class VolumeStatus(_message.Message):
-    __slots__ = ("name", "size", "block_size", "state", "connected", "snapshots", "applied_bytes", "applied_batches", "cow_copies", "primary_id", "last_error")
+    __slots__ = ("name", "size", "block_size", "state", "connected", "snapshots", "applied_bytes", "applied_batches", "cow_copies", "primary_id", "last_error", "promoted_at", "rolled_back_to", "kept_snapshot", "tracked_bytes", "rollback_remaining_bytes", "owner")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,12 @@ class VolumeStatus(_message.Message):
     COW_COPIES_FIELD_NUMBER: _ClassVar[int]
     PRIMARY_ID_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    PROMOTED_AT_FIELD_NUMBER: _ClassVar[int]
+    ROLLED_BACK_TO_FIELD_NUMBER: _ClassVar[int]
+    KEPT_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    TRACKED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_REMAINING_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     name: str
     size: int
     block_size: int
@@ -62,7 +68,13 @@ class VolumeStatus(_message.Message):
     cow_copies: int
     primary_id: str
     last_error: str
-    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., block_size: _Optional[int] = ..., state: _Optional[str] = ..., connected: _Optional[bool] = ..., snapshots: _Optional[_Iterable[_Union[SnapshotInfo, _Mapping]]] = ..., applied_bytes: _Optional[int] = ..., applied_batches: _Optional[int] = ..., cow_copies: _Optional[int] = ..., primary_id: _Optional[str] = ..., last_error: _Optional[str] = ...) -> None: ...
+    promoted_at: str
+    rolled_back_to: str
+    kept_snapshot: str
+    tracked_bytes: int
+    rollback_remaining_bytes: int
+    owner: str
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., block_size: _Optional[int] = ..., state: _Optional[str] = ..., connected: _Optional[bool] = ..., snapshots: _Optional[_Iterable[_Union[SnapshotInfo, _Mapping]]] = ..., applied_bytes: _Optional[int] = ..., applied_batches: _Optional[int] = ..., cow_copies: _Optional[int] = ..., primary_id: _Optional[str] = ..., last_error: _Optional[str] = ..., promoted_at: _Optional[str] = ..., rolled_back_to: _Optional[str] = ..., kept_snapshot: _Optional[str] = ..., tracked_bytes: _Optional[int] = ..., rollback_remaining_bytes: _Optional[int] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class StoreStatus(_message.Message):
     __slots__ = ("path", "capacity_bytes", "used_bytes", "on_full")
@@ -107,12 +119,26 @@ class CreateSnapshotRequest(_message.Message):
     def __init__(self, volume: _Optional[str] = ..., name: _Optional[str] = ..., writable: _Optional[bool] = ..., capacity_bytes: _Optional[int] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
 
 class PromoteRequest(_message.Message):
-    __slots__ = ("volume", "force")
+    __slots__ = ("volume", "force", "at")
     VOLUME_FIELD_NUMBER: _ClassVar[int]
     FORCE_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
     volume: str
     force: bool
-    def __init__(self, volume: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+    at: str
+    def __init__(self, volume: _Optional[str] = ..., force: _Optional[bool] = ..., at: _Optional[str] = ...) -> None: ...
+
+class DemoteRequest(_message.Message):
+    __slots__ = ("volume",)
+    VOLUME_FIELD_NUMBER: _ClassVar[int]
+    volume: str
+    def __init__(self, volume: _Optional[str] = ...) -> None: ...
+
+class TakeoverRequest(_message.Message):
+    __slots__ = ("volume",)
+    VOLUME_FIELD_NUMBER: _ClassVar[int]
+    volume: str
+    def __init__(self, volume: _Optional[str] = ...) -> None: ...
 
 class RenewSnapshotLeaseRequest(_message.Message):
     __slots__ = ("volume", "name", "lease_seconds", "release")

@@ -64,6 +64,16 @@ class ControlStub:
                 request_serializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.PromoteRequest.SerializeToString,
                 response_deserializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.VolumeStatus.FromString,
                 _registered_method=True)
+        self.Demote = channel.unary_unary(
+                '/standbyappliance.v1.Control/Demote',
+                request_serializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.DemoteRequest.SerializeToString,
+                response_deserializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.VolumeStatus.FromString,
+                _registered_method=True)
+        self.Takeover = channel.unary_unary(
+                '/standbyappliance.v1.Control/Takeover',
+                request_serializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.TakeoverRequest.SerializeToString,
+                response_deserializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.VolumeStatus.FromString,
+                _registered_method=True)
         self.Verify = channel.unary_stream(
                 '/standbyappliance.v1.Control/Verify',
                 request_serializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.VerifyRequest.SerializeToString,
@@ -118,7 +128,28 @@ class ControlServicer:
         """Failover: make the replica of a volume the primary copy, exported read-write as VOLUME over NBD;
         mirrored writes are refused from then on (an old primary that returns is told it is out of date).
         FAILED_PRECONDITION while a primary is connected or a resync is under way (unless `force`), or
-        when it was promoted already; NOT_FOUND for an unknown volume.
+        when it was promoted already; NOT_FOUND for an unknown volume. With `at`, the volume is first rolled
+        back to that snapshot (docs/OPERATIONS.md, Point-in-time failover): the state it replaces is kept as
+        a new snapshot, named in the reply's `kept_snapshot`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Demote(self, request, context):
+        """Failback: end the promotion of a volume. Its read-write export ends; the blocks written while it was
+        promoted (and those a rollback changed) stay tracked until the old primary reattaches and pulls them
+        (Replication.FailbackPull), then mirroring resumes from the primary. FAILED_PRECONDITION when the
+        volume is not promoted, or while its rollback has not completed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Takeover(self, request, context):
+        """Release a volume from the primary that mirrors it (`VolumeStatus.owner`), so that another primary
+        may claim it: until then a primary with another id whose data is not the replica's history (or that
+        asks to discard it) is refused. FAILED_PRECONDITION while a primary is connected.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -176,6 +207,16 @@ def add_ControlServicer_to_server(servicer, server):
             'Promote': grpc.unary_unary_rpc_method_handler(
                     servicer.Promote,
                     request_deserializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.PromoteRequest.FromString,
+                    response_serializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.VolumeStatus.SerializeToString,
+            ),
+            'Demote': grpc.unary_unary_rpc_method_handler(
+                    servicer.Demote,
+                    request_deserializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.DemoteRequest.FromString,
+                    response_serializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.VolumeStatus.SerializeToString,
+            ),
+            'Takeover': grpc.unary_unary_rpc_method_handler(
+                    servicer.Takeover,
+                    request_deserializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.TakeoverRequest.FromString,
                     response_serializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.VolumeStatus.SerializeToString,
             ),
             'Verify': grpc.unary_stream_rpc_method_handler(
@@ -350,6 +391,60 @@ class Control:
             target,
             '/standbyappliance.v1.Control/Promote',
             standbylib_dot_rpc_dot_v1_dot_control__pb2.PromoteRequest.SerializeToString,
+            standbylib_dot_rpc_dot_v1_dot_control__pb2.VolumeStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Demote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/standbyappliance.v1.Control/Demote',
+            standbylib_dot_rpc_dot_v1_dot_control__pb2.DemoteRequest.SerializeToString,
+            standbylib_dot_rpc_dot_v1_dot_control__pb2.VolumeStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Takeover(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/standbyappliance.v1.Control/Takeover',
+            standbylib_dot_rpc_dot_v1_dot_control__pb2.TakeoverRequest.SerializeToString,
             standbylib_dot_rpc_dot_v1_dot_control__pb2.VolumeStatus.FromString,
             options,
             channel_credentials,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#standbylib/rpc/v1/replication.proto\x12\x13standbyappliance.v1\"\xc0\x01\n\x10HandshakeRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x12\n\nprimary_id\x18\x04 \x01(\t\x12\x12\n\ngeneration\x18\x05 \x01(\t\x12\x17\n\x0f\x62\x61se_generation\x18\x06 \x01(\t\x12\x1c\n\x14\x64iscard_standby_data\x18\x07 \x01(\x08\x12\x1b\n\x13previous_generation\x18\x08 \x01(\t\"\xa8\x01\n\x0eHandshakeReply\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x0f\n\x07\x63reated\x18\x04 \x01(\x08\x12\x12\n\nstandby_id\x18\x05 \x01(\t\x12\x18\n\x10\x61pplied_sequence\x18\x06 \x01(\x04\x12\x12\n\ngeneration\x18\x07 \x01(\t\x12\x11\n\tfull_sync\x18\x08 \x01(\x08\"\x99\x01\n\nMirrorOpen\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_sequence\x18\x02 \x01(\x04\x12\x12\n\nprimary_id\x18\x03 \x01(\t\x12\x15\n\rreceived_acks\x18\x04 \x01(\x08\x12\x0e\n\x06resync\x18\x05 \x01(\x08\x12\x12\n\ngeneration\x18\x06 \x01(\t\x12\x14\n\x0c\x64\x61ta_channel\x18\x07 \x01(\x08\"=\n\x10\x44\x61taChannelOffer\x12\r\n\x05token\x18\x01 \x01(\x0c\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\r\"!\n\x10\x44\x61taChannelHello\x12\r\n\x05token\x18\x01 \x01(\x0c\"w\n\x05Write\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x13\n\x0bzero_length\x18\x03 \x01(\x04\x12\x17\n\x0f\x63hecksum_length\x18\x04 \x01(\x04\x12\x0f\n\x07\x64igests\x18\x05 \x01(\x0c\x12\x11\n\tverify_id\x18\x06 \x01(\x04\"f\n\x05\x42\x61tch\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12*\n\x06writes\x18\x02 \x03(\x0b\x32\x1a.standbyappliance.v1.Write\x12\r\n\x05\x66lush\x18\x03 \x01(\x08\x12\x10\n\x08uptodate\x18\x04 \x01(\x08\"\xad\x01\n\rMirrorRequest\x12/\n\x04open\x18\x01 \x01(\x0b\x32\x1f.standbyappliance.v1.MirrorOpenH\x00\x12+\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x1a.standbyappliance.v1.BatchH\x00\x12\x36\n\x05hello\x18\x03 \x01(\x0b\x32%.standbyappliance.v1.DataChannelHelloH\x00\x42\x06\n\x04kind\"+\n\rVerifyCommand\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0e\n\x06repair\x18\x02 \x01(\x08\"\xe5\x01\n\x0bMirrorReply\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x0f\n\x07\x64urable\x18\x02 \x01(\x08\x12\x10\n\x08received\x18\x03 \x01(\x08\x12\x12\n\nmismatched\x18\x04 \x03(\x04\x12\x32\n\x06verify\x18\x05 \x01(\x0b\x32\".standbyappliance.v1.VerifyCommand\x12\x36\n\x07\x63hannel\x18\x06 \x01(\x0b\x32%.standbyappliance.v1.DataChannelOffer\x12\x12\n\nerror_code\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t2\xba\x01\n\x0bReplication\x12W\n\tHandshake\x12%.standbyappliance.v1.HandshakeRequest\x1a#.standbyappliance.v1.HandshakeReply\x12R\n\x06Mirror\x12\".standbyappliance.v1.MirrorRequest\x1a .standbyappliance.v1.MirrorReply(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#standbylib/rpc/v1/replication.proto\x12\x13standbyappliance.v1\"\xc0\x01\n\x10HandshakeRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x12\n\nprimary_id\x18\x04 \x01(\t\x12\x12\n\ngeneration\x18\x05 \x01(\t\x12\x17\n\x0f\x62\x61se_generation\x18\x06 \x01(\t\x12\x1c\n\x14\x64iscard_standby_data\x18\x07 \x01(\x08\x12\x1b\n\x13previous_generation\x18\x08 \x01(\t\"\xd1\x01\n\x0eHandshakeReply\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x0f\n\x07\x63reated\x18\x04 \x01(\x08\x12\x12\n\nstandby_id\x18\x05 \x01(\t\x12\x18\n\x10\x61pplied_sequence\x18\x06 \x01(\x04\x12\x12\n\ngeneration\x18\x07 \x01(\t\x12\x11\n\tfull_sync\x18\x08 \x01(\x08\x12\x10\n\x08\x66\x61ilback\x18\t \x01(\x08\x12\x15\n\rtracked_bytes\x18\n \x01(\x04\"(\n\x06\x45xtent\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0e\n\x06length\x18\x02 \x01(\x04\"\x8e\x01\n\x13\x46\x61ilbackPullRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x12\n\nprimary_id\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\t\x12,\n\x07regions\x18\x04 \x03(\x0b\x32\x1b.standbyappliance.v1.Extent\x12\x11\n\tchecksums\x18\x05 \x01(\x08\"\x87\x01\n\rFailbackChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0e\n\x06length\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x12\x15\n\rtracked_bytes\x18\x05 \x01(\x04\x12\x12\n\nsent_bytes\x18\x06 \x01(\x04\x12\x0f\n\x07\x64igests\x18\x07 \x01(\x0c\"\x99\x01\n\nMirrorOpen\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_sequence\x18\x02 \x01(\x04\x12\x12\n\nprimary_id\x18\x03 \x01(\t\x12\x15\n\rreceived_acks\x18\x04 \x01(\x08\x12\x0e\n\x06resync\x18\x05 \x01(\x08\x12\x12\n\ngeneration\x18\x06 \x01(\t\x12\x14\n\x0c\x64\x61ta_channel\x18\x07 \x01(\x08\"=\n\x10\x44\x61taChannelOffer\x12\r\n\x05token\x18\x01 \x01(\x0c\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\r\"!\n\x10\x44\x61taChannelHello\x12\r\n\x05token\x18\x01 \x01(\x0c\"w\n\x05Write\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x13\n\x0bzero_length\x18\x03 \x01(\x04\x12\x17\n\x0f\x63hecksum_length\x18\x04 \x01(\x04\x12\x0f\n\x07\x64igests\x18\x05 \x01(\x0c\x12\x11\n\tverify_id\x18\x06 \x01(\x04\"f\n\x05\x42\x61tch\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12*\n\x06writes\x18\x02 \x03(\x0b\x32\x1a.standbyappliance.v1.Write\x12\r\n\x05\x66lush\x18\x03 \x01(\x08\x12\x10\n\x08uptodate\x18\x04 \x01(\x08\"\xad\x01\n\rMirrorRequest\x12/\n\x04open\x18\x01 \x01(\x0b\x32\x1f.standbyappliance.v1.MirrorOpenH\x00\x12+\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x1a.standbyappliance.v1.BatchH\x00\x12\x36\n\x05hello\x18\x03 \x01(\x0b\x32%.standbyappliance.v1.DataChannelHelloH\x00\x42\x06\n\x04kind\"+\n\rVerifyCommand\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0e\n\x06repair\x18\x02 \x01(\x08\"\xe5\x01\n\x0bMirrorReply\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x0f\n\x07\x64urable\x18\x02 \x01(\x08\x12\x10\n\x08received\x18\x03 \x01(\x08\x12\x12\n\nmismatched\x18\x04 \x03(\x04\x12\x32\n\x06verify\x18\x05 \x01(\x0b\x32\".standbyappliance.v1.VerifyCommand\x12\x36\n\x07\x63hannel\x18\x06 \x01(\x0b\x32%.standbyappliance.v1.DataChannelOffer\x12\x12\n\nerror_code\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t2\x9a\x02\n\x0bReplication\x12W\n\tHandshake\x12%.standbyappliance.v1.HandshakeRequest\x1a#.standbyappliance.v1.HandshakeReply\x12R\n\x06Mirror\x12\".standbyappliance.v1.MirrorRequest\x1a .standbyappliance.v1.MirrorReply(\x01\x30\x01\x12^\n\x0c\x46\x61ilbackPull\x12(.standbyappliance.v1.FailbackPullRequest\x1a\".standbyappliance.v1.FailbackChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,23 +34,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HANDSHAKEREQUEST']._serialized_start=61
   _globals['_HANDSHAKEREQUEST']._serialized_end=253
   _globals['_HANDSHAKEREPLY']._serialized_start=256
-  _globals['_HANDSHAKEREPLY']._serialized_end=424
-  _globals['_MIRROROPEN']._serialized_start=427
-  _globals['_MIRROROPEN']._serialized_end=580
-  _globals['_DATACHANNELOFFER']._serialized_start=582
-  _globals['_DATACHANNELOFFER']._serialized_end=643
-  _globals['_DATACHANNELHELLO']._serialized_start=645
-  _globals['_DATACHANNELHELLO']._serialized_end=678
-  _globals['_WRITE']._serialized_start=680
-  _globals['_WRITE']._serialized_end=799
-  _globals['_BATCH']._serialized_start=801
-  _globals['_BATCH']._serialized_end=903
-  _globals['_MIRRORREQUEST']._serialized_start=906
-  _globals['_MIRRORREQUEST']._serialized_end=1079
-  _globals['_VERIFYCOMMAND']._serialized_start=1081
-  _globals['_VERIFYCOMMAND']._serialized_end=1124
-  _globals['_MIRRORREPLY']._serialized_start=1127
-  _globals['_MIRRORREPLY']._serialized_end=1356
-  _globals['_REPLICATION']._serialized_start=1359
-  _globals['_REPLICATION']._serialized_end=1545
+  _globals['_HANDSHAKEREPLY']._serialized_end=465
+  _globals['_EXTENT']._serialized_start=467
+  _globals['_EXTENT']._serialized_end=507
+  _globals['_FAILBACKPULLREQUEST']._serialized_start=510
+  _globals['_FAILBACKPULLREQUEST']._serialized_end=652
+  _globals['_FAILBACKCHUNK']._serialized_start=655
+  _globals['_FAILBACKCHUNK']._serialized_end=790
+  _globals['_MIRROROPEN']._serialized_start=793
+  _globals['_MIRROROPEN']._serialized_end=946
+  _globals['_DATACHANNELOFFER']._serialized_start=948
+  _globals['_DATACHANNELOFFER']._serialized_end=1009
+  _globals['_DATACHANNELHELLO']._serialized_start=1011
+  _globals['_DATACHANNELHELLO']._serialized_end=1044
+  _globals['_WRITE']._serialized_start=1046
+  _globals['_WRITE']._serialized_end=1165
+  _globals['_BATCH']._serialized_start=1167
+  _globals['_BATCH']._serialized_end=1269
+  _globals['_MIRRORREQUEST']._serialized_start=1272
+  _globals['_MIRRORREQUEST']._serialized_end=1445
+  _globals['_VERIFYCOMMAND']._serialized_start=1447
+  _globals['_VERIFYCOMMAND']._serialized_end=1490
+  _globals['_MIRRORREPLY']._serialized_start=1493
+  _globals['_MIRRORREPLY']._serialized_end=1722
+  _globals['_REPLICATION']._serialized_start=1725
+  _globals['_REPLICATION']._serialized_end=2007
 # @@protoc_insertion_point(module_scope)

@@ -27,7 +27,7 @@ class HandshakeRequest(_message.Message):
     def __init__(self, volume: _Optional[str] = ..., size: _Optional[int] = ..., block_size: _Optional[int] = ..., primary_id: _Optional[str] = ..., generation: _Optional[str] = ..., base_generation: _Optional[str] = ..., discard_standby_data: _Optional[bool] = ..., previous_generation: _Optional[str] = ...) -> None: ...
 
 class HandshakeReply(_message.Message):
-    __slots__ = ("volume", "size", "block_size", "created", "standby_id", "applied_sequence", "generation", "full_sync")
+    __slots__ = ("volume", "size", "block_size", "created", "standby_id", "applied_sequence", "generation", "full_sync", "failback", "tracked_bytes")
     VOLUME_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,8 @@ class HandshakeReply(_message.Message):
     APPLIED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     FULL_SYNC_FIELD_NUMBER: _ClassVar[int]
+    FAILBACK_FIELD_NUMBER: _ClassVar[int]
+    TRACKED_BYTES_FIELD_NUMBER: _ClassVar[int]
     volume: str
     size: int
     block_size: int
@@ -44,7 +46,49 @@ class HandshakeReply(_message.Message):
     applied_sequence: int
     generation: str
     full_sync: bool
-    def __init__(self, volume: _Optional[str] = ..., size: _Optional[int] = ..., block_size: _Optional[int] = ..., created: _Optional[bool] = ..., standby_id: _Optional[str] = ..., applied_sequence: _Optional[int] = ..., generation: _Optional[str] = ..., full_sync: _Optional[bool] = ...) -> None: ...
+    failback: bool
+    tracked_bytes: int
+    def __init__(self, volume: _Optional[str] = ..., size: _Optional[int] = ..., block_size: _Optional[int] = ..., created: _Optional[bool] = ..., standby_id: _Optional[str] = ..., applied_sequence: _Optional[int] = ..., generation: _Optional[str] = ..., full_sync: _Optional[bool] = ..., failback: _Optional[bool] = ..., tracked_bytes: _Optional[int] = ...) -> None: ...
+
+class Extent(_message.Message):
+    __slots__ = ("offset", "length")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    length: int
+    def __init__(self, offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class FailbackPullRequest(_message.Message):
+    __slots__ = ("volume", "primary_id", "generation", "regions", "checksums")
+    VOLUME_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_ID_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    volume: str
+    primary_id: str
+    generation: str
+    regions: _containers.RepeatedCompositeFieldContainer[Extent]
+    checksums: bool
+    def __init__(self, volume: _Optional[str] = ..., primary_id: _Optional[str] = ..., generation: _Optional[str] = ..., regions: _Optional[_Iterable[_Union[Extent, _Mapping]]] = ..., checksums: _Optional[bool] = ...) -> None: ...
+
+class FailbackChunk(_message.Message):
+    __slots__ = ("offset", "length", "data", "done", "tracked_bytes", "sent_bytes", "digests")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    TRACKED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    length: int
+    data: bytes
+    done: bool
+    tracked_bytes: int
+    sent_bytes: int
+    digests: bytes
+    def __init__(self, offset: _Optional[int] = ..., length: _Optional[int] = ..., data: _Optional[bytes] = ..., done: _Optional[bool] = ..., tracked_bytes: _Optional[int] = ..., sent_bytes: _Optional[int] = ..., digests: _Optional[bytes] = ...) -> None: ...
 
 class MirrorOpen(_message.Message):
     __slots__ = ("volume", "first_sequence", "primary_id", "received_acks", "resync", "generation", "data_channel")

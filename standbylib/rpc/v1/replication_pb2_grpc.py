@@ -44,6 +44,11 @@ class ReplicationStub:
                 request_serializer=standbylib_dot_rpc_dot_v1_dot_replication__pb2.MirrorRequest.SerializeToString,
                 response_deserializer=standbylib_dot_rpc_dot_v1_dot_replication__pb2.MirrorReply.FromString,
                 _registered_method=True)
+        self.FailbackPull = channel.unary_stream(
+                '/standbyappliance.v1.Replication/FailbackPull',
+                request_serializer=standbylib_dot_rpc_dot_v1_dot_replication__pb2.FailbackPullRequest.SerializeToString,
+                response_deserializer=standbylib_dot_rpc_dot_v1_dot_replication__pb2.FailbackChunk.FromString,
+                _registered_method=True)
 
 
 class ReplicationServicer:
@@ -67,6 +72,18 @@ class ReplicationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FailbackPull(self, request, context):
+        """Failback (reverse resync): after `standbyctl demote`, the old primary, whose handshake got
+        `failback`, pulls the blocks the standby tracked while the volume was promoted, plus the regions
+        the primary itself changed without mirroring them (`regions`), in offset order, then handshakes
+        again holding `generation`. With `checksums`, the standby sends instead the digests of the blocks of
+        `regions` it did not track (`FailbackChunk.digests`), so the primary pulls only those that differ. FAILED_PRECONDITION when the volume is not waiting for a failback or
+        the generation differs; INVALID_ARGUMENT for regions out of range or misaligned.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReplicationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -79,6 +96,11 @@ def add_ReplicationServicer_to_server(servicer, server):
                     servicer.Mirror,
                     request_deserializer=standbylib_dot_rpc_dot_v1_dot_replication__pb2.MirrorRequest.FromString,
                     response_serializer=standbylib_dot_rpc_dot_v1_dot_replication__pb2.MirrorReply.SerializeToString,
+            ),
+            'FailbackPull': grpc.unary_stream_rpc_method_handler(
+                    servicer.FailbackPull,
+                    request_deserializer=standbylib_dot_rpc_dot_v1_dot_replication__pb2.FailbackPullRequest.FromString,
+                    response_serializer=standbylib_dot_rpc_dot_v1_dot_replication__pb2.FailbackChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,6 +157,33 @@ class Replication:
             '/standbyappliance.v1.Replication/Mirror',
             standbylib_dot_rpc_dot_v1_dot_replication__pb2.MirrorRequest.SerializeToString,
             standbylib_dot_rpc_dot_v1_dot_replication__pb2.MirrorReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FailbackPull(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/standbyappliance.v1.Replication/FailbackPull',
+            standbylib_dot_rpc_dot_v1_dot_replication__pb2.FailbackPullRequest.SerializeToString,
+            standbylib_dot_rpc_dot_v1_dot_replication__pb2.FailbackChunk.FromString,
             options,
             channel_credentials,
             insecure,
