@@ -7,11 +7,12 @@ writes or keeps serving them outdated, by its --fencing policy."""
 from __future__ import annotations
 
 import hashlib
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from e2e_support import VOLUME_SIZE, Daemons, MiB, Primary, Standby, need, qemu_io, run
+from e2e_support import CTL_CMD, VOLUME_SIZE, Daemons, MiB, Primary, Standby, _console, need, qemu_io, run
 from faults_support import fio_storm
 
 pytestmark = pytest.mark.timeout(240)
@@ -174,3 +175,42 @@ def test_a_connected_primary_is_fenced_when_the_standby_is_promoted_with_force(
     qemu_io(primary.uri("vol0"), "write -P 0x33 2M 64k", "flush")
     primary.wait_in_sync()
     assert sha(vol) == sha(standby.replica("vol0"))
+
+
+def test_a_rollback_cut_by_kill_9_is_resumed_when_the_standby_restarts(
+    daemons: Daemons, tmp_path: Path
+) -> None:
+    """The standby dies (SIGKILL) while `promote --at` writes the snapshot's blocks back; restarted, it
+    finishes the rollback before it exports the volume, which then reads exactly as the snapshot."""
+    need("fio", "qemu-io", "nbdcopy")
+    standby = daemons.standby(tmp_path / "b")
+    vol = tmp_path / "vol0.img"
+    primary = daemons.primary(standby, {"vol0": f"{vol},size=64MiB"})
+    qemu_io(primary.uri("vol0"), "write -P 0x11 0 64M", "flush")
+    primary.wait_in_sync()
+    good = standby.snapshot("vol0", "good")
+    good_image = read_export(standby.uri(f"vol0@{good}"), tmp_path, "good.img")
+    # Damage: random 4 KiB blocks over the whole volume (the rollback's work is as many scattered blocks).
+    run(
+        "fio", "--name=damage", "--ioengine=nbd", f"--uri={primary.uri('vol0')}", "--rw=randwrite",
+        "--bs=4k", "--size=64M", "--io_size=24M", "--iodepth=16", "--randrepeat=0", "--end_fsync=1",
+        timeout=120,
+    )  # fmt: skip
+    primary.daemon.stop()
+    until(lambda: not volume_status(standby)["connected"], "the standby to see the primary gone")
+    promote = subprocess.Popen(
+        [*_console(*CTL_CMD), "--standby", standby.grpc, "promote", "vol0", "--at", good],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    standby.daemon.wait_for("volume_promoted", timeout=30)
+    standby.daemon.kill()
+    promote.communicate(timeout=30)
+    assert promote.returncode != 0  # the command saw the standby die
+
+    again = daemons.standby(tmp_path / "b")
+    status = volume_status(again)
+    assert status["state"] == "promoted" and status["rolled_back_to"] == good
+    if not any(e.get("event") == "volume_rolled_back" for e in standby.daemon.events):
+        again.daemon.wait_for("rollback_resumed", timeout=5)  # cut in the middle: done again at start
+    assert read_export(again.uri("vol0"), tmp_path, "promoted.img") == good_image
+    assert status["kept_snapshot"] in {s["name"] for s in again.snapshots("vol0")}

@@ -154,6 +154,13 @@ def test_demote_ends_the_export_and_the_old_primary_gets_exactly_the_tracked_blo
         with pytest.raises(FailbackRefused, match="handshake first"):
             node.open_stream("vol0", "p1", 1)
 
+        # A restart keeps the failback waiting, with what it tracked.
+        node.close()
+        node = StandbyNode(str(tmp_path / "d"), capacity="16MiB")
+        replica = node.replica("vol0")
+        assert replica.status == "failback" and node.export("vol0") is None
+        assert replica.tracker.extents() == [(3 * BS, 2 * BS), (10 * BS, BS)]
+
         blocks = pulled(node, promoted, regions=[(12 * BS, BS)])  # + the primary's own region
         assert sorted(blocks) == [3 * BS, 4 * BS, 10 * BS, 12 * BS]
         assert blocks[3 * BS] == pattern(BS, 10) and blocks[10 * BS] == bytes(BS)
