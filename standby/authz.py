@@ -20,7 +20,7 @@ authorized Mirror call, and with mutual TLS only with that call's client certifi
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -231,55 +231,6 @@ def _rebuilt(handler: Handler, behaviour: Callable[..., Any]) -> Handler:
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
-
-
-class _GuardedHandler(grpc.GenericRpcHandler):
-    def __init__(self, inner: grpc.GenericRpcHandler, authorizer: Authorizer) -> None:
-        self._inner = inner
-        self._authorizer = authorizer
-
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
-        return self._authorizer.intercept_service(self._inner.service, handler_call_details)
-
-
-class GuardedServer(grpc.Server):
-    """`server` as the servicers' ``register`` sees it: every handler added through it passes the
-    `authorizer` first, as if it were one of the server's interceptors (`create_server` takes none;
-    the health service it adds stays open)."""
-
-    def __init__(self, server: grpc.Server, authorizer: Authorizer) -> None:
-        self._server = server
-        self._authorizer = authorizer
-
-    def add_generic_rpc_handlers(self, generic_rpc_handlers: Iterable[grpc.GenericRpcHandler]) -> None:
-        guarded = tuple(_GuardedHandler(h, self._authorizer) for h in generic_rpc_handlers)
-        self._server.add_generic_rpc_handlers(guarded)
-
-    def add_registered_method_handlers(
-        self, service_name: str, method_handlers: Mapping[str, Handler]
-    ) -> None:
-        guarded = {
-            name: self._authorizer.guard(f"/{service_name}/{name}", handler)
-            for name, handler in method_handlers.items()
-        }
-        self._server.add_registered_method_handlers(
-            service_name, {name: h for name, h in guarded.items() if h is not None}
-        )
-
-    def add_insecure_port(self, address: str) -> int:
-        return self._server.add_insecure_port(address)
-
-    def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
-        return self._server.add_secure_port(address, server_credentials)
-
-    def start(self) -> None:
-        self._server.start()
-
-    def stop(self, grace: float | None) -> Any:
-        return self._server.stop(grace)
-
-    def wait_for_termination(self, timeout: float | None = None) -> bool:
-        return self._server.wait_for_termination(timeout)
 
 
 class ExportGuard:

@@ -206,15 +206,15 @@ def serve(conf: StandbyConfig) -> int:
             log.info("listening", service="data", address=data_address, tls=tls_mode(tls))
 
         def register(server: grpc.Server) -> None:
-            # With a policy every call of the services passes the authorizer first (not the health service).
-            guarded = server if authorizer is None else authz.GuardedServer(server, authorizer)
-            services.register(guarded, node, nbd_address, channels, metrics)
+            services.register(server, node, nbd_address, channels, metrics)
 
+        # With a policy every call passes the authorizer first (the health service stays open).
         grpc_server, bound, _health = create_server(
             conf.listen,
             register,
             workers=services.GRPC_WORKERS,
             tls=tls,
+            interceptors=() if authorizer is None else (authorizer,),
         )
         log.info(
             "listening",

@@ -7,7 +7,7 @@ generic message and are logged with their traceback by the servicer.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from contextlib import contextmanager
 from typing import Any, NoReturn
@@ -231,14 +231,17 @@ def create_server(
     *,
     workers: int = 32,
     tls: TlsFiles | None = None,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
 ) -> tuple[grpc.Server, tuple[str, int], health.HealthServicer]:
     """A started gRPC server on `address` with the servicers `register` adds and the health service.
 
     With `tls` (enabled) the port speaks TLS only, mutual TLS when it requires client certificates.
+    `interceptors` see every call, the health service's included.
     Returns the server, the bound address (port 0 resolved) and the health servicer (all SERVING).
     """
     credentials = tls.server_credentials() if tls is not None and tls.enabled else None
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=SERVER_OPTIONS)
+    pool = futures.ThreadPoolExecutor(max_workers=workers)
+    server = grpc.server(pool, options=SERVER_OPTIONS, interceptors=list(interceptors))
     register(server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
