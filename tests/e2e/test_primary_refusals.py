@@ -113,9 +113,7 @@ def test_a_second_primary_cannot_take_a_live_volume_even_with_discard(daemons: D
     while standby.status()["volumes"][0]["connected"]:
         assert time.monotonic() < deadline, "the standby did not see the first primary go"
         time.sleep(0.1)
-    third = daemons.primary(
-        standby, {"vol0": f"{other},size=32MiB"}, "--discard-standby-data", in_sync=False
-    )
+    third = daemons.primary(standby, {"vol0": f"{other},size=32MiB"}, "--discard-standby-data", in_sync=False)
     refused = third.daemon.wait_for("mirror_disconnected", timeout=30)
     assert "standbyctl takeover vol0" in refused["error"], refused
     assert sha(first.volumes["vol0"]) == sha(standby.replica("vol0")), "the idle replica was replaced"
