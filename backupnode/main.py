@@ -25,7 +25,7 @@ from backupnode.reader import image_offset, read_manifest
 from standbylib.errors import StandbyError
 from standbylib.runtime import config as cfg
 from standbylib.runtime import logs
-from standbylib.runtime.main import EXIT_FAILED, EXIT_OK, run
+from standbylib.runtime.main import EXIT_FAILED, EXIT_OK, add_version, run
 from standbylib.units import human_size
 
 PROG = "standby-backup"
@@ -156,6 +156,7 @@ def parser() -> argparse.ArgumentParser:
         "without this program (docs/ARCHIVE-FORMAT.md).",
     )
     p.add_argument("--debug", action="store_true", help="print tracebacks with errors")
+    add_version(p)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     r = sub.add_parser(

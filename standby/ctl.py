@@ -36,7 +36,7 @@ from standbylib.rpc.v1 import control_pb2, control_pb2_grpc
 from standbylib.runtime import config as cfg
 from standbylib.runtime import rpc
 from standbylib.runtime.config import ConfigError, parse_address
-from standbylib.runtime.main import EXIT_FAILED, EXIT_OK, run
+from standbylib.runtime.main import EXIT_FAILED, EXIT_OK, add_version, run
 from standbylib.runtime.rpc import RemoteError
 from standbylib.runtime.tls import ClientTlsSettings
 from standbylib.units import human_size, parse_size
@@ -68,6 +68,7 @@ def parser() -> argparse.ArgumentParser:
     )
     cfg.add_options(p, ClientTlsSettings, files=False, title="TLS (docs/SECURITY.md)")
     p.add_argument("--debug", action="store_true", help="print tracebacks with errors")
+    add_version(p)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     status = sub.add_parser("status", help="volumes, replication state, snapshots and preservation fill")

@@ -23,6 +23,7 @@ from standby.verify import VerifyFailed, VerifySession
 from standbylib.errors import InvalidArgument, Overloaded, StandbyError
 from standbylib.rpc.v1 import control_pb2, control_pb2_grpc, replication_pb2, replication_pb2_grpc
 from standbylib.runtime import logs
+from standbylib.runtime.main import package_version
 from standbylib.runtime.rpc import abort, add_service, guarded
 from standbylib.snapshot.volume import SnapshotInfo
 
@@ -365,7 +366,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
                 on_full=node.on_full,
             ),
             standby_id=node.id,
-            version=_version(),
+            version=package_version(),
             problems=node.problems(),
         )
 
@@ -498,15 +499,6 @@ def _progress(status: VerifySession) -> control_pb2.VerifyProgress:
         done=status.done,
         block_size=status.block_size,
     )
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("standby-appliance")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def register(

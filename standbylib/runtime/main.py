@@ -87,6 +87,7 @@ def daemon_main(
     )
     cfg.add_options(parser, config)
     parser.add_argument("--debug", action="store_true", help="print tracebacks with errors")
+    add_version(parser)
     args = parser.parse_args(argv)
 
     def body() -> int:
@@ -98,3 +99,20 @@ def daemon_main(
         return serve(conf)
 
     return run(prog, body, debug=args.debug)
+
+
+def package_version() -> str:
+    """The installed version of the appliance ("unknown" when it runs from a tree not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("standby-appliance")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def add_version(parser: argparse.ArgumentParser) -> None:
+    """``--version``: print ``PROG VERSION`` and exit 0."""
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {package_version()}", help="print the version"
+    )

@@ -31,11 +31,33 @@ def test_help_names_every_contract_flag(program):
                            "127.0.0.1:7700", "127.0.0.1:10809"],
         "standby-primary": ["--volume", "--standby", "--nbd-listen", "--metrics-listen", "--mode",
                             "127.0.0.1:10810"],
-        "standbyctl": ["--standby", "status", "snapshot", "verify", "promote"],
+        "standbyctl": ["--standby", "status", "snapshot", "verify", "promote", "demote", "takeover"],
         "standby-backup": ["run", "restore", "verify", "list", "tar --zstd -xSf"],
     }[program]  # fmt: skip
     for flag in expected:
         assert flag in out.stdout, flag
+
+
+@pytest.mark.parametrize("program", sorted(PROGRAMS))
+def test_every_program_tells_its_version(program):
+    out = run(program, "--version")
+    assert out.returncode == 0, out.stderr
+    name, version = out.stdout.split()
+    assert name == program and version[0].isdigit(), out.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "wanted"),
+    [
+        (["promote", "--help"], ["--at SNAPSHOT", "--force", "rolled back"]),
+        (["demote", "--help"], ["failback"]),
+    ],
+)
+def test_standbyctl_failover_help_answers_what_a_failover_does(args, wanted):
+    out = run("standbyctl", *args)
+    assert out.returncode == 0
+    for text in wanted:
+        assert text in " ".join(out.stdout.split()), text
 
 
 def test_show_config_round_trips_through_a_config_file(tmp_path):
