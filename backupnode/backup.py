@@ -46,8 +46,8 @@ from standbylib.nbd import NbdPool
 from standbylib.rpc.v1 import control_pb2
 from standbylib.runtime import config as cfg
 from standbylib.runtime import logs, rpc
-from standbylib.runtime.main import EXIT_OK
-from standbylib.runtime.metrics import MetricsServer
+from standbylib.runtime.main import EXIT_OK, package_version
+from standbylib.runtime.metrics import MetricsServer, build_info
 from standbylib.runtime.tls import TlsFiles
 from standbylib.units import human_size
 
@@ -65,6 +65,7 @@ class Interrupted(KeyboardInterrupt):
 class BackupMetrics:
     def __init__(self, volume: str) -> None:
         self.registry = CollectorRegistry()
+        build_info(self.registry, "standby-backup", package_version())
         self.bytes = Counter(
             "standby_backup_bytes",
             "Bytes of image data read from the snapshot and archived.",

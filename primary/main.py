@@ -29,8 +29,8 @@ from standbylib.nbd.server import NbdServer
 from standbylib.runtime import config as cfg
 from standbylib.runtime import logs
 from standbylib.runtime.logs import LogSettings
-from standbylib.runtime.main import EXIT_OK, StopSignal, daemon_main
-from standbylib.runtime.metrics import MetricsServer
+from standbylib.runtime.main import EXIT_OK, StopSignal, daemon_main, package_version
+from standbylib.runtime.metrics import MetricsServer, build_info
 from standbylib.runtime.tls import ClientTlsSettings, NbdTlsSettings, nbd_tls_of
 from standbylib.snapshot.records import check_name
 from standbylib.units import parse_size
@@ -237,6 +237,7 @@ def serve(conf: PrimaryConfig) -> int:
     nbd_security = nbd_tls_of(conf)
     stop = StopSignal()
     registry = CollectorRegistry()
+    build_info(registry, "standby-primary", package_version())
     metrics = PrimaryMetrics(registry, conf.mode)
     devices: dict[str, MirroredDevice] = {}
     nbd = metrics_server = None

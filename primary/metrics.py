@@ -51,8 +51,16 @@ class PrimaryMetrics:
             "standby_replication_state",
             "1 for the replication state the volume is in: connecting, connected, disconnected (the link "
             "or the standby is down), refused (the standby refuses its batches or its handshake), blocked "
-            "(the volume file is not the one its data generations belong to).",
+            "(the volume file is not the one its data generations belong to), outdated (the standby took "
+            "the volume over: fenced until a failback).",
             ["volume", "state"],
+            registry=registry,
+        )
+        self.writes_fenced = Gauge(
+            "standby_writes_fenced",
+            "1 while the primary refuses its clients' writes because it is outdated (--fencing "
+            "refuse-writes); 0 while it takes them (an outdated primary with --fencing keep-serving too).",
+            ["volume"],
             registry=registry,
         )
         self.refusals = Counter(
@@ -107,6 +115,7 @@ class PrimaryMetrics:
         self.state_write_failures.labels(volume, "bitmap")
         self.state_write_failures.labels(volume, "generation")
         self.in_flight.labels(volume).set_function(mirror.in_flight_bytes)
+        self.writes_fenced.labels(volume).set_function(lambda: 0 if mirror.writable() else 1)
         self.out_of_sync.labels(volume).set_function(mirror.bitmap.out_of_sync_bytes)
         self.resync_remaining.labels(volume).set_function(
             lambda: mirror.bitmap.dirty() * mirror.bitmap.granularity

@@ -215,6 +215,10 @@ class Mirror:
         """Why this primary is outdated (the standby took the volume over); "" when it is not."""
         return self.generations.outdated
 
+    def writable(self) -> bool:
+        """False while the primary is outdated and its fencing policy refuses writes."""
+        return not (self.generations.outdated and self.fencing == "refuse-writes")
+
     def check_writable(self) -> None:
         """Raise `WritesFenced` when the primary is outdated and its fencing policy refuses writes."""
         if self.generations.outdated and self.fencing == "refuse-writes":

@@ -28,8 +28,8 @@ from standbylib.nbd.server import NbdServer
 from standbylib.runtime import config as cfg
 from standbylib.runtime import logs
 from standbylib.runtime.logs import LogSettings
-from standbylib.runtime.main import EXIT_OK, StopSignal, daemon_main
-from standbylib.runtime.metrics import MetricsServer
+from standbylib.runtime.main import EXIT_OK, StopSignal, daemon_main, package_version
+from standbylib.runtime.metrics import MetricsServer, build_info
 from standbylib.runtime.rpc import create_server
 from standbylib.runtime.tls import NbdTlsSettings, TlsFiles, nbd_tls_of
 from standbylib.units import parse_size
@@ -175,6 +175,7 @@ def serve(conf: StandbyConfig) -> int:
     nbd_security = nbd_tls_of(conf)
     stop = StopSignal()
     registry = CollectorRegistry()
+    build_info(registry, "standby-daemon", package_version())
     metrics = StandbyMetrics(registry)
     authorizer = exports_access = None
     if conf.policy is not None:

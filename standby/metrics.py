@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 from standby.datachannel import REFUSAL_REASONS as CHANNEL_REFUSALS
 from standby.node import StandbyNode
 from standby.refusals import REFUSAL_REASONS
+from standby.replica import STATES
 from standbylib.runtime.metrics import LATENCY_BUCKETS
 
 
@@ -153,6 +154,19 @@ class StateCollector(Collector):
             "could not be saved.",
         )
         problems.add_metric([], len(self.node.problems()))
+        state = GaugeMetricFamily(
+            "standby_volume_state",
+            "1 for the state the volume's replica is in: uptodate, inconsistent (a resync is under way), "
+            "deferred (writes held back), promoted (the primary copy since a failover: no second copy), "
+            "failback (demoted, waiting for its old primary to take back what changed).",
+            labels=["volume", "state"],
+        )
+        tracked = GaugeMetricFamily(
+            "standby_failback_tracked_bytes",
+            "Bytes written while the volume was promoted (or changed by its rollback), which the old "
+            "primary receives at the failback; 0 when there is no failback to come.",
+            labels=["volume"],
+        )
         for replica in self.node.replicas():
             name = replica.name
             for snap in replica.volume.snapshots():
@@ -169,12 +183,15 @@ class StateCollector(Collector):
             connected.add_metric([name], 1 if replica.connected else 0)
             size.add_metric([name], replica.size)
             lag.add_metric([name], replica.lag_seconds())
+            for status in STATES:
+                state.add_metric([name, status], 1 if replica.status == status else 0)
+            tracked.add_metric([name], replica.tracker.tracked_bytes() if replica.tracker else 0)
         stats = self.node.store.stats()
         used.add_metric(["", ""], stats.used_bytes)
         capacity.add_metric(["", ""], stats.capacity_bytes)
         fill.add_metric(["", ""], stats.fill_ratio)
         yield from (used, capacity, fill, valid, snapshots_info, cow, applied, batches, connected, size, lag)
-        yield from (refusals, write_failures, problems)
+        yield from (refusals, write_failures, problems, state, tracked)
 
 
 def _timestamp(created: str) -> float:

@@ -20,6 +20,8 @@ from standbylib.snapshot.volume import Volume
 
 UPTODATE, INCONSISTENT, DEFERRED, PROMOTED = "uptodate", "inconsistent", "deferred", "promoted"
 FAILBACK = "failback"
+#: Every status a replica can report (`Replica.status`).
+STATES = (UPTODATE, INCONSISTENT, DEFERRED, PROMOTED, FAILBACK)
 #: The fields saved in ``state.json`` (`standby.statefiles`), and changed only through `Replicas.change`.
 DURABLE = (
     "state",

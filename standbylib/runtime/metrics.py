@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import platform
 import threading
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+
+def build_info(registry: CollectorRegistry, program: str, version: str) -> None:
+    """``standby_build_info{program, version, python}`` = 1: which build runs where (dashboards join on
+    it; an upgrade shows as a change of labels)."""
+    Gauge(
+        "standby_build_info",
+        "Always 1; the labels say which program and version runs, on which Python.",
+        ["program", "version", "python"],
+        registry=registry,
+    ).labels(program, version, platform.python_version()).set(1)
+
 
 # Histogram buckets for write and apply latencies, in seconds: 50 us to 10 s.
 LATENCY_BUCKETS = (

@@ -155,6 +155,9 @@ def test_a_connected_primary_is_fenced_when_the_standby_is_promoted_with_force(
         lambda: primary.metrics().find("standby_replication_state", volume="vol0", state="outdated") == 1,
         "the primary to report itself outdated",
     )
+    fenced_metric = primary.metrics().get("standby_writes_fenced", volume="vol0")
+    assert fenced_metric == (1 if fencing == "refuse-writes" else 0)
+    assert standby.metrics().get("standby_volume_state", volume="vol0", state="promoted") == 1
     write = qemu_io(primary.uri("vol0"), "write -P 0x77 1M 64k", check=False)
     if fencing == "refuse-writes":
         assert write.returncode != 0 and "Input/output error" in write.stdout + write.stderr, write
@@ -163,6 +166,8 @@ def test_a_connected_primary_is_fenced_when_the_standby_is_promoted_with_force(
         assert write.returncode == 0, write  # served, on this host only
     qemu_io(standby.uri("vol0"), "write -P 0x55 4M 4k", "flush")
 
+    tracked = standby.metrics().get("standby_failback_tracked_bytes", volume="vol0")
+    assert tracked == 4096, tracked
     standby.ctl("demote", "vol0")
     primary.daemon.wait_for("failback_pulled", timeout=60)
     primary.wait_in_sync()
@@ -171,6 +176,8 @@ def test_a_connected_primary_is_fenced_when_the_standby_is_promoted_with_force(
     # The standby's data won: its write is there, the outdated write is not.
     assert image[4 * MiB : 4 * MiB + 4096] == b"\x55" * 4096
     assert image[MiB : MiB + 65536] == b"\x11" * 65536
+    assert primary.metrics().get("standby_writes_fenced", volume="vol0") == 0
+    assert standby.metrics().get("standby_volume_state", volume="vol0", state="uptodate") == 1
     # Writes are taken again, and mirrored.
     qemu_io(primary.uri("vol0"), "write -P 0x33 2M 64k", "flush")
     primary.wait_in_sync()
