@@ -48,6 +48,7 @@ soak: venv system-deps
 bench: venv system-deps
 	@mkdir -p bench/results
 	$(BIN)/python bench/engine_bench.py --output bench/results/engine.json
+	$(BIN)/python bench/holes_bench.py --output bench/results/holes.json
 	$(BIN)/python bench/nbd_bench.py --output bench/results/nbd.json
 	$(BIN)/python bench/replication_bench.py --output bench/results/replication.json $(if $(C_MIRROR),--c-mirror $(C_MIRROR))
 	$(BIN)/python bench/backup_bench.py --output bench/results/backup.json

@@ -109,6 +109,12 @@ class StateCollector(Collector):
             "snapshot that lacked the block).",
             labels=["volume"],
         )
+        holes = CounterMetricFamily(
+            "standby_cow_holes",
+            "Blocks that were holes or zeros when first overwritten after a snapshot: preserved as hole "
+            "entries, without data or store space.",
+            labels=["volume"],
+        )
         applied = CounterMetricFamily(
             "standby_applied_bytes", "Bytes of mirrored writes applied to the replica.", labels=["volume"]
         )
@@ -178,6 +184,7 @@ class StateCollector(Collector):
                 valid.add_metric(key, 1 if info.valid else 0)
                 snapshots_info.add_metric(key, _timestamp(info.created))
             cow.add_metric([name], replica.volume.cow_copies)
+            holes.add_metric([name], replica.volume.cow_holes)
             applied.add_metric([name], replica.applied_bytes)
             batches.add_metric([name], replica.applied_batches)
             connected.add_metric([name], 1 if replica.connected else 0)
@@ -191,7 +198,7 @@ class StateCollector(Collector):
         capacity.add_metric(["", ""], stats.capacity_bytes)
         fill.add_metric(["", ""], stats.fill_ratio)
         yield from (used, capacity, fill, valid, snapshots_info, cow, applied, batches, connected, size, lag)
-        yield from (refusals, write_failures, problems, state, tracked)
+        yield from (refusals, write_failures, problems, state, tracked, holes)
 
 
 def _timestamp(created: str) -> float:

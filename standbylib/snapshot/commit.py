@@ -450,7 +450,7 @@ class Committer:
         vol: int,
         tags: Iterable[int],
         blocks: Iterable[int],
-        sums: list[int],
+        sums: list[int] | None,
         segments: list[tuple[int, int]] | None,
     ) -> None:
         """Write the entries describing `slots`, in the open commit (see `SlotSpace.write_entries`)."""
@@ -465,8 +465,12 @@ class Committer:
         return self._slots.slot_offset(slot)
 
     def slot_offsets(self, slots: npt.NDArray[np.uint32]) -> npt.NDArray[np.int64]:
-        """`slot_offset` of each of `slots`, vectorised."""
+        """`slot_offset` of each of `slots`, vectorised; -1 for a hole entry (it has no data)."""
         return self._slots.slot_offsets(slots)
+
+    def is_hole(self, slots: npt.NDArray[np.uint32]) -> npt.NDArray[np.bool_]:
+        """For each of `slots`, whether it is a hole entry (no data: the block read as zeros)."""
+        return self._slots.is_hole(slots)
 
     @staticmethod
     def slot_runs(slots: list[int]) -> list[tuple[int, int]]:

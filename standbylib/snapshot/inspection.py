@@ -24,6 +24,7 @@ class StoreInspection:
     _snapshots: dict[int, SnapshotRecord]
     _chains: dict[int, ChainIndex]
     _cow_copies: int
+    _found_version: int
 
     @property
     def volume_records(self) -> Mapping[str, VolumeRecord]:
@@ -44,6 +45,11 @@ class StoreInspection:
     def cow_copies(self) -> int:
         """Blocks copied before being overwritten since the store was opened."""
         return self._cow_copies
+
+    @property
+    def found_version(self) -> int:
+        """The store format the file had when it was opened (an older one was upgraded then)."""
+        return self._found_version
 
     @property
     def area_offsets(self) -> tuple[int, ...]:

@@ -11,8 +11,13 @@ copies together with their index entries (group commit)::
 
 Each slot has a 32-byte entry in its area's entry block that says what the slot
 holds (a preserved origin block, or a block written to a writable snapshot), in
-which commit it was written and the CRC-32 of its data. The in-RAM index is
-rebuilt from the entry blocks on open.
+which commit it was written and the checksum of its data. An area of slot size 0
+(an *entry area*, format 2) is an entry block alone: its entries are hole entries,
+blocks preserved as zeros, which have no data. The in-RAM index is rebuilt from
+the entry blocks on open.
+
+Format 1 stores (no entry areas, no hole entries) are read as they are and
+upgraded to format 2 when opened (`superblock_version`, `pack_superblock`).
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ import numpy as np
 import xxhash
 
 MAGIC = b"SBYPRES1"
-VERSION = 1
+VERSION = 2
+#: Versions this software opens; an older one is upgraded to `VERSION` when opened.
+READABLE_VERSIONS = (1, 2)
 SUPERBLOCK_SIZE = 4096
 COMMIT_MAGIC = b"SBYCOMMT"
 COMMIT_RECORD_OFFSET = 512  # in the superblock's second sector
@@ -48,8 +55,12 @@ ENTRIES_PER_AREA = (ENTRY_BLOCK - AREA_HEADER) // ENTRY_SIZE  # 127
 FREE = 0
 COPY = 1  # a preserved origin block, shared by every snapshot of its interval
 PRIVATE = 2  # a block written to a writable snapshot (claim 8)
+HOLE = 3  # format 2: a preserved origin block that read as zeros; no data, only in entry areas
 
-# tag: for COPY, the generation (epoch of the newest snapshot when copied);
+#: The slot size of an entry area: an entry block without slots, holding hole entries.
+ENTRY_AREA = 0
+
+# tag: for COPY and HOLE, the generation (epoch of the newest snapshot when preserved);
 #      for PRIVATE, the snapshot id.
 ENTRY_DTYPE = np.dtype(
     [
@@ -77,7 +88,26 @@ def data_checksum(data: bytes | bytearray | memoryview) -> int:
     return xxhash.xxh3_64_intdigest(data) & 0xFFFFFFFF
 
 
+#: The bytes of a hole entry its checksum covers.
+HOLE_CHECKED = 24
+
+
+def entry_checksums(entries: np.ndarray) -> list[int]:
+    """The checksum of each hole entry of `entries` (`ENTRY_DTYPE`): the low 32 bits of XXH3-64 of its
+    bytes 0-23 (kind to commit number). A hole entry has no data, so it checks itself."""
+    raw = memoryview(entries.tobytes())
+    return [
+        xxhash.xxh3_64_intdigest(raw[i : i + HOLE_CHECKED]) & 0xFFFFFFFF
+        for i in range(0, len(raw), ENTRY_SIZE)
+    ]
+
+
+#: The superblock of the current version fits in its first sector; the commit records follow it.
+SUPERBLOCK_SECTOR = COMMIT_RECORD_OFFSET
+
+
 def pack_superblock() -> bytes:
+    """The superblock of a new store, padded to `SUPERBLOCK_SIZE` (commit records zero)."""
     body = _SUPER.pack(MAGIC, VERSION, ENTRY_BLOCK, TABLE_SIZE, AREAS_OFFSET, 0, 0)
     crc = zlib.crc32(body[:-4])
     return _SUPER.pack(MAGIC, VERSION, ENTRY_BLOCK, TABLE_SIZE, AREAS_OFFSET, 0, crc).ljust(
@@ -86,17 +116,25 @@ def pack_superblock() -> bytes:
 
 
 def check_superblock(data: bytes) -> str | None:
-    """Return None if `data` is a valid superblock of this version, else what is wrong."""
+    """Return None if `data` is a valid superblock of a version this software reads, else what is
+    wrong."""
     magic, version, entry_block, table_size, areas_offset, _reserved, crc = _SUPER.unpack_from(data)
     if magic != MAGIC:
         return "not a preservation store (bad magic)"
     if zlib.crc32(data[: _SUPER.size - 4]) != crc:
         return "superblock checksum mismatch"
-    if version != VERSION:
-        return f"store format version {version}, this software reads version {VERSION}"
+    if version not in READABLE_VERSIONS:
+        readable = " and ".join(str(v) for v in READABLE_VERSIONS)
+        return f"store format version {version}, this software reads versions {readable}"
     if (entry_block, table_size, areas_offset) != (ENTRY_BLOCK, TABLE_SIZE, AREAS_OFFSET):
         return "unexpected geometry"
     return None
+
+
+def superblock_version(data: bytes) -> int:
+    """The format version a superblock (checked by `check_superblock`) names."""
+    version: int = _SUPER.unpack_from(data)[1]
+    return version
 
 
 def pack_commit_record(completed: int) -> bytes:
@@ -140,14 +178,18 @@ def pack_area_header(area_no: int, slot_size: int) -> bytes:
 
 
 def unpack_area_header(data: bytes | bytearray | memoryview, area_no: int) -> int | None:
-    """Return the slot size of a valid header of area `area_no`, else None."""
+    """Return the slot size of a valid header of area `area_no` (`ENTRY_AREA` for an entry area),
+    else None."""
     magic, number, slot_size, nslots, _reserved, crc = _AREA_HEADER.unpack_from(data)
     if magic != AREA_MAGIC or zlib.crc32(data[:20]) != crc:
         return None
-    if number != area_no or nslots != ENTRIES_PER_AREA or slot_size < 512 or slot_size & (slot_size - 1):
+    if number != area_no or nslots != ENTRIES_PER_AREA:
+        return None
+    if slot_size != ENTRY_AREA and (slot_size < 512 or slot_size & (slot_size - 1)):
         return None
     return int(slot_size)
 
 
 def area_size(slot_size: int) -> int:
+    """Bytes of an area of `slot_size` slots: its entry block, then its slots (none in an entry area)."""
     return ENTRY_BLOCK + ENTRIES_PER_AREA * slot_size

@@ -74,7 +74,8 @@ class SnapshotRecord:
     state: str = VALID
     reason: str = ""
     # Runtime only, rebuilt on open:
-    preserved_blocks: int = 0
+    preserved_blocks: int = 0  # distinct blocks it reads from data slots of the store
+    hole_blocks: int = 0  # distinct blocks it reads as hole entries (preserved zeros, no data)
     private: ChainIndex = field(default_factory=ChainIndex)
 
     @property

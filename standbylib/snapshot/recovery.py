@@ -2,18 +2,22 @@
 
 `recover` reads what the last commits left and rebuilds the store's RAM from it:
 
-1. check the superblock; load the newest intact table (two copies, the larger update number wins);
+1. check the superblock (format 1 or 2); load the newest intact table (two copies, the larger update
+   number wins);
 2. walk the areas from 4 MiB until a header does not check out (an area whose header was never made
    durable holds nothing durable); anything past the last intact area is cut off;
 3. the entries of commits after the one the commit record names are the only ones that may be
    incomplete (every commit up to it ended with a sync; a later one may not have): read their
-   segments (or slots) and drop each whose checksum does not match. This is safe because the origin
-   blocks they preserve were not overwritten before that commit's sync;
-4. keep the copies that a valid snapshot still reads and, per writable snapshot and block, the newest
-   written block; every other slot is free; rebuild the association indexes and the snapshots'
-   preserved-block counts;
-5. zero the dropped entries and sync, so that what was read is durable. Only then may the store
-   write a commit record covering those commits (it commits at once, `Store._recover`).
+   segments (or slots) and drop each whose checksum does not match (a hole entry, which has no
+   data, carries the checksum of its own fields). This is safe because the origin blocks they
+   preserve were not overwritten before that commit's sync;
+4. keep the copies and hole entries that a valid snapshot still reads and, per writable snapshot and
+   block, the newest written block; every other slot is free; rebuild the association indexes and
+   the snapshots' counts of preserved blocks and holes;
+5. zero the dropped entries, upgrade a format-1 superblock to format 2 (a format-1 store is a
+   format-2 store without entry areas), and sync, so that what was read is durable. Only then may
+   the store write a commit record covering those commits, or an entry area (`Store._recover`
+   commits at once).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class Recovered:
     snapshots: dict[int, SnapshotRecord]  # by id
     chains: dict[int, ChainIndex]  # by volume id
     commit_seq: int  # the next commit's number: every commit before it is now complete
+    found_version: int  # the store format the file had (it has `layout.VERSION` now)
 
 
 def recover(raw: RawFile, path: str, slots: SlotSpace) -> Recovered:
@@ -56,6 +61,7 @@ def recover(raw: RawFile, path: str, slots: SlotSpace) -> Recovered:
     problem = layout.check_superblock(superblock)
     if problem:
         raise StoreCorrupt(path=path, detail=problem)
+    version = layout.superblock_version(superblock)
     completed = max(layout.unpack_commit_record(superblock[off:]) for off in layout.COMMIT_RECORD_OFFSETS)
     best: tuple[int, dict[str, Any]] | None = None
     for off in layout.TABLE_OFFSETS:
@@ -85,26 +91,34 @@ def recover(raw: RawFile, path: str, slots: SlotSpace) -> Recovered:
         snapshots=snapshots,
         chains=chains,
         commit_seq=completed + 1,
+        found_version=version,
     )
     entries = _walk_areas(raw, slots)
+    slot_sizes = np.repeat(np.array(slots.area_slot_sizes, np.int64), _PER_AREA)
     kinds = entries["kind"].copy()
+    # A hole entry belongs in an entry area and nothing else does: anything else there was never
+    # written by a commit (this software writes each kind only where it belongs).
+    in_entry_area = slot_sizes == layout.ENTRY_AREA
+    kinds[in_entry_area != (kinds == layout.HOLE)] = layout.FREE
     dropped = _check_unfinished(raw, slots, entries, kinds, completed, result)
     live = _rebuild_indexes(entries, kinds, result)
 
-    # Free lists and usage.
-    slot_sizes = np.repeat(np.array(slots.area_slot_sizes, np.int64), _PER_AREA)
+    # Free lists and usage (`SlotSpace.count_used`: hole entries take no bytes).
     for slot_size in set(slots.area_slot_sizes):
         of_size = slot_sizes == slot_size
         slots.free[slot_size] = np.nonzero(of_size & ~live)[0][::-1].tolist()
-        n = int((of_size & live).sum())
-        slots.live_slots += n
-        slots.used_bytes += n * slot_size
-    _recount(result)
+        slots.count_used(slot_size, int((of_size & live).sum()))
+    _recount(result, slots)
 
     # Forget torn entries for good and make what we read durable; only then may the
     # commit record declare those commits complete.
     for slot in dropped:
         raw.pwrite(bytes(layout.ENTRY_SIZE), slots.entry_offset(slot))
+    if version != layout.VERSION:
+        # Format 1 is format 2 without entry areas: naming the new version is the whole upgrade. The
+        # superblock's first sector only (the commit records follow it), made durable by this sync
+        # before the store can write an entry area that format-1 software would cut off.
+        raw.pwrite(layout.pack_superblock()[: layout.SUPERBLOCK_SECTOR], 0)
     raw.sync()
     return result
 
@@ -150,8 +164,17 @@ def _check_unfinished(
     dropped: list[int] = []
     if used.any():
         result.commit_seq = max(result.commit_seq, int(entries["seq"][used].max()) + 1)
+        unfinished = used & (entries["seq"] > completed)
+        # A hole entry has no data: it carries the checksum of its own fields.
+        holes = np.nonzero(unfinished & (kinds == layout.HOLE))[0]
+        if len(holes):
+            sums = np.array(layout.entry_checksums(entries[holes]), np.uint32)
+            torn = holes[sums != entries["dsum"][holes]]
+            kinds[torn] = layout.FREE
+            dropped.extend(torn.tolist())
+            unfinished[holes] = False
         checked: set[int] = set()
-        for slot in np.nonzero(used & (entries["seq"] > completed))[0].tolist():
+        for slot in np.nonzero(unfinished)[0].tolist():
             if slot in checked:
                 continue
             if kinds[slot] == layout.COPY:  # a segment of copies shares one checksum
@@ -179,8 +202,9 @@ def _rebuild_indexes(entries: np.ndarray, kinds: np.ndarray, result: Recovered) 
     live = np.zeros(nslots, bool)
     vols = entries["vol"]
     known_vols = {r.id for r in result.volume_records.values()}
+    preserved = (kinds == layout.COPY) | (kinds == layout.HOLE)  # a hole entry is a copy without data
     for vol_id in known_vols:
-        sel = np.nonzero((kinds == layout.COPY) & (vols == vol_id))[0]
+        sel = np.nonzero(preserved & (vols == vol_id))[0]
         if not len(sel):
             continue
         blocks, gens, slots = sort_run(
@@ -215,17 +239,33 @@ def _rebuild_indexes(entries: np.ndarray, kinds: np.ndarray, result: Recovered) 
     return live
 
 
-def _recount(result: Recovered) -> None:
-    """Rebuild each snapshot's preserved-block count from the indexes."""
+def _recount(result: Recovered, slots: SlotSpace) -> None:
+    """Rebuild each snapshot's counts of preserved blocks (read from data slots of the store) and
+    holes (read as hole entries) from the indexes."""
     for vol_id, chain in result.chains.items():
-        blocks, gens, _slots = chain.arrays()
-        last = np.ones(len(blocks), bool)
-        last[:-1] = blocks[1:] != blocks[:-1]
-        max_gens = np.sort(gens[last])
+        blocks, gens, chain_slots = chain.arrays()
+        hole = slots.is_hole(chain_slots)
+        # Sorted by (block, gen): an entry serves the snapshots with an epoch in (prev, gen], prev being
+        # the generation of the block's previous entry (0 for its first). So the number of entries
+        # serving epoch e is #{prev < e} - #{gen < e} (gen < e implies prev < e), per kind.
+        g = gens.astype(np.int64)
+        prev = np.zeros(len(g), np.int64)
+        if len(g) > 1:
+            prev[1:] = np.where(blocks[1:] == blocks[:-1], g[:-1], 0)
+        bounds = [(np.sort(prev[m]), np.sort(g[m])) for m in (~hole, hole)]
         for snap in live_snapshots(result.snapshots.values(), vol_id):
-            # Blocks whose newest copy is at least as new as the snapshot are read from the store...
-            covered = len(max_gens) - int(np.searchsorted(max_gens, snap.epoch, "left"))
-            # ...and so are blocks written to the snapshot itself that no copy serves.
+            e = snap.epoch
+            data, holes = (
+                int(np.searchsorted(p, e, "left")) - int(np.searchsorted(q, e, "left")) for p, q in bounds
+            )
             pblocks = snap.private.arrays()[0]
-            extra = int((chain.max_gens(pblocks) < snap.epoch).sum()) if len(pblocks) else 0
-            snap.preserved_blocks = covered + extra
+            if len(pblocks):
+                # Blocks written to the snapshot itself are read from its own slots, whatever serves
+                # them in the volume's index.
+                served, served_slots = chain.oldest_from(0, 1 << 63, e)
+                mine = np.isin(served, pblocks)
+                mine_hole = slots.is_hole(served_slots[mine])
+                holes -= int(mine_hole.sum())
+                data += len(pblocks) - int((~mine_hole).sum())
+            snap.preserved_blocks = data
+            snap.hole_blocks = holes

@@ -2,9 +2,12 @@
 
 Past the superblock and the two table copies, the store file is a run of areas (docs/STORE-FORMAT.md,
 "Areas"): each an entry block (a header, then one 32-byte entry per slot) and 127 slots of one slot
-size. `SlotSpace` owns that space: where each slot and each entry is, which slots are free, in use,
-freed but waiting for the next commit's sync (`pending`: they are reused only after it), or set aside
-after a failure whose entries could not be zeroed yet (`quarantine`), and how many bytes are in use.
+size. An *entry area* (slot size 0) has no slots: its entries are hole entries, preserved blocks that
+read as zeros and have no data; its "slots" are numbered like the others but take no space and no
+bytes of `used_bytes`. `SlotSpace` owns that space: where each slot and each entry is, which slots are
+free, in use, freed but waiting for the next commit's sync (`pending`: they are reused only after it),
+or set aside after a failure whose entries could not be zeroed yet (`quarantine`), and how many bytes
+are in use.
 It writes the slots and their entries; the store (`standbylib.snapshot.store`) decides when, under its
 exclusive lock and within its transactions.
 
@@ -99,7 +102,8 @@ class SlotSpace:
     `end` (where the next area goes), `free` (slot size -> free slots, sorted descending), `pending`
     (freed, reused once the next commit synced), `rewritten` (such slots whose block a writable
     snapshot rewrote: not deallocated, see `free_rewritten`), `allocated_free` (free slots whose data
-    was not deallocated), `quarantine`, `used_bytes` and `live_slots` (slots in use or pending), and
+    was not deallocated), `quarantine`, `used_bytes` and `live_slots` (data slots in use or pending),
+    `live_holes` (hole entries in use or pending: slots of entry areas, `layout.ENTRY_AREA`), and
     `private_ver` (the write counter of the last entry of a block written to a writable snapshot).
 
     `on_abort` registers what to undo if the operation in progress fails before its commit (the
@@ -125,6 +129,7 @@ class SlotSpace:
         self.allocated_free: set[int] = set()
         self.used_bytes = 0
         self.live_slots = 0
+        self.live_holes = 0
         self.quarantine: list[int] = []  # slots whose entries could not be zeroed yet
         self.private_ver = 0
 
@@ -135,18 +140,30 @@ class SlotSpace:
         area, i = divmod(slot, _PER_AREA)
         return self.area_offsets[area] + layout.ENTRY_BLOCK + i * self.area_slot_sizes[area]
 
-    def slot_offsets(self, slots: npt.NDArray[np.uint32]) -> npt.NDArray[np.int64]:
-        """`slot_offset` of each of `slots`, vectorised."""
+    def _areas(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """Per area: where its first slot is (-1 for an entry area, which has none) and its slot size."""
         starts, sizes = self._area_arrays
         if len(starts) != len(self.area_offsets):
             # Areas are only ever added: rebuild when one was (racing readers build the same arrays).
             starts = np.array(self.area_offsets, np.int64) + layout.ENTRY_BLOCK
             sizes = np.array(self.area_slot_sizes, np.int64)
+            starts[sizes == layout.ENTRY_AREA] = -1
             self._area_arrays = (starts, sizes)
+        return starts, sizes
+
+    def slot_offsets(self, slots: npt.NDArray[np.uint32]) -> npt.NDArray[np.int64]:
+        """`slot_offset` of each of `slots`, vectorised; -1 for a hole entry (it has no data)."""
+        starts, sizes = self._areas()
         slot = slots.astype(np.int64)
         area = slot // _PER_AREA
         offsets: npt.NDArray[np.int64] = starts[area] + (slot - area * _PER_AREA) * sizes[area]
         return offsets
+
+    def is_hole(self, slots: npt.NDArray[np.uint32]) -> npt.NDArray[np.bool_]:
+        """For each of `slots`, whether it is a hole entry (a slot of an entry area)."""
+        _starts, sizes = self._areas()
+        found: npt.NDArray[np.bool_] = sizes[slots.astype(np.int64) // _PER_AREA] == layout.ENTRY_AREA
+        return found
 
     def entry_offset(self, slot: int) -> int:
         """Where the entry describing `slot` is in the store file."""
@@ -219,10 +236,21 @@ class SlotSpace:
         taken.reverse()
         if self.allocated_free:
             self.allocated_free.difference_update(taken)
-        self.used_bytes += n * slot_size
-        self.live_slots += n
+        if slot_size == layout.ENTRY_AREA:  # (`count_used`, inline: every batch of copies comes here)
+            self.live_holes += n
+        else:
+            self.used_bytes += n * slot_size
+            self.live_slots += n
         self._on_abort(lambda: self.abort(taken))
         return taken
+
+    def count_used(self, slot_size: int, n: int) -> None:
+        """`n` more (or, negative, fewer) slots of `slot_size` in use."""
+        if slot_size == layout.ENTRY_AREA:
+            self.live_holes += n
+        else:
+            self.used_bytes += n * slot_size
+            self.live_slots += n
 
     def abort(self, slots: list[int]) -> None:
         """Give back `slots`, taken by an operation that failed before its commit.
@@ -237,8 +265,7 @@ class SlotSpace:
             size = self.area_slot_sizes[slot // _PER_AREA]
             by_size[size] = by_size.get(size, 0) + 1
         for size, n in by_size.items():
-            self.used_bytes -= n * size
-            self.live_slots -= n
+            self.count_used(size, -n)
         try:
             self.clear_entries(slots)
         except StandbyError:
@@ -275,7 +302,7 @@ class SlotSpace:
                     rewritten.difference_update(kept)
                     self.allocated_free.update(kept)
                     punch = [s for s in group if s not in kept]
-            if punch:
+            if punch and size != layout.ENTRY_AREA:  # an entry area has no data to deallocate
                 self._deallocate(sorted(punch), size)
             free = self.free.setdefault(size, [])
             free.extend(group)
@@ -288,8 +315,7 @@ class SlotSpace:
             by_size.setdefault(self.area_slot_sizes[slot // _PER_AREA], []).append(slot)
         for size, group in by_size.items():
             group.sort()
-            self.used_bytes -= len(group) * size
-            self.live_slots -= len(group)
+            self.count_used(size, -len(group))
         self.give_back([s for group in by_size.values() for s in group])
 
     def free_rewritten(self, slots: list[int]) -> None:
@@ -338,7 +364,7 @@ class SlotSpace:
         vol: int,
         tags: Iterable[int],
         blocks: Iterable[int],
-        sums: list[int],
+        sums: list[int] | None,
         segments: list[tuple[int, int]] | None,
         seq: int,
     ) -> None:
@@ -347,6 +373,8 @@ class SlotSpace:
 
         For copies, `segments` (from `slot_runs`) group slots whose data shares one
         checksum: each entry records its index in its segment and the segment length.
+        Hole entries (`layout.HOLE`, slots of an entry area) have no data: `sums` is None and
+        each entry gets the checksum of its own fields (`layout.entry_checksums`).
         """
         n = len(slots)
         entries = np.zeros(n, layout.ENTRY_DTYPE)
@@ -355,7 +383,10 @@ class SlotSpace:
         entries["tag"] = np.fromiter(tags, np.uint32, n)
         entries["block"] = np.fromiter(blocks, np.uint64, n)
         entries["seq"] = seq
-        entries["dsum"] = sums
+        if kind == layout.HOLE:
+            entries["dsum"] = layout.entry_checksums(entries)
+        else:
+            entries["dsum"] = sums
         if kind == layout.PRIVATE:
             entries["reserved"] = np.arange(self.private_ver + 1, self.private_ver + 1 + n, dtype=np.uint32)
             self.private_ver += n

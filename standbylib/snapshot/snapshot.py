@@ -2,10 +2,13 @@
 
 A `Snapshot` reads, for each block, the preserved copy that serves it where there is one (claim 1 D:
 the copy with the smallest tag not below the snapshot's epoch, or, for a writable snapshot, the block
-written to it), else the origin block. Reads, extents and read plans hold the store's lock shared, so
-no origin write, snapshot write or deletion changes their bytes meanwhile; a plan holds it until it is
-closed. Where a snapshot reads from the store is cached per snapshot while the indexes do not change
-(`ServedRuns`, kept by its volume).
+written to it), else the origin block. A copy that is a hole entry (the block read as zeros when it
+was preserved) has no data: the snapshot reads zeros there, and reports a hole.
+
+Reads, extents and read plans hold the store's lock shared, so no origin write, snapshot write or
+deletion changes their bytes meanwhile; a plan holds it until it is closed. Where a snapshot reads
+from the store is cached per snapshot while the indexes do not change (`ServedRuns`, kept by its
+volume).
 
 A writable snapshot (claim 8) keeps the blocks written to it in store slots of its own, durable with
 the next commit (`flush`, a group commit, or the next origin batch).
@@ -43,7 +46,7 @@ class ServedRuns:
     versions: tuple[int, int]  # of the volume's index and the snapshot's own index when built
     firsts: np.ndarray  # first block of each run, ascending
     ends: np.ndarray  # block after each run
-    offsets: np.ndarray  # store offset of each run's first block
+    offsets: np.ndarray  # store offset of each run's first block; -1 for a run of hole entries
 
 
 @dataclass(frozen=True)
@@ -56,10 +59,11 @@ class SnapshotInfo:
     writable: bool
     created: str
     reason: str
-    preserved_blocks: int
-    preserved_bytes: int
+    preserved_blocks: int  # distinct blocks it reads from data slots of the store
+    preserved_bytes: int  # preserved_blocks x block size: the store space it holds
     capacity_bytes: int
     epoch: int = 0  # its place in the volume's history: a later snapshot has a larger epoch
+    hole_blocks: int = 0  # distinct blocks it reads as hole entries (zeros preserved without data)
 
     @property
     def fill_ratio(self) -> float:
@@ -149,6 +153,7 @@ class Snapshot:
                 preserved_bytes=rec.preserved_blocks * bs,
                 capacity_bytes=rec.capacity if rec.capacity is not None else store.capacity_bytes(),
                 epoch=rec.epoch,
+                hole_blocks=rec.hole_blocks,
             )
 
     def read(self, offset: int, length: int) -> bytes:
@@ -161,12 +166,13 @@ class Snapshot:
     def read_plan(self, offset: int, length: int) -> ReadPlan:
         """Where the frozen image of ``[offset, offset+length)`` is (`standbylib.readplan`).
 
-        Pieces: the store's slots for preserved (or, writable snapshot, written) blocks, the origin
-        for the others, holes where the origin has a hole that no copy serves; file ranges when the
-        origin or store is a file, else the bytes themselves. The plan holds the store's lock shared
-        until it is closed, so no origin write, snapshot write or deletion changes those bytes while
-        it is open; close it as soon as its bytes are copied. ``zero_copy`` is never set: the origin
-        is overwritten as soon as the plan is closed, so its pages must not be sent by reference.
+        Pieces: the store's slots for preserved (or, writable snapshot, written) blocks, holes for
+        blocks preserved as hole entries and where the origin has a hole that no copy serves, the
+        origin for the others; file ranges when the origin or store is a file, else the bytes
+        themselves. The plan holds the store's lock shared until it is closed, so no origin write,
+        snapshot write or deletion changes those bytes while it is open; close it as soon as its
+        bytes are copied. ``zero_copy`` is never set: the origin is overwritten as soon as the plan is
+        closed, so its pages must not be sent by reference.
         """
         check_range(offset, length, self.size)
         lock = self.volume.store.lock
@@ -184,13 +190,13 @@ class Snapshot:
         store = vol.store
         shift = vol.shift
         end = offset + length
-        # Byte ranges served by the store: (start, stop, offset in the store).
+        # Byte ranges served by the store: (start, stop, offset in the store, or -1 for hole entries).
         from_store: list[tuple[int, int, int]] = []
         covered = 0
         for b, n, at in zip(*self._served(offset >> shift, ((end - 1) >> shift) + 1), strict=True):
             start = max(b << shift, offset)
             stop = min((b + n) << shift, end)
-            from_store.append((start, stop, at + start - (b << shift)))
+            from_store.append((start, stop, at + start - (b << shift) if at >= 0 else -1))
             covered += stop - start
         origin = vol.device.raw if isinstance(vol.device, Device) else None
         origin_fd = origin.fd if isinstance(origin, OsFile) else None
@@ -215,7 +221,7 @@ class Snapshot:
             for start, stop, at in from_store:
                 if start > pos:
                     pieces.append(FileRange(origin_fd, pos, start - pos))
-                pieces.append(FileRange(store_fd, at, stop - start))
+                pieces.append(FileRange(store_fd, at, stop - start) if at >= 0 else Hole(stop - start))
                 pos = stop
             if pos < end:
                 pieces.append(FileRange(origin_fd, pos, end - pos))
@@ -239,7 +245,9 @@ class Snapshot:
         pos = offset
         for start, stop, at in from_store:
             from_origin(pos, start)
-            if store_fd is not None:
+            if at < 0:
+                pieces.append(Hole(stop - start))
+            elif store_fd is not None:
                 pieces.append(FileRange(store_fd, at, stop - start))
             else:
                 pieces.append(Bytes(store.raw.pread(stop - start, at)))
@@ -249,8 +257,8 @@ class Snapshot:
 
     def _served(self, first: int, end: int) -> tuple[list[int], list[int], list[int]]:
         """Runs of the blocks in [first, end) that this snapshot reads from the store, each contiguous
-        in the volume and in the store file: first blocks, block counts, store offsets (a run may
-        reach outside [first, end); callers clip).
+        in the volume and in the store file: first blocks, block counts, store offsets (-1 for a run
+        of hole entries, which read as zeros; a run may reach outside [first, end); callers clip).
 
         Per block: its own written block (writable snapshot), else the oldest copy made since the
         snapshot was created. The runs of the whole volume are cached per snapshot while the indexes
@@ -282,7 +290,7 @@ class Snapshot:
 
     def _run_arrays(self, first: int, end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`_served` looked up in the indexes (vectorised), as arrays: first blocks (uint64), block
-        counts (uint64), store offsets (int64)."""
+        counts (uint64), store offsets (int64, -1 for runs of hole entries)."""
         vol = self.volume
         store = vol.store
         blocks, slots = store.chain(vol.record.id).oldest_from(first, end, self.record.epoch)
@@ -298,11 +306,14 @@ class Snapshot:
         offsets = store.slot_offsets(slots)
         if len(blocks) <= 1:
             return blocks, np.ones(len(blocks), np.uint64), offsets
-        # A run ends where the next block or the next slot is not adjacent.
+        # A run ends where the next block or the next slot is not adjacent; hole entries (offset -1)
+        # of consecutive blocks make one run.
         starts = np.empty(1, np.intp)
         starts[0] = 0
+        holes = offsets < 0
         breaks = np.flatnonzero(
-            (blocks[1:] != blocks[:-1] + 1) | (offsets[1:] != offsets[:-1] + vol.block_size)
+            (blocks[1:] != blocks[:-1] + 1)
+            | ((offsets[1:] != offsets[:-1] + vol.block_size) & ~(holes[1:] & holes[:-1]))
         )
         starts = np.concatenate((starts, breaks + 1))
         counts = np.diff(starts, append=len(blocks)).astype(np.uint64)
@@ -310,7 +321,7 @@ class Snapshot:
 
     def _read_blocks(self, first: int, end: int) -> bytearray:
         """Blocks [first, end) as this snapshot reads them (under the store's lock): where `_served`
-        says, from the store, else from the origin."""
+        says, from the store (zeros for hole entries), else from the origin."""
         vol = self.volume
         bs = vol.block_size
         buf = bytearray((end - first) * bs)
@@ -323,15 +334,17 @@ class Snapshot:
                 continue
             if pos < start:
                 vol.device_readinto(pos * bs, view[(pos - first) * bs : (start - first) * bs])
-            raw.preadinto(view[(start - first) * bs : (stop - first) * bs], at + (start - b) * bs)
+            if at >= 0:  # (hole entries read as zeros: the buffer is)
+                raw.preadinto(view[(start - first) * bs : (stop - first) * bs], at + (start - b) * bs)
             pos = stop
         if pos < end:
             vol.device_readinto(pos * bs, view[(pos - first) * bs :])
         return buf
 
     def extents(self, offset: int, length: int) -> list[tuple[int, bool]]:
-        """``(length, is_hole)`` runs: a block is a hole when no preserved or written copy serves it
-        and the origin block is a hole (it reads as zeros and was never written)."""
+        """``(length, is_hole)`` runs: a block is a hole when it is preserved as a hole entry (it read
+        as zeros when it was preserved), or when no preserved or written copy serves it and the origin
+        block is a hole (it reads as zeros and was never written)."""
         check_range(offset, length, self.size)
         vol = self.volume
         shift = vol.shift
@@ -339,8 +352,14 @@ class Snapshot:
         with vol.store.lock.shared():
             self._check_usable()
             origin = vol.extents(offset, length)
-            first_blocks, counts, _at = self._served(offset >> shift, ((end - 1) >> shift) + 1)
-        served = [(b << shift, (b + n) << shift) for b, n in zip(first_blocks, counts, strict=True)]
+            first_blocks, counts, at = self._served(offset >> shift, ((end - 1) >> shift) + 1)
+        # Only the store's runs that differ from the origin under them change what is reported: data
+        # over the origin's holes, hole entries over its data.
+        over_holes: list[tuple[int, int, bool]] = []
+        over_data: list[tuple[int, int, bool]] = []
+        for b, n, where in zip(first_blocks, counts, at, strict=True):
+            hole = where < 0
+            (over_data if hole else over_holes).append((b << shift, (b + n) << shift, hole))
         runs: list[tuple[int, bool]] = []
 
         def add(n: int, hole: bool) -> None:
@@ -350,25 +369,23 @@ class Snapshot:
                 runs.append((n, hole))
 
         pos = offset
-        i = 0
+        index = {True: 0, False: 0}  # per kind of origin run: the first served run not behind it
         for n, hole in origin:
             stop = pos + n
-            if hole:
-                # The store serves some blocks of this hole: those read as preserved data.
-                while i < len(served) and served[i][1] <= pos:
-                    i += 1
-                p = pos
-                j = i
-                while j < len(served) and served[j][0] < stop:
-                    start = max(p, served[j][0])
-                    data_end = min(stop, served[j][1])
-                    add(start - p, True)
-                    add(data_end - start, False)
-                    p = data_end
-                    j += 1
-                add(stop - p, True)
-            else:
-                add(n, False)
+            served = over_holes if hole else over_data
+            i = index[hole]
+            while i < len(served) and served[i][1] <= pos:
+                i += 1
+            index[hole] = i
+            p = pos
+            while i < len(served) and served[i][0] < stop:
+                start = max(p, served[i][0])
+                served_end = min(stop, served[i][1])
+                add(start - p, hole)
+                add(served_end - start, served[i][2])
+                p = served_end
+                i += 1
+            add(stop - p, hole)
             pos = stop
         return runs
 
@@ -405,8 +422,18 @@ class Snapshot:
             block_arr = np.arange(first, end, dtype=np.uint64)
             new_private = block_arr[~rec.private.contains(block_arr)]
             chain = store.chain(vol.record.id)
-            # Blocks newly written here that no copy serves yet are new preserved blocks of the snapshot.
-            gain = int((chain.max_gens(new_private) < rec.epoch).sum()) if len(new_private) else 0
+            # Blocks newly written here that no copy serves yet, or only a hole entry, are new preserved
+            # blocks of the snapshot (read from its own slots from now on).
+            gain = holes_left = 0
+            if len(new_private):
+                served = chain.max_gens(new_private) >= rec.epoch
+                gain = len(new_private) - int(served.sum())
+                if served.any():
+                    served_blocks, served_slots = chain.oldest_from(first, end, rec.epoch)
+                    hole_blocks = served_blocks[store.is_hole(served_slots)]
+                    if len(hole_blocks):
+                        holes_left = int(np.isin(hole_blocks, new_private).sum())
+                        gain += holes_left
             if n * bs > store.free_bytes() and store.has_pending_frees():
                 store.commit()  # blocks replaced earlier become free once their replacements are durable
             if n * bs > store.free_bytes():
@@ -426,6 +453,7 @@ class Snapshot:
             # are freed once that commit synced.
             store.free_rewritten(rec.private.replace_many(block_arr, 0, slots))
             rec.preserved_blocks += gain
+            rec.hole_blocks -= holes_left
 
     def zero(self, offset: int, length: int) -> None:
         check_range(offset, length, self.size)

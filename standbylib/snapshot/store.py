@@ -7,8 +7,9 @@ with any number of snapshots (claim 19). It owns:
   copies so an update is atomic; epochs, snapshot ids and volume ids are never
   reused, not even those of an operation that failed;
 * the areas of slots that hold preserved blocks, each described by a 32-byte
-  entry (what block, which generation or snapshot, commit number, data CRC):
-  `standbylib.snapshot.slots`;
+  entry (what block, which generation or snapshot, commit number, data checksum),
+  and the entry areas of hole entries (blocks preserved as zeros: an entry, no
+  data): `standbylib.snapshot.slots`;
 * one `ChainIndex` per volume and one per writable snapshot, rebuilt on open
   (`standbylib.snapshot.recovery`);
 * the commit protocol: every write since the last commit becomes durable with
@@ -64,7 +65,11 @@ ON_FULL_POLICIES = ("invalidate", "defer")
 
 @dataclass(frozen=True)
 class StoreStats:
-    """Counters of a store; bytes are slot bytes (block size x preserved blocks)."""
+    """Counters of a store; bytes are slot bytes (block size x preserved blocks).
+
+    `preserved_blocks` and `cow_copies` count blocks preserved with their data; `hole_entries` and
+    `cow_holes` blocks preserved as hole entries (they read as zeros: no data, no slot, 0 bytes).
+    """
 
     capacity_bytes: int
     used_bytes: int
@@ -74,6 +79,8 @@ class StoreStats:
     invalid_snapshots: int
     syncs: int
     bytes_written: int
+    hole_entries: int = 0  # hole entries held (in use or waiting for a commit to be freed)
+    cow_holes: int = 0  # blocks preserved as hole entries since the store was opened
 
     @property
     def free_bytes(self) -> int:
@@ -125,6 +132,8 @@ class Store(Committer, StoreInspection, Generic[V]):
         self._chains: dict[int, ChainIndex] = {}
         self._attached: dict[int, V] = {}
         self._cow_copies = 0
+        self._cow_holes = 0
+        self._found_version = layout.VERSION  # the format the file had when opened
         if new:
             if capacity is None:
                 raise InvalidArgument(detail="a new preservation store needs a capacity")
@@ -155,6 +164,7 @@ class Store(Committer, StoreInspection, Generic[V]):
         self._volume_records = found.volume_records
         self._snapshots = found.snapshots
         self._chains = found.chains
+        self._found_version = found.found_version
         self._commit_seq = found.commit_seq
         self._durable_seq = self._commit_seq - 1
         self._record_parity = self._commit_seq % 2
@@ -352,6 +362,8 @@ class Store(Committer, StoreInspection, Generic[V]):
                 invalid_snapshots=sum(1 for s in self._snapshots.values() if not s.valid),
                 syncs=self._raw.counters.syncs,
                 bytes_written=self._raw.counters.bytes_written,
+                hole_entries=self._slots.live_holes,
+                cow_holes=self._cow_holes,
             )
 
     def index_bytes(self) -> int:
@@ -429,20 +441,21 @@ class Store(Committer, StoreInspection, Generic[V]):
         """
         chain = self._chains[snap.volume]
         slots = self._slots
-        old = (snap.state, snap.reason, snap.preserved_blocks, snap.private)
+        old = (snap.state, snap.reason, snap.preserved_blocks, snap.hole_blocks, snap.private)
         saved = chain.arrays()
         pending = len(slots.pending)
         notice = (self._volume_name(snap.volume), snap.name, reason)
         snap.state = INVALID
         snap.reason = reason
         snap.preserved_blocks = 0
+        snap.hole_blocks = 0
         slots.pending.extend(snap.private.arrays()[2].tolist())
         snap.private = ChainIndex()
         slots.pending.extend(self.collect_garbage(snap.volume))
         self._notices.append(notice)
 
         def undo() -> None:
-            snap.state, snap.reason, snap.preserved_blocks, snap.private = old
+            snap.state, snap.reason, snap.preserved_blocks, snap.hole_blocks, snap.private = old
             chain.restore(saved)
             del slots.pending[pending:]
             self._notices.remove(notice)
@@ -490,9 +503,11 @@ class Store(Committer, StoreInspection, Generic[V]):
         chain.keep(keep)
         return freed
 
-    def count_cow_copies(self, n: int) -> None:
-        """Count `n` more blocks copied before being overwritten (`StoreStats.cow_copies`)."""
+    def count_cow_copies(self, n: int, holes: int = 0) -> None:
+        """Count `n` more blocks copied before being overwritten (`StoreStats.cow_copies`) and `holes`
+        more preserved as hole entries (`StoreStats.cow_holes`)."""
         self._cow_copies += n
+        self._cow_holes += holes
 
 
 def check_arguments(capacity: int | None, on_full: str) -> None:

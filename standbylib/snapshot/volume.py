@@ -3,16 +3,21 @@
 `Volume.write_batch` is the origin write of claim 1 (C), with group commit:
 
 1. find the blocks of the batch that a valid snapshot has not preserved yet
-   (the newest copy of the block is older than the newest snapshot);
-2. check the space; on overflow invalidate the affected snapshots or, under
-   the ``defer`` policy, raise `PreservationDeferred` with nothing applied;
-3. copy those blocks' current data into store slots and write their entries;
+   (the newest copy of the block is older than the newest snapshot), and read
+   their current data: a block that reads as zeros (a hole, a trimmed block)
+   is preserved as a *hole entry*, an entry without data that takes no slot
+   and no space;
+2. check the space the other blocks need; on overflow invalidate the affected
+   snapshots or, under the ``defer`` policy, raise `PreservationDeferred` with
+   nothing applied;
+3. copy those blocks' data into store slots, and write the entries of copies
+   and hole entries;
 4. one sync of the store makes copies, entries and any table change durable;
 5. only then write the origin.
 
-A copy is tagged with the epoch of the newest snapshot at copy time, and serves
-every snapshot created since the previous copy of that block: N snapshots cost
-one copy per first write, not N.
+A copy (or hole entry) is tagged with the epoch of the newest snapshot at copy
+time, and serves every snapshot created since the previous copy of that block:
+N snapshots cost one copy per first write, not N.
 
 When steps 3-4 fail (no space on the filesystem, an I/O error), the batch is refused
 with that error (`DiskFull`, `DeviceError`) and nothing of it stays: the slots it
@@ -55,6 +60,10 @@ __all__ = ["Snapshot", "SnapshotInfo", "Volume", "WriteOp"]
 
 #: Average copy run below which writing our buffer beats copy_file_range (one syscall per run).
 _CFR_MIN = 64 << 10
+#: Batches of at most this many blocks are checked for zeros block by block, without numpy's overhead.
+_FEW_BLOCKS = 64
+#: A block of zeros per block size, to compare blocks with.
+_ZEROS: dict[int, bytes] = {}
 
 #: One request of a batch: ``(offset, data)`` writes `data`; ``(offset, n)`` with an int zeroes `n` bytes.
 WriteOp = tuple[int, Buffer | int]
@@ -76,7 +85,8 @@ class Volume:
         self.device = device
         self.block_size = record.block_size
         self.shift = record.block_size.bit_length() - 1
-        self.cow_copies = 0
+        self.cow_copies = 0  # blocks copied into the store before being overwritten
+        self.cow_holes = 0  # blocks preserved as hole entries instead (they read as zeros)
         self.closed = False
         #: Set by `PreservationStore.attach` when the origin changed since the store last stamped it
         #: (why, as a sentence): its data is not what the engine wrote, so a replica needs a full sync.
@@ -193,10 +203,17 @@ class Volume:
         return blocks
 
     def _preserve(self, blocks: np.ndarray) -> None:
-        """Copy to the store every block of `blocks` that a valid snapshot still needs."""
+        """Preserve every block of `blocks` that a valid snapshot still needs: a copy of its data in a
+        store slot or, when it reads as zeros, a hole entry (no data, no slot, no space)."""
         store = self.store
         chain = store.chain(self.record.id)
         bs = self.block_size
+        # The blocks whose old data is in `view` (also as a list), and which of them read as zeros (None:
+        # none does, the common case, which then costs no more than the zero check).
+        read: np.ndarray | None = None
+        read_list: list[int] = []
+        read_zero: np.ndarray | None = None
+        view = memoryview(b"")
         while True:
             live = store.live_snapshots(self.record.id)
             if not live:
@@ -211,21 +228,40 @@ class Volume:
                 store.commit()
                 return
             cand = blocks[need]
-            prev = max_gens[need]
-            gains, needed = self._gains(live, cand, prev)
+            mine, gains, needed = self._needs(live, cand, max_gens[need])
             if not needed.all():
-                cand, prev = cand[needed], prev[needed]
+                cand = cand[needed]  # (`gains` stay: blocks no snapshot needs are nobody's gain)
+                mine = {k: m[needed] for k, m in mine.items()}
                 if not len(cand):
                     store.commit()
                     return
-            over = self._overflowing(live, gains, len(cand) * bs)
+            # The old data is read once: after an invalidation the candidates are some of those read
+            # (`rows`: where they are in `view`; None when they are all of them).
+            rows = None
+            if read is not None and not np.array_equal(read, cand):
+                rows = _positions(read, cand)
+                if rows is None:
+                    read = None
+            if read is None:
+                view = self._copy_buffer(len(cand) * bs)
+                read_list = cand.tolist()
+                self._read_blocks(read_list, view)
+                read, read_zero = cand, zero_blocks(view, bs)
+            zero = read_zero if rows is None or read_zero is None else read_zero[rows]
+            if zero is not None and rows is not None and not zero.any():
+                zero = None
+            n_data = len(cand)
+            if zero is not None:
+                gains = {k: int((m & ~zero).sum()) for k, m in mine.items()}  # data blocks only
+                n_data -= int(zero.sum())
+            over = self._overflowing(live, gains, n_data * bs)
             if not over:
                 break
             if store.on_full == "defer":
                 raise PreservationDeferred(
                     volume=self.name,
                     snapshots=", ".join(s.name for s in over),
-                    needed=len(cand) * bs,
+                    needed=n_data * bs,
                     free=store.free_bytes(),
                 )
             for snap in over:
@@ -239,23 +275,62 @@ class Volume:
             # Make the invalidation durable now, so the space it frees can take this batch's copies.
             store.commit()
         # Copy, then one sync, then (in the caller) the origin write.
-        n = len(cand)
-        slots = store.allocate(bs, n)
-        cand_list = cand.tolist()
-        view = self._copy_buffer(n * bs)
+        holes: list[int] = []
+        if zero is None and rows is None:
+            data = read_list  # every block read, all data: `view` holds them in order
+        else:
+            is_data = np.ones(len(cand), bool) if zero is None else ~zero
+            data_rows = np.flatnonzero(is_data) if rows is None else rows[is_data]
+            data = cand[is_data].tolist()
+            if zero is not None:
+                holes = cand[zero].tolist()
+            if data and data_rows[-1] != len(data) - 1:
+                # Some blocks read are not copied (holes, or blocks no snapshot needs any more): pack
+                # the data of the others at the start of the buffer, in order.
+                packed = np.frombuffer(view, np.uint8).reshape(-1, bs)
+                packed[: len(data)] = packed[data_rows]
+        n = len(data)
+        slots = self._copy(data, view[: n * bs], newest) if n else []
+        hole_slots: list[int] = []
+        if holes:
+            hole_slots = store.allocate(layout.ENTRY_AREA, len(holes))
+            tags = [newest] * len(holes)
+            store.write_entries(hole_slots, layout.HOLE, self.record.id, tags, holes, None, None)
+        store.commit()
+        chain.add_many(data + holes if holes else data, newest, slots + hole_slots if holes else slots)
+        for snap in live:
+            snap.preserved_blocks += gains[snap.id]
+            if zero is not None:
+                snap.hole_blocks += int((mine[snap.id] & zero).sum())
+        store.count_cow_copies(n, len(holes))
+        self.cow_copies += n
+        self.cow_holes += len(holes)
+
+    def _read_blocks(self, blocks: list[int], view: memoryview) -> None:
+        """Read the sorted `blocks` of the origin into consecutive blocks of `view`, one read per run."""
+        bs = self.block_size
+        n = len(blocks)
         i = 0
         while i < n:
             j = i + 1
-            while j < n and cand_list[j] == cand_list[j - 1] + 1:
+            while j < n and blocks[j] == blocks[j - 1] + 1:
                 j += 1
-            self.device_readinto(cand_list[i] * bs, view[i * bs : j * bs])
+            self.device_readinto(blocks[i] * bs, view[i * bs : j * bs])
             i = j
+
+    def _copy(self, blocks: list[int], view: memoryview, tag: int) -> list[int]:
+        """Copy the sorted `blocks`, whose data is in `view`, to new slots with entries tagged `tag`;
+        return the slots (written in the open commit)."""
+        store = self.store
+        bs = self.block_size
+        n = len(blocks)
+        slots = store.allocate(bs, n)
         # One checksum per run of consecutive slots (contiguous in the store file).
         segments = store.slot_runs(slots)
         sums = [0] * n
         for start, end in segments:
             sums[start:end] = [checksum(view[start * bs : end * bs])] * (end - start)
-        pieces = store.copy_pieces(segments, cand_list)
+        pieces = store.copy_pieces(segments, blocks)
         src = self.device.raw if isinstance(self.device, Device) else None
         # A store file offering copy_from (`OsFile.copy_from`) copies from a file of its own kind.
         copy_from = getattr(store.raw, "copy_from", None)
@@ -263,17 +338,12 @@ class Volume:
             # Long runs: copy inside the kernel rather than writing our buffer back.
             for start, end in pieces:
                 at = store.slot_offset(slots[start])
-                copy_from(src, cand_list[start] * bs, (end - start) * bs, at)
+                copy_from(src, blocks[start] * bs, (end - start) * bs, at)
                 store.note_written(at, (end - start) * bs)
         else:
             store.write_slots(slots, view, bs)
-        store.write_entries(slots, layout.COPY, self.record.id, [newest] * n, cand_list, sums, segments)
-        store.commit()
-        chain.add_many(cand_list, newest, slots)
-        for snap in live:
-            snap.preserved_blocks += gains[snap.id]
-        store.count_cow_copies(n)
-        self.cow_copies += n
+        store.write_entries(slots, layout.COPY, self.record.id, [tag] * n, blocks, sums, segments)
+        return slots
 
     def _copy_buffer(self, size: int) -> memoryview:
         """A reused buffer for preserved copies (fresh buffers cost page faults on every batch)."""
@@ -290,23 +360,23 @@ class Volume:
         else:
             view[:] = self.device.read(offset, len(view))
 
-    def _gains(
+    def _needs(
         self, live: list[SnapshotRecord], cand: np.ndarray, prev: np.ndarray
-    ) -> tuple[dict[int, int], np.ndarray]:
-        """What copying `cand` (whose newest copies are `prev`) gives each live snapshot.
-
-        Returns the blocks each snapshot gains, and which of `cand` some snapshot
-        needs at all: a writable snapshot that wrote a block itself does not.
-        """
+    ) -> tuple[dict[int, np.ndarray], dict[int, int], np.ndarray]:
+        """Which of `cand` (whose newest copies are `prev`) each live snapshot gains a copy of, and how
+        many, by snapshot id; and which of `cand` some snapshot needs at all: a writable snapshot that
+        wrote a block itself does not."""
+        mine: dict[int, np.ndarray] = {}
         gains: dict[int, int] = {}
         needed = np.zeros(len(cand), bool)
         for snap in live:
-            mine = prev < snap.epoch
+            wanted = prev < snap.epoch
             if len(snap.private):
-                mine &= ~snap.private.contains(cand)
-            gains[snap.id] = int(mine.sum())
-            needed |= mine
-        return gains, needed
+                wanted &= ~snap.private.contains(cand)
+            mine[snap.id] = wanted
+            gains[snap.id] = int(wanted.sum())
+            needed |= wanted
+        return mine, gains, needed
 
     def _overflowing(
         self, live: list[SnapshotRecord], gains: dict[int, int], needed: int
@@ -387,7 +457,8 @@ class Volume:
         the newest valid snapshot then, which is at least `base`'s epoch and, if that write came before
         `newer` was taken, below `newer`'s. Blocks written only later have copies tagged `newer`'s epoch
         or above. So the blocks with a copy tagged in [base's epoch, newer's epoch) are exactly the
-        blocks written in between (trims and zeroes included), for as long as `base` is valid (its
+        blocks written in between (trims and zeroes included; a hole entry is a copy here: a block
+        that was a hole when first overwritten is a change too), for as long as `base` is valid (its
         copies are then complete). Both must be valid read-only snapshots of this volume, `base` the
         older."""
         with self.store.lock.shared():
@@ -460,3 +531,39 @@ def block_extents(blocks: np.ndarray, block_size: int, size: int) -> list[tuple[
         (first * block_size, min((last + 1) * block_size, size) - first * block_size)
         for first, last in zip(firsts.tolist(), lasts.tolist(), strict=True)
     ]
+
+
+def zero_blocks(view: memoryview, block_size: int) -> np.ndarray | None:
+    """Which of the consecutive blocks of `view` read as zeros (a bool array), or None when none does.
+
+    A block of data almost never starts and ends with zeros, so only blocks whose first and last
+    bytes (words, vectorised, for larger batches) are zero are compared in full: the check costs a
+    data block next to nothing, and an all-zero one a read of its bytes.
+    """
+    n = len(view) // block_size
+    if n <= _FEW_BLOCKS:
+        found: np.ndarray | None = None
+        for i in range(n):
+            start = i * block_size
+            if not view[start] and not view[start + block_size - 1]:
+                zeros = _ZEROS.get(block_size) or _ZEROS.setdefault(block_size, bytes(block_size))
+                if view[start : start + block_size].tobytes() == zeros:
+                    if found is None:
+                        found = np.zeros(n, bool)
+                    found[i] = True
+        return found
+    words = np.frombuffer(view, np.uint64).reshape(n, block_size // 8)
+    maybe: np.ndarray = (words[:, 0] == 0) & (words[:, -1] == 0)
+    if not maybe.any():
+        return None
+    rows = np.flatnonzero(maybe)
+    maybe[rows] = np.bitwise_or.reduce(words[rows], axis=1) == 0
+    return maybe if maybe.any() else None
+
+
+def _positions(known: np.ndarray, blocks: np.ndarray) -> np.ndarray | None:
+    """The positions of the sorted `blocks` in the sorted `known`, or None when one is not there."""
+    at = np.searchsorted(known, blocks)
+    if len(at) and (at[-1] >= len(known) or not (known[np.minimum(at, len(known) - 1)] == blocks).all()):
+        return None
+    return at

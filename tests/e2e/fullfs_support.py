@@ -305,7 +305,17 @@ def wait_until(pred: Callable[[], object], timeout: float, what: str, interval: 
 
 
 def seeds(count: int, env: str = "FULLFS_SEED") -> list[int]:
-    """`count` random seeds, or the one in $`env` (to repeat a run)."""
+    """`count` random seeds, or the one in $`env` (to repeat a run).
+
+    Parallel workers (pytest-xdist) must collect the same tests: they draw from the run's id, which
+    they share, and the number of draws before (the same in every worker: collection order is fixed)."""
     if env in os.environ:
         return [int(os.environ[env])]
-    return [random.SystemRandom().randrange(1 << 31) for _ in range(count)]
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    rng = random.Random(f"{run}-{len(_DRAWN)}") if run else random.SystemRandom()
+    drawn = [rng.randrange(1 << 31) for _ in range(count)]
+    _DRAWN.append(drawn)
+    return drawn
+
+
+_DRAWN: list[list[int]] = []

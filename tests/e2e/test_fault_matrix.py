@@ -39,6 +39,7 @@ import pytest
 from e2e_support import VOLUME_SIZE, Daemons, MiB, Primary, Standby, backup_argv, need, rand
 from faults_support import assert_in_sync, assert_snapshot, frozen_snapshot, link_lost, start_pair, wait_for
 from fullfs_support import FullFs, mounted_fullfs
+from fullfs_support import seeds as drawn_seeds
 from linkproxy import LinkProxy
 
 pytestmark = pytest.mark.both_transports(grpc_soak=True)
@@ -400,17 +401,7 @@ def restart_primary(daemons: Daemons, old: Primary, proxy: LinkProxy) -> Primary
 
 
 def seeds(count: int) -> list[int]:
-    if "FAULT_SEED" in os.environ:
-        return [int(os.environ["FAULT_SEED"])]
-    # Parallel workers (pytest-xdist) must collect the same tests: they share the run's id.
-    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    rng = random.Random(f"{run}-{len(_DRAWN)}") if run else random.SystemRandom()
-    drawn = [rng.randrange(1 << 31) for _ in range(count)]
-    _DRAWN.append(drawn)
-    return drawn
-
-
-_DRAWN: list[list[int]] = []
+    return drawn_seeds(count, "FAULT_SEED")
 
 
 def play(daemons: Daemons, tmp: Path, seed: int, events: int, fullfs: FullFs | None = None) -> None:

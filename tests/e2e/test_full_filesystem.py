@@ -28,6 +28,7 @@ snapshot (0 with none).
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import subprocess
 import threading
@@ -58,6 +59,8 @@ from e2e_support import (
 from faults_support import assert_snapshot
 from fullfs_support import FullFs, mounted_fullfs, seeds, wait_until
 from linkproxy import LinkProxy
+
+from standbylib.snapshot import layout
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -410,14 +413,22 @@ def assert_recovered(rig: Rig, freed: Mark, snapshots: dict[str, bytes]) -> None
 
 
 #: The store's layout (docs/STORE-FORMAT.md): areas from 4 MiB on, each a 4 KiB entry block and 127 slots.
-AREAS_OFFSET, AREA_SIZE = 4 * MiB, BS + 127 * BS
 
 
 def store_allowance(store: Path, used: int) -> int:
     """The most disk the store file may take for `used` bytes of preserved blocks: those, the superblock,
     the allocated part of the two table copies and the file's extent blocks (64 KiB for both), and one
-    entry block per area."""
-    areas = -(-max(0, store.stat().st_size - AREAS_OFFSET) // AREA_SIZE)
+    entry block per area (data areas, and entry areas of hole entries, which have no slots): the areas
+    are counted by walking their headers."""
+    areas = 0
+    with open(store, "rb") as f:
+        size, offset = os.fstat(f.fileno()).st_size, layout.AREAS_OFFSET
+        while offset < size:
+            slot_size = layout.unpack_area_header(os.pread(f.fileno(), layout.AREA_HEADER, offset), areas)
+            if slot_size is None:
+                break
+            areas += 1
+            offset += layout.area_size(slot_size)
     return used + BS + 64 * 1024 + areas * BS
 
 
@@ -546,7 +557,8 @@ def scenario_copy(env: Env, policy: str, p: Params, free_by: str) -> None:
         # snapshot's own copies (room for the store's entries, a new area, the state file)
         target = region
         overwrite = min(overwrite, region // 2, p.data - region)
-        if overwrite <= 0:  # no such block in the data: take never-written blocks (copies of holes)
+        if overwrite <= 0:  # no such block in the data: take never-written blocks (hole entries, which
+            # need no space: the store then refuses only for want of room for its entries or state)
             target, overwrite = p.data, min(region // 2, 2 * MiB)
     elif free_by == "trim":
         # written after the snapshot, so preserved already: trimming it needs no copy and frees blocks

@@ -1,10 +1,11 @@
 """Checks shared by the failure tests (imported by module name, like faultfile).
 
 `assert_accounting` is the store's space invariant: every slot is exactly one of free, referenced by
-an index (a copy serving a valid snapshot, a block written to a writable snapshot), freed but waiting
-for the next commit, or set aside after a failure whose entries could not be zeroed yet; and
-``used_bytes`` counts exactly the referenced and waiting ones. A failed write that kept space (the
-leak that filled stores with nothing) breaks it.
+an index (a copy or a hole entry serving a valid snapshot, a block written to a writable snapshot),
+freed but waiting for the next commit, or set aside after a failure whose entries could not be zeroed
+yet; and ``used_bytes`` counts exactly the referenced and waiting ones with data (hole entries, the
+"slots" of entry areas, take none). A failed write that kept space (the leak that filled stores with
+nothing) breaks it.
 
 `observe` is what a user sees of a store: its snapshots (name, validity, reason, preserved blocks,
 what each valid one reads), its usage, and the origin. `reopened` opens a copy of the files as they
@@ -24,7 +25,7 @@ from typing import Any
 from standbylib.blockdev import Device
 from standbylib.rawfile import MemFile
 from standbylib.snapshot import PreservationStore, Volume
-from standbylib.snapshot.layout import ENTRIES_PER_AREA
+from standbylib.snapshot.layout import ENTRIES_PER_AREA, ENTRY_AREA
 
 
 def assert_accounting(store: PreservationStore, where: str = "") -> None:
@@ -58,16 +59,22 @@ def assert_accounting(store: PreservationStore, where: str = "") -> None:
         f"{where}: used_bytes {stats.used_bytes}, but the indexes reference {len(referenced)} slots and "
         f"{len(store.pending_free)} wait for a commit ({expected} bytes)"
     )
-    assert stats.preserved_blocks == len(counted), f"{where}: preserved_blocks {stats.preserved_blocks}"
+    holes = sum(1 for s in counted if size(s) == ENTRY_AREA)
+    assert stats.preserved_blocks == len(counted) - holes, (
+        f"{where}: preserved_blocks {stats.preserved_blocks}"
+    )
+    assert stats.hole_entries == holes, f"{where}: hole_entries {stats.hole_entries}, {holes} held"
 
 
 def referenced_bytes(store: PreservationStore) -> int:
-    """Bytes of the slots the indexes reference (what a reopened store counts as used)."""
+    """Bytes of the slots the indexes reference (what a reopened store counts as used): hole entries
+    take none."""
+    sizes = store.area_slot_sizes
     total = 0
-    for vol_id, chain in store.chains.items():
-        bs = next(r.block_size for r in store.volume_records.values() if r.id == vol_id)
-        total += len(chain) * bs
-        total += sum(len(s.private) for s in store.snapshots.values() if s.volume == vol_id) * bs
+    for chain in store.chains.values():
+        total += sum(sizes[slot // ENTRIES_PER_AREA] for slot in chain.arrays()[2].tolist())
+    for snap in store.snapshots.values():
+        total += sum(sizes[slot // ENTRIES_PER_AREA] for slot in snap.private.arrays()[2].tolist())
     return total
 
 
@@ -77,7 +84,7 @@ def observe(vol: Volume, *, usage: bool = True) -> dict[str, Any]:
     for snap in vol.snapshots():
         info = snap.info()
         image = snap.read(0, vol.size) if snap.valid else None
-        snaps[snap.name] = (info.valid, info.reason, info.preserved_blocks, image)
+        snaps[snap.name] = (info.valid, info.reason, (info.preserved_blocks, info.hole_blocks), image)
     seen: dict[str, Any] = {"snapshots": snaps, "origin": vol.read(0, vol.size)}
     if usage:
         seen["used_bytes"] = referenced_bytes(vol.store)
@@ -112,7 +119,7 @@ def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
         if x is None or y is None:
             out.append(f"snapshot {name} is {'missing' if x is None else 'extra'} on one side")
         elif x != y:
-            what = ["valid", "reason", "preserved blocks", "image"]
+            what = ["valid", "reason", "preserved blocks and holes", "image"]
             diff = [w for w, p, q in zip(what, x, y, strict=True) if p != q]
             out.append(f"snapshot {name}: {', '.join(diff)} differ ({x[:3]} vs {y[:3]})")
     return out

@@ -90,7 +90,9 @@ def test_changes_are_exactly_the_blocks_written_between_two_snapshots(
 
 def test_changes_refuses_a_base_that_is_not_older_unknown_writable_or_invalid() -> None:
     store = PreservationStore.in_memory(2 * BS, on_full="invalidate")
-    vol = store.attach("vol0", ram_device(SIZE), block_size=BS)
+    device = ram_device(SIZE)
+    device.write(0, b"o" * SIZE)  # data: overwriting it needs copies (zeros would be hole entries)
+    vol = store.attach("vol0", device, block_size=BS)
     vol.create_snapshot("a")
     vol.write(0, b"x" * BS)
     vol.create_snapshot("b")

@@ -459,6 +459,7 @@ def test_reading_an_invalid_snapshot(tmp_path: Any) -> None:
     store_path = str(tmp_path / "small.store")
     store = PreservationStore.open(store_path, 2 * BS)
     device = ram_device(SIZE)
+    device.write(0, b"o" * SIZE)  # data: overwriting it needs copies (zeros would be hole entries)
     vol = store.attach("vol0", device, block_size=BS)
     snap = vol.create_snapshot("tiny", writable=True)
     vol.write(0, b"\x01" * 3 * BS)  # three copies needed, room for two

@@ -4,14 +4,15 @@ The model keeps the origin of two volumes sharing one store, and for every snaps
 blocks written to the snapshot itself, and for each block overwritten on the origin since it was taken the
 number of the batch whose copy serves it. From that it derives what the engine must report:
 
-* a snapshot's ``preserved_blocks`` is the number of distinct blocks touched since it was taken (on the
-  origin or in the snapshot itself);
 * an origin write copies a block when some valid snapshot has neither a copy of it nor its own version
   (a writable snapshot that wrote the block does not need the origin's old data), and that one copy
   serves every valid snapshot lacking one: snapshots taken between the same two writes of a block share
-  one copy;
+  one copy. A block that read as zeros then is preserved as a hole entry: no data, no slot;
+* a snapshot's ``preserved_blocks`` is the number of distinct blocks it reads from data slots (blocks
+  copied with their data since it was taken, and blocks written to the snapshot itself), its
+  ``hole_blocks`` those it reads as hole entries (not written to the snapshot itself);
 * the store holds the distinct copies serving valid snapshots, plus one slot per block written to a
-  writable snapshot.
+  writable snapshot, and its hole entries take no bytes.
 
 `TightStoreMachine` runs the same workload in a store too small for it, where snapshots get invalidated.
 """
@@ -58,6 +59,8 @@ class SnapModel:
     image: bytearray
     # block -> number of the origin batch whose copy of the block this snapshot reads
     served: dict[int, int] = field(default_factory=dict)
+    # the blocks of `served` whose copy is a hole entry (they read as zeros when copied)
+    holes: set[int] = field(default_factory=set)
     # blocks written to the snapshot itself
     private: set[int] = field(default_factory=set)
     valid: bool = True
@@ -65,6 +68,16 @@ class SnapModel:
     @property
     def touched(self) -> set[int]:
         return set(self.served) | self.private
+
+    @property
+    def with_data(self) -> set[int]:
+        """The blocks it reads from data slots of the store (its `preserved_blocks`)."""
+        return (set(self.served) - self.holes) | self.private
+
+    @property
+    def hole_blocks(self) -> set[int]:
+        """The blocks it reads as hole entries."""
+        return self.holes - self.private
 
 
 @st.composite
@@ -106,6 +119,7 @@ class EngineMachine(RuleBasedStateMachine):
         self.batch_no = 0
         self.name_no = 0
         self.cow_copies = 0  # copies since the store was (re)opened
+        self.cow_holes = 0  # hole entries since then
         # Bytes of writable-snapshot blocks replaced since the last store commit: their old slots are only
         # reused once the replacement is durable.
         self.pending_slots = 0
@@ -133,8 +147,11 @@ class EngineMachine(RuleBasedStateMachine):
         """Valid snapshots of `volume`, oldest first (dicts keep creation order)."""
         return [s for s in self.snaps.values() if s.volume == volume and s.valid]
 
-    def copies(self, without: frozenset[tuple[str, str]] = frozenset()) -> set[tuple[str, int, int]]:
-        """The distinct preserved copies the store must hold: (volume, block, batch that copied it).
+    def copies(
+        self, without: frozenset[tuple[str, str]] = frozenset(), *, holes: bool = False
+    ) -> set[tuple[str, int, int]]:
+        """The distinct preserved copies with data (`holes`: the hole entries) the store must hold:
+        (volume, block, batch that copied it).
 
         `without`: as if these snapshots were gone.
         """
@@ -143,10 +160,12 @@ class EngineMachine(RuleBasedStateMachine):
             for key, s in self.snaps.items()
             if s.valid and key not in without
             for b, w in s.served.items()
+            if (b in s.holes) == holes
         }
 
     def expected_slots(self, without: frozenset[tuple[str, str]] = frozenset()) -> tuple[int, int]:
-        """(slots, bytes) the store must hold for the model's copies and private blocks."""
+        """(slots, bytes) the store must hold for the model's copies and private blocks (hole entries
+        take neither)."""
         copies = self.copies(without)
         slots = len(copies)
         used = sum(BLOCK_SIZES[v] for v, _b, _w in copies)
@@ -171,7 +190,10 @@ class EngineMachine(RuleBasedStateMachine):
             length = data if isinstance(data, int) else len(data)
             touched.update(blocks_of(offset, length, bs))
         had_live = bool(self.live(volume))
-        self.before_batch(volume, touched)
+        zero_block = bytes(bs)
+        old = self.origin[volume]
+        zeros = {b for b in touched if old[b * bs : (b + 1) * bs] == zero_block}
+        self.before_batch(volume, touched, zeros)
         vol = self.volumes[volume]
         if single:
             ((offset, data),) = ops
@@ -193,13 +215,19 @@ class EngineMachine(RuleBasedStateMachine):
         copied = {b for b in touched if any(b not in s.touched for s in live)}
         for s in live:
             for b in copied:
-                s.served.setdefault(b, self.batch_no)
-        self.cow_copies += len(copied)
+                # (Also for a block the snapshot wrote itself: the copy's interval holds its epoch,
+                # so the store keeps the copy while the snapshot lives.)
+                if b not in s.served:
+                    s.served[b] = self.batch_no
+                    if b in zeros:
+                        s.holes.add(b)
+        self.cow_copies += len(copied - zeros)
+        self.cow_holes += len(copied & zeros)
         if had_live:
             self.committed()
 
-    def before_batch(self, volume: str, touched: set[int]) -> None:
-        """Hook for the tight-store variant."""
+    def before_batch(self, volume: str, touched: set[int], zeros: set[int]) -> None:
+        """Hook for the tight-store variant. `zeros`: the blocks of `touched` that read as zeros."""
 
     def after_batch(self, volume: str, touched: set[int]) -> None:
         """Hook for the tight-store variant."""
@@ -326,9 +354,9 @@ class EngineMachine(RuleBasedStateMachine):
             # Short of space, the engine commits first so that replaced blocks free their slots.
             self.committed()
         _slots, used = self.expected_slots()
-        gain = len(blocks - model.touched)
+        gain = len(blocks - model.with_data)  # blocks served by a hole entry take a slot now
         fits = len(blocks) * bs <= self.capacity - used and (
-            model.capacity is None or (len(model.touched) + gain) * bs <= model.capacity
+            model.capacity is None or (len(model.with_data) + gain) * bs <= model.capacity
         )
         if not fits:
             with pytest.raises(PreservationFull):
@@ -377,6 +405,7 @@ class EngineMachine(RuleBasedStateMachine):
         self._attach_all()
         self.handles = {key: self.volumes[key[0]].snapshot(key[1]) for key in self.snaps}
         self.cow_copies = 0
+        self.cow_holes = 0
         self.committed()
 
     # ------------------------------------------------------------------ invariants
@@ -395,8 +424,10 @@ class EngineMachine(RuleBasedStateMachine):
             assert info.writable == model.writable
             if model.valid:
                 assert snap.read(0, SIZES[key[0]]) == model.image, f"image of snapshot {key}"
-                assert info.preserved_blocks == len(model.touched), f"preserved blocks of {key}"
-                assert info.preserved_bytes == len(model.touched) * BLOCK_SIZES[key[0]]
+                assert info.preserved_blocks == len(model.with_data), f"preserved blocks of {key}"
+                assert info.preserved_bytes == len(model.with_data) * BLOCK_SIZES[key[0]]
+                assert info.hole_blocks == len(model.hole_blocks), f"hole blocks of {key}"
+                self.check_extents(key, snap, model)
             else:
                 with pytest.raises(SnapshotInvalid, match=key[1]):
                     snap.read(0, BLOCK_SIZES[key[0]])
@@ -404,6 +435,22 @@ class EngineMachine(RuleBasedStateMachine):
                     with pytest.raises(SnapshotInvalid):
                         snap.write(0, b"x")
                 assert info.reason
+
+    def check_extents(self, key: tuple[str, str], snap: Snapshot, model: SnapModel) -> None:
+        """Block status: every hole reads as zeros, blocks preserved as hole entries are holes, blocks
+        read from data slots are data."""
+        bs, size = BLOCK_SIZES[key[0]], SIZES[key[0]]
+        hole_at: list[bool] = []
+        pos = 0
+        for n, hole in snap.extents(0, size):
+            assert pos % bs == 0 and n % bs == 0, f"extents of {key} not in whole blocks"
+            if hole:
+                assert model.image[pos : pos + n] == bytes(n), f"a hole of {key} at {pos} is not zeros"
+            hole_at += [hole] * (n // bs)
+            pos += n
+        assert pos == size, f"extents of {key} cover {pos} of {size} bytes"
+        assert all(hole_at[b] for b in model.hole_blocks), f"hole entries of {key} reported as data"
+        assert not any(hole_at[b] for b in model.with_data), f"data copies of {key} reported as holes"
 
     @invariant()
     def snapshot_lists_match(self) -> None:
@@ -419,6 +466,8 @@ class EngineMachine(RuleBasedStateMachine):
         assert stats.invalid_snapshots == sum(1 for s in self.snaps.values() if not s.valid)
         slots, used = self.expected_slots()
         assert stats.cow_copies == self.cow_copies
+        assert stats.cow_holes == self.cow_holes
+        assert stats.hole_entries == len(self.copies(holes=True)), "hole entries held"
         if self.pending_bytes == 0:
             assert stats.preserved_blocks == slots
             assert stats.used_bytes == used
@@ -448,14 +497,15 @@ class TightStoreMachine(EngineMachine):
         bs = BLOCK_SIZES[volume]
         return st.one_of(st.none(), st.sampled_from([bs, 2 * bs, 5 * bs]))
 
-    def before_batch(self, volume: str, touched: set[int]) -> None:
+    def before_batch(self, volume: str, touched: set[int], zeros: set[int]) -> None:
         bs = BLOCK_SIZES[volume]
         live = {(volume, s.name): s for s in self.live(volume)}
-        gains = {key: len(touched - s.touched) for key, s in live.items()}
+        # Blocks each snapshot gains a copy of with data (hole entries take no space).
+        gains = {key: len(touched - zeros - s.touched) for key, s in live.items()}
         over_own = frozenset(
             key
             for key, s in live.items()
-            if s.capacity is not None and gains[key] and (len(s.touched) + gains[key]) * bs > s.capacity
+            if s.capacity is not None and gains[key] and (len(s.with_data) + gains[key]) * bs > s.capacity
         )
         if over_own:
             # Their invalidation is committed first, which frees what only they held.
@@ -464,7 +514,7 @@ class TightStoreMachine(EngineMachine):
             stats = self.store.stats()
             free = stats.capacity_bytes - stats.used_bytes
         remaining = {key: s for key, s in live.items() if key not in over_own}
-        needed = len({b for b in touched if any(b not in s.touched for s in remaining.values())}) * bs
+        needed = len({b for b in touched - zeros if any(b not in s.touched for s in remaining.values())}) * bs
         self.expected_invalid = set(over_own)
         if needed > free:
             self.expected_invalid |= {key for key in remaining if gains[key]}
@@ -476,6 +526,7 @@ class TightStoreMachine(EngineMachine):
                 invalidated.add(key)
                 model.valid = False
                 model.served.clear()
+                model.holes.clear()
                 model.private.clear()
         assert invalidated == self.expected_invalid
 

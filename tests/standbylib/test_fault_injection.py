@@ -246,7 +246,8 @@ class FaultRun:
         return (
             f"{SEED_ENV}={self.seed} {self.config}: {self.counts}, {len(self.snaps)} snapshots at the end "
             f"({sum(not s.valid for s in self.snaps.values())} invalid), {len(self.heard)} invalidations, "
-            f"{self.store.stats().cow_copies} copies, {time.monotonic() - t0:.1f}s"
+            f"{self.store.stats().cow_copies} copies, {self.store.stats().cow_holes} hole entries, "
+            f"{time.monotonic() - t0:.1f}s"
         )
 
     def attempt(self, op: Op, fault: Fault | None) -> None:

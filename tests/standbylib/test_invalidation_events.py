@@ -87,7 +87,9 @@ def test_every_way_of_opening_a_store_takes_a_listener(how: str, tmp_path: Path)
         store = PreservationStore.open(f"{tmp_path}/p.store", BS, on_invalidated=listen)
     else:
         store = PreservationStore.open_raw(Disk().file("store"), BS, on_invalidated=listen)
-    vol = store.attach("v", ram_device(SIZE), block_size=BS)
+    device = ram_device(SIZE)
+    device.write(0, b"o" * SIZE)  # data: overwriting it needs copies (zeros would be hole entries)
+    vol = store.attach("v", device, block_size=BS)
     vol.create_snapshot("s")
     vol.write_batch([(0, b"\x01" * 2 * BS)])
     assert heard == [("v", "s", "the preservation store is full")]

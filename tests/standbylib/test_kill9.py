@@ -1,7 +1,8 @@
 """``kill -9`` during a write storm: every snapshot recorded before the kill reads what it read then.
 
 `kill9_child.py` runs in a separate process on a real file store and file volume: it writes a
-pattern, then random batches forever, creating three snapshots on the way and recording the
+pattern, then random batches forever (their zero requests make blocks that later overwrites preserve
+as hole entries), creating three snapshots on the way and recording the
 SHA-256 of each snapshot's image (read through the engine) right after creating it. The test
 kills it with SIGKILL at a random moment (sometimes before the three snapshots exist, mostly
 after), reopens the store and volume in this process and checks that every recorded snapshot is
@@ -114,7 +115,8 @@ def check_after_kill(workdir: Path, prefix: str) -> str:
                 assert snap.valid, f"{prefix}: snapshot {name} invalid after kill -9: {snap.info().reason}"
             for name, sha in expected.items():
                 assert sha256_of(snaps[name], SIZE) == sha, f"{prefix}: snapshot {name} reads other data"
-            preserved = store.stats().preserved_blocks
+            stats = store.stats()
+            preserved, holes = stats.preserved_blocks, stats.hole_entries
             origin = sha256_of(vol, SIZE)  # the origin reads in full
             # The recovered store still preserves: overwrite a spread of blocks, snapshots hold.
             rng = random.Random(prefix)
@@ -130,7 +132,10 @@ def check_after_kill(workdir: Path, prefix: str) -> str:
                 )
         finally:
             dev.close()
-    return f"{len(expected)} recorded, {len(snaps)} present, {preserved} blocks preserved before the kill"
+    return (
+        f"{len(expected)} recorded, {len(snaps)} present, {preserved} blocks and {holes} hole entries "
+        "preserved before the kill"
+    )
 
 
 def run_kills(base_seed: int, rounds: int, tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """Power loss at any point of a snapshot workload: every valid snapshot still reads the image it froze.
 
 A seeded random workload (origin batches with unaligned writes and zero requests, snapshots created,
-written, flushed and deleted, freed slots reused, overflow invalidations) runs on a store and an
+written, flushed and deleted, freed slots reused, overflow invalidations, blocks that read as zeros
+preserved as hole entries) runs on a store and an
 origin made of `FaultFile`s sharing one `Disk`. A reference model records, when each snapshot is
 created, the image it must freeze, and for writable snapshots every later version of each block.
 Then, for hundreds of cut points over the trace, the store and origin are rebuilt as a power loss
@@ -36,7 +37,7 @@ from workload import random_ops
 from standbylib.blockdev import Device
 from standbylib.errors import PreservationFull, SnapshotInvalid
 from standbylib.snapshot import PreservationStore, Snapshot, Volume
-from standbylib.snapshot.layout import AREAS_OFFSET, ENTRIES_PER_AREA, TABLE_OFFSETS, area_size
+from standbylib.snapshot.layout import ENTRIES_PER_AREA, ENTRY_AREA, TABLE_OFFSETS
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -462,7 +463,8 @@ def run_power_loss(seed: int, config: Config, ncuts: int, repro: str) -> str:
     w = Workload(seed, config)
     w.run()
     reused = w.store.cow_copies + w.private_blocks_written
-    slots_in_file = (w.store.end - AREAS_OFFSET) // area_size(w.bs) * ENTRIES_PER_AREA
+    slots_in_file = sum(ENTRIES_PER_AREA for size in w.store.area_slot_sizes if size != ENTRY_AREA)
+    holes = w.store.stats().cow_holes
     invalidated = sum(1 for s in w.snaps if s.invalidated)
     rng = random.Random(f"{seed}-cuts")
     one = os.environ.get(ONE_CUT_ENV, "").strip()
@@ -485,10 +487,12 @@ def run_power_loss(seed: int, config: Config, ncuts: int, repro: str) -> str:
         f"({sum(s.writable for s in w.snaps)} writable, {invalidated} invalidated, "
         f"up to {w.most_valid} valid at once), "
         f"{w.store.cow_copies} copies + {w.private_blocks_written} snapshot blocks written into "
-        f"{slots_in_file} slots, {len(cuts)} cuts {modes_seen}, {time.monotonic() - t0:.1f}s"
+        f"{slots_in_file} slots, {holes} hole entries, {len(cuts)} cuts {modes_seen}, "
+        f"{time.monotonic() - t0:.1f}s"
     )
     print(summary)
     assert reused > slots_in_file or one, f"{summary}: no slot was reused; the workload is too small"
+    assert holes or one, f"{summary}: no block was preserved as a hole entry"
     assert w.most_valid >= 3, f"{summary}: never 3 valid snapshots at once; the workload is too small"
     if failures:
         shown = "\n  ".join(failures[:15])

@@ -1,7 +1,8 @@
 """A snapshot exported over NBD reads as its frozen image while the origin is being overwritten.
 
-Origin writes (`Volume.write_batch`: preserve the old blocks, then overwrite the origin) run in a loop
-on one thread while other threads read the snapshot through read plans, `Snapshot.read`, raw NBD
+Origin writes (`Volume.write_batch`: preserve the old blocks, as copies or, where they were holes, as
+hole entries, then overwrite the origin) run in a loop on one thread while other threads read the
+snapshot through read plans, `Snapshot.read`, raw NBD
 sessions (simple and structured replies, many requests in flight, runs of contiguous reads) and
 nbdcopy with four connections. Every byte read must be the frozen image: an origin range that a plan
 chose to serve from the replica must not change before it is copied, and must never be sent by
@@ -113,7 +114,8 @@ def random_ranges(rng: random.Random) -> list[tuple[int, int]]:
 def test_snapshot_reads_are_the_frozen_image_while_the_origin_is_overwritten(tmp_path: Any) -> None:
     rng = random.Random(7)
     frozen = bytearray(rng.randbytes(SIZE))
-    frozen[SIZE // 2 : SIZE // 2 + (1 << 20)] = bytes(1 << 20)  # a hole the writer will fill
+    for off in range(3 << 20, SIZE, 4 << 20):  # holes the writer will fill: hole entries
+        frozen[off : off + (1 << 20)] = bytes(1 << 20)
     frozen = bytes(frozen)
     store = PreservationStore.open(str(tmp_path / "store"), 4 * SIZE)
     origin = open_file_device(str(tmp_path / "origin.img"), SIZE)
@@ -218,7 +220,7 @@ def test_snapshot_reads_are_the_frozen_image_while_the_origin_is_overwritten(tmp
         # The race was really run: the origin changed a lot, and the snapshot kept the old blocks.
         assert counts["writes"] > 50, counts
         assert counts["plan_reads"] > 50 and counts["nbd_reads"] > 50, counts
-        assert snap.info().preserved_blocks > 500
+        assert snap.info().preserved_blocks > 500 and snap.info().hole_blocks > 50, snap.info()
         assert vol.read(0, SIZE) != frozen
         assert snap.read(0, SIZE) == frozen
     finally:
