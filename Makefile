@@ -56,6 +56,7 @@ bench: venv system-deps
 	$(BIN)/python bench/s3_bench.py --output bench/results/s3.json
 	$(BIN)/python bench/writable_bench.py --output bench/results/writable.json
 	$(BIN)/python bench/failover_bench.py --output bench/results/failover.json
+	$(BIN)/python bench/scale_bench.py --output bench/results/scale.json
 
 demo: venv system-deps
 	$(BIN)/python scripts/demo.py

@@ -73,6 +73,10 @@ def send_frame(sock: socket.socket, pieces: Sequence[Buffer]) -> int:
     return length
 
 
+#: Frames in a row that fit the initial buffer after which a grown buffer is given back.
+SHRINK_AFTER = 64
+
+
 class FrameReader:
     """Frames from `sock`, each received into one buffer that the next frame reuses (it grows to hold
     the largest frame seen). `limit` refuses an absurd length before anything is allocated."""
@@ -80,6 +84,8 @@ class FrameReader:
     def __init__(self, sock: socket.socket, *, limit: int = MAX_FRAME, initial: int = 1 << 20) -> None:
         self.sock = sock
         self.limit = limit
+        self._initial = initial
+        self._small = 0  # frames in a row that fit the initial size, while the buffer is larger
         self._buf = bytearray(initial)
         self._view = memoryview(self._buf)
         self._header = bytearray(HEADER.size)
@@ -95,12 +101,26 @@ class FrameReader:
         if length > self.limit:
             raise FrameTooBig(length=length, limit=self.limit)
         if length > len(self._buf):
-            self._view.release()
-            self._buf = bytearray(max(length, 2 * len(self._buf)))
-            self._view = memoryview(self._buf)
+            self._resize(max(length, 2 * len(self._buf)))
+        elif len(self._buf) > self._initial:
+            # Grown for a burst of big frames (a resync's 4 MiB batches): back to the initial size once
+            # small frames follow, so an idle session does not keep megabytes resident.
+            self._small = self._small + 1 if length <= self._initial else 0
+            if self._small >= SHRINK_AFTER:
+                self._resize(self._initial)
         view = self._view[:length]
         self._fill(view, deadline, first=False)
         return view
+
+    def _resize(self, size: int) -> None:
+        self._view.release()
+        self._buf = bytearray(size)
+        self._view = memoryview(self._buf)
+        self._small = 0
+
+    @property
+    def buffer_size(self) -> int:
+        return len(self._buf)
 
     def _fill(self, view: memoryview, deadline: float | None, *, first: bool) -> None:
         got, n = 0, len(view)

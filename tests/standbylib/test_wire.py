@@ -93,3 +93,29 @@ def test_block_digests_are_little_endian_xxh3_per_block():
     )
     assert block_digests(memoryview(bytearray(data)), 4096) == digests
     assert zero_digests(3 * 512, 512) == block_digests(bytes(3 * 512), 512)
+
+
+def test_a_frame_reader_grown_by_big_frames_gives_the_memory_back_after_small_ones() -> None:
+    import socket
+    import threading
+
+    from standbylib.rpc.frames import SHRINK_AFTER, FrameReader, send_frame
+
+    a, b = socket.socketpair()
+    big, small = b"x" * (1 << 20), b"y" * 100
+    frames = [big] + [small] * SHRINK_AFTER + [big]
+    sender = threading.Thread(target=lambda: [send_frame(b, [f]) for f in frames], daemon=True)
+    sender.start()
+    try:
+        reader = FrameReader(a, initial=64 * 1024)
+        sizes = []
+        for want in frames:
+            assert bytes(reader.read()) == want
+            sizes.append(reader.buffer_size)
+        assert sizes[0] >= 1 << 20  # grown for the big frame
+        assert sizes[-2] == 64 * 1024  # given back after the small ones
+        assert sizes[-1] >= 1 << 20  # and grown again when needed
+    finally:
+        sender.join(10)
+        a.close()
+        b.close()
