@@ -134,7 +134,7 @@ def test_writes_are_not_stalled_while_the_link_is_down(daemons: Daemons, tmp_pat
         proxy.close()
 
 
-def test_divergent_histories_are_refused_until_the_standby_data_is_discarded(
+def test_divergent_histories_are_refused_until_taken_over_and_the_standby_data_discarded(
     daemons: Daemons, tmp_path: Path
 ) -> None:
     standby, a = mirrored_pair(daemons, tmp_path, folder="a", pattern=0x0A)
@@ -153,10 +153,18 @@ def test_divergent_histories_are_refused_until_the_standby_data_is_discarded(
             "--nbd-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--connect-timeout", "2",
         ],
     )  # fmt: skip
+    # The volume belongs to primary a: b is refused, naming the operator's act that hands it over.
     refused = b.wait_for("mirror_disconnected", timeout=30)
-    assert "split brain" in refused["error"] and "--discard-standby-data" in refused["error"], refused
+    assert "standbyctl takeover vol0" in refused["error"], refused
     assert sha(standby.replica("vol0")) == sha(a_vol), "a refused primary changed the standby's data"
     assert b.stop() == 0
+    standby.ctl("takeover", "vol0")
+    # Released, the volume still holds a's history: b's is another one, a split brain.
+    b = daemons.primary(standby, {"vol0": f"{b_vol}"}, in_sync=False)
+    refused = b.daemon.wait_for("mirror_disconnected", timeout=30)
+    assert "split brain" in refused["error"] and "--discard-standby-data" in refused["error"], refused
+    assert sha(standby.replica("vol0")) == sha(a_vol), "a refused primary changed the standby's data"
+    assert b.daemon.stop() == 0
     again = daemons.primary(standby, {"vol0": f"{b_vol}"}, "--discard-standby-data")
     assert_in_sync(standby, again)
     assert sha(standby.replica("vol0")) == sha(b_vol)
