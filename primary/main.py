@@ -283,9 +283,9 @@ def serve(conf: PrimaryConfig) -> int:
             if dev.mirror.blocked:
                 continue  # (logged: volume_file_mismatch)
             while not dev.mirror.wait_connected(0.1) and time.monotonic() < deadline and not stop.wait(0):
-                if dev.mirror.outdated:
-                    break  # (logged: mirror_fenced) the standby answered: it took the volume over
-            if not dev.mirror.live and not dev.mirror.outdated:
+                if dev.mirror.refused:
+                    break  # the standby answered, with a refusal (logged: mirror_disconnected, mirror_fenced)
+            if not dev.mirror.live and not dev.mirror.refused:
                 log.warning(
                     "standby_unreachable",
                     volume=name,

@@ -211,6 +211,11 @@ class Mirror:
         self._device = device
 
     @property
+    def refused(self) -> bool:
+        """The standby answered the last attempt with a refusal (or took the volume over)."""
+        return self.state in ("refused", "outdated")
+
+    @property
     def outdated(self) -> str:
         """Why this primary is outdated (the standby took the volume over); "" when it is not."""
         return self.generations.outdated

@@ -117,10 +117,14 @@ def test_a_second_primary_cannot_take_a_live_volume_even_with_discard(daemons: D
     refused = third.daemon.wait_for("mirror_disconnected", timeout=30)
     assert "standbyctl takeover vol0" in refused["error"], refused
     assert sha(first.volumes["vol0"]) == sha(standby.replica("vol0")), "the idle replica was replaced"
+    assert third.daemon.stop() == 0
     out = standby.ctl("takeover", "vol0").stdout
     assert "released" in out, out
     taken = standby.daemon.wait_for("volume_takeover", timeout=5)
     assert taken["previous_owner"], taken
-    third.wait_in_sync(timeout=60)
+    fourth = daemons.primary(
+        standby, {"vol0": f"{other},size=32MiB"}, "--discard-standby-data", in_sync=False
+    )
+    fourth.wait_in_sync(timeout=60)
     assert sha(other) == sha(standby.replica("vol0"))
     assert standby.status()["volumes"][0]["owner"] != taken["previous_owner"]
