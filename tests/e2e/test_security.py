@@ -272,3 +272,27 @@ def test_every_daemon_listens_on_loopback_only_by_default(tmp_path: Path) -> Non
             assert value.startswith("127.0.0.1:"), f"{role}: {key} = {value} by default, not loopback"
             seen += 1
     assert seen == 7, f"expected 4 + 2 + 1 listening settings, saw {seen}"
+
+
+def test_grpc_core_errors_become_json_events_so_every_log_line_parses(
+    daemons: Daemons, tmp_path: Path, pki: Pki
+) -> None:
+    """gRPC's core writes its own errors to the process's stderr (here the standby's, when a client asks
+    by TLS server name indication for a name its certificate does not carry). In a JSON log they come
+    out as `native_log` events."""
+    standby = daemons.standby(None, *server_files(pki), "--require-client-cert")
+    primary = daemons.primary(
+        standby,
+        {"vol0": f"{tmp_path / 'vol0.img'},size=32MiB"},
+        *client_files(pki),
+        "--tls-server-name", "elsewhere.example",
+        "--connect-timeout", "2",
+        in_sync=False,
+    )  # fmt: skip
+    native = standby.daemon.wait_for("native_log", timeout=30)
+    assert native["level"] == "error" and "elsewhere.example" in native["text"], native
+    assert native["role"] == "standby" and native.get("source"), native
+    assert primary.daemon.stop() == 0
+    for daemon in (primary.daemon, standby.daemon):
+        unparsed = [line for line in daemon.lines if not line.startswith("{")]
+        assert not unparsed, f"lines of {daemon.name}'s log that are not JSON: {unparsed[:5]}"

@@ -31,11 +31,24 @@ def log_calls() -> Iterator[tuple[ast.expr, Path]]:
 
 
 def emitted_events() -> dict[str, str]:
-    """Event name -> a source file emitting it: every ``log.LEVEL("name", ...)`` call."""
+    """Event name -> a source file emitting it: every ``log.LEVEL("name", ...)`` call, and every event
+    written as a JSON object without structlog (``{"event": "name", ...}``: the lines of native code)."""
     events: dict[str, str] = {}
     for name, path in log_calls():
         if isinstance(name, ast.Constant) and isinstance(name.value, str) and name.value.isidentifier():
             events.setdefault(name.value, str(path.relative_to(ROOT)))
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Dict):
+                    for key, value in zip(node.keys, node.values, strict=True):
+                        if (
+                            isinstance(key, ast.Constant)
+                            and key.value == "event"
+                            and isinstance(value, ast.Constant)
+                            and isinstance(value.value, str)
+                        ):
+                            events.setdefault(value.value, str(path.relative_to(ROOT)))
     return events
 
 
