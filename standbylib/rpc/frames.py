@@ -74,7 +74,7 @@ def send_frame(sock: socket.socket, pieces: Sequence[Buffer]) -> int:
 
 
 #: Frames in a row that fit the initial buffer after which a grown buffer is given back.
-SHRINK_AFTER = 64
+SHRINK_AFTER = 16
 
 
 class FrameReader:
