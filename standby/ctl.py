@@ -10,6 +10,8 @@ standbyctl [--standby H:P] demote VOLUME
 standbyctl [--standby H:P] takeover VOLUME
 
 With --tls-ca the connection uses TLS (mutual TLS with --tls-cert and --tls-key); docs/SECURITY.md.
+Every setting may also come from a TOML file (--config) or a STANDBY_* environment variable
+(`CtlSettings`); flags win over the variables, which win over the file.
 
 `promote` is the failover: the replica becomes the primary copy, exported read-write over the
 standby's NBD address as VOLUME; with `--at SNAPSHOT`, as the volume was at that snapshot (the state it
@@ -28,8 +30,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 from standbylib.rpc.v1 import control_pb2, control_pb2_grpc
@@ -41,7 +43,22 @@ from standbylib.runtime.rpc import RemoteError
 from standbylib.runtime.tls import ClientTlsSettings
 from standbylib.units import human_size, parse_size
 
-DEFAULT_STANDBY = os.environ.get("STANDBY_ADDRESS", "127.0.0.1:7700")
+
+@dataclass
+class CtlSettings(ClientTlsSettings):
+    """standbyctl's settings: flags, then `STANDBY_*` environment variables, then a `--config` TOML file
+    (the keys are the flags' names: ``standby = "B:7700"``, ``tls_ca = "..."``)."""
+
+    standby: str = cfg.setting(
+        "127.0.0.1:7700", "gRPC address of the standby daemon", metavar="H:P", env="STANDBY_ADDRESS"
+    )
+    timeout: float = cfg.setting(
+        30.0,
+        "seconds per call (a verify's stream and a rollback have none: they take what the volume needs)",
+        parse=float,
+        metavar="SECONDS",
+        env="STANDBY_TIMEOUT",
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -53,23 +70,16 @@ def parser() -> argparse.ArgumentParser:
         "out of sync without --repair, 2 usage error. "
         "Snapshots are exported over NBD as VOLUME@SNAPSHOT on the address `status` shows.",
     )
-    p.add_argument(
-        "--standby",
-        metavar="H:P",
-        default=DEFAULT_STANDBY,
-        help="gRPC address of the standby daemon (default: $STANDBY_ADDRESS or 127.0.0.1:7700)",
+    cfg.add_options(
+        p,
+        CtlSettings,
+        title="settings (flags win over $STANDBY_* variables, which win over the --config TOML file; "
+        "TLS: docs/SECURITY.md)",
+        environment=True,
     )
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=30.0,
-        metavar="SECONDS",
-        help="per call (default: 30; a verify's stream has none, it takes as long as the volume needs)",
-    )
-    cfg.add_options(p, ClientTlsSettings, files=False, title="TLS (docs/SECURITY.md)")
     p.add_argument("--debug", action="store_true", help="print tracebacks with errors")
     add_version(p)
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     status = sub.add_parser("status", help="volumes, replication state, snapshots and preservation fill")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -340,11 +350,18 @@ def run_verify(stub: control_pb2_grpc.ControlStub, args: argparse.Namespace, err
 
 
 def execute(args: argparse.Namespace) -> int:
+    conf = cfg.resolve(CtlSettings, args, environment=True)
+    if args.show_config:
+        sys.stdout.write(cfg.show(conf))
+        return EXIT_OK
+    if not args.command:
+        raise ConfigError(detail="a COMMAND is needed (status, snapshot, verify, promote, demote, takeover)")
+    args.standby, args.timeout = conf.standby, conf.timeout
     try:
         parse_address(args.standby)
     except Exception as e:
         raise ConfigError(detail=f"--standby: {e}") from e
-    tls = cfg.resolve(ClientTlsSettings, args).client_files()
+    tls = conf.client_files()
     tls.check_client()
     with rpc.channel(args.standby, tls) as channel:
         stub = control_pb2_grpc.ControlStub(channel)

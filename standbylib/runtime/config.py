@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import os
 import tomllib
 import types
 import typing
@@ -42,10 +43,12 @@ def setting(
     metavar: str | None = None,
     choices: tuple[str, ...] | None = None,
     repeat: bool = False,
+    env: str | None = None,
 ) -> Any:
     """A dataclass field that is also a command-line option (``--field-name`` unless `flag` is given).
 
-    `repeat` makes a list setting whose flag may be given several times.
+    `repeat` makes a list setting whose flag may be given several times. `env` names an environment
+    variable that sets it, for the programs that read the environment (`resolve`'s `environment`).
     """
     meta = {
         "help": help,
@@ -54,6 +57,7 @@ def setting(
         "metavar": metavar,
         "choices": choices,
         "repeat": repeat,
+        "env": env,
     }
     if repeat or isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
@@ -82,9 +86,11 @@ def add_options(
     *,
     files: bool = True,
     title: str = "settings (also accepted as keys of the --config TOML file)",
+    environment: bool = False,
 ) -> None:
     """Add one option per field of the dataclass `cls`, plus ``--config`` and ``--show-config`` unless
-    `files` is False (a program that takes its settings from flags only)."""
+    `files` is False (a program that takes its settings from flags only). With `environment` the help
+    names each setting's environment variable."""
     group = parser.add_argument_group(title)
     for f in settings_of(cls):
         meta = f.metadata
@@ -92,10 +98,11 @@ def add_options(
         shown = "none" if default in (None, [], "") else default
         if isinstance(default, tuple):
             shown = format_address(default)
+        env = f" or ${meta['env']}" if environment and meta.get("env") else ""
         kwargs: dict[str, Any] = {
             "dest": f.name,
             "default": None,
-            "help": f"{meta['help']} (default: {shown})".replace("%", "%%"),
+            "help": f"{meta['help']} (default: {shown}{env})".replace("%", "%%"),
         }
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -116,9 +123,11 @@ def add_options(
     )
 
 
-def resolve(cls: type[T], args: argparse.Namespace) -> T:
-    """The configuration: dataclass defaults, then the ``--config`` file, then flags."""
+def resolve(cls: type[T], args: argparse.Namespace, *, environment: bool = False) -> T:
+    """The configuration: dataclass defaults, then the ``--config`` file, then (with `environment`) the
+    settings' environment variables, then flags."""
     values: dict[str, Any] = {}
+    origin: dict[str, str] = {}  # where a value that is not a flag's came from, for error messages
     names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     if getattr(args, "config", None):
         try:
@@ -134,27 +143,34 @@ def resolve(cls: type[T], args: argparse.Namespace) -> T:
                 known = ", ".join(sorted(names))
                 raise ConfigError(detail=f"--config {args.config}: unknown setting {key!r} (known: {known})")
             values[name] = value
+            origin[name] = f" (in --config {args.config})"
+    if environment:
+        for name, f in names.items():
+            env = f.metadata.get("env")
+            if env and os.environ.get(env):
+                values[name] = os.environ[env]
+                origin[name] = f" (from ${env})"
     for name in names:
         value = getattr(args, name, None)
         if value is not None:
             values[name] = value
+            origin.pop(name, None)
     for name, value in list(values.items()):
         choices = names[name].metadata.get("choices")
         if choices and value not in choices:
-            raise ConfigError(detail=f"{_flag(names[name])}: {value!r} is not one of {', '.join(choices)}")
+            where = f"{_flag(names[name])}{origin.get(name, '')}"
+            raise ConfigError(detail=f"{where}: {value!r} is not one of {', '.join(choices)}")
         parse = names[name].metadata.get("parse")
         if parse is None or value is None:
             continue
         try:
             values[name] = [parse(v) for v in value] if isinstance(value, list) else parse(value)
-        except StandbyError as e:
-            raise ConfigError(detail=f"{_flag(names[name])}: {e}") from e
-        except ValueError as e:
-            raise ConfigError(detail=f"{_flag(names[name])}: {e}") from e
+        except (StandbyError, ValueError) as e:
+            raise ConfigError(detail=f"{_flag(names[name])}{origin.get(name, '')}: {e}") from e
     hints = typing.get_type_hints(cls)
     for name, value in values.items():
         if not _conforms(value, hints.get(name, Any)):
-            source = f" (in --config {args.config})" if getattr(args, "config", None) else ""
+            source = origin.get(name, "")
             raise ConfigError(detail=f"{_flag(names[name])}: {value!r} is not {_kind(hints[name])}{source}")
     return cls(**values)
 

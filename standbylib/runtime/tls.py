@@ -45,15 +45,22 @@ class ClientTlsSettings:
         None,
         "PEM CA certificates the standby's certificate must chain to: gRPC to the standby uses TLS",
         metavar="FILE",
+        env="STANDBY_TLS_CA",
     )
     tls_cert: str | None = cfg.setting(
-        None, "PEM client certificate chain presented to the standby (mutual TLS)", metavar="FILE"
+        None,
+        "PEM client certificate chain presented to the standby (mutual TLS)",
+        metavar="FILE",
+        env="STANDBY_TLS_CERT",
     )
-    tls_key: str | None = cfg.setting(None, "PEM private key of --tls-cert", metavar="FILE")
+    tls_key: str | None = cfg.setting(
+        None, "PEM private key of --tls-cert", metavar="FILE", env="STANDBY_TLS_KEY"
+    )
     tls_server_name: str | None = cfg.setting(
         None,
         "the name the standby's certificate must carry, when it is not the host connected to",
         metavar="NAME",
+        env="STANDBY_TLS_SERVER_NAME",
     )
 
     def client_files(self) -> TlsFiles:

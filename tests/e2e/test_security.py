@@ -98,6 +98,15 @@ def test_mutual_tls_admits_the_right_certificate_and_refuses_the_others(
 
     good = ctl(standby.grpc, *client_files(pki), "status", "--json")
     assert '"uptodate"' in good.stdout, good.stdout
+    # The same from the environment alone, as an administrator's shell profile sets it.
+    tls_env = {
+        "STANDBY_ADDRESS": standby.grpc,
+        "STANDBY_TLS_CA": str(pki.ca),
+        "STANDBY_TLS_CERT": str(pki.client.cert),
+        "STANDBY_TLS_KEY": str(pki.client.key),
+    }
+    by_env = run(*_console(*CTL_CMD), "status", "--json", env=tls_env, timeout=60)
+    assert '"uptodate"' in by_env.stdout, by_env.stdout
     named = ctl(standby.grpc, *client_files(pki), "--tls-server-name", "standby.example", "snapshot", "list")
     assert named.returncode == 0
 

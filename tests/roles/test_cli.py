@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -15,9 +16,14 @@ PROGRAMS = {
 }
 
 
-def run(program, *args, cwd=None):
+def run(program, *args, cwd=None, env=None):
     return subprocess.run(
-        [sys.executable, "-m", PROGRAMS[program], *args], capture_output=True, text=True, timeout=60, cwd=cwd
+        [sys.executable, "-m", PROGRAMS[program], *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -130,7 +136,8 @@ def test_the_shared_settings_are_typed_the_same_in_every_program(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('standby = "127.0.0.1:1"\nvolume = ["v=/x"]\nlog_format = 1\ntls_ca = 2\n')
     out = run("standby-primary", "--config", str(bad), "--show-config")
-    assert out.returncode == 2 and "--log-format: 1 is not one of auto, json, console" in out.stderr
+    assert out.returncode == 2 and "--log-format (in --config" in out.stderr
+    assert "1 is not one of auto, json, console" in out.stderr
     bad.write_text('standby = "127.0.0.1:1"\nvolume = ["v=/x"]\ntls_ca = 2\n')
     out = run("standby-primary", "--config", str(bad), "--show-config")
     assert out.returncode == 2 and "--tls-ca: 2 is not a string" in out.stderr, out.stderr
@@ -155,3 +162,33 @@ def test_standbyctl_reports_an_unreachable_standby_in_one_line():
     assert out.returncode == 1
     assert out.stderr.startswith("standbyctl: cannot reach 127.0.0.1:1")
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_standbyctl_reads_a_config_file_and_standby_variables_and_flags_win(tmp_path):
+    conf = tmp_path / "ctl.toml"
+    conf.write_text('standby = "10.0.0.9:7700"\ntimeout = 5\ntls_ca = "/etc/standby/tls/ca-cert.pem"\n')
+    clean = {k: "" for k in ("STANDBY_ADDRESS", "STANDBY_TIMEOUT", "STANDBY_TLS_CA", "STANDBY_TLS_CERT")}
+    shown = run("standbyctl", "--config", str(conf), "--show-config", env=clean)
+    assert shown.returncode == 0, shown.stderr
+    assert 'standby = "10.0.0.9:7700"' in shown.stdout and "timeout = 5.0" in shown.stdout
+    env = {**clean, "STANDBY_ADDRESS": "10.1.1.1:7000", "STANDBY_TLS_CERT": "/c.pem"}
+    shown = run("standbyctl", "--config", str(conf), "--show-config", env=env)
+    assert 'standby = "10.1.1.1:7000"' in shown.stdout and 'tls_cert = "/c.pem"' in shown.stdout
+    assert 'tls_ca = "/etc/standby/tls/ca-cert.pem"' in shown.stdout  # the file, where no variable is set
+    shown = run("standbyctl", "--config", str(conf), "--standby", "h:1", "--show-config", env=env)
+    assert 'standby = "h:1"' in shown.stdout
+    # The shown configuration is a config file standbyctl reads back.
+    again = tmp_path / "again.toml"
+    again.write_text(shown.stdout)
+    assert run("standbyctl", "--config", str(again), "--show-config", env=clean).stdout == shown.stdout
+
+
+def test_a_bad_standby_variable_is_a_usage_error_naming_it():
+    cp = run("standbyctl", "status", env={"STANDBY_TIMEOUT": "soon"})
+    assert cp.returncode == 2
+    assert (
+        cp.stderr.strip()
+        == "standbyctl: --timeout (from $STANDBY_TIMEOUT): could not convert string to float: 'soon'"
+    )
+    cp = run("standbyctl", env={})
+    assert cp.returncode == 2 and "COMMAND" in cp.stderr
