@@ -91,6 +91,9 @@ class Manifest:
         default_factory=dict
     )  # incremental: {"snapshot": identity, "archive_sha256"}
     zero_extents: list[tuple[int, int]] = field(default_factory=list)  # incremental: changed, reading zeros
+    # The replica when the snapshot was taken ({"state", "connected", "in_sync_at", "lag_seconds"}):
+    # an archive of a replica that was behind its primary says so. Empty when the standby did not say.
+    replica: dict[str, Any] = field(default_factory=dict)
     version: int = VERSION
 
     def __post_init__(self) -> None:
@@ -128,8 +131,10 @@ class Manifest:
         if self.kind == INCREMENTAL:
             doc["base"] = self.base
             doc["zero_extents"] = [[offset, length] for offset, length in self.zero_extents]
+        if self.replica:
+            doc["replica"] = self.replica
         if self.version == 1:  # as version 1 wrote it
-            for key in ("kind", "identity", "base", "zero_extents"):
+            for key in ("kind", "identity", "base", "zero_extents", "replica"):
                 doc.pop(key, None)
         return doc
 
@@ -156,6 +161,7 @@ class Manifest:
                 identity=dict(doc.get("identity") or {}),
                 base=dict(doc.get("base") or {}),
                 zero_extents=[(int(o), int(n)) for o, n in doc.get("zero_extents", [])],
+                replica=dict(doc.get("replica") or {}),
                 version=int(doc["version"]),
             )
         except (KeyError, TypeError, ValueError) as e:

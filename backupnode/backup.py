@@ -400,7 +400,20 @@ def _manifest(job: Job, pool: NbdPool, standby: Standby, conf: RunConfig) -> Man
         identity=identity(job.snap),
         base=base,
         zero_extents=zeros,
+        replica=replica_at_snapshot(job.snap),
     )
+
+
+def replica_at_snapshot(snap: control_pb2.SnapshotInfo) -> dict[str, Any]:
+    """The replica's state when `snap` was taken, as the standby recorded it ({} when it did not)."""
+    if not snap.replica_state:
+        return {}
+    return {
+        "state": snap.replica_state,
+        "connected": snap.replica_connected,
+        "in_sync_at": snap.replica_in_sync_at,
+        "lag_seconds": round(snap.replica_lag_seconds, 3),
+    }
 
 
 def _summarise(job: Job, s: dict[str, Any], seconds: float) -> None:

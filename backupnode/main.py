@@ -124,9 +124,24 @@ def list_archive(archive: str, as_json: bool) -> int:
               f"{len(m.extents)} extents, {human_size(m.changed_bytes - m.data_bytes)} zeroed")  # fmt: skip
     else:
         print(f"data       {human_size(m.data_bytes)} in {len(m.extents)} extents (the rest are holes)")
+    if m.replica:
+        print(f"replica    {replica_text(m.replica)}")
     print(f"size       {human_size(m.size)} ({m.size} bytes), block size {m.block_size}")
     print(f"image      {m.image_name}, checksums per {human_size(m.chunk_size)} of data")
     return EXIT_OK
+
+
+def replica_text(replica: dict[str, Any]) -> str:
+    """How the replica was when the snapshot was taken, in words."""
+    state = replica.get("state", "?")
+    lag = float(replica.get("lag_seconds") or 0)
+    if state == "uptodate" and replica.get("connected") and not lag:
+        return "uptodate, following its primary when the snapshot was taken"
+    link = "connected" if replica.get("connected") else "disconnected"
+    return (
+        f"{state}, {link} when the snapshot was taken: last in sync with its primary "
+        f"{replica.get('in_sync_at', '?')} ({lag:.0f} s before): an older image than the primary's then"
+    )
 
 
 def list_destination(dest: str, as_json: bool) -> int:

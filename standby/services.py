@@ -58,6 +58,10 @@ def snapshot_message(info: SnapshotInfo) -> control_pb2.SnapshotInfo:
         export=f"{info.volume}@{info.name}",
         reason=info.reason,
         epoch=info.epoch,
+        replica_state=info.labels.get("replica_state", ""),
+        replica_connected=info.labels.get("replica_connected") == "true",
+        replica_in_sync_at=info.labels.get("replica_in_sync_at", ""),
+        replica_lag_seconds=float(info.labels.get("replica_lag_seconds") or 0.0),
     )
 
 

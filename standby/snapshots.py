@@ -8,9 +8,10 @@ and its lease are taken together or not at all, so that a dead backup node never
 from __future__ import annotations
 
 import contextlib
+import time
 
 from standby.leases import Leases, check_lease
-from standby.replica import INCONSISTENT
+from standby.replica import INCONSISTENT, Replica
 from standby.replicas import Replicas
 from standby.statefiles import StateFiles
 from standbylib.errors import NotFound, ReplicaInconsistent, StandbyError
@@ -23,6 +24,18 @@ log = logs.get(__name__)
 def snapshot_invalidated(volume: str, snapshot: str, reason: str) -> None:
     """The engine's notice that a snapshot lost its frozen image (called with the store's lock held)."""
     log.error("snapshot_invalidated", volume=volume, snapshot=snapshot, reason=reason)
+
+
+def replica_labels(replica: Replica) -> dict[str, str]:
+    """What a snapshot records of its replica when it is taken: a snapshot of a replica that was behind
+    its primary (disconnected, deferred) is allowed, and its archives say so (docs/MONITORING.md)."""
+    in_sync_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(replica.in_sync_at))
+    return {
+        "replica_state": replica.status,
+        "replica_connected": "true" if replica.connected else "false",
+        "replica_in_sync_at": in_sync_at,
+        "replica_lag_seconds": f"{replica.lag_seconds():.3f}",
+    }
 
 
 class Snapshots:
@@ -48,7 +61,9 @@ class Snapshots:
             raise ReplicaInconsistent(volume=volume)
         if lease is not None:
             check_lease(lease)
-        snap = replica.volume.create_snapshot(name or None, writable=writable, capacity=capacity)
+        snap = replica.volume.create_snapshot(
+            name or None, writable=writable, capacity=capacity, labels=replica_labels(replica)
+        )
         if lease is not None:
             # The lease is taken with the snapshot or not at all: a snapshot left without the lease its
             # backup asked for would pin preserved blocks forever once that backup is gone.

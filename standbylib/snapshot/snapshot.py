@@ -19,7 +19,7 @@ so this module does not depend on the volume's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -64,6 +64,7 @@ class SnapshotInfo:
     capacity_bytes: int
     epoch: int = 0  # its place in the volume's history: a later snapshot has a larger epoch
     hole_blocks: int = 0  # distinct blocks it reads as hole entries (zeros preserved without data)
+    labels: dict[str, str] = field(default_factory=dict)  # noted by its creator (`create_snapshot`)
 
     @property
     def fill_ratio(self) -> float:
@@ -154,6 +155,7 @@ class Snapshot:
                 capacity_bytes=rec.capacity if rec.capacity is not None else store.capacity_bytes(),
                 epoch=rec.epoch,
                 hole_blocks=rec.hole_blocks,
+                labels=dict(rec.labels),
             )
 
     def read(self, offset: int, length: int) -> bytes:

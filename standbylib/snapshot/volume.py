@@ -399,13 +399,18 @@ class Volume:
     # -- snapshots -----------------------------------------------------------------------
 
     def create_snapshot(
-        self, name: str | None = None, *, writable: bool = False, capacity: int | None = None
+        self,
+        name: str | None = None,
+        *,
+        writable: bool = False,
+        capacity: int | None = None,
+        labels: dict[str, str] | None = None,
     ) -> Snapshot:
         """Take a snapshot now (claim 1 A-B): O(1), nothing is copied.
 
         The origin is flushed first so that the frozen image is durable. `capacity`
         (bytes) caps the preserved data of this snapshot; by default only the
-        store's capacity applies.
+        store's capacity applies. `labels` are kept with it, as given.
         """
         if name is not None:
             check_name("snapshot", name)
@@ -432,6 +437,7 @@ class Volume:
                 writable=writable,
                 capacity=capacity,
                 created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                labels=dict(labels or {}),
             )
             with store.transaction():
                 store.register_snapshot(snap)

@@ -5,6 +5,7 @@ snapshot behind and no archive that looks complete."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -257,3 +258,31 @@ def test_a_failed_run_keeps_the_last_success_in_the_metrics_textfile(appliance: 
         "a failed run erased the last success"
     )
     assert value("standby_backup_last_run_success") == 0
+
+
+def test_an_archive_of_a_replica_behind_its_primary_says_so(appliance: Appliance) -> None:
+    """Snapshots of a replica whose primary is away are allowed (backups go on during an outage), and
+    the archive records the replica's state at the snapshot: `list` shows it."""
+    a = appliance
+    populate(a)
+    a.primary.wait_in_sync()
+    following = a.tmp / "following.tar.zst"
+    backup(a, "--output", str(following))
+    m = json.loads(run(*backup_argv("list", str(following), "--json")).stdout)
+    assert m["replica"]["state"] == "uptodate" and m["replica"]["connected"] is True, m["replica"]
+    assert m["replica"]["lag_seconds"] == 0, m["replica"]
+    assert "following its primary" in run(*backup_argv("list", str(following))).stdout
+
+    assert a.primary.daemon.stop() == 0
+    deadline = time.monotonic() + 30
+    while a.standby.status()["volumes"][0]["connected"]:
+        assert time.monotonic() < deadline, "the standby did not see its primary go"
+        time.sleep(0.1)
+    time.sleep(1.5)
+    behind = a.tmp / "behind.tar.zst"
+    backup(a, "--output", str(behind))
+    m = json.loads(run(*backup_argv("list", str(behind), "--json")).stdout)
+    assert m["replica"]["connected"] is False and m["replica"]["lag_seconds"] >= 1.0, m["replica"]
+    assert m["replica"]["in_sync_at"].endswith("Z"), m["replica"]
+    text = run(*backup_argv("list", str(behind))).stdout
+    assert "disconnected when the snapshot was taken" in text and "older image" in text, text

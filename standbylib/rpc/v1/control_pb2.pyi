@@ -11,7 +11,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SnapshotInfo(_message.Message):
-    __slots__ = ("volume", "name", "valid", "writable", "created", "preserved_bytes", "capacity_bytes", "export", "reason", "lease_remaining_seconds", "epoch", "standby_id")
+    __slots__ = ("volume", "name", "valid", "writable", "created", "preserved_bytes", "capacity_bytes", "export", "reason", "lease_remaining_seconds", "epoch", "standby_id", "replica_state", "replica_connected", "replica_in_sync_at", "replica_lag_seconds")
     VOLUME_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     VALID_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,10 @@ class SnapshotInfo(_message.Message):
     LEASE_REMAINING_SECONDS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     STANDBY_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_STATE_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_IN_SYNC_AT_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_LAG_SECONDS_FIELD_NUMBER: _ClassVar[int]
     volume: str
     name: str
     valid: bool
@@ -36,7 +40,11 @@ class SnapshotInfo(_message.Message):
     lease_remaining_seconds: float
     epoch: int
     standby_id: str
-    def __init__(self, volume: _Optional[str] = ..., name: _Optional[str] = ..., valid: _Optional[bool] = ..., writable: _Optional[bool] = ..., created: _Optional[str] = ..., preserved_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., export: _Optional[str] = ..., reason: _Optional[str] = ..., lease_remaining_seconds: _Optional[float] = ..., epoch: _Optional[int] = ..., standby_id: _Optional[str] = ...) -> None: ...
+    replica_state: str
+    replica_connected: bool
+    replica_in_sync_at: str
+    replica_lag_seconds: float
+    def __init__(self, volume: _Optional[str] = ..., name: _Optional[str] = ..., valid: _Optional[bool] = ..., writable: _Optional[bool] = ..., created: _Optional[str] = ..., preserved_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., export: _Optional[str] = ..., reason: _Optional[str] = ..., lease_remaining_seconds: _Optional[float] = ..., epoch: _Optional[int] = ..., standby_id: _Optional[str] = ..., replica_state: _Optional[str] = ..., replica_connected: _Optional[bool] = ..., replica_in_sync_at: _Optional[str] = ..., replica_lag_seconds: _Optional[float] = ...) -> None: ...
 
 class VolumeStatus(_message.Message):
     __slots__ = ("name", "size", "block_size", "state", "connected", "snapshots", "applied_bytes", "applied_batches", "cow_copies", "primary_id", "last_error", "promoted_at", "rolled_back_to", "kept_snapshot", "tracked_bytes", "rollback_remaining_bytes", "owner")
