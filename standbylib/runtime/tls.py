@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from standbylib.nbd.tls import ServerTls
 from standbylib.runtime import config as cfg
@@ -209,6 +212,7 @@ class TlsFiles:
                     detail=f"{self.flags}-cert {self.cert} and {self.flags}-key {self.key} are not a "
                     f"certificate and its unencrypted private key: {_reason(e)}"
                 ) from None
+            check_certificate(self.cert, f"{self.flags}-cert", server_side=server_side)
         if self.ca:
             read_pem(self.ca, f"{self.flags}-ca")
             try:
@@ -223,6 +227,33 @@ class TlsFiles:
             elif self.ca:
                 ctx.verify_mode = ssl.CERT_OPTIONAL
         return ctx
+
+
+def check_certificate(path: str, flag: str, *, server_side: bool) -> None:
+    """The leaf certificate of `path` may serve its side: not expired nor yet valid, and, when it
+    restricts its purposes (extended key usage), made for TLS servers (`server_side`) or clients. A
+    wrong certificate is refused here, with one line, rather than by the peer at its handshake ("unsupported
+    certificate purpose")."""
+    with open(path, "rb") as fh:
+        leaf = x509.load_pem_x509_certificate(fh.read())
+    now = datetime.now(UTC)
+    if leaf.not_valid_after_utc < now:
+        raise ConfigError(detail=f"{flag} {path} expired on {leaf.not_valid_after_utc:%Y-%m-%d}")
+    if leaf.not_valid_before_utc > now:
+        raise ConfigError(detail=f"{flag} {path} is not valid before {leaf.not_valid_before_utc:%Y-%m-%d}")
+    try:
+        usages = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return
+    wanted = ExtendedKeyUsageOID.SERVER_AUTH if server_side else ExtendedKeyUsageOID.CLIENT_AUTH
+    if wanted in usages or ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in usages:
+        return
+    names = ", ".join(getattr(u, "_name", u.dotted_string) for u in usages) or "none"
+    role, needed = ("a server", "serverAuth") if server_side else ("a client", "clientAuth")
+    raise ConfigError(
+        detail=f"{flag} {path} is not a certificate for {role}: its extended key usage is {names}, "
+        f"{role} needs {needed} (docs/SECURITY.md, Certificates)"
+    )
 
 
 def nbd_server_tls(

@@ -169,6 +169,17 @@ def test_unusable_tls_files_are_configuration_errors(tmp_path: Path, pki: Pki) -
         err = assert_one_clear_line(run(*argv, check=False, timeout=60), 2, f"{argv} (a configuration error)")
         assert "--tls" in err or "--nbd-tls" in err or "--require-client-cert" in err, err
     assert not (tmp_path / "d").exists() or not any((tmp_path / "d").iterdir()), "a refused start left data"
+    # A certificate made for the other side is refused at start-up, with what it lacks.
+    wrong_side = [
+        ([*_console(*STANDBY_CMD), "--data-dir", str(tmp_path / "d"), "--tls-cert", str(pki.client.cert),
+          "--tls-key", str(pki.client.key)], "not a certificate for a server", "serverAuth"),
+        ([*_console(*PRIMARY_CMD), "--volume", f"v={tmp_path / 'v.img'},size=1MiB", "--standby",
+          "127.0.0.1:1", "--tls-ca", str(pki.ca), "--tls-cert", str(pki.server.cert), "--tls-key",
+          str(pki.server.key)], "not a certificate for a client", "clientAuth"),
+    ]  # fmt: skip
+    for argv, what, needed in wrong_side:
+        err = assert_one_clear_line(run(*argv, check=False, timeout=60), 2, f"{argv} (the wrong purpose)")
+        assert what in err and needed in err and "--tls-cert" in err, err
 
 
 # ------------------------------------------------------------------------------------------ NBD
