@@ -11,9 +11,11 @@ TLS: docs/SECURITY.md.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
@@ -29,7 +31,7 @@ from standbylib.nbd.server import NbdServer
 from standbylib.runtime import config as cfg
 from standbylib.runtime import logs
 from standbylib.runtime.logs import LogSettings
-from standbylib.runtime.main import EXIT_OK, StopSignal, daemon_main, package_version
+from standbylib.runtime.main import EXIT_OK, StopSignal, daemon_main, gather, package_version
 from standbylib.runtime.metrics import MetricsServer, build_info
 from standbylib.runtime.tls import ClientTlsSettings, NbdTlsSettings, nbd_tls_of
 from standbylib.snapshot.records import check_name
@@ -218,6 +220,52 @@ def bitmap_volume(bitmap: WriteIntentBitmap, devices: dict[str, MirroredDevice])
     return next((name for name, dev in devices.items() if dev.mirror.bitmap is bitmap), bitmap.path)
 
 
+def check(conf: PrimaryConfig) -> list[str]:
+    """What is wrong with `conf` on this host (`--check-config`): every problem, not only the first."""
+
+    def volumes() -> None:
+        if not conf.volume:
+            raise cfg.ConfigError(detail="give at least one --volume NAME=PATH[,size=SIZE]")
+        names = [v.name for v in conf.volume]
+        if len(set(names)) != len(names):
+            raise cfg.ConfigError(detail=f"volume names must be unique: {', '.join(names)}")
+
+    def standby() -> None:
+        if not conf.standby:
+            raise cfg.ConfigError(detail="--standby H:P is required (the standby daemon's gRPC address)")
+        cfg.parse_address(conf.standby)
+
+    def volume(spec: VolumeSpec) -> None:
+        if os.path.exists(spec.path):
+            if not os.access(spec.path, os.R_OK | os.W_OK):
+                raise cfg.ConfigError(
+                    detail=f"volume {spec.name!r}: {spec.path} is not readable and writable"
+                )
+            return
+        if spec.size is None:
+            raise cfg.ConfigError(
+                detail=f"volume {spec.name!r}: {spec.path} does not exist; give size= to create it"
+            )
+        cfg.check_directory(
+            os.path.dirname(os.path.abspath(spec.path)), f"volume {spec.name!r}: the directory of"
+        )
+
+    def tls() -> None:
+        files = conf.client_files()
+        if files.enabled:
+            files.channel_credentials()
+        else:
+            files.check_client()
+
+    def state_dir() -> None:
+        if conf.state_dir:
+            cfg.check_directory(conf.state_dir, "--state-dir")
+
+    steps: list[Callable[[], object]] = [volumes, standby, tls, lambda: nbd_tls_of(conf), state_dir]
+    steps += [functools.partial(volume, spec) for spec in conf.volume]
+    return gather(*steps)
+
+
 def serve(conf: PrimaryConfig) -> int:
     if not conf.volume:
         raise cfg.ConfigError(detail="give at least one --volume NAME=PATH[,size=SIZE]")
@@ -345,7 +393,7 @@ DESCRIPTION = (
 
 
 def main(argv: list[str] | None = None) -> int:
-    return daemon_main("standby-primary", DESCRIPTION, PrimaryConfig, "primary", serve, argv)
+    return daemon_main("standby-primary", DESCRIPTION, PrimaryConfig, "primary", serve, argv, check=check)
 
 
 if __name__ == "__main__":

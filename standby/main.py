@@ -22,13 +22,13 @@ from prometheus_client import CollectorRegistry
 from standby import authz, services
 from standby.datachannel import DataChannelServer
 from standby.metrics import StandbyMetrics
-from standby.node import StandbyNode, check_capacity
+from standby.node import StandbyNode, check_capacity, parse_capacity
 from standby.policy import Policy, load_setting
 from standbylib.nbd.server import NbdServer
 from standbylib.runtime import config as cfg
 from standbylib.runtime import logs
 from standbylib.runtime.logs import LogSettings
-from standbylib.runtime.main import EXIT_OK, StopSignal, daemon_main, package_version
+from standbylib.runtime.main import EXIT_OK, StopSignal, daemon_main, gather, package_version
 from standbylib.runtime.metrics import MetricsServer, build_info
 from standbylib.runtime.rpc import create_server
 from standbylib.runtime.tls import NbdTlsSettings, TlsFiles, nbd_tls_of
@@ -167,6 +167,39 @@ def policy_of(conf: StandbyConfig) -> str:
 LEASE_CHECK = 1.0
 
 
+def check(conf: StandbyConfig) -> list[str]:
+    """What is wrong with `conf` on this host (`--check-config`): every problem, not only the first."""
+
+    def data_dir() -> None:
+        if not conf.data_dir:
+            raise cfg.ConfigError(detail="--data-dir is required (or data_dir in the --config file)")
+        cfg.check_directory(conf.data_dir, "--data-dir")
+
+    def capacity() -> None:
+        if not conf.data_dir:
+            return
+        where = conf.data_dir
+        while not os.path.exists(where):
+            where = os.path.dirname(os.path.abspath(where))
+        wanted = parse_capacity(conf.preservation_capacity, where)
+        st = os.statvfs(where)
+        total = st.f_blocks * st.f_frsize
+        if wanted > total:
+            raise cfg.ConfigError(
+                detail=f"--preservation-capacity {conf.preservation_capacity} is {wanted} bytes, more than "
+                f"the filesystem of {where} holds ({total} bytes)"
+            )
+
+    def tls() -> None:
+        check_policy(conf, grpc_tls(conf))
+
+    def adopted() -> None:
+        for spec in conf.adopt:
+            parse_adopt(spec)
+
+    return gather(data_dir, capacity, tls, lambda: nbd_tls_of(conf), adopted)
+
+
 def serve(conf: StandbyConfig) -> int:
     if not conf.data_dir:
         raise cfg.ConfigError(detail="--data-dir is required (or data_dir in the --config file)")
@@ -259,7 +292,7 @@ DESCRIPTION = (
 
 
 def main(argv: list[str] | None = None) -> int:
-    return daemon_main("standby-daemon", DESCRIPTION, StandbyConfig, "standby", serve, argv)
+    return daemon_main("standby-daemon", DESCRIPTION, StandbyConfig, "standby", serve, argv, check=check)
 
 
 if __name__ == "__main__":

@@ -255,3 +255,20 @@ def parse_address(text: str) -> tuple[str, int]:
 def format_address(address: tuple[str, int]) -> str:
     host, port = address[0], address[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def check_directory(path: str, flag: str) -> None:
+    """`path` is a directory this process may write, or one it may create (`ConfigError` if not)."""
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise ConfigError(detail=f"{flag} {path} is not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(detail=f"{flag} {path} is not writable by this user")
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(
+            detail=f"{flag} {path} does not exist and cannot be created ({parent} is not writable)"
+        )

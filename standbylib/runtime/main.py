@@ -67,6 +67,19 @@ class StopSignal:
         return True
 
 
+def gather(*steps: Callable[[], object]) -> list[str]:
+    """Run each check of `steps`; the message of every one that raised a configuration, library or OS
+    error (each check runs, whatever the others found)."""
+    problems: list[str] = []
+    for step in steps:
+        try:
+            step()
+        except (StandbyError, OSError, ValueError) as e:
+            if str(e) not in problems:  # (two checks may read the same file)
+                problems.append(str(e))
+    return problems
+
+
 def daemon_main(
     prog: str,
     description: str,
@@ -74,9 +87,11 @@ def daemon_main(
     role: str,
     serve: Callable[[C], int],
     argv: list[str] | None = None,
+    check: Callable[[C], list[str]] | None = None,
 ) -> int:
     """The entry point of a daemon: options from the `config` dataclass (plus ``--config``,
-    ``--show-config``, ``--debug``), logging configured for `role`, then `serve` with the configuration.
+    ``--show-config``, ``--check-config``, ``--debug``), logging configured for `role`, then `serve` with
+    the configuration. `check` lists what is wrong with a configuration on this host.
 
     `config` must have ``log_level`` and ``log_format`` settings.
     """
@@ -86,6 +101,14 @@ def daemon_main(
         epilog="Stop it with SIGTERM or Ctrl-C. Exit codes: 0 ok, 1 failed, 2 usage or configuration error.",
     )
     cfg.add_options(parser, config)
+    if check is not None:
+        parser.add_argument(
+            "--check-config",
+            action="store_true",
+            help="check the configuration on this host (files readable, certificates valid and matching "
+            "their keys, directories usable, sizes possible), print every problem and exit: 0 when there "
+            "is none, 1 otherwise",
+        )
     parser.add_argument("--debug", action="store_true", help="print tracebacks with errors")
     add_version(parser)
     args = parser.parse_args(argv)
@@ -95,6 +118,13 @@ def daemon_main(
         if args.show_config:
             sys.stdout.write(cfg.show(conf))
             return EXIT_OK
+        if check is not None and args.check_config:
+            problems = check(conf)
+            for problem in problems:
+                print(f"{prog}: {problem}")
+            count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
+            print(f"{prog}: {count} in the configuration" if problems else f"{prog}: configuration OK")
+            return EXIT_FAILED if problems else EXIT_OK
         logs.configure(role, level=conf.log_level, fmt=conf.log_format)
         return serve(conf)
 

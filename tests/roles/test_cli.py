@@ -192,3 +192,47 @@ def test_a_bad_standby_variable_is_a_usage_error_naming_it():
     )
     cp = run("standbyctl", env={})
     assert cp.returncode == 2 and "COMMAND" in cp.stderr
+
+
+def test_check_config_lists_every_problem_of_a_standby_configuration(tmp_path):
+    data = tmp_path / "not-a-dir"
+    data.write_text("a file where the data directory should be")
+    conf = tmp_path / "standby.toml"
+    conf.write_text(
+        f'data_dir = "{data}"\n'
+        f'tls_cert = "{tmp_path / "missing-cert.pem"}"\ntls_key = "{tmp_path / "missing-key.pem"}"\n'
+        'preservation_capacity = "100PiB"\n'
+        f'adopt = ["vol0={tmp_path / "gone.img"}"]\n'
+    )
+    shown = run("standby-daemon", "--config", str(conf), "--show-config")
+    assert shown.returncode == 0  # showing it does not check it
+    cp = run("standby-daemon", "--config", str(conf), "--check-config")
+    assert cp.returncode == 1, cp.stdout + cp.stderr
+    lines = cp.stdout.splitlines()
+    assert any("--data-dir" in line and "is not a directory" in line for line in lines), lines
+    assert any("--tls-cert" in line and "missing-cert.pem" in line for line in lines), lines
+    assert any("--preservation-capacity 100PiB" in line for line in lines), lines
+    assert any("--adopt" in line and "gone.img" in line for line in lines), lines
+    assert lines[-1] == "standby-daemon: 4 problems in the configuration", lines
+    assert not any(tmp_path.glob("*/standby.json")), "a check created a data directory"
+
+    good = run("standby-daemon", "--data-dir", str(tmp_path / "fresh"), "--check-config")
+    assert good.returncode == 0 and good.stdout.strip() == "standby-daemon: configuration OK", good.stdout
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_check_config_lists_every_problem_of_a_primary_configuration(tmp_path):
+    cp = run(
+        "standby-primary",
+        "--volume", f"v={tmp_path / 'missing.img'}",
+        "--volume", f"w={tmp_path / 'w.img'},size=1MiB",
+        "--standby", "127.0.0.1:7700",
+        "--tls-ca", str(tmp_path / "no-ca.pem"),
+        "--check-config",
+    )  # fmt: skip
+    assert cp.returncode == 1, cp.stdout + cp.stderr
+    lines = cp.stdout.splitlines()
+    assert any("'v'" in line and "give size=" in line for line in lines), lines
+    assert any("--tls-ca" in line and "no-ca.pem" in line for line in lines), lines
+    assert lines[-1] == "standby-primary: 2 problems in the configuration", lines
+    assert not (tmp_path / "w.img").exists(), "a check created a volume"
