@@ -462,7 +462,10 @@ class Mirror:
                 return silent
             name = code.name if code is not None else "UNKNOWN"
             if code in TRANSPORT_CODES:
-                return (name, details(e), "disconnected")
+                text = details(e)
+                if code == grpc.StatusCode.UNAVAILABLE:  # with the likely cause, for a TLS handshake
+                    text = rpc.explain_unavailable(text, self.tls is not None and self.tls.enabled)
+                return (name, text, "disconnected")
             if code == grpc.StatusCode.ABORTED:
                 return self._fence(details(e))
             self.metrics.refused(self.volume, name.lower())

@@ -298,7 +298,11 @@ def explain_unavailable(details: str, tls: bool) -> str:
     low = details.lower()
     last = details.rpartition("last error: ")[2] or details
     if "hostname verification" in low:
-        hint = "TLS: the server's certificate does not carry the name connected to (see --tls-server-name)"
+        hint = (
+            "TLS: the server's certificate does not carry the name or address connected to: put it in the "
+            "certificate's subjectAltName (IP:ADDRESS for an address, docs/SECURITY.md), or give "
+            "--tls-server-name with a name it carries"
+        )
     elif "certificate_verify_failed" in low or "certificate verify failed" in low:
         hint = "TLS: the server's certificate is not signed by a CA of --tls-ca"
     elif "wrong_version_number" in low:

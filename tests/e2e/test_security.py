@@ -309,6 +309,9 @@ def test_grpc_core_errors_become_json_events_so_every_log_line_parses(
         "--connect-timeout", "2",
         in_sync=False,
     )  # fmt: skip
+    # The primary's own line says what to do about it.
+    refused = primary.daemon.wait_for("mirror_disconnected", timeout=30)
+    assert "subjectAltName" in refused["error"] and "--tls-server-name" in refused["error"], refused
     native = standby.daemon.wait_for("native_log", timeout=30)
     assert native["level"] == "error" and "elsewhere.example" in native["text"], native
     assert native["role"] == "standby" and native.get("source"), native
