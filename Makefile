@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml tests/requirements-s3.txt | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: all test demo bench soak lint typecheck venv system-deps proto proto-check clean
+.PHONY: all test demo bench soak lint typecheck venv system-deps proto proto-check man man-check clean
 
 all: test
 
@@ -31,6 +31,13 @@ proto: venv
 proto-check: venv
 	$(BIN)/python scripts/protogen.py --check
 
+man: venv
+	$(BIN)/python scripts/manpages.py
+
+# Fails when an option changed without `make man` (docs/man, deploy/completion).
+man-check: venv
+	$(BIN)/python scripts/manpages.py --check
+
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -39,7 +46,7 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
-test: venv system-deps proto-check lint typecheck
+test: venv system-deps proto-check man-check lint typecheck
 	$(BIN)/pytest -m "not soak" -n 2 --dist loadfile $(PYTEST_ARGS)
 
 soak: venv system-deps

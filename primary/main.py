@@ -11,6 +11,7 @@ TLS: docs/SECURITY.md.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import sys
@@ -31,7 +32,7 @@ from standbylib.nbd.server import NbdServer
 from standbylib.runtime import config as cfg
 from standbylib.runtime import logs
 from standbylib.runtime.logs import LogSettings
-from standbylib.runtime.main import EXIT_OK, StopSignal, daemon_main, gather, package_version
+from standbylib.runtime.main import EXIT_OK, StopSignal, daemon_main, daemon_parser, gather, package_version
 from standbylib.runtime.metrics import MetricsServer, build_info
 from standbylib.runtime.tls import ClientTlsSettings, NbdTlsSettings, nbd_tls_of
 from standbylib.snapshot.records import check_name
@@ -390,6 +391,11 @@ DESCRIPTION = (
     "Primary agent: exports each protected volume read-write over NBD (export name = "
     "volume name) and mirrors every write, in order, to the standby daemon."
 )
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line (for the man page and the shell completion, scripts/manpages.py)."""
+    return daemon_parser("standby-primary", DESCRIPTION, PrimaryConfig, check)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ TLS and authorization by certificate identity (--policy): docs/SECURITY.md.
 
 from __future__ import annotations
 
+import argparse
 import os
 import ssl
 import sys
@@ -28,7 +29,7 @@ from standbylib.nbd.server import NbdServer
 from standbylib.runtime import config as cfg
 from standbylib.runtime import logs
 from standbylib.runtime.logs import LogSettings
-from standbylib.runtime.main import EXIT_OK, StopSignal, daemon_main, gather, package_version
+from standbylib.runtime.main import EXIT_OK, StopSignal, daemon_main, daemon_parser, gather, package_version
 from standbylib.runtime.metrics import MetricsServer, build_info
 from standbylib.runtime.rpc import create_server
 from standbylib.runtime.tls import NbdTlsSettings, TlsFiles, nbd_tls_of
@@ -289,6 +290,11 @@ DESCRIPTION = (
     "Standby daemon: applies the primary's mirrored writes to replicas through the "
     "copy-on-write snapshot engine and exports each snapshot over NBD as VOLUME@SNAPSHOT."
 )
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line (for the man page and the shell completion, scripts/manpages.py)."""
+    return daemon_parser("standby-daemon", DESCRIPTION, StandbyConfig, check)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -80,21 +80,14 @@ def gather(*steps: Callable[[], object]) -> list[str]:
     return problems
 
 
-def daemon_main(
+def daemon_parser(
     prog: str,
     description: str,
-    config: type[C],
-    role: str,
-    serve: Callable[[C], int],
-    argv: list[str] | None = None,
-    check: Callable[[C], list[str]] | None = None,
-) -> int:
-    """The entry point of a daemon: options from the `config` dataclass (plus ``--config``,
-    ``--show-config``, ``--check-config``, ``--debug``), logging configured for `role`, then `serve` with
-    the configuration. `check` lists what is wrong with a configuration on this host.
-
-    `config` must have ``log_level`` and ``log_format`` settings.
-    """
+    config: type[Any],
+    check: Callable[[Any], list[str]] | None = None,
+) -> argparse.ArgumentParser:
+    """The command line of a daemon: one option per setting of `config`, ``--config``,
+    ``--show-config``, ``--check-config`` (with `check`), ``--debug``, ``--version``."""
     parser = argparse.ArgumentParser(
         prog=prog,
         description=description,
@@ -111,6 +104,25 @@ def daemon_main(
         )
     parser.add_argument("--debug", action="store_true", help="print tracebacks with errors")
     add_version(parser)
+    return parser
+
+
+def daemon_main(
+    prog: str,
+    description: str,
+    config: type[C],
+    role: str,
+    serve: Callable[[C], int],
+    argv: list[str] | None = None,
+    check: Callable[[C], list[str]] | None = None,
+) -> int:
+    """The entry point of a daemon: options from the `config` dataclass (plus ``--config``,
+    ``--show-config``, ``--check-config``, ``--debug``), logging configured for `role`, then `serve` with
+    the configuration. `check` lists what is wrong with a configuration on this host.
+
+    `config` must have ``log_level`` and ``log_format`` settings.
+    """
+    parser = daemon_parser(prog, description, config, check)
     args = parser.parse_args(argv)
 
     def body() -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -236,3 +237,33 @@ def test_check_config_lists_every_problem_of_a_primary_configuration(tmp_path):
     assert any("--tls-ca" in line and "no-ca.pem" in line for line in lines), lines
     assert lines[-1] == "standby-primary: 2 problems in the configuration", lines
     assert not (tmp_path / "w.img").exists(), "a check created a volume"
+
+
+def complete(program: str, *words: str) -> list[str]:
+    """What the committed bash completion offers for `program WORDS...` (the last word being typed)."""
+    script = Path(__file__).resolve().parents[2] / "deploy" / "completion" / f"{program}.bash"
+    function = "_shtab_" + program.replace("-", "_")
+    line = " ".join((program, *words))
+    cmd = (
+        f"source {script}; COMP_WORDS=({line}); COMP_CWORD={len(words)}; COMP_LINE='{line}'; "
+        f'COMP_POINT=${{#COMP_LINE}}; {function}; printf "%s\\n" "${{COMPREPLY[@]}}"'
+    )
+    cp = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=30)
+    assert cp.returncode == 0, cp.stderr
+    return cp.stdout.split()
+
+
+def test_shell_completion_offers_the_commands_and_their_options():
+    assert complete("standbyctl", "de") == ["demote"]
+    assert {"--at", "--force"} <= set(complete("standbyctl", "promote", "--"))
+    assert "--check-config" in complete("standby-daemon", "--check")
+    assert {"restore", "run"} <= set(complete("standby-backup", "r"))
+
+
+@pytest.mark.parametrize("program", sorted(PROGRAMS))
+def test_the_man_page_names_every_option_of_the_help(program):
+    page = (Path(__file__).resolve().parents[2] / "docs" / "man" / f"{program}.1").read_text()
+    flags = {w.rstrip(",") for w in run(program, "--help").stdout.split() if w.startswith("--")}
+    flags = {f.split("=")[0].rstrip("]") for f in flags}
+    missing = [f for f in flags - {"--help"} if f.replace("-", "\\-") not in page]
+    assert not missing, missing
