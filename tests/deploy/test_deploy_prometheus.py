@@ -3,7 +3,9 @@ cover every alert, and a real Prometheus scrapes the real daemons with that conf
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from deploy_support import (
 
 CONFIG = PROMETHEUS_DIR / "prometheus.yml"
 RULES = PROMETHEUS_DIR / "alerts.yml"
+DASHBOARD = PROMETHEUS_DIR.parent / "grafana" / "standby-appliance.json"
 RULE_TESTS = PROMETHEUS_DIR / "alerts_test.yml"
 
 # What the issue asks to alert on: each must be the subject of one alert.
@@ -75,6 +78,15 @@ def test_rules_every_alert_has_severity_and_guidance() -> None:
         assert "standbyctl" in block or "systemctl" in block or "journalctl" in block, (
             f"{name}: the description must say which command to run"
         )
+
+
+def dashboard_exprs() -> list[str]:
+    """The PromQL of every panel of deploy/grafana/standby-appliance.json, and of its variables."""
+    board = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
+    exprs += [v["definition"].removeprefix("label_values(").split(",")[0] for v in board["templating"]["list"]
+              if v.get("definition")]  # fmt: skip
+    return exprs
 
 
 def _config_for(tmp: Path, standby: str, primary: str, backup: str) -> Path:
@@ -150,6 +162,10 @@ def test_real_prometheus_scrapes_the_daemons(tmp_path: Path) -> None:
         }
         missing = metric_names_in(RULES.read_text()) - exposed
         assert not missing, f"the alert rules use metrics no role exposes: {missing}"
+        # and every metric the Grafana dashboard shows
+        used = {m for e in dashboard_exprs() for m in re.findall(r"\bstandby_[a-z0-9_]+", e)}
+        assert len(used) >= 15, used
+        assert not used - exposed, f"the dashboard uses metrics no role exposes: {used - exposed}"
 
         backup_port = f"127.0.0.1:{free_port()}"
         config = _config_for(
@@ -202,6 +218,13 @@ def test_real_prometheus_scrapes_the_daemons(tmp_path: Path) -> None:
                 return found if set(found) == set(names) and set(found.values()) == {"ok"} else None
 
             assert prom.wait(rules, f"evaluating the alert rules {names}")
+            # every query of the dashboard is valid PromQL that Prometheus evaluates
+            for expr in dashboard_exprs():
+                prom.query(expr.replace("$volume", ".*"))
+            volumes = prom.wait(
+                lambda: prom.api("label/volume/values") or None, "the volumes of the dashboard's variable"
+            )
+            assert "vol0" in volumes, volumes
             assert prom.api("alerts")["alerts"] == [], "no alert may be pending on a healthy appliance"
 
             # the standby goes away: the primary's disconnection and the standby's target-down alerts
