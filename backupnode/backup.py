@@ -22,7 +22,10 @@ archive from it and uploads only the parts that are not there yet.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -175,9 +178,7 @@ def backup(volume: str, conf: RunConfig) -> int:
         elif conf.snapshot:
             snap = standby.snapshot(volume, conf.snapshot)
         else:
-            snap = _new_snapshot(standby, volume, conf.lease)
-            made = snap.name
-            log.info("snapshot_created", volume=volume, snapshot=made, lease_seconds=conf.lease)
+            snap, made = _snapshot_between_hooks(standby, volume, conf)
         if made:
             lease = LeaseKeeper(standby, volume, made, conf.lease)
         if not snap.valid:
@@ -214,6 +215,54 @@ def backup(volume: str, conf: RunConfig) -> int:
             if conf.metrics_linger > 0:
                 time.sleep(conf.metrics_linger)  # let a scrape see how the run ended
             server.stop()
+
+
+def _snapshot_between_hooks(
+    standby: Standby, volume: str, conf: RunConfig
+) -> tuple[control_pb2.SnapshotInfo, str]:
+    """The run's own snapshot, taken between the --pre-snapshot and --post-snapshot commands. The post
+    command runs whatever happened once the pre command was started (it thaws what the pre command
+    froze); its own failure fails the run, unless the run failed already (then it is logged)."""
+    made = ""
+    try:
+        run_hook("pre_snapshot", conf.pre_snapshot, conf.hook_timeout, volume)
+        snap = _new_snapshot(standby, volume, conf.lease)
+        made = snap.name
+        log.info("snapshot_created", volume=volume, snapshot=made, lease_seconds=conf.lease)
+    except BaseException:
+        with contextlib.suppress(BackupFailed):  # (logged by run_hook: hook_ran, exit_status)
+            run_hook("post_snapshot", conf.post_snapshot, conf.hook_timeout, volume, made)
+        raise
+    try:
+        run_hook("post_snapshot", conf.post_snapshot, conf.hook_timeout, volume, made)
+    except BaseException:
+        _delete(standby, volume, made)
+        raise
+    return snap, made
+
+
+def run_hook(which: str, command: str, timeout: float, volume: str, snapshot: str = "") -> None:
+    """Run the `--pre-snapshot` or `--post-snapshot` shell command (nothing when empty), with
+    STANDBY_VOLUME and STANDBY_SNAPSHOT in its environment; `BackupFailed` when it fails or hangs."""
+    if not command:
+        return
+    started = time.monotonic()
+    env = {**os.environ, "STANDBY_VOLUME": volume, "STANDBY_SNAPSHOT": snapshot}
+    flag = "--" + which.replace("_", "-")
+    try:
+        cp = subprocess.run(
+            command, shell=True, env=env, capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise BackupFailed(detail=f"the {flag} command did not finish in {timeout:g} s: {command}") from None
+    seconds = round(time.monotonic() - started, 3)
+    log.info("hook_ran", hook=which, command=command, exit_status=cp.returncode, seconds=seconds)
+    if cp.returncode != 0:
+        last = (cp.stderr.strip().splitlines() or [""])[-1]
+        raise BackupFailed(
+            detail=f"the {flag} command failed (exit status {cp.returncode}){': ' + last if last else ''}: "
+            f"{command}"
+        )
 
 
 def _new_snapshot(standby: Standby, volume: str, lease: float) -> control_pb2.SnapshotInfo:

@@ -72,6 +72,22 @@ class RunConfig(ClientTlsSettings, LogSettings):
         parse=parse_duration,
         metavar="SECONDS|DURATION",
     )
+    pre_snapshot: str = cfg.setting(
+        "",
+        "a shell command run just before the run takes its snapshot, e.g. to freeze the filesystem on "
+        "the primary for a consistent image: 'ssh db1 fsfreeze -f /srv/data'; the run fails, with no "
+        "snapshot, when it fails",
+        metavar="COMMAND",
+    )
+    post_snapshot: str = cfg.setting(
+        "",
+        "a shell command run right after the snapshot is taken (or could not be), whatever happened: "
+        "'ssh db1 fsfreeze -u /srv/data'; the run fails when it fails",
+        metavar="COMMAND",
+    )
+    hook_timeout: float = cfg.setting(
+        60.0, "seconds a --pre-snapshot or --post-snapshot command may take", parse=float, metavar="SECONDS"
+    )
     force: bool = cfg.setting(False, "overwrite an existing output file")
     nbd: str = cfg.setting("", "NBD address to read from, if not the one the standby reports", metavar="H:P")
     connections: int = cfg.setting(

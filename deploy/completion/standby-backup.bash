@@ -10,7 +10,7 @@ _shtab_standby_backup_subparsers=(restore verify list run prune)
 _shtab_standby_backup_restore_option_strings=(-h --help --output -o --force)
 _shtab_standby_backup_verify_option_strings=(-h --help)
 _shtab_standby_backup_list_option_strings=(-h --help --json)
-_shtab_standby_backup_run_option_strings=(-h --help --standby --output --snapshot --since --full-every --base-archive --release-base --no-release-base --resume --no-resume --keep-snapshot --no-keep-snapshot --keep-lease --force --no-force --nbd --connections --depth --request-size --level --threads --chunk-size --lease --timeout --metrics-listen --metrics-linger --metrics-textfile --nbd-tls --no-nbd-tls --tls-ca --tls-cert --tls-key --tls-server-name --log-level --log-format --config --show-config)
+_shtab_standby_backup_run_option_strings=(-h --help --standby --output --snapshot --since --full-every --base-archive --release-base --no-release-base --resume --no-resume --keep-snapshot --no-keep-snapshot --keep-lease --pre-snapshot --post-snapshot --hook-timeout --force --no-force --nbd --connections --depth --request-size --level --threads --chunk-size --lease --timeout --metrics-listen --metrics-linger --metrics-textfile --nbd-tls --no-nbd-tls --tls-ca --tls-cert --tls-key --tls-server-name --log-level --log-format --config --show-config)
 _shtab_standby_backup_prune_option_strings=(-h --help --keep-daily --keep-weekly --keep-monthly --dry-run)
 _shtab_standby_backup_option_strings=(-h --help --debug --version)
 

@@ -286,3 +286,33 @@ def test_an_archive_of_a_replica_behind_its_primary_says_so(appliance: Appliance
     assert m["replica"]["in_sync_at"].endswith("Z"), m["replica"]
     text = run(*backup_argv("list", str(behind))).stdout
     assert "disconnected when the snapshot was taken" in text and "older image" in text, text
+
+
+def test_pre_and_post_snapshot_commands_bracket_the_snapshot(appliance: Appliance) -> None:
+    """--pre-snapshot / --post-snapshot (fsfreeze -f / -u on the primary, say) run just before and just
+    after the snapshot; a failing one fails the run and leaves no snapshot; post runs whatever happened."""
+    a = appliance
+    populate(a)
+    a.primary.wait_in_sync()
+    trail = a.tmp / "hooks.log"
+    pre = f'echo "pre $STANDBY_VOLUME" >> {trail}'
+    post = f'echo "post $STANDBY_VOLUME $STANDBY_SNAPSHOT" >> {trail}'
+    out = a.tmp / "hooked.tar.zst"
+    backup(a, "--output", str(out), "--pre-snapshot", pre, "--post-snapshot", post)
+    lines = trail.read_text().splitlines()
+    assert lines[0] == "pre vol0" and lines[1].startswith("post vol0 backup-"), lines
+    assert "complete" in run(*backup_argv("verify", str(out))).stdout
+
+    for hooks, name in (
+        ((f"{pre}; exit 3", post), "--pre-snapshot"),
+        ((pre, f"{post}; exit 4"), "--post-snapshot"),
+    ):
+        trail.unlink()
+        out = str(a.tmp / "no.tar.zst")
+        cp = backup(a, "--output", out, "--pre-snapshot", hooks[0], "--post-snapshot", hooks[1], check=False)
+        err = cp.stderr.strip().splitlines()[-1]  # (after the run's JSON log lines)
+        assert cp.returncode == 1 and err.startswith("standby-backup: the ") and "Traceback" not in cp.stderr
+        assert name in err and "exit status" in err, err
+        assert [line.split()[0] for line in trail.read_text().splitlines()] == ["pre", "post"]
+        assert a.standby.snapshots("vol0") == [], "a failed hook left a snapshot"
+        assert not (a.tmp / "no.tar.zst").exists()
