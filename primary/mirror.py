@@ -687,6 +687,7 @@ class Mirror:
             if self.state != "refused":  # (a standby that refused stays `refused` until it acknowledges)
                 self.state = "connecting"
             self.resync.active = resync
+            self.log.resync_remaining = dirty_bytes
             self._stream_generation = self.generations.current
         self.metrics.set_state(self.volume, self.state)
         if not resync:
@@ -755,6 +756,7 @@ class Mirror:
             self.checksums.reply(reply)
         if self.log.acknowledged(reply.sequence):  # the end-of-resync marker
             self.resync.active = False
+            self.log.resync_remaining = 0
             self._agree(self._stream_generation)
             log.info("resync_done", volume=self.volume, generation=self._stream_generation)
         if (
@@ -805,6 +807,10 @@ class Mirror:
                         self.reports.failed("bitmap", e, "idle regions stay marked (resent after a crash)")
                     else:
                         self.reports.ok("bitmap")
+            # (a count of the bitmap: once a tick, not per batch)
+            oplog.resync_remaining = (
+                self.bitmap.dirty() * self.bitmap.granularity if self.resync.active else 0
+            )
             self._heartbeat(connected)
 
     def _heartbeat(self, connected: bool) -> None:

@@ -143,6 +143,9 @@ class OpLog:
         self.running = True
         self.live = False  # a stream is open: submitted ops are queued, else dropped at once
         self.resync_bytes = 0  # resync bytes in flight
+        # What the running resync has still to send, as the tick thread last counted it (0: none); each
+        # batch carries it, for the standby's status.
+        self.resync_remaining = 0
         self.resent_bytes = 0  # bytes resent by resyncs and repairs, in all
         # Completion callbacks (`when_done`): (op number, tie-breaker, callback), a heap by op number.
         self._callbacks: list[tuple[int, int, Callable[[], Finisher]]] = []
@@ -250,10 +253,14 @@ class OpLog:
             nbytes += op.length
         sequence = self.next_sequence
         self.next_sequence += 1
-        pieces = encode_batch(sequence, writes, flush, uptodate)
+        pieces = encode_batch(sequence, writes, flush, uptodate, self.resync_remaining)
         batch = Batch(sequence, ops, nbytes, pieces, time.monotonic())
         self._outstanding[sequence] = batch
         return batch
+
+    def resync_taken(self, nbytes: int) -> None:
+        """The resync took `nbytes` of dirty regions to send: what the next batches report as left."""
+        self.resync_remaining = max(0, self.resync_remaining - nbytes)
 
     def add_resync(self, nbytes: int) -> None:
         """`nbytes` more resync bytes are about to be submitted (see `resync_room`)."""

@@ -95,6 +95,7 @@ class Resync:
                         data_regions.append(region)
                         continue
                     self.bitmap.resync_begin(region)
+                    oplog.resync_taken(length)
                     oplog.add_resync(length)
                     oplog.submit(Op(0, offset, None, length, resync=True, release=(offset, length)))
                 sent += length
@@ -106,6 +107,7 @@ class Resync:
                     if not current:
                         return
                     offset, length = self.bitmap.resync_begin(region)
+                    oplog.resync_taken(length)
                     span = (offset, length)
                     ops: list[Op]
                     if local.is_hole(offset, length):  # trimmed since step 1

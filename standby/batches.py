@@ -36,9 +36,12 @@ def apply_batch(
     ops: Sequence[tuple[int, Payload]],
     flush: bool,
     uptodate: bool,
+    resync_remaining: int = 0,
 ) -> list[int]:
     """Apply batch `sequence`; the offsets of the blocks its probes found out of sync. A refused batch
-    is logged once per cause (`batch_refused`), not once per retried batch, and raises."""
+    is logged once per cause (`batch_refused`), not once per retried batch, and raises.
+    `resync_remaining` is what the primary's resync has still to send (the status's progress)."""
+    replica.note_resync(resync_remaining, uptodate)
     mismatched: list[int] = []
     try:
         node.apply(replica, sequence, ops, flush, uptodate, mismatched)

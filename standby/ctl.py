@@ -198,11 +198,15 @@ def status_dict(reply: control_pb2.StatusReply) -> dict[str, Any]:
                 "applied_bytes": v.applied_bytes,
                 "cow_copies": v.cow_copies,
                 "last_error": v.last_error,
+                "primary_id": v.primary_id,
                 "promoted_at": v.promoted_at,
                 "rolled_back_to": v.rolled_back_to,
                 "kept_snapshot": v.kept_snapshot,
                 "tracked_bytes": v.tracked_bytes,
                 "owner": v.owner,
+                "resync_remaining_bytes": v.resync_remaining_bytes,
+                "resync_total_bytes": v.resync_total_bytes,
+                "resync_eta_seconds": round(v.resync_eta_seconds, 1),
                 "rollback_remaining_bytes": v.rollback_remaining_bytes,
                 "snapshots": [snapshot_dict(s) for s in v.snapshots],
             }
@@ -277,24 +281,57 @@ def print_status(st: dict[str, Any]) -> None:
         )
     print(table(rows))
     for v in st["volumes"]:
-        if v["state"] == "promoted":
-            back = (
-                f", rolled back to {v['rolled_back_to']} (was: {v['kept_snapshot']})"
-                if v["rolled_back_to"]
-                else ""
-            )
-            print(
-                f"{v['name']}: promoted {v['promoted_at']}{back}; "
-                f"{human_size(v['tracked_bytes'])} changed since"
-            )
-        elif v["state"] == "failback":
-            print(f"{v['name']}: waits for its old primary to take back {human_size(v['tracked_bytes'])}")
+        print(roles_line(v))
+        if v["resync_total_bytes"]:
+            print(resync_line(v))
         if v["last_error"]:
             print(f"{v['name']}: last refused: {v['last_error']}")
     snapshots = [s for v in st["volumes"] for s in v["snapshots"]]
     if snapshots:
         print()
         print(table(snapshot_rows(snapshots)))
+
+
+def roles_line(v: dict[str, Any]) -> str:
+    """Who holds what for volume `v`: this standby's role and its peer's."""
+    name, primary = v["name"], (v["owner"] or v["primary_id"] or "none yet")[:8]
+    if v["state"] == "promoted":
+        back = (
+            f", rolled back to {v['rolled_back_to']} (was: {v['kept_snapshot']})"
+            if v["rolled_back_to"]
+            else ""
+        )
+        return (
+            f"{name}: this standby is the primary copy (promoted {v['promoted_at']}{back}), "
+            f"{human_size(v['tracked_bytes'])} changed since; its old primary {primary} is fenced until "
+            "`standbyctl demote`"
+        )
+    if v["state"] == "failback":
+        return (
+            f"{name}: demoted; waits for its old primary {primary} to take back "
+            f"{human_size(v['tracked_bytes'])}, then it mirrors again"
+        )
+    link = "connected, mirroring" if v["connected"] else "disconnected"
+    return f"{name}: this standby holds the replica ({v['state']}); primary {primary} {link}"
+
+
+def resync_line(v: dict[str, Any]) -> str:
+    """The running resync's progress and estimate."""
+    total, left = v["resync_total_bytes"], v["resync_remaining_bytes"]
+    eta = v["resync_eta_seconds"]
+    estimate = f", about {human_duration(eta)} left" if eta else ""
+    return (
+        f"{v['name']}: resync {(total - left) / total:.0%} done ({human_size(left)} of "
+        f"{human_size(total)} to send{estimate})"
+    )
+
+
+def human_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def verify_dict(last: control_pb2.VerifyProgress, repair: bool) -> dict[str, Any]:

@@ -396,7 +396,13 @@ class DataChannelServer:
                     applier.put(decoded)
                     continue
                 mismatched = apply_batch(
-                    self.node, replica, decoded.sequence, decoded.ops, decoded.flush, decoded.uptodate
+                    self.node,
+                    replica,
+                    decoded.sequence,
+                    decoded.ops,
+                    decoded.flush,
+                    decoded.uptodate,
+                    decoded.resync_remaining,
                 )
                 reply = applied_reply(self.node, replica, decoded.sequence, decoded.flush, mismatched)
                 if (
@@ -497,7 +503,9 @@ class _Applier:
                 continue
             try:
                 node, replica = self.node, self.replica
-                mismatched = apply_batch(node, replica, item.sequence, item.ops, item.flush, item.uptodate)
+                mismatched = apply_batch(
+                    node, replica, item.sequence, item.ops, item.flush, item.uptodate, item.resync_remaining
+                )
                 self.out.send(applied_reply(node, replica, item.sequence, item.flush, mismatched))
             except StandbyError as e:
                 self.failed = e

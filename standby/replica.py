@@ -66,8 +66,34 @@ class Replica:
     owner: str = ""  # the primary (its id) that mirrors this volume; another needs `standbyctl takeover`
     tracker: ChangeTracker | None = None  # while promoted and until the failback completes
     rollback_remaining: int = 0  # bytes of a rollback under way not written back yet
+    # The primary's resync as its batches report it: what it has still to send, the most it had (since
+    # the resync began), and when the first report came.
+    resync_remaining: int = 0
+    resync_total: int = 0
+    resync_since: float = 0.0
     last_error: str = ""  # why the last handshake, stream or batch was refused; "" once a batch is applied
     last_reason: str = ""  # its `refusal_reason`
+
+    def note_resync(self, remaining: int, done: bool = False) -> None:
+        """A batch's report of the primary's resync (`remaining` bytes to send; 0: none)."""
+        if done or not remaining:
+            self.resync_remaining = self.resync_total = 0
+            self.resync_since = 0.0
+            return
+        if not self.resync_total:
+            self.resync_since = time.monotonic()
+        self.resync_remaining = remaining
+        self.resync_total = max(self.resync_total, remaining)
+
+    def resync_progress(self) -> tuple[float, float] | None:
+        """The running resync's fraction done and the seconds it may still take (at its pace so far; 0
+        when not known yet), or None when no resync is reported."""
+        if not self.resync_total:
+            return None
+        done = self.resync_total - self.resync_remaining
+        elapsed = time.monotonic() - self.resync_since
+        eta = self.resync_remaining * elapsed / done if done and elapsed > 0 else 0.0
+        return done / self.resync_total, eta
 
     def lag_seconds(self, now: float | None = None) -> float:
         """0 while the replica follows the primary; else how long since it last did (how stale it may be)."""

@@ -270,7 +270,15 @@ class ReplicationService(replication_pb2_grpc.ReplicationServicer):
         self, replica: Replica, batch: replication_pb2.Batch, context: grpc.ServicerContext
     ) -> list[int]:
         try:
-            return apply_batch(self.node, replica, batch.sequence, ops_of(batch), batch.flush, batch.uptodate)
+            return apply_batch(
+                self.node,
+                replica,
+                batch.sequence,
+                ops_of(batch),
+                batch.flush,
+                batch.uptodate,
+                batch.resync_remaining,
+            )
         except StandbyError as e:
             abort(context, e)
 
@@ -312,7 +320,13 @@ class ReplicationService(replication_pb2_grpc.ReplicationServicer):
                         replies.put(item)
                         return
                     mismatched = apply_batch(
-                        self.node, replica, item.sequence, ops_of(item), item.flush, item.uptodate
+                        self.node,
+                        replica,
+                        item.sequence,
+                        ops_of(item),
+                        item.flush,
+                        item.uptodate,
+                        item.resync_remaining,
                     )
                     replies.put(applied_reply(self.node, replica, item.sequence, item.flush, mismatched))
                 replies.put(None)
@@ -375,6 +389,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
         )
 
     def _volume_status(self, r: Replica) -> control_pb2.VolumeStatus:
+        progress = r.resync_progress()
         return control_pb2.VolumeStatus(
             name=r.name,
             size=r.size,
@@ -393,6 +408,9 @@ class ControlService(control_pb2_grpc.ControlServicer):
             tracked_bytes=r.tracker.tracked_bytes() if r.tracker else 0,
             rollback_remaining_bytes=r.rollback_remaining,
             owner=r.owner,
+            resync_remaining_bytes=r.resync_remaining if progress else 0,
+            resync_total_bytes=r.resync_total if progress else 0,
+            resync_eta_seconds=progress[1] if progress else 0.0,
         )
 
     @guarded

@@ -30,6 +30,7 @@ _BATCH_SEQUENCE = b"\x08"  # Batch.sequence = 1
 _BATCH_WRITES = b"\x12"  # Batch.writes = 2
 _BATCH_FLUSH = b"\x18\x01"  # Batch.flush = 3, true
 _BATCH_UPTODATE = b"\x20\x01"  # Batch.uptodate = 4, true
+_BATCH_RESYNC_REMAINING = b"\x28"  # Batch.resync_remaining = 5
 _WRITE_OFFSET = b"\x08"  # Write.offset = 1
 _WRITE_DATA = b"\x12"  # Write.data = 2
 _WRITE_ZERO = b"\x18"  # Write.zero_length = 3
@@ -51,9 +52,14 @@ def varint(value: int) -> bytes:
 
 
 def encode_batch(
-    sequence: int, ops: Sequence[tuple[int, Payload]], flush: bool, uptodate: bool = False
+    sequence: int,
+    ops: Sequence[tuple[int, Payload]],
+    flush: bool,
+    uptodate: bool = False,
+    resync_remaining: int = 0,
 ) -> list[Buffer]:
-    """The serialised ``MirrorRequest{batch: Batch{sequence, writes, flush, uptodate}}`` as pieces to join.
+    """The serialised ``MirrorRequest{batch: Batch{sequence, writes, flush, uptodate, resync_remaining}}``
+    as pieces to join.
 
     Each op is ``(offset, data)``, ``(offset, zero_length)``, ``(offset, Probe(...))`` or
     ``(offset, Repair(data or zero_length, verify_id))``. The data buffers are referenced, not copied;
@@ -100,6 +106,8 @@ def encode_batch(
             body += len(entry) + n + len(tail)
     start = _BATCH_SEQUENCE + varint(sequence) if sequence else b""
     end = (_BATCH_FLUSH if flush else b"") + (_BATCH_UPTODATE if uptodate else b"")
+    if resync_remaining:
+        end += _BATCH_RESYNC_REMAINING + varint(resync_remaining)
     body += len(start) + len(end)
     return [_REQUEST_BATCH + varint(body) + start, *pieces, end]
 
@@ -114,6 +122,7 @@ class Decoded(NamedTuple):
     ops: list[tuple[int, Payload]]
     flush: bool
     uptodate: bool
+    resync_remaining: int = 0
 
 
 class MalformedMessage(InvalidArgument):
@@ -204,7 +213,7 @@ def _decode_write(view: memoryview, pos: int, end: int) -> tuple[int, Payload]:
 def decode_batch(view: memoryview) -> Decoded:
     """A serialised `Batch` (the value of `MirrorRequest.batch`)."""
     pos, end = 0, len(view)
-    sequence = 0
+    sequence = resync_remaining = 0
     flush = uptodate = False
     ops: list[tuple[int, Payload]] = []
     while pos < end:
@@ -220,9 +229,11 @@ def decode_batch(view: memoryview) -> Decoded:
         elif field == 4 and wire == 0:
             value, pos = _read_varint(view, pos, end)
             uptodate = bool(value)
+        elif field == 5 and wire == 0:
+            resync_remaining, pos = _read_varint(view, pos, end)
         else:
             pos = _skip(view, pos, end, wire)
-    return Decoded(sequence, ops, flush, uptodate)
+    return Decoded(sequence, ops, flush, uptodate, resync_remaining)
 
 
 def batch_view(message: Buffer) -> memoryview | None:

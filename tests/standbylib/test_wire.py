@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from standbylib.checksums import Probe, Repair, block_digests, zero_digests
 from standbylib.rpc.v1 import replication_pb2
-from standbylib.rpc.wire import encode_batch, varint
+from standbylib.rpc.wire import batch_view, decode_batch, encode_batch, varint
 
 u64 = st.integers(min_value=0, max_value=2**64 - 1)
 plain = st.one_of(st.binary(max_size=300), st.integers(min_value=0, max_value=2**63))
@@ -46,9 +46,10 @@ def expected_write(offset, payload):
     ops=ops_strategy,
     flush=st.booleans(),
     uptodate=st.booleans(),
+    resync_remaining=st.one_of(st.just(0), st.integers(min_value=0, max_value=2**64 - 1)),
 )
-def test_protobuf_parses_our_encoding(sequence, ops, flush, uptodate):
-    wire = b"".join(encode_batch(sequence, ops, flush, uptodate))
+def test_protobuf_parses_our_encoding(sequence, ops, flush, uptodate, resync_remaining):
+    wire = b"".join(encode_batch(sequence, ops, flush, uptodate, resync_remaining))
     parsed = replication_pb2.MirrorRequest.FromString(wire)
     assert parsed.WhichOneof("kind") == "batch"
     expected = replication_pb2.Batch(
@@ -56,10 +57,21 @@ def test_protobuf_parses_our_encoding(sequence, ops, flush, uptodate):
         writes=[expected_write(o, d) for o, d in ops],
         flush=flush,
         uptodate=uptodate,
+        resync_remaining=resync_remaining,
     )
     assert parsed.batch == expected
     # Same bytes as protobuf's own serialisation (deterministic field order, defaults omitted).
     assert wire == replication_pb2.MirrorRequest(batch=expected).SerializeToString(deterministic=True)
+    # And the data channel's decoder reads the same batch back.
+    view = batch_view(wire)
+    assert view is not None
+    decoded = decode_batch(view)
+    assert (decoded.sequence, decoded.flush, decoded.uptodate, decoded.resync_remaining) == (
+        sequence,
+        flush,
+        uptodate,
+        resync_remaining,
+    )
 
 
 def test_large_payloads_are_referenced_not_copied():

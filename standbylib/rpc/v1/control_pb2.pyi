@@ -47,7 +47,7 @@ class SnapshotInfo(_message.Message):
     def __init__(self, volume: _Optional[str] = ..., name: _Optional[str] = ..., valid: _Optional[bool] = ..., writable: _Optional[bool] = ..., created: _Optional[str] = ..., preserved_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., export: _Optional[str] = ..., reason: _Optional[str] = ..., lease_remaining_seconds: _Optional[float] = ..., epoch: _Optional[int] = ..., standby_id: _Optional[str] = ..., replica_state: _Optional[str] = ..., replica_connected: _Optional[bool] = ..., replica_in_sync_at: _Optional[str] = ..., replica_lag_seconds: _Optional[float] = ...) -> None: ...
 
 class VolumeStatus(_message.Message):
-    __slots__ = ("name", "size", "block_size", "state", "connected", "snapshots", "applied_bytes", "applied_batches", "cow_copies", "primary_id", "last_error", "promoted_at", "rolled_back_to", "kept_snapshot", "tracked_bytes", "rollback_remaining_bytes", "owner")
+    __slots__ = ("name", "size", "block_size", "state", "connected", "snapshots", "applied_bytes", "applied_batches", "cow_copies", "primary_id", "last_error", "promoted_at", "rolled_back_to", "kept_snapshot", "tracked_bytes", "rollback_remaining_bytes", "owner", "resync_remaining_bytes", "resync_total_bytes", "resync_eta_seconds")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +65,9 @@ class VolumeStatus(_message.Message):
     TRACKED_BYTES_FIELD_NUMBER: _ClassVar[int]
     ROLLBACK_REMAINING_BYTES_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
+    RESYNC_REMAINING_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESYNC_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESYNC_ETA_SECONDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     size: int
     block_size: int
@@ -82,7 +85,10 @@ class VolumeStatus(_message.Message):
     tracked_bytes: int
     rollback_remaining_bytes: int
     owner: str
-    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., block_size: _Optional[int] = ..., state: _Optional[str] = ..., connected: _Optional[bool] = ..., snapshots: _Optional[_Iterable[_Union[SnapshotInfo, _Mapping]]] = ..., applied_bytes: _Optional[int] = ..., applied_batches: _Optional[int] = ..., cow_copies: _Optional[int] = ..., primary_id: _Optional[str] = ..., last_error: _Optional[str] = ..., promoted_at: _Optional[str] = ..., rolled_back_to: _Optional[str] = ..., kept_snapshot: _Optional[str] = ..., tracked_bytes: _Optional[int] = ..., rollback_remaining_bytes: _Optional[int] = ..., owner: _Optional[str] = ...) -> None: ...
+    resync_remaining_bytes: int
+    resync_total_bytes: int
+    resync_eta_seconds: float
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., block_size: _Optional[int] = ..., state: _Optional[str] = ..., connected: _Optional[bool] = ..., snapshots: _Optional[_Iterable[_Union[SnapshotInfo, _Mapping]]] = ..., applied_bytes: _Optional[int] = ..., applied_batches: _Optional[int] = ..., cow_copies: _Optional[int] = ..., primary_id: _Optional[str] = ..., last_error: _Optional[str] = ..., promoted_at: _Optional[str] = ..., rolled_back_to: _Optional[str] = ..., kept_snapshot: _Optional[str] = ..., tracked_bytes: _Optional[int] = ..., rollback_remaining_bytes: _Optional[int] = ..., owner: _Optional[str] = ..., resync_remaining_bytes: _Optional[int] = ..., resync_total_bytes: _Optional[int] = ..., resync_eta_seconds: _Optional[float] = ...) -> None: ...
 
 class StoreStatus(_message.Message):
     __slots__ = ("path", "capacity_bytes", "used_bytes", "on_full")

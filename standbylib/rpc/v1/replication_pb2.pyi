@@ -141,16 +141,18 @@ class Write(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., zero_length: _Optional[int] = ..., checksum_length: _Optional[int] = ..., digests: _Optional[bytes] = ..., verify_id: _Optional[int] = ...) -> None: ...
 
 class Batch(_message.Message):
-    __slots__ = ("sequence", "writes", "flush", "uptodate")
+    __slots__ = ("sequence", "writes", "flush", "uptodate", "resync_remaining")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     WRITES_FIELD_NUMBER: _ClassVar[int]
     FLUSH_FIELD_NUMBER: _ClassVar[int]
     UPTODATE_FIELD_NUMBER: _ClassVar[int]
+    RESYNC_REMAINING_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     writes: _containers.RepeatedCompositeFieldContainer[Write]
     flush: bool
     uptodate: bool
-    def __init__(self, sequence: _Optional[int] = ..., writes: _Optional[_Iterable[_Union[Write, _Mapping]]] = ..., flush: _Optional[bool] = ..., uptodate: _Optional[bool] = ...) -> None: ...
+    resync_remaining: int
+    def __init__(self, sequence: _Optional[int] = ..., writes: _Optional[_Iterable[_Union[Write, _Mapping]]] = ..., flush: _Optional[bool] = ..., uptodate: _Optional[bool] = ..., resync_remaining: _Optional[int] = ...) -> None: ...
 
 class MirrorRequest(_message.Message):
     __slots__ = ("open", "batch", "hello")
