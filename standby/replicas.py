@@ -90,8 +90,12 @@ class Replicas:
                 detail=f"the preservation store knows volume {name!r} but its replica {path} is missing"
             )
         device = open_file_device(path, exclusive=True)
-        block_size = self._store.volume_block_size(name)
-        volume = self._store.attach(name, device, block_size=block_size)
+        try:
+            block_size = self._store.volume_block_size(name)
+            volume = self._store.attach(name, device, block_size=block_size)
+        except BaseException:
+            device.close()  # (its exclusive lock with it: the file is free again)
+            raise
         replica = Replica(name=name, path=path, device=device, volume=volume)
         self._files.restore(replica)
         with self.lock:
