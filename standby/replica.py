@@ -76,9 +76,12 @@ class Replica:
 
     def note_resync(self, remaining: int, done: bool = False) -> None:
         """A batch's report of the primary's resync (`remaining` bytes to send; 0: none)."""
-        if done or not remaining:
+        if done:
             self.resync_remaining = self.resync_total = 0
             self.resync_since = 0.0
+            return
+        if not remaining:  # all sent (100 % until the end-of-resync marker), or no resync at all
+            self.resync_remaining = 0
             return
         if not self.resync_total:
             self.resync_since = time.monotonic()

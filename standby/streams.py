@@ -91,7 +91,7 @@ class Streams:
         if replica.state == UPTODATE and not replica.deferred_reason:
             replica.in_sync_at = time.time()
         replica.connected = False
-        replica.note_resync(0)  # (a progress the next stream reports again)
+        replica.note_resync(0, done=True)  # (a progress the next stream reports again)
         self._verifier.primary_gone(replica)
         replica.stream_lock.release()
         log.info("mirror_disconnected", volume=replica.name, applied_sequence=replica.applied_sequence)

@@ -59,6 +59,7 @@ ALLOWED = {
     C.ALREADY_EXISTS,
     C.FAILED_PRECONDITION,
     C.RESOURCE_EXHAUSTED,
+    C.ABORTED,  # a volume the fuzzer promoted refuses mirrored writes (the primary fences itself)
 }
 PROTECTED = {VOLUME}
 FZ = "fz0"
