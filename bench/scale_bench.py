@@ -99,10 +99,6 @@ SYNC_MEMORY_SLACK_BYTES = 2 * MiB
 SYNC_DATA = 64 * MiB
 
 
-def rounded(x: float, digits: int = 3) -> float:
-    return round(x, digits)
-
-
 # ---------------------------------------------------------------------------- processes and metrics
 
 
@@ -159,11 +155,11 @@ def fio_all(targets: dict[str, str], size: int, seconds: int, cwd: Path) -> dict
         runtime = job["job_runtime"] / 1000
         volumes[job["jobname"]] = {
             "fio_bytes": int(job["write"]["io_bytes"]),
-            "fio_mib_s": rounded(job["write"]["io_bytes"] / MiB / runtime, 2),
+            "fio_mib_s": round(job["write"]["io_bytes"] / MiB / runtime, 2),
             "runtime_s": runtime,
         }
         cpu_s += (job["usr_cpu"] + job["sys_cpu"]) / 100 * runtime
-    return {"volumes": volumes, "fio_cpu_s": rounded(cpu_s, 2)}
+    return {"volumes": volumes, "fio_cpu_s": round(cpu_s, 2)}
 
 
 def spread(volumes: dict[str, dict[str, Any]], seconds: float) -> dict[str, Any]:
@@ -171,11 +167,11 @@ def spread(volumes: dict[str, dict[str, Any]], seconds: float) -> dict[str, Any]
     rates = [v["fio_mib_s"] for v in volumes.values()]
     written = sum(v["fio_bytes"] for v in volumes.values())
     return {
-        "aggregate_mib_s": rounded(written / MiB / seconds, 1),
+        "aggregate_mib_s": round(written / MiB / seconds, 1),
         "written_bytes": written,
         "min_mib_s": min(rates),
         "max_mib_s": max(rates),
-        "min_over_max": rounded(min(rates) / max(rates)),
+        "min_over_max": round(min(rates) / max(rates), 3),
     }
 
 
@@ -304,7 +300,7 @@ def run_ours(work: Path, primaries: int, size: int, seconds: int) -> dict[str, A
             v["primary"] = i
             v["primary_written_bytes"] = int(written1.get(name, 0) - written0.get(name, 0))
             v["applied_bytes"] = int(applied1.get(name, 0) - applied0.get(name, 0))
-            v["applied_mib_s"] = rounded(v["applied_bytes"] / MiB / v["runtime_s"], 2)
+            v["applied_mib_s"] = round(v["applied_bytes"] / MiB / v["runtime_s"], 2)
             v["applied_batches"] = int(batches1.get(name, 0) - batches0.get(name, 0))
             v["bytes_per_batch"] = v["applied_bytes"] // max(v["applied_batches"], 1)
             v["replica_identical"] = sha256_file(path) == sha256_file(
@@ -339,7 +335,7 @@ def run_ours(work: Path, primaries: int, size: int, seconds: int) -> dict[str, A
             "volumes_count": n,
             **spread(volumes, runtime),
             "seconds": runtime,
-            "in_sync_after_s": rounded(sync_s, 2),
+            "in_sync_after_s": round(sync_s, 2),
             "bytes_per_batch": sum(v["applied_bytes"] for v in volumes.values())
             // max(sum(v["applied_batches"] for v in volumes.values()), 1),
             "memory": {
@@ -352,14 +348,14 @@ def run_ours(work: Path, primaries: int, size: int, seconds: int) -> dict[str, A
                 "primaries_after_load_bytes": [loaded_rss[f"primary-{i}"] for i in range(primaries)],
             },
             "cpu": {
-                "standby_s": rounded(standby_cpu, 2),
-                "primaries_s": rounded(primaries_cpu, 2),
-                "per_primary_s": [rounded(cpu[f"primary-{i}"]["cpu_s"], 2) for i in range(primaries)],
+                "standby_s": round(standby_cpu, 2),
+                "primaries_s": round(primaries_cpu, 2),
+                "per_primary_s": [round(cpu[f"primary-{i}"]["cpu_s"], 2) for i in range(primaries)],
                 "fio_s": load["fio_cpu_s"],
-                "standby_cores": rounded(standby_cpu / runtime, 2),
-                "primaries_cores": rounded(primaries_cpu / runtime, 2),
-                "standby_ms_per_mib": rounded(standby_cpu * 1000 / (written / MiB), 2),
-                "primaries_ms_per_mib": rounded(primaries_cpu * 1000 / (written / MiB), 2),
+                "standby_cores": round(standby_cpu / runtime, 2),
+                "primaries_cores": round(primaries_cpu / runtime, 2),
+                "standby_ms_per_mib": round(standby_cpu * 1000 / (written / MiB), 2),
+                "primaries_ms_per_mib": round(primaries_cpu * 1000 / (written / MiB), 2),
             },
             "checks": {
                 "ok": not bad,
@@ -401,7 +397,7 @@ def run_full_sync(work: Path, primaries: int, size: int, data: int) -> dict[str,
             "standby_after_sync_bytes": synced,
             "standby_per_volume_bytes": (synced - idle) // n,
             "primaries_after_sync_bytes": [rss(a.proc.pid) for a in fleet.agents],
-            "start_and_sync_s": rounded(seconds, 2),
+            "start_and_sync_s": round(seconds, 2),
             "replicas_differ": differ,
         }
         log(
@@ -442,10 +438,10 @@ def run_nbdkit(work: Path, volumes: int, size: int, seconds: int) -> dict[str, A
         nbdkit_cpu = sum(c["cpu_s"] for c in cpu.values())
         result["seconds"] = runtime
         result["cpu"] = {
-            "nbdkit_s": rounded(nbdkit_cpu, 2),
+            "nbdkit_s": round(nbdkit_cpu, 2),
             "fio_s": load["fio_cpu_s"],
-            "nbdkit_cores": rounded(nbdkit_cpu / runtime, 2),
-            "nbdkit_ms_per_mib": rounded(nbdkit_cpu * 1000 / (result["written_bytes"] / MiB), 2),
+            "nbdkit_cores": round(nbdkit_cpu / runtime, 2),
+            "nbdkit_ms_per_mib": round(nbdkit_cpu * 1000 / (result["written_bytes"] / MiB), 2),
         }
         result["volumes"] = load["volumes"]
         log(f"nbdkit {volumes} volumes: {result['aggregate_mib_s']} MiB/s, min/max {result['min_over_max']}")
@@ -462,7 +458,7 @@ def run_nbdkit(work: Path, volumes: int, size: int, seconds: int) -> dict[str, A
 
 
 def med(rounds: list[dict[str, Any]], who: str, get: Callable[[dict[str, Any]], float]) -> float:
-    return rounded(median([get(r[who]) for r in rounds]))
+    return round(median([get(r[who]) for r in rounds]), 3)
 
 
 def figures_of(rounds: list[dict[str, Any]], seconds: int, size: int) -> list[dict[str, Any]]:
@@ -508,8 +504,8 @@ def figures_of(rounds: list[dict[str, Any]], seconds: int, size: int) -> list[di
         "ours_4_volumes": med(rounds, small, lambda r: r["aggregate_mib_s"]),
         "peer": med(rounds, peer, lambda r: r["aggregate_mib_s"]),
         "peer_name": "nbdkit file",
-        "ratio": rounded(median([r[f"ratio_{peer}"] for r in rounds])),
-        "scaling_16_over_4": rounded(median([r[f"ratio_{small}"] for r in rounds])),
+        "ratio": round(median([r[f"ratio_{peer}"] for r in rounds]), 3),
+        "scaling_16_over_4": round(median([r[f"ratio_{small}"] for r in rounds]), 3),
         "target": "context (a mirror writes two copies on this one disk)",
         "met": None,
         "runs": [

@@ -271,13 +271,7 @@ class Generations:
         new = str(uuid.uuid4())
         self._save(current=new, previous=self.current)
         self.previous, self.current = self.current, new
-        if self.volume is not None and self.xattr:
-            try:
-                self.volume.write_xattr(new)
-            except OSError as e:
-                raise StateWriteError(
-                    what="the generation", path=self.volume.path, detail=e.strerror or str(e)
-                ) from e
+        self._write_xattr(new)
 
     def agree(self, generation: str) -> None:
         """The standby holds `generation` completely (kept in memory even when it cannot be written:
@@ -300,6 +294,10 @@ class Generations:
         self._save(current=generation, base=generation, previous="", outdated="")
         self.current = self.base = generation
         self.previous = self.outdated = ""
+        self._write_xattr(generation)
+
+    def _write_xattr(self, generation: str) -> None:
+        """The volume file's generation attribute (where it has one); `StateWriteError` on failure."""
         if self.volume is not None and self.xattr:
             try:
                 self.volume.write_xattr(generation)

@@ -186,8 +186,6 @@ class Mirror:
         self._opened_at = 0.0  # when the current stream opened
         self._silenced_stream = 0  # the stream the tick loop cancelled for want of acknowledgements
         self._first_contact = threading.Event()
-        self.failbacks = 0  # failbacks pulled
-        self.failback_bytes = 0  # bytes they wrote locally
         self._heartbeat_sequence = 0  # the next batch number at the last tick
         self._threads = [
             threading.Thread(target=self._run, name=f"mirror-{volume}", daemon=True),
@@ -661,8 +659,6 @@ class Mirror:
             spans = [self.bitmap.resync_begin(r) for r in self.bitmap.dirty_regions()]
             self.bitmap.release_all(spans)
             self.bitmap.clean(force=True)
-        self.failbacks += 1
-        self.failback_bytes += written
         log.warning(
             "failback_pulled",
             volume=self.volume,

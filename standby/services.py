@@ -59,9 +59,9 @@ def snapshot_message(info: SnapshotInfo) -> control_pb2.SnapshotInfo:
         reason=info.reason,
         epoch=info.epoch,
         replica_state=info.labels.get("replica_state", ""),
-        replica_connected=info.labels.get("replica_connected") == "true",
+        replica_connected=bool(info.labels.get("replica_connected")),
         replica_in_sync_at=info.labels.get("replica_in_sync_at", ""),
-        replica_lag_seconds=float(info.labels.get("replica_lag_seconds") or 0.0),
+        replica_lag_seconds=info.labels.get("replica_lag_seconds", 0.0),
     )
 
 

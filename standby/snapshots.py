@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from typing import Any
 
 from standby.leases import Leases, check_lease
 from standby.replica import INCONSISTENT, Replica
@@ -26,15 +27,15 @@ def snapshot_invalidated(volume: str, snapshot: str, reason: str) -> None:
     log.error("snapshot_invalidated", volume=volume, snapshot=snapshot, reason=reason)
 
 
-def replica_labels(replica: Replica) -> dict[str, str]:
+def replica_labels(replica: Replica) -> dict[str, Any]:
     """What a snapshot records of its replica when it is taken: a snapshot of a replica that was behind
     its primary (disconnected, deferred) is allowed, and its archives say so (docs/MONITORING.md)."""
     in_sync_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(replica.in_sync_at))
     return {
         "replica_state": replica.status,
-        "replica_connected": "true" if replica.connected else "false",
+        "replica_connected": replica.connected,
         "replica_in_sync_at": in_sync_at,
-        "replica_lag_seconds": f"{replica.lag_seconds():.3f}",
+        "replica_lag_seconds": round(replica.lag_seconds(), 3),
     }
 
 

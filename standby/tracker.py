@@ -132,7 +132,12 @@ class ChangeTracker:
         return [(int(a) * g, min(int(b) * g, size) - int(a) * g) for a, b in zip(starts, ends, strict=True)]
 
     def tracked_bytes(self) -> int:
-        return sum(length for _, length in self.extents())
+        """Bytes of the tracked regions (a count of the bits; the last region may be short)."""
+        g, nbits = self.granularity, -(-self.size // self.granularity)
+        with self._lock:
+            count = int.from_bytes(self._bits, "little").bit_count()
+            last = bool(self._bits[(nbits - 1) >> 3] & (1 << ((nbits - 1) & 7)))
+        return count * g - (nbits * g - self.size if last else 0)
 
     def close(self) -> None:
         with self._lock:

@@ -75,7 +75,7 @@ class SnapshotRecord:
     reason: str = ""
     # What the caller noted about the origin when the snapshot was taken (the standby: the replica's
     # state); kept with the record, opaque to the engine.
-    labels: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, Any] = field(default_factory=dict)  # JSON values
     # Runtime only, rebuilt on open:
     preserved_blocks: int = 0  # distinct blocks it reads from data slots of the store
     hole_blocks: int = 0  # distinct blocks it reads as hole entries (preserved zeros, no data)
@@ -111,7 +111,7 @@ class SnapshotRecord:
             created=str(d["created"]),
             state=str(d.get("state", VALID)),
             reason=str(d.get("reason", "")),
-            labels={str(k): str(v) for k, v in dict(d.get("labels") or {}).items()},
+            labels=dict(d.get("labels") or {}),
         )
 
 

@@ -64,7 +64,7 @@ class SnapshotInfo:
     capacity_bytes: int
     epoch: int = 0  # its place in the volume's history: a later snapshot has a larger epoch
     hole_blocks: int = 0  # distinct blocks it reads as hole entries (zeros preserved without data)
-    labels: dict[str, str] = field(default_factory=dict)  # noted by its creator (`create_snapshot`)
+    labels: dict[str, Any] = field(default_factory=dict)  # noted by its creator (`create_snapshot`)
 
     @property
     def fill_ratio(self) -> float:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 
@@ -404,13 +405,13 @@ class Volume:
         *,
         writable: bool = False,
         capacity: int | None = None,
-        labels: dict[str, str] | None = None,
+        labels: dict[str, Any] | None = None,
     ) -> Snapshot:
         """Take a snapshot now (claim 1 A-B): O(1), nothing is copied.
 
         The origin is flushed first so that the frozen image is durable. `capacity`
         (bytes) caps the preserved data of this snapshot; by default only the
-        store's capacity applies. `labels` are kept with it, as given.
+        store's capacity applies. `labels` (JSON values) are kept with it, as given.
         """
         if name is not None:
             check_name("snapshot", name)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from e2e_support import CTL_CMD, VOLUME_SIZE, Daemons, MiB, Primary, Standby, _console, need, qemu_io, run
 from faults_support import fio_storm
+from fullfs_support import wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -28,17 +29,6 @@ def read_export(uri: str, tmp: Path, name: str) -> bytes:
     return out.read_bytes()
 
 
-def until(check, what: str, timeout: float = 30.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}", pytrace=False)
-        time.sleep(0.1)
-
-
 def volume_status(standby: Standby) -> dict:
     return standby.status()["volumes"][0]
 
@@ -50,7 +40,9 @@ def die_mid_storm(primary: Primary, standby: Standby, tmp: Path) -> None:
     primary.daemon.kill()
     storm.kill()
     storm.communicate(timeout=30)
-    until(lambda: not volume_status(standby)["connected"], "the standby to see the primary gone")
+    wait_until(
+        lambda: not volume_status(standby)["connected"], 30, "the standby to see the primary gone", 0.1
+    )
 
 
 def fail_back(daemons: Daemons, standby: Standby, vol: Path, *extra: str) -> Primary:
@@ -58,9 +50,11 @@ def fail_back(daemons: Daemons, standby: Standby, vol: Path, *extra: str) -> Pri
     promoted; `demote`, then it pulls what changed and mirrors again. Checks what it was sent."""
     primary = daemons.primary(standby, {"vol0": str(vol)}, *extra, in_sync=False)
     primary.daemon.wait_for("mirror_fenced", timeout=30)
-    until(
+    wait_until(
         lambda: primary.metrics().find("standby_replication_state", volume="vol0", state="outdated") == 1,
+        30,
         "the primary to report itself outdated",
+        0.1,
     )
     refused = qemu_io(primary.uri("vol0"), "write -P 0x99 0 4k", check=False)
     assert "Input/output error" in refused.stdout + refused.stderr, refused
@@ -151,9 +145,11 @@ def test_a_connected_primary_is_fenced_when_the_standby_is_promoted_with_force(
     # The primary learns it at its next batch (a heartbeat within a second) and fences itself.
     fenced = primary.daemon.wait_for("mirror_fenced", timeout=30)
     assert fenced["fencing"] == fencing and "promoted" in fenced["error"]
-    until(
+    wait_until(
         lambda: primary.metrics().find("standby_replication_state", volume="vol0", state="outdated") == 1,
+        30,
         "the primary to report itself outdated",
+        0.1,
     )
     fenced_metric = primary.metrics().get("standby_writes_fenced", volume="vol0")
     assert fenced_metric == (1 if fencing == "refuse-writes" else 0)
@@ -204,7 +200,9 @@ def test_a_rollback_cut_by_kill_9_is_resumed_when_the_standby_restarts(
         timeout=120,
     )  # fmt: skip
     primary.daemon.stop()
-    until(lambda: not volume_status(standby)["connected"], "the standby to see the primary gone")
+    wait_until(
+        lambda: not volume_status(standby)["connected"], 30, "the standby to see the primary gone", 0.1
+    )
     promote = subprocess.Popen(
         [*_console(*CTL_CMD), "--standby", standby.grpc, "promote", "vol0", "--at", good],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
