@@ -70,6 +70,12 @@ class Entry:
     def created(self) -> datetime:
         return parse_time(self.manifest.snapshot_created)
 
+    @property
+    def order(self) -> tuple[datetime, int, str]:
+        """Oldest snapshot first: snapshot times have whole seconds, so two taken in the same second are
+        ordered by their epoch on the standby (a later snapshot has a larger one)."""
+        return self.created, int(self.manifest.identity.get("epoch", 0)), self.url
+
 
 def parse_time(text: str) -> datetime:
     try:
@@ -108,7 +114,7 @@ def archives(dest: str, volume: str | None = None) -> list[Entry]:
     found = [Entry(url, doc) for url, doc in destinations.list_indexes(dest)]
     if volume is not None:
         found = [e for e in found if e.index.get("manifest", {}).get("volume") == volume]
-    return sorted(found, key=lambda e: (e.created, e.url))
+    return sorted(found, key=lambda e: e.order)
 
 
 # -- the base of an incremental ----------------------------------------------------------------------
@@ -261,7 +267,7 @@ def keep_set(entries: list[Entry], daily: int, weekly: int, monthly: int) -> set
     """The URLs to keep among one volume's archives: the newest of each of the last `daily` days,
     `weekly` ISO weeks and `monthly` months that have archives (as borg prune), then every archive a
     kept incremental needs, down to its full archive."""
-    newest_first = sorted(entries, key=lambda e: (e.created, e.url), reverse=True)
+    newest_first = sorted(entries, key=lambda e: e.order, reverse=True)
     keep: set[str] = set()
     for count, period in (
         (daily, lambda t: t.strftime("%Y-%m-%d")),
@@ -306,7 +312,7 @@ def prune(dest: str, daily: int, weekly: int, monthly: int, dry_run: bool) -> in
     for volume in volumes:
         mine = [e for e in found if e.manifest.volume == volume]
         keep = keep_set(mine, daily, weekly, monthly)
-        for e in sorted(mine, key=lambda e: (e.created, e.url)):
+        for e in sorted(mine, key=lambda e: e.order):
             m = e.manifest
             what = f"{e.name} ({m.kind}, {volume}@{m.snapshot}, {human_size(e.size)})"
             if e.url in keep:

@@ -179,6 +179,7 @@ def snapshot_dict(s: control_pb2.SnapshotInfo) -> dict[str, Any]:
 def status_dict(reply: control_pb2.StatusReply) -> dict[str, Any]:
     return {
         "nbd": reply.nbd,
+        "nbd_tls": reply.nbd_tls or "off",
         "standby_id": reply.standby_id,
         "version": reply.version,
         "problems": list(reply.problems),
@@ -417,7 +418,8 @@ def execute(args: argparse.Namespace) -> int:
                         f"{vol.name}: rolled back to snapshot {vol.rolled_back_to}; the state it replaced "
                         f"is kept as snapshot {vol.kept_snapshot}"
                     )
-                print(f"{vol.name}: promoted; read-write at nbd://{st['nbd']}/{vol.name}")
+                scheme = "nbds" if st["nbd_tls"] == "require" else "nbd"
+                print(f"{vol.name}: promoted; read-write at {scheme}://{st['nbd']}/{vol.name}")
                 return EXIT_OK
             if args.command == "takeover":
                 vol = stub.Takeover(control_pb2.TakeoverRequest(volume=args.volume), timeout=args.timeout)
@@ -426,8 +428,8 @@ def execute(args: argparse.Namespace) -> int:
             if args.command == "demote":
                 vol = stub.Demote(control_pb2.DemoteRequest(volume=args.volume), timeout=args.timeout)
                 print(
-                    f"{vol.name}: demoted; {human_size(vol.tracked_bytes)} changed while promoted wait for "
-                    "the old primary (it receives them when it reattaches)"
+                    f"{vol.name}: demoted; {human_size(vol.tracked_bytes)} written while promoted go back to "
+                    "the old primary when it reattaches"
                 )
                 return EXIT_OK
             if args.command == "status":

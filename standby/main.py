@@ -241,7 +241,7 @@ def serve(conf: StandbyConfig) -> int:
             log.info("listening", service="data", address=data_address, tls=tls_mode(tls))
 
         def register(server: grpc.Server) -> None:
-            services.register(server, node, nbd_address, channels, metrics)
+            services.register(server, node, nbd_address, channels, metrics, nbd_tls=conf.nbd_tls)
 
         # With a policy every call passes the authorizer first (the health service stays open).
         grpc_server, bound, _health = create_server(

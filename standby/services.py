@@ -363,9 +363,10 @@ def peer_certificate(context: grpc.ServicerContext) -> bytes | None:
 
 
 class ControlService(control_pb2_grpc.ControlServicer):
-    def __init__(self, node: StandbyNode, nbd_address: str) -> None:
+    def __init__(self, node: StandbyNode, nbd_address: str, nbd_tls: str = "off") -> None:
         self.node = node
         self.nbd_address = nbd_address
+        self.nbd_tls = nbd_tls
 
     @guarded
     def Status(
@@ -376,6 +377,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
         stats = node.store.stats()
         return control_pb2.StatusReply(
             nbd=self.nbd_address,
+            nbd_tls=self.nbd_tls,
             volumes=volumes,
             store=control_pb2.StoreStatus(
                 path=node.store_path,
@@ -529,7 +531,9 @@ def register(
     nbd_address: str,
     channels: DataChannelServer | None = None,
     limits: Limits | None = None,
+    nbd_tls: str = "off",
 ) -> None:
     replication = ReplicationService(node, channels, limits=limits)
     add_service(server, replication_pb2.DESCRIPTOR.services_by_name["Replication"], replication)
-    add_service(server, control_pb2.DESCRIPTOR.services_by_name["Control"], ControlService(node, nbd_address))
+    control = ControlService(node, nbd_address, nbd_tls)
+    add_service(server, control_pb2.DESCRIPTOR.services_by_name["Control"], control)

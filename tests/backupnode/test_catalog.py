@@ -5,6 +5,7 @@ nothing, incomplete archives (no index) are left alone."""
 from __future__ import annotations
 
 import hashlib
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -19,10 +20,12 @@ from backupnode.output import index_document
 START = datetime(2026, 1, 1, 2, 0, tzinfo=UTC)
 
 
-def write_archive(dest: Path, volume: str, day: int, base: Entry | None = None, epoch: int = 0) -> Entry:
+def write_archive(
+    dest: Path, volume: str, day: int, base: Entry | None = None, epoch: int = 0, name: str = ""
+) -> Entry:
     """An archive file and its index, of a snapshot taken `day` days after START (at 02:00)."""
     created = (START + timedelta(days=day)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    name = f"{volume}-d{day:03d}.tar.zst"
+    name = name or f"{volume}-d{day:03d}.tar.zst"
     ident = {
         "standby": "s-1",
         "volume": volume,
@@ -67,6 +70,21 @@ def test_daily_weekly_monthly_and_every_base_of_a_kept_incremental(tmp_path: Pat
         e = next(x for x in made if x.url == url)
         start = chain_start(archives(str(tmp_path), "vol0"), e)
         assert start is not None and start.url in keep, f"{e.name} is kept without its full archive"
+
+
+def test_snapshots_of_the_same_second_are_listed_in_the_order_they_were_taken(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Two backups in one second: the standby names the second snapshot NAME-2, whose archive's name
+    # sorts before the first's ("-" before "."); its epoch is larger.
+    full = write_archive(tmp_path, "vol0", 0, epoch=5, name="vol0-backup-20260101T020000Z.tar.zst")
+    inc = write_archive(
+        tmp_path, "vol0", 0, base=full, epoch=6, name="vol0-backup-20260101T020000Z-2.tar.zst"
+    )
+    assert names(archives(str(tmp_path), "vol0")) == [full.name, inc.name]
+    assert main(["list", "--json", str(tmp_path)]) == 0
+    listed = [Path(a["archive"]).name for a in json.loads(capsys.readouterr().out)]
+    assert listed == [full.name, inc.name], "`list` must give a chain in the order restore takes it"
 
 
 def test_prune_deletes_index_and_archive_dry_run_nothing_and_leaves_incomplete_ones(tmp_path: Path) -> None:

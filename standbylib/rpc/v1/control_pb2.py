@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fstandbylib/rpc/v1/control.proto\x12\x13standbyappliance.v1\"\x0f\n\rStatusRequest\"\xde\x02\n\x0cSnapshotInfo\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05valid\x18\x03 \x01(\x08\x12\x10\n\x08writable\x18\x04 \x01(\x08\x12\x0f\n\x07\x63reated\x18\x05 \x01(\t\x12\x17\n\x0fpreserved_bytes\x18\x06 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x07 \x01(\x04\x12\x0e\n\x06\x65xport\x18\x08 \x01(\t\x12\x0e\n\x06reason\x18\t \x01(\t\x12\x1f\n\x17lease_remaining_seconds\x18\n \x01(\x01\x12\r\n\x05\x65poch\x18\x0b \x01(\x04\x12\x12\n\nstandby_id\x18\x0c \x01(\t\x12\x15\n\rreplica_state\x18\r \x01(\t\x12\x19\n\x11replica_connected\x18\x0e \x01(\x08\x12\x1a\n\x12replica_in_sync_at\x18\x0f \x01(\t\x12\x1b\n\x13replica_lag_seconds\x18\x10 \x01(\x01\"\xe6\x03\n\x0cVolumeStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\r\n\x05state\x18\x04 \x01(\t\x12\x11\n\tconnected\x18\x05 \x01(\x08\x12\x34\n\tsnapshots\x18\x06 \x03(\x0b\x32!.standbyappliance.v1.SnapshotInfo\x12\x15\n\rapplied_bytes\x18\x07 \x01(\x04\x12\x17\n\x0f\x61pplied_batches\x18\x08 \x01(\x04\x12\x12\n\ncow_copies\x18\t \x01(\x04\x12\x12\n\nprimary_id\x18\n \x01(\t\x12\x12\n\nlast_error\x18\x0b \x01(\t\x12\x13\n\x0bpromoted_at\x18\x0c \x01(\t\x12\x16\n\x0erolled_back_to\x18\r \x01(\t\x12\x15\n\rkept_snapshot\x18\x0e \x01(\t\x12\x15\n\rtracked_bytes\x18\x0f \x01(\x04\x12 \n\x18rollback_remaining_bytes\x18\x10 \x01(\x04\x12\r\n\x05owner\x18\x11 \x01(\t\x12\x1e\n\x16resync_remaining_bytes\x18\x12 \x01(\x04\x12\x1a\n\x12resync_total_bytes\x18\x13 \x01(\x04\x12\x1a\n\x12resync_eta_seconds\x18\x14 \x01(\x01\"X\n\x0bStoreStatus\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x0f\n\x07on_full\x18\x04 \x01(\t\"\xb6\x01\n\x0bStatusReply\x12\x0b\n\x03nbd\x18\x01 \x01(\t\x12\x32\n\x07volumes\x18\x02 \x03(\x0b\x32!.standbyappliance.v1.VolumeStatus\x12/\n\x05store\x18\x03 \x01(\x0b\x32 .standbyappliance.v1.StoreStatus\x12\x12\n\nstandby_id\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x10\n\x08problems\x18\x06 \x03(\t\"v\n\x15\x43reateSnapshotRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08writable\x18\x03 \x01(\x08\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x04\x12\x15\n\rlease_seconds\x18\x05 \x01(\x01\";\n\x0ePromoteRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\x12\n\n\x02\x61t\x18\x03 \x01(\t\"\x1f\n\rDemoteRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\"!\n\x0fTakeoverRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\"a\n\x19RenewSnapshotLeaseRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x15\n\rlease_seconds\x18\x03 \x01(\x01\x12\x0f\n\x07release\x18\x04 \x01(\x08\"&\n\x14ListSnapshotsRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\"J\n\x12ListSnapshotsReply\x12\x34\n\tsnapshots\x18\x01 \x03(\x0b\x32!.standbyappliance.v1.SnapshotInfo\"5\n\x15\x44\x65leteSnapshotRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"\x15\n\x13\x44\x65leteSnapshotReply\"/\n\rVerifyRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0e\n\x06repair\x18\x02 \x01(\x08\"\xb9\x01\n\x0eVerifyProgress\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x15\n\rchecked_bytes\x18\x02 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x19\n\x11mismatched_blocks\x18\x04 \x01(\x04\x12\x15\n\rfirst_offsets\x18\x05 \x03(\x04\x12\x17\n\x0frepaired_blocks\x18\x06 \x01(\x04\x12\x0c\n\x04\x64one\x18\x07 \x01(\x08\x12\x12\n\nblock_size\x18\x08 \x01(\r\"H\n\x16SnapshotChangesRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0c\n\x04\x62\x61se\x18\x02 \x01(\t\x12\x10\n\x08snapshot\x18\x03 \x01(\t\"8\n\x14SnapshotChangesReply\x12\x0f\n\x07offsets\x18\x01 \x03(\x04\x12\x0f\n\x07lengths\x18\x02 \x03(\x04\x32\xab\x07\n\x07\x43ontrol\x12N\n\x06Status\x12\".standbyappliance.v1.StatusRequest\x1a .standbyappliance.v1.StatusReply\x12_\n\x0e\x43reateSnapshot\x12*.standbyappliance.v1.CreateSnapshotRequest\x1a!.standbyappliance.v1.SnapshotInfo\x12\x63\n\rListSnapshots\x12).standbyappliance.v1.ListSnapshotsRequest\x1a\'.standbyappliance.v1.ListSnapshotsReply\x12\x66\n\x0e\x44\x65leteSnapshot\x12*.standbyappliance.v1.DeleteSnapshotRequest\x1a(.standbyappliance.v1.DeleteSnapshotReply\x12g\n\x12RenewSnapshotLease\x12..standbyappliance.v1.RenewSnapshotLeaseRequest\x1a!.standbyappliance.v1.SnapshotInfo\x12Q\n\x07Promote\x12#.standbyappliance.v1.PromoteRequest\x1a!.standbyappliance.v1.VolumeStatus\x12O\n\x06\x44\x65mote\x12\".standbyappliance.v1.DemoteRequest\x1a!.standbyappliance.v1.VolumeStatus\x12S\n\x08Takeover\x12$.standbyappliance.v1.TakeoverRequest\x1a!.standbyappliance.v1.VolumeStatus\x12S\n\x06Verify\x12\".standbyappliance.v1.VerifyRequest\x1a#.standbyappliance.v1.VerifyProgress0\x01\x12k\n\x0fSnapshotChanges\x12+.standbyappliance.v1.SnapshotChangesRequest\x1a).standbyappliance.v1.SnapshotChangesReply0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fstandbylib/rpc/v1/control.proto\x12\x13standbyappliance.v1\"\x0f\n\rStatusRequest\"\xde\x02\n\x0cSnapshotInfo\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05valid\x18\x03 \x01(\x08\x12\x10\n\x08writable\x18\x04 \x01(\x08\x12\x0f\n\x07\x63reated\x18\x05 \x01(\t\x12\x17\n\x0fpreserved_bytes\x18\x06 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x07 \x01(\x04\x12\x0e\n\x06\x65xport\x18\x08 \x01(\t\x12\x0e\n\x06reason\x18\t \x01(\t\x12\x1f\n\x17lease_remaining_seconds\x18\n \x01(\x01\x12\r\n\x05\x65poch\x18\x0b \x01(\x04\x12\x12\n\nstandby_id\x18\x0c \x01(\t\x12\x15\n\rreplica_state\x18\r \x01(\t\x12\x19\n\x11replica_connected\x18\x0e \x01(\x08\x12\x1a\n\x12replica_in_sync_at\x18\x0f \x01(\t\x12\x1b\n\x13replica_lag_seconds\x18\x10 \x01(\x01\"\xe6\x03\n\x0cVolumeStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\r\n\x05state\x18\x04 \x01(\t\x12\x11\n\tconnected\x18\x05 \x01(\x08\x12\x34\n\tsnapshots\x18\x06 \x03(\x0b\x32!.standbyappliance.v1.SnapshotInfo\x12\x15\n\rapplied_bytes\x18\x07 \x01(\x04\x12\x17\n\x0f\x61pplied_batches\x18\x08 \x01(\x04\x12\x12\n\ncow_copies\x18\t \x01(\x04\x12\x12\n\nprimary_id\x18\n \x01(\t\x12\x12\n\nlast_error\x18\x0b \x01(\t\x12\x13\n\x0bpromoted_at\x18\x0c \x01(\t\x12\x16\n\x0erolled_back_to\x18\r \x01(\t\x12\x15\n\rkept_snapshot\x18\x0e \x01(\t\x12\x15\n\rtracked_bytes\x18\x0f \x01(\x04\x12 \n\x18rollback_remaining_bytes\x18\x10 \x01(\x04\x12\r\n\x05owner\x18\x11 \x01(\t\x12\x1e\n\x16resync_remaining_bytes\x18\x12 \x01(\x04\x12\x1a\n\x12resync_total_bytes\x18\x13 \x01(\x04\x12\x1a\n\x12resync_eta_seconds\x18\x14 \x01(\x01\"X\n\x0bStoreStatus\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x0f\n\x07on_full\x18\x04 \x01(\t\"\xc7\x01\n\x0bStatusReply\x12\x0b\n\x03nbd\x18\x01 \x01(\t\x12\x32\n\x07volumes\x18\x02 \x03(\x0b\x32!.standbyappliance.v1.VolumeStatus\x12/\n\x05store\x18\x03 \x01(\x0b\x32 .standbyappliance.v1.StoreStatus\x12\x12\n\nstandby_id\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x10\n\x08problems\x18\x06 \x03(\t\x12\x0f\n\x07nbd_tls\x18\x07 \x01(\t\"v\n\x15\x43reateSnapshotRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08writable\x18\x03 \x01(\x08\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x04\x12\x15\n\rlease_seconds\x18\x05 \x01(\x01\";\n\x0ePromoteRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\x12\n\n\x02\x61t\x18\x03 \x01(\t\"\x1f\n\rDemoteRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\"!\n\x0fTakeoverRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\"a\n\x19RenewSnapshotLeaseRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x15\n\rlease_seconds\x18\x03 \x01(\x01\x12\x0f\n\x07release\x18\x04 \x01(\x08\"&\n\x14ListSnapshotsRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\"J\n\x12ListSnapshotsReply\x12\x34\n\tsnapshots\x18\x01 \x03(\x0b\x32!.standbyappliance.v1.SnapshotInfo\"5\n\x15\x44\x65leteSnapshotRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"\x15\n\x13\x44\x65leteSnapshotReply\"/\n\rVerifyRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0e\n\x06repair\x18\x02 \x01(\x08\"\xb9\x01\n\x0eVerifyProgress\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x15\n\rchecked_bytes\x18\x02 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x19\n\x11mismatched_blocks\x18\x04 \x01(\x04\x12\x15\n\rfirst_offsets\x18\x05 \x03(\x04\x12\x17\n\x0frepaired_blocks\x18\x06 \x01(\x04\x12\x0c\n\x04\x64one\x18\x07 \x01(\x08\x12\x12\n\nblock_size\x18\x08 \x01(\r\"H\n\x16SnapshotChangesRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0c\n\x04\x62\x61se\x18\x02 \x01(\t\x12\x10\n\x08snapshot\x18\x03 \x01(\t\"8\n\x14SnapshotChangesReply\x12\x0f\n\x07offsets\x18\x01 \x03(\x04\x12\x0f\n\x07lengths\x18\x02 \x03(\x04\x32\xab\x07\n\x07\x43ontrol\x12N\n\x06Status\x12\".standbyappliance.v1.StatusRequest\x1a .standbyappliance.v1.StatusReply\x12_\n\x0e\x43reateSnapshot\x12*.standbyappliance.v1.CreateSnapshotRequest\x1a!.standbyappliance.v1.SnapshotInfo\x12\x63\n\rListSnapshots\x12).standbyappliance.v1.ListSnapshotsRequest\x1a\'.standbyappliance.v1.ListSnapshotsReply\x12\x66\n\x0e\x44\x65leteSnapshot\x12*.standbyappliance.v1.DeleteSnapshotRequest\x1a(.standbyappliance.v1.DeleteSnapshotReply\x12g\n\x12RenewSnapshotLease\x12..standbyappliance.v1.RenewSnapshotLeaseRequest\x1a!.standbyappliance.v1.SnapshotInfo\x12Q\n\x07Promote\x12#.standbyappliance.v1.PromoteRequest\x1a!.standbyappliance.v1.VolumeStatus\x12O\n\x06\x44\x65mote\x12\".standbyappliance.v1.DemoteRequest\x1a!.standbyappliance.v1.VolumeStatus\x12S\n\x08Takeover\x12$.standbyappliance.v1.TakeoverRequest\x1a!.standbyappliance.v1.VolumeStatus\x12S\n\x06Verify\x12\".standbyappliance.v1.VerifyRequest\x1a#.standbyappliance.v1.VerifyProgress0\x01\x12k\n\x0fSnapshotChanges\x12+.standbyappliance.v1.SnapshotChangesRequest\x1a).standbyappliance.v1.SnapshotChangesReply0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,33 +40,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STORESTATUS']._serialized_start=915
   _globals['_STORESTATUS']._serialized_end=1003
   _globals['_STATUSREPLY']._serialized_start=1006
-  _globals['_STATUSREPLY']._serialized_end=1188
-  _globals['_CREATESNAPSHOTREQUEST']._serialized_start=1190
-  _globals['_CREATESNAPSHOTREQUEST']._serialized_end=1308
-  _globals['_PROMOTEREQUEST']._serialized_start=1310
-  _globals['_PROMOTEREQUEST']._serialized_end=1369
-  _globals['_DEMOTEREQUEST']._serialized_start=1371
-  _globals['_DEMOTEREQUEST']._serialized_end=1402
-  _globals['_TAKEOVERREQUEST']._serialized_start=1404
-  _globals['_TAKEOVERREQUEST']._serialized_end=1437
-  _globals['_RENEWSNAPSHOTLEASEREQUEST']._serialized_start=1439
-  _globals['_RENEWSNAPSHOTLEASEREQUEST']._serialized_end=1536
-  _globals['_LISTSNAPSHOTSREQUEST']._serialized_start=1538
-  _globals['_LISTSNAPSHOTSREQUEST']._serialized_end=1576
-  _globals['_LISTSNAPSHOTSREPLY']._serialized_start=1578
-  _globals['_LISTSNAPSHOTSREPLY']._serialized_end=1652
-  _globals['_DELETESNAPSHOTREQUEST']._serialized_start=1654
-  _globals['_DELETESNAPSHOTREQUEST']._serialized_end=1707
-  _globals['_DELETESNAPSHOTREPLY']._serialized_start=1709
-  _globals['_DELETESNAPSHOTREPLY']._serialized_end=1730
-  _globals['_VERIFYREQUEST']._serialized_start=1732
-  _globals['_VERIFYREQUEST']._serialized_end=1779
-  _globals['_VERIFYPROGRESS']._serialized_start=1782
-  _globals['_VERIFYPROGRESS']._serialized_end=1967
-  _globals['_SNAPSHOTCHANGESREQUEST']._serialized_start=1969
-  _globals['_SNAPSHOTCHANGESREQUEST']._serialized_end=2041
-  _globals['_SNAPSHOTCHANGESREPLY']._serialized_start=2043
-  _globals['_SNAPSHOTCHANGESREPLY']._serialized_end=2099
-  _globals['_CONTROL']._serialized_start=2102
-  _globals['_CONTROL']._serialized_end=3041
+  _globals['_STATUSREPLY']._serialized_end=1205
+  _globals['_CREATESNAPSHOTREQUEST']._serialized_start=1207
+  _globals['_CREATESNAPSHOTREQUEST']._serialized_end=1325
+  _globals['_PROMOTEREQUEST']._serialized_start=1327
+  _globals['_PROMOTEREQUEST']._serialized_end=1386
+  _globals['_DEMOTEREQUEST']._serialized_start=1388
+  _globals['_DEMOTEREQUEST']._serialized_end=1419
+  _globals['_TAKEOVERREQUEST']._serialized_start=1421
+  _globals['_TAKEOVERREQUEST']._serialized_end=1454
+  _globals['_RENEWSNAPSHOTLEASEREQUEST']._serialized_start=1456
+  _globals['_RENEWSNAPSHOTLEASEREQUEST']._serialized_end=1553
+  _globals['_LISTSNAPSHOTSREQUEST']._serialized_start=1555
+  _globals['_LISTSNAPSHOTSREQUEST']._serialized_end=1593
+  _globals['_LISTSNAPSHOTSREPLY']._serialized_start=1595
+  _globals['_LISTSNAPSHOTSREPLY']._serialized_end=1669
+  _globals['_DELETESNAPSHOTREQUEST']._serialized_start=1671
+  _globals['_DELETESNAPSHOTREQUEST']._serialized_end=1724
+  _globals['_DELETESNAPSHOTREPLY']._serialized_start=1726
+  _globals['_DELETESNAPSHOTREPLY']._serialized_end=1747
+  _globals['_VERIFYREQUEST']._serialized_start=1749
+  _globals['_VERIFYREQUEST']._serialized_end=1796
+  _globals['_VERIFYPROGRESS']._serialized_start=1799
+  _globals['_VERIFYPROGRESS']._serialized_end=1984
+  _globals['_SNAPSHOTCHANGESREQUEST']._serialized_start=1986
+  _globals['_SNAPSHOTCHANGESREQUEST']._serialized_end=2058
+  _globals['_SNAPSHOTCHANGESREPLY']._serialized_start=2060
+  _globals['_SNAPSHOTCHANGESREPLY']._serialized_end=2116
+  _globals['_CONTROL']._serialized_start=2119
+  _globals['_CONTROL']._serialized_end=3058
 # @@protoc_insertion_point(module_scope)

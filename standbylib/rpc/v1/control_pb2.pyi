@@ -103,20 +103,22 @@ class StoreStatus(_message.Message):
     def __init__(self, path: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., on_full: _Optional[str] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("nbd", "volumes", "store", "standby_id", "version", "problems")
+    __slots__ = ("nbd", "volumes", "store", "standby_id", "version", "problems", "nbd_tls")
     NBD_FIELD_NUMBER: _ClassVar[int]
     VOLUMES_FIELD_NUMBER: _ClassVar[int]
     STORE_FIELD_NUMBER: _ClassVar[int]
     STANDBY_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PROBLEMS_FIELD_NUMBER: _ClassVar[int]
+    NBD_TLS_FIELD_NUMBER: _ClassVar[int]
     nbd: str
     volumes: _containers.RepeatedCompositeFieldContainer[VolumeStatus]
     store: StoreStatus
     standby_id: str
     version: str
     problems: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, nbd: _Optional[str] = ..., volumes: _Optional[_Iterable[_Union[VolumeStatus, _Mapping]]] = ..., store: _Optional[_Union[StoreStatus, _Mapping]] = ..., standby_id: _Optional[str] = ..., version: _Optional[str] = ..., problems: _Optional[_Iterable[str]] = ...) -> None: ...
+    nbd_tls: str
+    def __init__(self, nbd: _Optional[str] = ..., volumes: _Optional[_Iterable[_Union[VolumeStatus, _Mapping]]] = ..., store: _Optional[_Union[StoreStatus, _Mapping]] = ..., standby_id: _Optional[str] = ..., version: _Optional[str] = ..., problems: _Optional[_Iterable[str]] = ..., nbd_tls: _Optional[str] = ...) -> None: ...
 
 class CreateSnapshotRequest(_message.Message):
     __slots__ = ("volume", "name", "writable", "capacity_bytes", "lease_seconds")
