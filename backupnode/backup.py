@@ -188,7 +188,7 @@ def backup(volume: str, conf: RunConfig) -> int:
         job = Job(volume, snap, vol.block_size, catalog.archive_url(conf.output, volume, snap.name))
         if base is not None:
             job.base, job.base_archive, job.base_sha256 = base
-        address = conf.nbd or status.nbd
+        address = conf.nbd or cfg.reachable(status.nbd, conf.standby)
         host, port = cfg.parse_address(address)
         summary = _stream(job, host, port, conf, metrics, standby, tls, made)
         now = time.time()

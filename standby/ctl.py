@@ -176,9 +176,11 @@ def snapshot_dict(s: control_pb2.SnapshotInfo) -> dict[str, Any]:
     }
 
 
-def status_dict(reply: control_pb2.StatusReply) -> dict[str, Any]:
+def status_dict(reply: control_pb2.StatusReply, via: str) -> dict[str, Any]:
+    """The status as `status --json` prints it; `via` is the address the standby was reached at (the
+    NBD address it reports is given as a client there can use it)."""
     return {
-        "nbd": reply.nbd,
+        "nbd": cfg.reachable(reply.nbd, via) if reply.nbd else "",
         "nbd_tls": reply.nbd_tls or "off",
         "standby_id": reply.standby_id,
         "version": reply.version,
@@ -256,7 +258,8 @@ def print_status(st: dict[str, Any]) -> None:
     store = st["store"]
     fill = store["used_bytes"] / store["capacity_bytes"] if store["capacity_bytes"] else 0.0
     print(f"standby {st['standby_id']}  (version {st['version']})")
-    print(f"snapshot exports: nbd://{st['nbd']}/VOLUME@SNAPSHOT")
+    scheme = "nbds" if st["nbd_tls"] == "require" else "nbd"
+    print(f"snapshot exports: {scheme}://{st['nbd']}/VOLUME@SNAPSHOT")
     print(
         f"preservation store: {human_size(store['used_bytes'])} used of "
         f"{human_size(store['capacity_bytes'])} ({fill:.1%}), on full: {store['on_full']}"
@@ -412,7 +415,7 @@ def execute(args: argparse.Namespace) -> int:
                     control_pb2.PromoteRequest(volume=args.volume, force=args.force, at=args.at),
                     timeout=None if args.at else args.timeout,
                 )
-                st = status_dict(stub.Status(control_pb2.StatusRequest(), timeout=args.timeout))
+                st = status_dict(stub.Status(control_pb2.StatusRequest(), timeout=args.timeout), args.standby)
                 if vol.rolled_back_to:
                     print(
                         f"{vol.name}: rolled back to snapshot {vol.rolled_back_to}; the state it replaced "
@@ -433,7 +436,7 @@ def execute(args: argparse.Namespace) -> int:
                 )
                 return EXIT_OK
             if args.command == "status":
-                st = status_dict(stub.Status(control_pb2.StatusRequest(), timeout=args.timeout))
+                st = status_dict(stub.Status(control_pb2.StatusRequest(), timeout=args.timeout), args.standby)
                 if args.json:
                     print(json.dumps(st, indent=2))
                 else:

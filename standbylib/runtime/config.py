@@ -252,6 +252,16 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def reachable(reported: str, via: str) -> str:
+    """The listener address a daemon reported (``HOST:PORT``), as a client that reached the daemon at
+    `via` (``HOST:PORT``) should connect to it: a wildcard host (``0.0.0.0``, ``::``, bound to every
+    address) means the host the client already reaches."""
+    host, port = parse_address(reported)
+    if host not in ("0.0.0.0", "::"):
+        return reported
+    return format_address((parse_address(via)[0], port))
+
+
 def format_address(address: tuple[str, int]) -> str:
     host, port = address[0], address[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

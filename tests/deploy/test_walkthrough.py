@@ -276,6 +276,11 @@ def test_the_documents_followed_literally(site: Site, tmp_path: Path) -> None:
             lambda: value('standby_volume_state{volume="vol0",state="promoted"}') == 1,
             "the standby's target showing vol0 promoted (static targets survive the failover)",
         )
+        # The shipped rules see it: a volume without a second copy (pending for its 30 minutes).
+        prometheus.wait(
+            lambda: prometheus.query('ALERTS{alertname="StandbyVolumeWithoutRedundancy",volume="vol0"}'),
+            "StandbyVolumeWithoutRedundancy pending",
+        )
 
         # A comes back: fenced, its clients' writes refused (--fencing refuse-writes, the default).
         site.sh("systemctl start standby-primary")
@@ -337,6 +342,27 @@ def test_the_documents_followed_literally(site: Site, tmp_path: Path) -> None:
         site.services["standby-primary"].wait_for("failback_pulled", timeout=60)
         wait(lambda: status(site)["state"] == "uptodate" and status(site)["connected"], "uptodate after --at")
         assert (root / "srv/standby/vol0.img").read_bytes() == good, "A's volume after the second failback"
+
+        # --- Takeover: the volume moves to a new primary host (its own state and volume file); the
+        # old one stopped, the documented block, and the new one's first start with discard_standby_data.
+        site.sh("systemctl stop standby-primary")
+        new = bytearray(SIZE)
+        new[5 << 20 : 7 << 20] = rng.randbytes(2 << 20)
+        (root / "srv/standby/new.img").write_bytes(new)
+        install_file(
+            site,
+            root / "etc/standby/primary.toml",
+            "/etc/standby",
+            volume=f'["vol0={root}/srv/standby/new.img"]',
+            state_dir=f'"{root}/var/lib/standby-primary-new"',
+            discard_standby_data="true",
+        )
+        site.run_block(doc_block("OPERATIONS.md", "### Moving a volume to another primary"))
+        site.sh("systemctl start standby-primary")
+        wait(lambda: status(site)["state"] == "uptodate" and status(site)["connected"], "the new primary's")
+        site.sh("standbyctl --standby B:7700 verify vol0")
+        replica = root / "var/lib/standby/replicas/vol0.img"
+        assert replica.read_bytes() == bytes(new), "the replica is not the new primary's data"
     finally:
         prometheus.stop()
 

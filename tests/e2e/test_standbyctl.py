@@ -20,9 +20,12 @@ from e2e_support import (
     Daemons,
     _console,
     assert_one_clear_line,
+    backup_argv,
     need,
     run,
 )
+
+from standbylib.runtime import config as cfg
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -172,3 +175,37 @@ def test_status_shows_both_roles_and_the_progress_of_a_resync(daemons: Daemons, 
     assert (done["state"], done["resync_total_bytes"], done["resync_remaining_bytes"]) == ("uptodate", 0, 0)
     text = standby.ctl("status").stdout
     assert "connected, mirroring" in text and "resync" not in text, text
+
+
+@pytest.mark.parametrize(
+    ("reported", "via", "usable"),
+    [
+        ("0.0.0.0:10809", "192.0.2.10:7700", "192.0.2.10:10809"),
+        ("0.0.0.0:10809", "standby.example:7700", "standby.example:10809"),
+        ("[::]:10809", "[2001:db8::10]:7700", "[2001:db8::10]:10809"),
+        ("192.0.2.11:10809", "192.0.2.10:7700", "192.0.2.11:10809"),
+    ],
+)
+def test_a_wildcard_listener_is_given_as_the_host_the_client_reached(
+    reported: str, via: str, usable: str
+) -> None:
+    assert cfg.reachable(reported, via) == usable
+
+
+def test_a_standby_listening_on_every_address_gives_nbd_addresses_clients_can_use(
+    daemons: Daemons, tmp_path: Path
+) -> None:
+    """docs/OPERATIONS.md binds B's listeners to 0.0.0.0: the status, promote and the backup node then
+    name the address the client reached the standby at, not 0.0.0.0 (a remote backup node would connect
+    to itself)."""
+    standby = daemons.standby(tmp_path / "b", "--nbd-listen", "0.0.0.0:0")
+    assert standby.nbd.startswith("0.0.0.0:")
+    port = standby.nbd.rsplit(":", 1)[1]
+    daemons.primary(standby, {"vol0": f"{tmp_path / 'vol0.img'},size=8MiB"})
+    assert standby.status()["nbd"] == f"127.0.0.1:{port}"
+    assert f"snapshot exports: nbd://127.0.0.1:{port}/VOLUME@SNAPSHOT" in standby.ctl("status").stdout
+    archive = tmp_path / "vol0.tar.zst"
+    run(*backup_argv("run", "vol0", "--standby", standby.grpc, "--output", str(archive)))
+    assert archive.stat().st_size > 0
+    out = standby.ctl("promote", "vol0", "--force").stdout
+    assert f"vol0: promoted; read-write at nbd://127.0.0.1:{port}/vol0" in out, out
