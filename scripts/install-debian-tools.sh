@@ -8,7 +8,7 @@ set -euo pipefail
 tools=(qemu-img:qemu-utils qemu-io:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdfuse:libnbd-bin
        nbdkit:nbdkit fio:fio fuse2fs:fuse2fs mkfs.ext4:e2fsprogs e2fsck:e2fsprogs zstd:zstd tar:tar
        prometheus:prometheus promtool:prometheus systemd-analyze:systemd openssl:openssl nbdsh:python3-libnbd
-       jq:jq fallocate:util-linux)
+       jq:jq fallocate:util-linux unshare:util-linux nsenter:util-linux ip:iproute2)
 
 # header:package pairs (bench/replication_bench.py --c-mirror builds an nbdkit plugin)
 headers=(nbdkit-plugin.h:nbdkit-plugin-dev)

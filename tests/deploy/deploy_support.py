@@ -38,6 +38,13 @@ TOOLS = {
     "prometheus": "prometheus",
     "systemd-analyze": "systemd",
     "qemu-io": "qemu-utils",
+    "qemu-img": "qemu-utils",
+    "nbdcopy": "libnbd-bin",
+    "nbdinfo": "libnbd-bin",
+    "openssl": "openssl",
+    "unshare": "util-linux",
+    "nsenter": "util-linux",
+    "ip": "iproute2",
 }
 
 

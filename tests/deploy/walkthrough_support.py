@@ -37,7 +37,7 @@ PROGRAMS = (
 # Documented directories, longest first (/var/lib/standby-primary before /var/lib/standby).
 ROOTED = (
     "/etc/standby", "/etc/systemd/system", "/etc/prometheus", "/opt/standby", "/var/lib/standby-backup",
-    "/var/lib/standby-primary", "/var/lib/standby", "/var/lib/node_exporter", "/srv/standby", "/backup/",
+    "/var/lib/standby-primary", "/var/lib/standby", "/var/lib/node_exporter", "/srv/", "/backup/",
 )  # fmt: skip
 
 
@@ -85,8 +85,10 @@ def shown(text: str, documented: str) -> bool:
 class Site:
     """The deployment under `root`: files, the administrator's shell, the services."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, wrapper: list[str] | None = None) -> None:
         self.root = root
+        # Every command and service runs through it (nsenter into a network namespace, say).
+        self.wrapper = wrapper or []
         self.logs = root / "logs"
         self.logs.mkdir(parents=True)
         # What every host has before the administrator starts.
@@ -129,7 +131,7 @@ class Site:
             self.exported.update({n: pairs[n] for n in names})
             return out
         cp = subprocess.run(
-            ["bash", "-c", cmd],
+            [*self.wrapper, "bash", "-c", cmd],
             cwd=cwd or self.root / "root",
             env=self.env(),
             capture_output=True,
@@ -198,10 +200,18 @@ class Site:
         unit = self.unit(name)
         for d in unit.get("StateDirectory", []):
             (self.root / "var/lib" / d).mkdir(parents=True, exist_ok=True)
-        argv = self.literal(unit["ExecStart"][0]).split()
+        return self.background(name, unit["ExecStart"][0])
+
+    def background(self, name: str, command: str) -> Daemon:
+        """A documented daemon's command, running until stopped (a service, or a terminal of its own);
+        returns once it logged `ready`."""
+        argv = shlex.split(self.literal(command))
         assert name not in self.services or not self.services[name].alive(), f"{name} runs already"
+        env = [f"{k}={v}" for k, v in self.env().items()]
         try:
-            d = Daemon(name, argv, self.logs / f"{name}.log", cwd=self.root)
+            d = Daemon(
+                name, [*self.wrapper, "env", *env, *argv], self.logs / f"{name}.log", cwd=self.root / "root"
+            )
         except DaemonFailed as e:
             pytest.fail(str(e), pytrace=False)
         self.services[name] = d
