@@ -58,6 +58,7 @@ METHODS: dict[str, str] = {
     _CONTROL + "Promote": p.FAILOVER,
     _CONTROL + "Demote": p.FAILOVER,
     _CONTROL + "Takeover": p.FAILOVER,
+    _CONTROL + "RemoveVolume": p.FAILOVER,
 }
 
 #: The counter's label of a method missing from `METHODS`.

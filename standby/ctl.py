@@ -8,6 +8,7 @@ standbyctl [--standby H:P] verify VOLUME [--repair] [--json]
 standbyctl [--standby H:P] promote VOLUME [--at SNAPSHOT] [--force]
 standbyctl [--standby H:P] demote VOLUME
 standbyctl [--standby H:P] takeover VOLUME
+standbyctl [--standby H:P] remove VOLUME --yes [--force]
 
 With --tls-ca the connection uses TLS (mutual TLS with --tls-cert and --tls-key); docs/SECURITY.md.
 Every setting may also come from a TOML file (--config) or a STANDBY_* environment variable
@@ -147,6 +148,25 @@ def parser() -> argparse.ArgumentParser:
         "checksummed sync). Refused while a primary is connected.",
     )
     takeover.add_argument("volume", metavar="VOLUME")
+    remove = sub.add_parser(
+        "remove",
+        help="end the protection of a volume here: delete its replica and its snapshots",
+        description="End the protection of VOLUME on this standby, as lvremove ends a logical volume: its "
+        "snapshots are deleted (their preserved blocks freed), the preservation store forgets it, its "
+        "replica file and failback bitmap are deleted. Stop its primary first (or drop the volume from the "
+        "primary's --volume list): a primary that connects for it later gets a new replica, by a full "
+        "copy. Refused while a primary is connected, and, unless --force, while the volume is promoted or "
+        "waits for its old primary to take back what changed. Without --yes it only says what it would "
+        "delete. A removal cut short by a crash is finished when the daemon starts again.",
+    )
+    remove.add_argument("volume", metavar="VOLUME")
+    remove.add_argument("--yes", action="store_true", help="really remove it (without: say what would go)")
+    remove.add_argument(
+        "--force",
+        action="store_true",
+        help="remove it even while it is promoted (the only copy of its latest writes) or waits for a "
+        "failback",
+    )
     verify = sub.add_parser(
         "verify",
         help="compare the replica with the primary's volume, block by block, while writes go on",
@@ -174,6 +194,30 @@ def snapshot_dict(s: control_pb2.SnapshotInfo) -> dict[str, Any]:
         "lease_remaining_seconds": round(s.lease_remaining_seconds, 1) if s.lease_remaining_seconds else None,
         **({"reason": s.reason} if s.reason else {}),
     }
+
+
+def run_remove(stub: control_pb2_grpc.ControlStub, args: argparse.Namespace) -> int:
+    """`remove VOLUME`: without --yes, what it would delete (exit 1); with it, the removal."""
+    if not args.yes:
+        # (NOT_FOUND for an unknown volume, reported as every refusal is)
+        snaps = stub.ListSnapshots(control_pb2.ListSnapshotsRequest(volume=args.volume), timeout=args.timeout)
+        st = stub.Status(control_pb2.StatusRequest(), timeout=args.timeout)
+        vol = next(v for v in st.volumes if v.name == args.volume)
+        names = ", ".join(s.name for s in snaps.snapshots) or "none"
+        print(
+            f"{args.volume}: would delete its replica ({human_size(vol.size)}, {vol.state}) and its "
+            f"{len(snaps.snapshots)} snapshots ({names}) on standby {st.standby_id}; run again with --yes",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    reply = stub.RemoveVolume(
+        control_pb2.RemoveVolumeRequest(volume=args.volume, force=args.force), timeout=None
+    )
+    print(
+        f"{reply.volume}: removed; {reply.snapshots_deleted} snapshots deleted, "
+        f"{human_size(reply.replica_bytes)} of replica freed"
+    )
+    return EXIT_OK
 
 
 def status_dict(reply: control_pb2.StatusReply, via: str) -> dict[str, Any]:
@@ -396,7 +440,9 @@ def execute(args: argparse.Namespace) -> int:
         sys.stdout.write(cfg.show(conf))
         return EXIT_OK
     if not args.command:
-        raise ConfigError(detail="a COMMAND is needed (status, snapshot, verify, promote, demote, takeover)")
+        raise ConfigError(
+            detail="a COMMAND is needed (status, snapshot, verify, promote, demote, takeover, remove)"
+        )
     args.standby, args.timeout = conf.standby, conf.timeout
     try:
         parse_address(args.standby)
@@ -428,6 +474,8 @@ def execute(args: argparse.Namespace) -> int:
                 vol = stub.Takeover(control_pb2.TakeoverRequest(volume=args.volume), timeout=args.timeout)
                 print(f"{vol.name}: released; the next primary to connect claims it")
                 return EXIT_OK
+            if args.command == "remove":
+                return run_remove(stub, args)
             if args.command == "demote":
                 vol = stub.Demote(control_pb2.DemoteRequest(volume=args.volume), timeout=args.timeout)
                 print(

@@ -37,6 +37,7 @@ from standby.failover import DemoteRefused, FailbackRefused, Failover, Promoted,
 from standby.handshake import SplitBrain, TakeoverRequired, handshake
 from standby.leases import Leases
 from standby.refusals import REFUSAL_REASONS, Refusals, refusal_reason
+from standby.removal import Removal, RemoveRefused
 from standby.replica import DEFERRED, FAILBACK, INCONSISTENT, PROMOTED, UPTODATE, Replica
 from standby.replicas import REPLICA_DIR, Replicas
 from standby.snapshots import Snapshots, snapshot_invalidated
@@ -64,6 +65,7 @@ __all__ = [
     "NullMetrics",
     "PromoteRefused",
     "Promoted",
+    "RemoveRefused",
     "Replica",
     "SplitBrain",
     "StandbyNode",
@@ -134,9 +136,17 @@ class StandbyNode:
         self._streams = Streams(self._replicas, self._verifier, self.metrics)
         self._snapshots = Snapshots(self._replicas, self.leases, self._files)
         self._failover = Failover(self._replicas, self.data_dir)
+        self._removal = Removal(
+            self._replicas, self.leases, self._files, lambda v: (self._failover.tracker_path(v),)
+        )
         try:
             for name in self.store.volume_names():
-                self._failover.resume(self._replicas.open_existing(name))
+                replica = self._replicas.open_existing(name)
+                if replica.removing:
+                    self._removal.resume(replica)
+                else:
+                    self._failover.resume(replica)
+            self._removal.sweep()
         except BaseException:
             self.close()
             raise
@@ -322,6 +332,11 @@ class StandbyNode:
         """Release `volume` from its primary, for another to claim it; the previous owner
         (`Failover.takeover`)."""
         return self._failover.takeover(volume)
+
+    def remove(self, volume: str, *, force: bool = False) -> tuple[int, int]:
+        """Remove the replica of `volume` and everything of it here (`standby.removal`): (its snapshots
+        deleted, the bytes its replica file held)."""
+        return self._removal.remove(volume, force=force)
 
     def demote(self, volume: str) -> Replica:
         """End the promotion of `volume`; the old primary pulls what changed (`Failover.demote`)."""

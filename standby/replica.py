@@ -33,6 +33,7 @@ DURABLE = (
     "rollback_pending",
     "failback",
     "owner",
+    "removing",
 )
 
 
@@ -64,6 +65,7 @@ class Replica:
     rollback_pending: bool = False  # the rollback has not completed (resumed at start)
     failback: bool = False  # demoted: the old primary has yet to pull what `tracker` marks
     owner: str = ""  # the primary (its id) that mirrors this volume; another needs `standbyctl takeover`
+    removing: bool = False  # `standbyctl remove` began removing it (finished at start if cut short)
     tracker: ChangeTracker | None = None  # while promoted and until the failback completes
     rollback_remaining: int = 0  # bytes of a rollback under way not written back yet
     # The primary's resync as its batches report it: what it has still to send, the most it had (since

@@ -9,9 +9,11 @@ may call back in (a state save under a caller's change).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import threading
+from collections.abc import Callable
 
 from standby.replica import DURABLE, INCONSISTENT, Replica
 from standby.statefiles import StateFiles
@@ -159,6 +161,47 @@ class Replicas:
                     replica.device.close()
             self._replicas.clear()
             self._exports.clear()
+
+    def remove(self, replica: Replica, files: tuple[str, ...] = ()) -> None:
+        """Remove the replica of a volume marked `removing`: its NBD exports (clients of a promoted
+        volume's get errors), its snapshots (their space freed), its registration with the store, its
+        file and `files`, its entry in ``state.json``. Each step is durable; a removal cut short leaves
+        the mark, and the next start finishes it (`open_existing` then `remove`, or `sweep_removed`)."""
+        name = replica.name
+        assert replica.removing, name
+        with self.lock:
+            for export in [n for n in self._exports if n == name or n.startswith(f"{name}@")]:
+                target = self._exports.pop(export)
+                if isinstance(target, TrackedExport):
+                    target.retire()
+            for snap in replica.volume.snapshots():
+                replica.volume.delete_snapshot(snap.name)
+            self._replicas.pop(name, None)
+            try:
+                replica.volume.close()
+            finally:
+                replica.device.close()
+                if replica.tracker is not None:
+                    replica.tracker.close()
+            self._store.forget(name)
+            self._forget_files(name, (replica.path, *files))
+
+    def sweep_removed(self, files_of: Callable[[str], tuple[str, ...]]) -> list[str]:
+        """At start: the volumes ``state.json`` marks as being removed that the store no longer knows
+        (a removal cut short after it unregistered them) lose their files (`files_of`) and their entry;
+        their names."""
+        known = set(self._store.volume_names())
+        swept = [name for name in self._files.removing() if name not in known]
+        for name in swept:
+            self._forget_files(name, (self.path(name), *files_of(name)))
+        return swept
+
+    def _forget_files(self, name: str, paths: tuple[str, ...]) -> None:
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        with self.lock:
+            self._files.save_states(self._replicas.values(), forget=[name])
 
     # -- durable state -----------------------------------------------------------------------------------
 

@@ -435,6 +435,15 @@ class ControlService(control_pb2_grpc.ControlServicer):
         return self._volume_status(self.node.replica(request.volume))
 
     @guarded
+    def RemoveVolume(
+        self, request: control_pb2.RemoveVolumeRequest, context: grpc.ServicerContext
+    ) -> control_pb2.RemoveVolumeReply:
+        snapshots, held = self.node.remove(request.volume, force=request.force)
+        return control_pb2.RemoveVolumeReply(
+            volume=request.volume, snapshots_deleted=snapshots, replica_bytes=held
+        )
+
+    @guarded
     def CreateSnapshot(
         self, request: control_pb2.CreateSnapshotRequest, context: grpc.ServicerContext
     ) -> control_pb2.SnapshotInfo:

@@ -93,14 +93,19 @@ class StateFiles:
         replica.rollback_pending = bool(saved.get("rollback_pending"))
         replica.failback = bool(saved.get("failback"))
         replica.owner = str(saved.get("owner") or "")
+        replica.removing = bool(saved.get("removing"))
 
-    def save_states(self, replicas: Iterable[Replica]) -> None:
+    def removing(self) -> list[str]:
+        """The volumes ``state.json`` marks as being removed."""
+        return sorted(name for name, saved in self._saved.items() if saved.get("removing"))
+
+    def save_states(self, replicas: Iterable[Replica], forget: Iterable[str] = ()) -> None:
         """Persist each replica's consistency and generation (durably: a restart must not report an
         inconsistent replica up to date, nor forget which history it holds).
 
         A volume the file held that is not among `replicas` (not opened yet: a save while the node
-        starts) keeps what the file said."""
-        state = dict(self._saved)
+        starts) keeps what the file said, unless it is in `forget` (a removed volume)."""
+        state = {name: saved for name, saved in self._saved.items() if name not in set(forget)}
         state.update(
             {
                 r.name: {
@@ -113,6 +118,7 @@ class StateFiles:
                     "rollback_pending": r.rollback_pending,
                     "failback": r.failback,
                     "owner": r.owner,
+                    "removing": r.removing,
                 }
                 for r in replicas
             }

@@ -6,7 +6,7 @@
 # See also: https://github.com/scop/bash-completion/blob/main/doc/configuration.md
 
 _shtab_standbyctl_snapshot_subparsers=(create list delete)
-_shtab_standbyctl_subparsers=(status snapshot promote demote takeover verify)
+_shtab_standbyctl_subparsers=(status snapshot promote demote takeover remove verify)
 
 _shtab_standbyctl_status_option_strings=(-h --help --json)
 _shtab_standbyctl_snapshot_create_option_strings=(-h --help --writable --capacity)
@@ -16,13 +16,14 @@ _shtab_standbyctl_snapshot_option_strings=(-h --help)
 _shtab_standbyctl_promote_option_strings=(-h --help --at --force)
 _shtab_standbyctl_demote_option_strings=(-h --help)
 _shtab_standbyctl_takeover_option_strings=(-h --help)
+_shtab_standbyctl_remove_option_strings=(-h --help --yes --force)
 _shtab_standbyctl_verify_option_strings=(-h --help --repair --json)
 _shtab_standbyctl_option_strings=(-h --help --standby --timeout --tls-ca --tls-cert --tls-key --tls-server-name --config --show-config --debug --version)
 
 
 
 _shtab_standbyctl_snapshot_pos_0_choices=(create list delete)
-_shtab_standbyctl_pos_0_choices=(status snapshot promote demote takeover verify)
+_shtab_standbyctl_pos_0_choices=(status snapshot promote demote takeover remove verify)
 
 _shtab_standbyctl_status__h_nargs=0
 _shtab_standbyctl_status___help_nargs=0
@@ -45,6 +46,10 @@ _shtab_standbyctl_demote__h_nargs=0
 _shtab_standbyctl_demote___help_nargs=0
 _shtab_standbyctl_takeover__h_nargs=0
 _shtab_standbyctl_takeover___help_nargs=0
+_shtab_standbyctl_remove__h_nargs=0
+_shtab_standbyctl_remove___help_nargs=0
+_shtab_standbyctl_remove___yes_nargs=0
+_shtab_standbyctl_remove___force_nargs=0
 _shtab_standbyctl_verify__h_nargs=0
 _shtab_standbyctl_verify___help_nargs=0
 _shtab_standbyctl_verify___repair_nargs=0

@@ -328,6 +328,32 @@ class Store(Committer, StoreInspection, Generic[V]):
         if not self._closed:
             self._stamp_clean(vol)
 
+    def forget(self, name: str) -> None:
+        """Unregister volume `name` from the store, durably. It must be detached and have no snapshot
+        left (`Volume.delete_snapshot` frees what each held), so that no preserved copy refers to it.
+        Its id is never given to another volume."""
+        with self.lock:
+            self.check_open()
+            rec = self._volume_records.get(name)
+            if rec is None:
+                raise UnknownVolume(volume=name)
+            if rec.id in self._attached:
+                raise VolumeMismatch(volume=name, detail="it is attached; detach it before forgetting it")
+            if self.snapshots_of(rec.id) or len(self._chains[rec.id].arrays()[0]):
+                raise VolumeMismatch(volume=name, detail="it has snapshots; delete them first")
+            chain = self._chains[rec.id]
+            with self.transaction():
+                del self._volume_records[name]
+                del self._chains[rec.id]
+
+                def undo() -> None:
+                    self._volume_records[name] = rec
+                    self._chains[rec.id] = chain
+
+                self.on_abort(undo)
+                self.write_table()
+                self.commit()
+
     def volume(self, name: str) -> V:
         """The attached volume `name`."""
         with self.lock.shared():

@@ -363,6 +363,18 @@ def test_the_documents_followed_literally(site: Site, tmp_path: Path) -> None:
         site.sh("standbyctl --standby B:7700 verify vol0")
         replica = root / "var/lib/standby/replicas/vol0.img"
         assert replica.read_bytes() == bytes(new), "the replica is not the new primary's data"
+
+        # --- Retiring the volume: its primary stopped, the documented block; everything of it goes.
+        site.sh("systemctl stop standby-primary")
+        snapshots = json.loads(site.sh("standbyctl --standby B:7700 snapshot list vol0 --json").stdout)
+        assert snapshots, "the walk-through left snapshots of vol0 to delete"
+        (removed,) = site.run_block(doc_block("OPERATIONS.md", "### Retiring a volume"))
+        assert f"{len(snapshots)} snapshots deleted" in removed.stdout, removed.stdout
+        assert not replica.exists()
+        assert json.loads(site.sh("standbyctl --standby B:7700 status --json").stdout)["volumes"] == []
+        prometheus.wait(
+            lambda: not prometheus.query('standby_volume_state{volume="vol0"}'), "vol0 gone from the metrics"
+        )
     finally:
         prometheus.stop()
 

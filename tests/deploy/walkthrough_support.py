@@ -74,11 +74,12 @@ def steps(block: str) -> list[Step]:
 
 
 def shown(text: str, documented: str) -> bool:
-    """Whether `text` has a line like the documented one, where a size (1.0 MiB) or a time stamp may
-    differ."""
+    """Whether `text` has a line like the documented one, where a size (1.0 MiB), a count or a time stamp
+    may differ."""
     fuzzy = re.escape(documented)
     fuzzy = re.sub(r"\d+(?:\\\.\d+)?\\ (?:B|KiB|MiB|GiB)", r"[0-9.]+ (?:B|KiB|MiB|GiB)", fuzzy)
     fuzzy = re.sub(r"\d{8}T\d{6}Z", r"\\d{8}T\\d{6}Z", fuzzy)
+    fuzzy = re.sub(r"(?<![\w.\\-])\d+(?=\\ snapshots)", r"\\d+", fuzzy)
     return any(re.fullmatch(fuzzy, line.strip()) for line in text.splitlines())
 
 
@@ -282,7 +283,11 @@ def install_file(site: Site, source: Path, directory: str, **changes: str | None
 def copy_tree(source: Path, target: Path) -> None:
     """The project's files as a user gets them (a clean checkout: no virtual environment or build)."""
     listed = subprocess.run(
-        ["git", "ls-files", "-z"], cwd=source, capture_output=True, text=True, check=False
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=source,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if listed.returncode == 0 and listed.stdout:
         for rel in listed.stdout.split("\0"):

@@ -209,3 +209,38 @@ def test_a_standby_listening_on_every_address_gives_nbd_addresses_clients_can_us
     assert archive.stat().st_size > 0
     out = standby.ctl("promote", "vol0", "--force").stdout
     assert f"vol0: promoted; read-write at nbd://127.0.0.1:{port}/vol0" in out, out
+
+
+def test_remove_says_what_it_would_delete_refuses_a_connected_volume_then_removes_it(
+    daemons: Daemons, tmp_path: Path
+) -> None:
+    """`standbyctl remove`: without --yes it only says what would go; with a primary connected it is
+    refused; once that primary is stopped the volume, its snapshot and its replica file go, and a primary
+    started again later gets a new replica by a full copy."""
+    standby = daemons.standby(tmp_path / "b")
+    volume = tmp_path / "vol0.img"
+    volume.write_bytes(os.urandom(4 << 20))
+    primary = daemons.primary(standby, {"vol0": str(volume)})
+    standby.snapshot("vol0", "nightly")
+    replica = standby.replica("vol0")
+
+    dry = standby.ctl("remove", "vol0", check=False)
+    assert (
+        dry.returncode == 1
+        and "would delete its replica (4.0 MiB, uptodate) and its 1 snapshots (nightly)" in (dry.stderr)
+    ), dry
+    assert_one_clear_line(
+        standby.ctl("remove", "vol0", "--yes", check=False), 1, "remove while mirrored", "vol0"
+    )
+    assert_one_clear_line(standby.ctl("remove", "nosuchvol", "--yes", check=False), 1, "unknown", "nosuchvol")
+    assert replica.exists() and [s["name"] for s in standby.snapshots("vol0")] == ["nightly"]
+
+    assert primary.daemon.stop() == 0
+    out = standby.ctl("remove", "vol0", "--yes").stdout
+    assert re.fullmatch(r"vol0: removed; 1 snapshots deleted, [\d.]+ MiB of replica freed\n", out), out
+    assert not replica.exists()
+    assert [v["name"] for v in standby.status()["volumes"]] == []
+
+    again = daemons.primary(standby, {"vol0": str(volume)})
+    again.wait_in_sync()
+    assert replica.read_bytes() == volume.read_bytes()

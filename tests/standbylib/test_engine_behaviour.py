@@ -11,7 +11,13 @@ from typing import Any
 import pytest
 
 from standbylib.blockdev import Device, open_file_device, ram_device
-from standbylib.errors import PreservationDeferred, PreservationFull, SnapshotInvalid
+from standbylib.errors import (
+    PreservationDeferred,
+    PreservationFull,
+    SnapshotInvalid,
+    UnknownVolume,
+    VolumeMismatch,
+)
 from standbylib.rawfile import MemFile
 from standbylib.snapshot import PreservationStore, Volume
 
@@ -655,5 +661,46 @@ def test_extents_report_holes_of_origin_and_snapshot(tmp_path: Any) -> None:
         if hole:
             assert snap.read(pos, n) == bytes(n)
         pos += n
+    store.close()
+    device.close()
+
+
+# ---------------------------------------------------------------------------------------- forget
+
+
+def test_a_forgotten_volume_is_gone_after_reopen_and_its_space_is_free(paths: tuple[str, str]) -> None:
+    store, device, _, vol = create_files(paths, 64 * BS)
+    other_device = ram_device(SIZE)
+    fill(other_device, tag=1)
+    other = store.attach("vol1", other_device, block_size=BS)
+    vol.create_snapshot("nightly")
+    vol.write(0, b"\x01" * 4 * BS)
+    other.create_snapshot("kept")
+    other.write(0, b"\x07" * BS)
+    with pytest.raises(VolumeMismatch, match="attached"):
+        store.forget("vol0")
+    vol.close()
+    with pytest.raises(VolumeMismatch, match="snapshots"):
+        store.forget("vol0")  # (refused: it would leave copies no volume owns)
+    vol = store.attach("vol0", device, block_size=BS)
+    vol.delete_snapshot("nightly")
+    vol.close()
+    store.forget("vol0")
+    assert store.volume_names() == ["vol1"]
+    assert store.stats().used_bytes == BS  # vol1's one copy
+    with pytest.raises(UnknownVolume):
+        store.forget("vol0")
+    other.close()
+    store.close()
+    device.close()
+
+    store = PreservationStore.open(paths[0])
+    assert store.volume_names() == ["vol1"]
+    assert store.stats().used_bytes == BS
+    # The name can be used again: a new volume, with a new id, of another block size even.
+    device = open_file_device(paths[1])
+    again = store.attach("vol0", device, block_size=2 * BS)
+    assert again.record.id not in (1, 2) and again.snapshots() == []
+    again.close()
     store.close()
     device.close()

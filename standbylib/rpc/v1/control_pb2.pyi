@@ -156,6 +156,24 @@ class TakeoverRequest(_message.Message):
     volume: str
     def __init__(self, volume: _Optional[str] = ...) -> None: ...
 
+class RemoveVolumeRequest(_message.Message):
+    __slots__ = ("volume", "force")
+    VOLUME_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    volume: str
+    force: bool
+    def __init__(self, volume: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+
+class RemoveVolumeReply(_message.Message):
+    __slots__ = ("volume", "snapshots_deleted", "replica_bytes")
+    VOLUME_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOTS_DELETED_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    volume: str
+    snapshots_deleted: int
+    replica_bytes: int
+    def __init__(self, volume: _Optional[str] = ..., snapshots_deleted: _Optional[int] = ..., replica_bytes: _Optional[int] = ...) -> None: ...
+
 class RenewSnapshotLeaseRequest(_message.Message):
     __slots__ = ("volume", "name", "lease_seconds", "release")
     VOLUME_FIELD_NUMBER: _ClassVar[int]

@@ -74,6 +74,11 @@ class ControlStub:
                 request_serializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.TakeoverRequest.SerializeToString,
                 response_deserializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.VolumeStatus.FromString,
                 _registered_method=True)
+        self.RemoveVolume = channel.unary_unary(
+                '/standbyappliance.v1.Control/RemoveVolume',
+                request_serializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.RemoveVolumeRequest.SerializeToString,
+                response_deserializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.RemoveVolumeReply.FromString,
+                _registered_method=True)
         self.Verify = channel.unary_stream(
                 '/standbyappliance.v1.Control/Verify',
                 request_serializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.VerifyRequest.SerializeToString,
@@ -155,6 +160,16 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RemoveVolume(self, request, context):
+        """End the protection of a volume here: its snapshots are deleted (their preserved blocks freed), the
+        store forgets it, its replica file and failback bitmap are deleted. A primary that connects for it
+        later gets a new replica (a full copy). FAILED_PRECONDITION while a primary is connected, and, unless
+        `force`, while the volume is promoted or waits for a failback; NOT_FOUND for an unknown volume.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Verify(self, request, context):
         """Compare the replica with the primary's volume, block by block, while writes go on; progress about
         every 0.5 s, the last message with `done`. NOT_FOUND for an unknown volume; FAILED_PRECONDITION when
@@ -218,6 +233,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.Takeover,
                     request_deserializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.TakeoverRequest.FromString,
                     response_serializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.VolumeStatus.SerializeToString,
+            ),
+            'RemoveVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveVolume,
+                    request_deserializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.RemoveVolumeRequest.FromString,
+                    response_serializer=standbylib_dot_rpc_dot_v1_dot_control__pb2.RemoveVolumeReply.SerializeToString,
             ),
             'Verify': grpc.unary_stream_rpc_method_handler(
                     servicer.Verify,
@@ -446,6 +466,33 @@ class Control:
             '/standbyappliance.v1.Control/Takeover',
             standbylib_dot_rpc_dot_v1_dot_control__pb2.TakeoverRequest.SerializeToString,
             standbylib_dot_rpc_dot_v1_dot_control__pb2.VolumeStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/standbyappliance.v1.Control/RemoveVolume',
+            standbylib_dot_rpc_dot_v1_dot_control__pb2.RemoveVolumeRequest.SerializeToString,
+            standbylib_dot_rpc_dot_v1_dot_control__pb2.RemoveVolumeReply.FromString,
             options,
             channel_credentials,
             insecure,
