@@ -630,6 +630,52 @@ def test_power_loss_while_an_overflow_invalidates_several_snapshots() -> None:
     assert not problems, "; ".join(problems)
 
 
+def test_power_loss_while_a_volume_is_forgotten() -> None:
+    """A power loss at any point of `forget` (a volume's removal): the store reopens with the volume
+    either still registered (without snapshots) or gone, and the other volume's snapshot intact."""
+    bs, size = 4096, 16 * 4096
+    disk = Disk()
+    gone_raw = disk.file("gone", b"G" * size)
+    kept_raw = disk.file("kept", b"K" * size)
+    store = PreservationStore.open_raw(disk.file("store"), 1 * MiB)
+    gone = store.attach("gone", Device(gone_raw, size), block_size=bs)
+    kept = store.attach(VOLUME, Device(kept_raw, size), block_size=bs)
+    gone.create_snapshot("s")
+    gone.write_batch([(0, b"g" * 4 * bs)])
+    frozen = kept.create_snapshot("s")
+    kept.write_batch([(bs, b"k" * bs)])
+    gone.delete_snapshot("s")
+    gone.close()
+    start = disk.now
+    store.forget("gone")
+    assert disk.now > start, "forget wrote nothing"
+    problems: set[str] = set()
+    seen: set[tuple[str, ...]] = set()
+    for cut in range(start, disk.now + 1):
+        for mode in MODES:
+            for i in range(10 if mode == "subset" else 1):
+                images = Replay(disk).images(cut, mode, random.Random(i))
+                d = Disk()
+                try:
+                    reopened = PreservationStore.open_raw(d.file("store", images["store"]), 1 * MiB)
+                    names = reopened.volume_names()
+                    seen.add(tuple(names))
+                    if names not in (["gone", VOLUME], [VOLUME]):
+                        problems.add(f"cut={cut} {mode}: volumes {names}")
+                    vol = reopened.attach(VOLUME, Device(d.file("kept", images["kept"]), size), block_size=bs)
+                    if vol.snapshot("s").read(0, size) != b"K" * size or not frozen.info().valid:
+                        problems.add(f"cut={cut} {mode}: the other volume's snapshot changed")
+                    if reopened.stats().used_bytes != bs:
+                        problems.add(f"cut={cut} {mode}: {reopened.stats().used_bytes} bytes used, not {bs}")
+                    again = reopened.attach("new", Device(d.file("new", b"N" * size), size), block_size=bs)
+                    again.create_snapshot("t")
+                    reopened.close()
+                except Exception as e:
+                    problems.add(f"cut={cut} {mode}: {type(e).__name__}: {e}")
+    assert not problems, "\n".join(sorted(problems))
+    assert seen == {("gone", VOLUME), (VOLUME,)}, f"the cuts did not cover both outcomes: {seen}"
+
+
 def open_images_plain(
     images: dict[str, bytearray], size: int, bs: int, capacity: int
 ) -> tuple[PreservationStore, Volume]:
