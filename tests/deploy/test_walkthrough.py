@@ -281,6 +281,10 @@ def test_the_documents_followed_literally(site: Site, tmp_path: Path) -> None:
             lambda: prometheus.query('ALERTS{alertname="StandbyVolumeWithoutRedundancy",volume="vol0"}'),
             "StandbyVolumeWithoutRedundancy pending",
         )
+        # "The promotion is durable: a restart of B's daemon serves vol0 read-write again."
+        site.sh("systemctl restart standby-daemon")
+        assert status(site)["state"] == "promoted"
+        run("qemu-io", "--object", creds, "--image-opts", on_b, "-c", "read -P 0x5b 8M 2M")
 
         # A comes back: fenced, its clients' writes refused (--fencing refuse-writes, the default).
         site.sh("systemctl start standby-primary")
@@ -309,6 +313,19 @@ def test_the_documents_followed_literally(site: Site, tmp_path: Path) -> None:
         prometheus.wait(
             lambda: value('standby_volume_state{volume="vol0",state="uptodate"}') == 1, "vol0 uptodate again"
         )
+
+        # --- Upgrade (docs/OPERATIONS.md): the standby first; writes meanwhile are marked by A and
+        # resent when it is back.
+        assert "Upgrade the standby first" in (REPO / "docs/OPERATIONS.md").read_text()
+        site.sh("systemctl stop standby-daemon")
+        run("qemu-io", "-f", "raw", "-c", "write -P 0x4e 50M 512k", "-c", "flush", on_a)
+        data[50 << 20 : (50 << 20) + (512 << 10)] = b"\x4e" * (512 << 10)
+        site.sh("systemctl start standby-daemon")
+        wait(
+            lambda: status(site)["state"] == "uptodate" and status(site)["connected"],
+            "resynced after the upgrade",
+        )
+        site.sh("standbyctl --standby B:7700 verify vol0")
 
         # --- Point-in-time failover: damage reached B too; B serves the volume as it was at a snapshot.
         pit = steps(doc_block("OPERATIONS.md", "### Point-in-time failover"))
