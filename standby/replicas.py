@@ -174,7 +174,7 @@ class Replicas:
                 target = self._exports.pop(export)
                 if isinstance(target, TrackedExport):
                     target.retire()
-            for snap in replica.volume.snapshots():
+            for snap in list(replica.volume.snapshots()):
                 replica.volume.delete_snapshot(snap.name)
             self._replicas.pop(name, None)
             try:

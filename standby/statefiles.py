@@ -105,7 +105,8 @@ class StateFiles:
 
         A volume the file held that is not among `replicas` (not opened yet: a save while the node
         starts) keeps what the file said, unless it is in `forget` (a removed volume)."""
-        state = {name: saved for name, saved in self._saved.items() if name not in set(forget)}
+        dropped = set(forget)
+        state = {name: saved for name, saved in self._saved.items() if name not in dropped}
         state.update(
             {
                 r.name: {

@@ -12,6 +12,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from daemons import BIN
@@ -58,8 +59,8 @@ def test_the_readme_block_works_as_written(netns: list[str], tmp_path: Path) -> 
         data[offset : offset + (4 << 20)] = rng.randbytes(4 << 20)
     (home / "disk.img").write_bytes(data)
 
-    def status() -> dict:  # type: ignore[type-arg]
-        vol: dict = json.loads(site.sh("standbyctl status --json").stdout)["volumes"][0]  # type: ignore[type-arg]
+    def status() -> dict[str, Any]:
+        vol: dict[str, Any] = json.loads(site.sh("standbyctl status --json").stdout)["volumes"][0]
         return vol
 
     skipped = []

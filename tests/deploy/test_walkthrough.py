@@ -1,6 +1,7 @@
-"""An administrator's walk-through, from install to backup, failover and failback, following the documents
-literally: three hosts on loopback addresses (B the standby, A the primary, C the backup node), gRPC over
-mutual TLS and NBD over TLS from the certificate recipe of docs/SECURITY.md, the example configs of
+"""An administrator's walk-through, from install through backups, failover, fencing, failback,
+point-in-time failover, an upgrade, a takeover and the volume's removal, following the documents
+literally: three hosts on loopback addresses (B the standby, A the primary, C the backup node), gRPC
+over mutual TLS and NBD over TLS from the certificate recipe of docs/SECURITY.md, the example configs of
 deploy/config edited only where the documents say to, the services started from the units' ExecStart,
 Prometheus scraping with the shipped configuration, and every command taken from the documents' blocks
 (walkthrough_support.Site says how paths and host names map to this machine)."""
@@ -12,8 +13,9 @@ import random
 import re
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from deploy_support import DEPLOY, Prometheus, need, run
@@ -33,17 +35,17 @@ def site(tmp_path: Path) -> Iterator[Site]:
         s.finish()
 
 
-def wait(check: object, what: str, timeout: float = 60) -> None:
+def wait(check: Callable[[], bool], what: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
+    while not check():
         if time.monotonic() > deadline:
             pytest.fail(f"not {what} within {timeout} s", pytrace=False)
         time.sleep(0.2)
 
 
-def status(site: Site) -> dict:  # type: ignore[type-arg]
+def status(site: Site) -> dict[str, Any]:
     out = site.sh("standbyctl --standby B:7700 status --json").stdout
-    vol: dict = json.loads(out)["volumes"][0]  # type: ignore[type-arg]
+    vol: dict[str, Any] = json.loads(out)["volumes"][0]
     return vol
 
 
