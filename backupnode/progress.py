@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Any
@@ -15,6 +16,15 @@ log = logs.get(__name__)
 
 #: Seconds between progress log lines when stderr is not a terminal.
 LOG_EVERY = 10.0
+
+
+def terminal_size() -> tuple[int, int]:
+    """(columns, rows) of the terminal on stderr; zeros when it reports none or is no terminal."""
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return 0, 0
+    return size.columns, size.lines
 
 
 class Progress:
@@ -37,6 +47,9 @@ class Progress:
         self.total = total
         self._started = self._logged = time.monotonic()
         if self.enabled:
+            # A terminal that reports no size (a pty nobody sized: some ssh and container sessions)
+            # would get nothing at all (tqdm hides a bar below the screen's last row): 80 x 24 then.
+            sized = min(terminal_size()) > 0
             self._bar = tqdm(
                 total=total,
                 unit="B",
@@ -44,7 +57,9 @@ class Progress:
                 unit_divisor=1024,
                 desc=self.what,
                 file=sys.stderr,
-                dynamic_ncols=True,
+                dynamic_ncols=sized,
+                ncols=None if sized else 80,
+                nrows=None if sized else 24,
                 smoothing=0.1,
             )
 
