@@ -211,6 +211,9 @@ def test_the_documents_followed_literally(site: Site, tmp_path: Path) -> None:
         untar.mkdir()
         site.sh(f"tar --zstd -xSf {archive}", cwd=untar)
         assert (untar / "vol0.img").read_bytes() == bytes(data), "plain tar gave another image"
+        # docs/ARCHIVE-FORMAT.md: "gives MANIFEST.json, vol0.img (sparse), TRAILER.json"
+        assert sorted(p.name for p in untar.iterdir()) == ["MANIFEST.json", "TRAILER.json", "vol0.img"]
+        assert json.loads((untar / "TRAILER.json").read_text())["complete"] is True
         manifest = json.loads((untar / "MANIFEST.json").read_text())
         geometry = (manifest["volume"], manifest["size"], manifest["block_size"])
         assert geometry == ("vol0", SIZE, 4096), manifest
