@@ -291,6 +291,10 @@ def control_request(rng: random.Random, method: str) -> Message:
         while vol in PROTECTED or vol == FZ:
             vol = name(rng)
         return control_pb2.PromoteRequest(volume=vol, force=rng.random() < 0.5)
+    if method == "RemoveVolume":
+        while vol in PROTECTED or vol == FZ:
+            vol = name(rng)  # (volumes the fuzzer's own handshakes made may go)
+        return control_pb2.RemoveVolumeRequest(volume=vol, force=rng.random() < 0.5)
     raise AssertionError(method)
 
 
@@ -304,6 +308,7 @@ REQUEST_TYPES: dict[str, type[Message]] = {
     CTRL + "RenewSnapshotLease": control_pb2.RenewSnapshotLeaseRequest,
     CTRL + "Verify": control_pb2.VerifyRequest,
     CTRL + "Promote": control_pb2.PromoteRequest,
+    CTRL + "RemoveVolume": control_pb2.RemoveVolumeRequest,
 }
 
 
@@ -318,7 +323,7 @@ def harmless(method: str, data: bytes) -> bool:
         inner = msg.open if msg.WhichOneof("kind") == "open" else None
         return inner is None or (inner.volume not in PROTECTED and inner.volume != FZ)
     vol = fields.get("volume", "")
-    if method in (REPL + "Handshake", CTRL + "Promote"):
+    if method in (REPL + "Handshake", CTRL + "Promote", CTRL + "RemoveVolume"):
         return vol not in PROTECTED and vol != FZ
     if method in (CTRL + "DeleteSnapshot", CTRL + "RenewSnapshotLease"):
         return not (vol == VOLUME and fields.get("name") == SNAPSHOT)
@@ -450,7 +455,7 @@ def mirror_case(caller: Caller, rng: random.Random, fz: FuzzVolume, garbled: boo
 
 
 CONTROL_METHODS = ["Status", "CreateSnapshot", "ListSnapshots", "DeleteSnapshot", "RenewSnapshotLease"]
-CONTROL_METHODS += ["Verify", "Promote"]
+CONTROL_METHODS += ["Verify", "Promote", "RemoveVolume"]
 
 
 def one_case(caller: Caller, rng: random.Random, fz: FuzzVolume) -> str:
