@@ -74,7 +74,8 @@ class Entry:
     def order(self) -> tuple[datetime, int, str]:
         """Oldest snapshot first: snapshot times have whole seconds, so two taken in the same second are
         ordered by their epoch on the standby (a later snapshot has a larger one)."""
-        return self.created, int(self.manifest.identity.get("epoch", 0)), self.url
+        m = self.manifest
+        return parse_time(m.snapshot_created), int(m.identity.get("epoch", 0)), self.url
 
 
 def parse_time(text: str) -> datetime:

@@ -298,12 +298,17 @@ def lease_text(seconds: float | None) -> str:
     return f"{s // 60}m {s % 60}s" if s >= 60 else f"{s}s"
 
 
+def export_uri(st: dict[str, Any], export: str) -> str:
+    """The NBD URI of `export` on the standby of status `st` (nbds:// when it requires TLS)."""
+    scheme = "nbds" if st["nbd_tls"] == "require" else "nbd"
+    return f"{scheme}://{st['nbd']}/{export}"
+
+
 def print_status(st: dict[str, Any]) -> None:
     store = st["store"]
     fill = store["used_bytes"] / store["capacity_bytes"] if store["capacity_bytes"] else 0.0
     print(f"standby {st['standby_id']}  (version {st['version']})")
-    scheme = "nbds" if st["nbd_tls"] == "require" else "nbd"
-    print(f"snapshot exports: {scheme}://{st['nbd']}/VOLUME@SNAPSHOT")
+    print(f"snapshot exports: {export_uri(st, 'VOLUME@SNAPSHOT')}")
     print(
         f"preservation store: {human_size(store['used_bytes'])} used of "
         f"{human_size(store['capacity_bytes'])} ({fill:.1%}), on full: {store['on_full']}"
@@ -467,8 +472,7 @@ def execute(args: argparse.Namespace) -> int:
                         f"{vol.name}: rolled back to snapshot {vol.rolled_back_to}; the state it replaced "
                         f"is kept as snapshot {vol.kept_snapshot}"
                     )
-                scheme = "nbds" if st["nbd_tls"] == "require" else "nbd"
-                print(f"{vol.name}: promoted; read-write at {scheme}://{st['nbd']}/{vol.name}")
+                print(f"{vol.name}: promoted; read-write at {export_uri(st, vol.name)}")
                 return EXIT_OK
             if args.command == "takeover":
                 vol = stub.Takeover(control_pb2.TakeoverRequest(volume=args.volume), timeout=args.timeout)

@@ -78,9 +78,13 @@ def run(
 
 def directives(name: str) -> dict[str, list[str]]:
     """KEY -> its values, in order (a key may repeat), from the text of the unit `name` in deploy/systemd."""
+    return unit_directives((SYSTEMD_DIR / name).read_text())
+
+
+def unit_directives(text: str) -> dict[str, list[str]]:
+    """KEY -> its values, in order, of the unit file `text` (continuation lines joined)."""
     out: dict[str, list[str]] = {}
-    text = (SYSTEMD_DIR / name).read_text().replace("\\\n", " ")
-    for line in text.splitlines():
+    for line in text.replace("\\\n", " ").splitlines():
         line = line.strip()
         if line and not line.startswith(("#", ";", "[")):
             key, _, value = line.partition("=")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from daemons import Daemon, DaemonFailed
+from deploy_support import unit_directives
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs"
@@ -190,12 +191,7 @@ class Site:
         template, at, instance = stem.partition("@")
         path = self.root / "etc/systemd/system" / f"{template}{at}.{kind}"
         assert path.exists(), f"unit {path.name} not installed (the document's install step is missing)"
-        out: dict[str, list[str]] = {}
-        for line in path.read_text().replace("\\\n", " ").replace("%i", instance).splitlines():
-            if line.strip() and not line.startswith(("#", ";", "[")):
-                key, _, value = line.partition("=")
-                out.setdefault(key.strip(), []).append(value.strip())
-        return out
+        return unit_directives(path.read_text().replace("%i", instance))
 
     def start(self, name: str) -> Daemon:
         unit = self.unit(name)
